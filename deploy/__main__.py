@@ -1,0 +1,5 @@
+import sys
+
+from neurohand.deploy.cli import main
+
+sys.exit(main())
