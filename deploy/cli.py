@@ -1,7 +1,7 @@
 """The ``neurohand`` command line.
 
-Each package contributes its subcommands through a ``register(subparsers)``
-function in its ``commands`` module.  Those modules import only the standard
+Each area contributes its subcommands through a ``register(subparsers)``
+function in a small command module listed below.  Those modules import only the standard
 library at module level, so ``neurohand --help`` works on the Jetson without
 torch; the heavy imports happen inside each command's handler.
 
@@ -19,10 +19,13 @@ from neurohand.firmware_bridge.errors import NeurohandError
 
 # Explicit, ordered registry of the modules that add subcommands.
 COMMAND_MODULES = (
-    "neurohand.firmware_bridge.commands",
-    "neurohand.decoder.commands",
-    "neurohand.train.commands",
-    "neurohand.deploy.commands",
+    "neurohand.firmware_bridge.recording_cli",   # info
+    "neurohand.firmware_bridge.simulator_cli",   # simulate
+    "neurohand.firmware_bridge.chip_cli",        # virtual-chip
+    "neurohand.firmware_bridge.hand_cli",        # virtual-hand
+    "neurohand.train.commands",                  # import, train, evaluate
+    "neurohand.deploy.commands",                 # run, replay, demo, bundle, selftest, ...
+    "neurohand.deploy.bench",                    # bench
 )
 
 EXIT_USAGE = 2

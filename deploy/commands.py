@@ -1,8 +1,6 @@
-"""Subcommands contributed by this package (see neurohand.deploy.cli).
-
-Only the standard library is imported at module level; each handler imports
-what it needs, so the CLI starts fast and without torch on the device."""
+"""Runtime and deployment subcommands (see neurohand.deploy.cli).  Standard
+library only at module level; handlers import what they need."""
 
 
 def register(subparsers):
-    """Add this package's subcommands to the ``neurohand`` parser."""
+    """Add the runtime and deployment subcommands to the ``neurohand`` parser."""

@@ -1,8 +1,8 @@
-"""Subcommands contributed by this package (see neurohand.deploy.cli).
+"""Workstation subcommands: import, train, evaluate (see neurohand.deploy.cli).
 
-Only the standard library is imported at module level; each handler imports
-what it needs, so the CLI starts fast and without torch on the device."""
+Only the standard library at module level: this module is imported on the
+Jetson too, to build the parser; torch is imported inside the handlers."""
 
 
 def register(subparsers):
-    """Add this package's subcommands to the ``neurohand`` parser."""
+    """Add the workstation subcommands to the ``neurohand`` parser."""
