@@ -11,7 +11,7 @@ PYTHON ?= python3
 VENV := .venv
 VENV36 := .venv36
 # Python 3.6 stands in for the Jetson's 3.6.9; found on PATH or under pyenv.
-PYTHON36 ?= $(shell command -v python3.6 2>/dev/null || { p=$$(pyenv prefix 3.6.15 2>/dev/null) && echo $$p/bin/python3.6; })
+PYTHON36 ?= $(shell scripts/find-python36.sh)
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-fast test-device static-check soak bench clean

@@ -6,7 +6,7 @@
 set -euo pipefail
 name=${1:?usage: $0 NAME [pytest args]}; shift
 root=$(cd "$(dirname "$0")/.." && pwd)
-py36=${PYTHON36:-$(command -v python3.6 || echo "$(pyenv prefix 3.6.15)/bin/python3.6")}
+py36=$("$root/scripts/find-python36.sh")
 venv=/tmp/neurohand-v36-$name
 if [ ! -x "$venv/bin/pytest" ]; then
   "$py36" -m venv "$venv"
