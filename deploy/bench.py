@@ -14,18 +14,18 @@ def _parser(quick):
 
 
 def _dsp(quick):
-    from neurohand.decoder import bench as decoder_bench
-    return decoder_bench.run_dsp(quick)
+    from neurohand.decoder import dsp_bench
+    return dsp_bench.run_dsp(quick)
 
 
 def _features(quick):
-    from neurohand.decoder import bench as decoder_bench
-    return decoder_bench.run_features(quick)
+    from neurohand.decoder import dsp_bench
+    return dsp_bench.run_features(quick)
 
 
 def _backends(quick):
-    from neurohand.decoder import bench as decoder_bench
-    return decoder_bench.run_backends(quick)
+    from neurohand.decoder import backend_bench
+    return backend_bench.run(quick)
 
 
 # Explicit registry: target name -> function.  Later targets (decoding,
