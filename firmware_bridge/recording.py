@@ -740,7 +740,7 @@ class Recording(object):
         self.integrity = dict(scan.integrity)
         self._offsets = np.array(scan.signal_offsets, dtype=np.int64)
         self._lengths = np.array(scan.signal_lengths, dtype=np.int64)
-        self._crcs = list(scan.signal_crcs)
+        self._crcs = np.array(scan.signal_crcs, dtype=np.uint32)
         # _starts[i] is the first sample of chunk i; _starts[-1] == n_samples.
         self._starts = np.concatenate([[0], np.cumsum(self._lengths)]).astype(np.int64)
         self.n_samples = int(self._starts[-1])
@@ -817,7 +817,7 @@ class Recording(object):
                 data += more
         except OSError as exc:
             raise RecordingError("cannot read recording {!r}: {}".format(self.path, exc)) from exc
-        if len(data) != length or zlib.crc32(data) & 0xFFFFFFFF != self._crcs[chunk]:
+        if len(data) != length or zlib.crc32(data) & 0xFFFFFFFF != int(self._crcs[chunk]):
             raise RecordingError("recording {!r}: signal chunk at byte {} (samples {}..{}) is damaged "
                                  "(CRC mismatch or changed since opening)".format(
                                      self.path, offset - CHUNK_HEADER.size, int(self._starts[chunk]),
