@@ -68,6 +68,10 @@ _COMMAND_BODY = struct.Struct("<BB6h")
 _REPLY_CORE = struct.Struct("<B12h")
 _REPLY_V2_TAIL = struct.Struct("<6hb")
 
+class ChecksumError(ProtocolError):
+    """A PSYONIC frame whose bytes do not sum to zero."""
+
+
 PsyonicTelemetry = collections.namedtuple(
     "PsyonicTelemetry",
     "t_monotonic reply_variant positions_deg currents_a velocities_deg_s hot_cold")
@@ -129,7 +133,7 @@ def decode_position_command(frame):
         raise ProtocolError("PSYONIC position command must be {} bytes, got {}".format(
             COMMAND_LENGTH, len(frame)))
     if checksum(frame[:-1]) != frame[-1]:
-        raise ProtocolError("PSYONIC checksum mismatch: frame says 0x{:02X}, bytes sum to 0x{:02X}".format(
+        raise ChecksumError("PSYONIC checksum mismatch: frame says 0x{:02X}, bytes sum to 0x{:02X}".format(
             frame[-1], checksum(frame[:-1])))
     unpacked = _COMMAND_BODY.unpack(frame[:-1])
     variant = unpacked[1] - POSITION_COMMAND
@@ -172,7 +176,7 @@ def decode_reply(frame, t_monotonic=None):
         raise ProtocolError("PSYONIC reply variant {} must be {} bytes, got {}".format(
             variant, REPLY_LENGTHS[variant], len(frame)))
     if checksum(frame[:-1]) != frame[-1]:
-        raise ProtocolError("PSYONIC reply checksum mismatch")
+        raise ChecksumError("PSYONIC reply checksum mismatch")
     core = _REPLY_CORE.unpack(frame[:_REPLY_CORE.size])[1:]
     positions = tuple(c / COUNTS_PER_DEGREE for c in core[0::2])
     second = core[1::2]
