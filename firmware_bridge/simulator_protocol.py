@@ -138,7 +138,7 @@ def _draw_trial(start, primary, rng):
     """One trial starting at ``start`` s; ``primary`` (5,) bool marks fingers moved on purpose."""
     base_amp = rng.uniform(*AMPLITUDE, size=5) * primary
     # Enslaved fingers follow the strongest puller, with some variability.
-    pulled = (base_amp[:, None] * ENSLAVING).max(axis=0) * rng.uniform(0.5, 1.5, size=5)
+    pulled = (base_amp[:, None] * ENSLAVING).max(axis=0) * rng.uniform(0.5, 1.3, size=5)
     amp = np.where(primary, base_amp, pulled)
     onset = start + rng.uniform(0.0, ONSET_JITTER_S, size=5)
     up = np.full(5, rng.uniform(*RAMP_S)) * rng.uniform(0.9, 1.1, size=5)
