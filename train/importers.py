@@ -1,0 +1,345 @@
+"""Importers: public data sets into the neurohand recording format.
+
+Two sources, in an explicit registry (``IMPORTERS``):
+
+- ``ninapro``: a NinaPro MAT file (Atzori et al., Sci Data 2014,
+  doi:10.1038/sdata.2014.53) with ``emg``, ``glove``, ``restimulus`` and
+  ``rerepetition``.  EMG becomes the float32 signals, the CyberGlove the label
+  stream "glove" at the same rate, and every change of movement or repetition
+  an event.
+- ``csv``: any table with a header row; signal and label columns are picked
+  by glob patterns (``fnmatch``) over the header names.
+
+Both write to ``OUT.partial`` and rename when complete, so a failed import
+never leaves a half-written recording under the requested name.
+"""
+import csv
+import fnmatch
+import os
+
+import numpy as np
+
+from neurohand.firmware_bridge import checks
+from neurohand.firmware_bridge.errors import RecordingError, UsageError
+
+NINAPRO_CITATION = ("Atzori M. et al., Electromyography data for non-invasive naturally-controlled robotic "
+                    "hand prostheses, Scientific Data 1, 140053 (2014), doi:10.1038/sdata.2014.53")
+NINAPRO_DOI = "10.1038/sdata.2014.53"
+
+# CyberGlove II sensors in the order of its 22 data columns (CyberGlove
+# reference manual; NinaPro stores the raw 8-bit values in this order).
+CYBERGLOVE_NAMES = (
+    "thumb_rotation", "thumb_mcp", "thumb_ip", "thumb_abduction",
+    "index_mcp", "index_pip", "index_dip",
+    "middle_mcp", "middle_pip", "middle_dip", "middle_index_abduction",
+    "ring_mcp", "ring_pip", "ring_dip", "ring_middle_abduction",
+    "little_mcp", "little_pip", "little_dip", "little_ring_abduction",
+    "palm_arch", "wrist_pitch", "wrist_yaw",
+)
+
+# NinaPro databases recognisable from the file alone: EMG channel count ->
+# (database, sample rate in Hz, what the EMG values are).  DB1 was recorded
+# with 10 Otto Bock 13E200 electrodes that output an RMS envelope at 100 Hz.
+# Other databases share channel counts (DB2, DB3 and DB7 all have 12 Delsys
+# channels at 2 kHz) so they need --rate unless the file says.
+NINAPRO_DATABASES = {
+    10: ("DB1", 100.0, "envelope"),
+}
+NINAPRO_RATE_VARIABLES = ("frequency", "fs", "samplerate", "sample_rate")
+BLOCK_SAMPLES = 10000
+
+
+def _partial_path(out_path):
+    return os.fspath(out_path) + ".partial"
+
+
+def _finish(partial, out_path):
+    os.replace(partial, os.fspath(out_path))
+
+
+def _discard(partial):
+    try:
+        os.remove(partial)
+    except OSError:
+        pass
+
+
+def _write_recording(out_path, signal_rate, channel_names, signals, label_name, label_names, labels,
+                     events, metadata):
+    """Write one whole recording atomically (``signals`` and ``labels`` are in-memory arrays)."""
+    from neurohand.firmware_bridge.recording import RecordingWriter
+
+    checks.check_parent_writable("output recording", out_path)
+    partial = _partial_path(out_path)
+    try:
+        # One-second chunks: imported files are read back in long ranges, and
+        # the default 0.1 s would mean 10 chunks per second of 100 Hz data.
+        with RecordingWriter(partial, signal_rate, channel_names, dtype="float32", metadata=metadata,
+                             label_streams={label_name: {"rate": signal_rate, "names": list(label_names)}},
+                             flush_interval_s=1.0) as w:
+            for start in range(0, len(signals), BLOCK_SAMPLES):
+                w.append_signals(np.ascontiguousarray(signals[start:start + BLOCK_SAMPLES], dtype=np.float32))
+                w.append_labels(label_name, labels[start:start + BLOCK_SAMPLES].astype(np.float32))
+            for sample, kind, value in events:
+                w.add_event(sample, kind, value)
+    except BaseException:
+        _discard(partial)
+        raise
+    _finish(partial, out_path)
+
+
+def change_events(values, kind):
+    """Events ``(sample, kind, value)`` at sample 0 and wherever ``values`` changes.
+
+    values : ndarray, shape (n_samples,), integers (e.g. NinaPro restimulus)."""
+    values = np.asarray(values).reshape(-1)
+    if values.size == 0:
+        return []
+    changes = np.flatnonzero(values[1:] != values[:-1]) + 1
+    return [(0, kind, int(values[0]))] + [(int(i), kind, int(values[i])) for i in changes]
+
+
+# --- NinaPro ----------------------------------------------------------------------
+
+def _load_mat(path):
+    import scipy.io
+
+    with open(path, "rb") as handle:
+        head = handle.read(128)
+    if head.startswith(b"\x89HDF") or b"MATLAB 7.3" in head:
+        raise RecordingError("{!r} is a MATLAB v7.3 (HDF5) file, which scipy.io.loadmat cannot read; re-save it "
+                             "with save('-v7') in MATLAB, or read it with h5py".format(path))
+    try:
+        return scipy.io.loadmat(path)
+    except NotImplementedError as exc:
+        # scipy's own message for v7.3 files ("Please use HDF reader ...").
+        raise RecordingError("{!r} is a MATLAB v7.3 (HDF5) file, which scipy.io.loadmat cannot read; "
+                             "re-save it with save('-v7') in MATLAB, or read it with h5py".format(path)) from exc
+    except Exception as exc:  # scipy raises MatReadError, ValueError, IndexError ... on garbage
+        raise RecordingError("cannot read {!r} as a MATLAB file: {}".format(path, exc)) from exc
+
+
+def _scalar(value):
+    array = np.asarray(value)
+    if array.size != 1 or not np.issubdtype(array.dtype, np.number):
+        return None
+    return array.reshape(-1)[0].item()
+
+
+def read_ninapro(path, rate=None):
+    """Read a NinaPro MAT file into plain arrays (nothing written).
+
+    Parameters
+    ----------
+    path : str, a MATLAB v5 file with variables emg, glove, restimulus, rerepetition
+    rate : float or None, sample rate in Hz; None: from the file (a ``frequency``
+        variable) or recognised from the database layout (DB1: 100 Hz)
+
+    Returns
+    -------
+    dict with emg (n, n_emg) float64, glove (n, 22) float64, restimulus (n,) int,
+    rerepetition (n,) int, rate (Hz), database, subject, exercise, signal_kind
+    """
+    path = checks.check_file_exists("NinaPro file", path)
+    data = _load_mat(path)
+    variables = sorted(k for k in data if not k.startswith("__"))
+    required = ("emg", "glove", "restimulus", "rerepetition")
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise RecordingError("{!r} lacks the NinaPro variable(s) {}; it has {}".format(
+            path, ", ".join(missing), ", ".join(variables) or "none"))
+    emg = np.asarray(data["emg"], dtype=np.float64)
+    glove = np.asarray(data["glove"], dtype=np.float64)
+    restimulus = np.asarray(data["restimulus"]).reshape(-1)
+    rerepetition = np.asarray(data["rerepetition"]).reshape(-1)
+    if emg.ndim != 2 or emg.shape[0] < 2:
+        raise RecordingError("{!r}: emg must be a (samples, channels) matrix, but has shape {}".format(
+            path, emg.shape))
+    n = emg.shape[0]
+    if glove.ndim != 2 or glove.shape[1] != len(CYBERGLOVE_NAMES):
+        raise RecordingError("{!r}: glove must have {} CyberGlove columns, but has shape {}".format(
+            path, len(CYBERGLOVE_NAMES), glove.shape))
+    for name, array in (("glove", glove), ("restimulus", restimulus), ("rerepetition", rerepetition)):
+        if array.shape[0] != n:
+            raise RecordingError("{!r}: {} has {} samples but emg has {}".format(path, name, array.shape[0], n))
+    for name, array in (("emg", emg), ("glove", glove)):
+        if not np.all(np.isfinite(array)):
+            bad = int(np.flatnonzero(~np.all(np.isfinite(array), axis=1))[0])
+            raise RecordingError("{!r}: {} has non-finite values (first at sample {})".format(path, name, bad))
+    database, known_rate, signal_kind = NINAPRO_DATABASES.get(emg.shape[1], ("unknown", None, "unknown"))
+    file_rate = next((_scalar(data[k]) for k in NINAPRO_RATE_VARIABLES if k in data), None)
+    if rate is not None:
+        rate = checks.check_number("--rate", rate, minimum=0.0, exclusive_minimum=True)
+    elif file_rate is not None:
+        rate = checks.check_number("sample rate in the file", file_rate, minimum=0.0, exclusive_minimum=True)
+    elif known_rate is not None:
+        rate = known_rate
+    else:
+        raise UsageError("{!r}: cannot tell the sample rate ({} EMG channels is not a layout neurohand recognises "
+                         "and the file has no frequency variable); give it with --rate".format(path, emg.shape[1]))
+    if database == "DB1" and rate != known_rate:
+        signal_kind = "unknown"
+    for name, array in (("restimulus", restimulus), ("rerepetition", rerepetition)):
+        if not np.all(np.equal(np.mod(array, 1), 0)):
+            raise RecordingError("{!r}: {} must hold whole numbers".format(path, name))
+    return {
+        "emg": emg, "glove": glove,
+        "restimulus": restimulus.astype(np.int64), "rerepetition": rerepetition.astype(np.int64),
+        "rate": float(rate), "database": database, "signal_kind": signal_kind,
+        "subject": _scalar(data["subject"]) if "subject" in data else None,
+        "exercise": _scalar(data["exercise"]) if "exercise" in data else None,
+    }
+
+
+def import_ninapro(path, out_path, rate=None):
+    """Convert a NinaPro MAT file into a recording at ``out_path``; returns a summary dict."""
+    content = read_ninapro(path, rate)
+    emg = content["emg"]
+    metadata = {
+        "source": "NinaPro", "database": content["database"], "subject": content["subject"],
+        "exercise": content["exercise"], "source_file": os.path.basename(os.fspath(path)),
+        "citation": NINAPRO_CITATION, "doi": NINAPRO_DOI,
+        "signal_kind": content["signal_kind"],
+        "signal_units": ("Otto Bock 13E200 RMS output as stored by NinaPro, not microvolts"
+                         if content["database"] == "DB1" else "as stored in the NinaPro file"),
+        "label_units": {"glove": "raw CyberGlove II 8-bit sensor values"},
+        "events": {"movement": "restimulus (0 = rest)", "repetition": "rerepetition (0 = none)"},
+    }
+    events = change_events(content["restimulus"], "movement") + change_events(content["rerepetition"], "repetition")
+    events.sort(key=lambda e: e[0])
+    channel_names = ["emg{}".format(i + 1) for i in range(emg.shape[1])]
+    _write_recording(out_path, content["rate"], channel_names, emg, "glove", CYBERGLOVE_NAMES,
+                     content["glove"], events, metadata)
+    return {
+        "out": os.fspath(out_path), "n_samples": int(emg.shape[0]), "n_channels": int(emg.shape[1]),
+        "signal_rate": content["rate"], "database": content["database"],
+        "n_movements": int(len(set(content["restimulus"].tolist()) - {0})),
+        "n_repetitions": int(len(set(content["rerepetition"].tolist()) - {0})),
+        "n_events": len(events),
+    }
+
+
+# --- CSV --------------------------------------------------------------------------
+
+def select_columns(header, patterns, what):
+    """Indices of the header names matched by any of ``patterns`` (fnmatch), in header order.
+
+    Raises UsageError naming the pattern that matches nothing."""
+    selected = []
+    for pattern in patterns:
+        matches = [i for i, name in enumerate(header) if fnmatch.fnmatchcase(name, pattern)]
+        if not matches:
+            shown = ", ".join(header[:12]) + (", ..." if len(header) > 12 else "")
+            raise UsageError("{} pattern {!r} matches no column; the columns are {}".format(what, pattern, shown))
+        selected.extend(i for i in matches if i not in selected)
+    return sorted(selected)
+
+
+def parse_event_spec(spec):
+    """'COLUMN' or 'COLUMN=KIND' -> (column, kind); the kind defaults to the column name."""
+    column, _, kind = spec.partition("=")
+    column, kind = column.strip(), (kind.strip() or column.strip())
+    if not column:
+        raise UsageError("--events needs a column name (COLUMN or COLUMN=KIND), but got {!r}".format(spec))
+    return column, kind
+
+
+def read_csv_table(path, signal_patterns, label_patterns, event_specs=(), delimiter=","):
+    """Read the selected columns of a CSV file.
+
+    Returns dict with signal_names, signals (n, n_signals) float64, label_names,
+    labels (n, n_labels) float64, events [(sample, kind, value)].
+    Raises UsageError (one line, naming the row and column) for empty or
+    non-numeric cells, missing columns, or ragged rows."""
+    path = checks.check_file_exists("CSV file", path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle, delimiter=delimiter)
+            try:
+                header = [name.strip() for name in next(reader)]
+            except StopIteration:
+                raise UsageError("{!r} is empty (no header row)".format(path)) from None
+            signal_columns = select_columns(header, signal_patterns, "--signals")
+            label_columns = select_columns(header, label_patterns, "--labels")
+            both = sorted(set(signal_columns) & set(label_columns))
+            if both:
+                raise UsageError("column(s) {} are matched by both --signals and --labels".format(
+                    ", ".join(header[i] for i in both)))
+            event_columns = []
+            for spec in event_specs:
+                column, kind = parse_event_spec(spec)
+                if column not in header:
+                    raise UsageError("--events column {!r} is not in the header; the columns are {}".format(
+                        column, ", ".join(header)))
+                event_columns.append((header.index(column), kind))
+            wanted = signal_columns + label_columns + [i for i, _ in event_columns]
+            rows = []
+            for line_number, row in enumerate(reader, start=2):
+                if not row or all(not cell.strip() for cell in row):
+                    continue
+                if len(row) != len(header):
+                    raise UsageError("{!r} line {}: {} cells, but the header has {}".format(
+                        path, line_number, len(row), len(header)))
+                values = []
+                for i in wanted:
+                    cell = row[i].strip()
+                    try:
+                        value = float(cell)
+                    except ValueError:
+                        raise UsageError("{!r} line {}, column {!r}: {!r} is not a number".format(
+                            path, line_number, header[i], cell)) from None
+                    if value != value or value in (float("inf"), float("-inf")):
+                        raise UsageError("{!r} line {}, column {!r}: {!r} is not a finite number".format(
+                            path, line_number, header[i], cell))
+                    values.append(value)
+                rows.append(values)
+    except UnicodeDecodeError as exc:
+        raise UsageError("{!r} is not a UTF-8 text file: {}".format(path, exc)) from exc
+    except csv.Error as exc:
+        raise UsageError("{!r} is not a valid CSV file: {}".format(path, exc)) from exc
+    if len(rows) < 2:
+        raise UsageError("{!r} has {} data row(s); a recording needs at least 2".format(path, len(rows)))
+    table = np.array(rows, dtype=np.float64)
+    n_signals, n_labels = len(signal_columns), len(label_columns)
+    events = []
+    for offset, (column, kind) in enumerate(event_columns):
+        values = table[:, n_signals + n_labels + offset]
+        if not np.all(values == np.round(values)):
+            raise UsageError("--events column {!r} must hold whole numbers".format(header[column]))
+        events.extend(change_events(values.astype(np.int64), kind))
+    events.sort(key=lambda e: e[0])
+    return {
+        "signal_names": [header[i] for i in signal_columns], "signals": table[:, :n_signals],
+        "label_names": [header[i] for i in label_columns], "labels": table[:, n_signals:n_signals + n_labels],
+        "events": events,
+    }
+
+
+def import_csv(path, out_path, rate, signal_patterns, label_patterns, event_specs=(), label_stream="labels",
+               scale_uv=1.0, signal_kind=None, delimiter=","):
+    """Convert a CSV table into a recording at ``out_path``; returns a summary dict.
+
+    rate : float, Hz, the rate of the rows (signals and labels alike)
+    scale_uv : float, microvolts per unit of the signal columns
+    signal_kind : None, "raw" or "envelope": stored in the metadata to guide training
+    """
+    rate = checks.check_number("--rate", rate, minimum=0.0, exclusive_minimum=True)
+    scale_uv = checks.check_number("--scale-uv", scale_uv, minimum=0.0, exclusive_minimum=True)
+    if not label_stream or not isinstance(label_stream, str):
+        raise UsageError("--label-stream must be a non-empty name, but got {!r}".format(label_stream))
+    if signal_kind is not None:
+        checks.check_option("--signal-kind", signal_kind, ["raw", "envelope"])
+    table = read_csv_table(path, signal_patterns, label_patterns, event_specs, delimiter)
+    metadata = {"source": "csv", "source_file": os.path.basename(os.fspath(path)),
+                "signal_columns": table["signal_names"], "label_columns": table["label_names"]}
+    if signal_kind is not None:
+        metadata["signal_kind"] = signal_kind
+    _write_recording(out_path, rate, table["signal_names"], table["signals"] * scale_uv, label_stream,
+                     table["label_names"], table["labels"], table["events"], metadata)
+    return {"out": os.fspath(out_path), "n_samples": int(table["signals"].shape[0]),
+            "n_channels": len(table["signal_names"]), "signal_rate": rate,
+            "n_labels": len(table["label_names"]), "n_events": len(table["events"])}
+
+
+# Explicit registry: source name -> import function.
+IMPORTERS = {"ninapro": import_ninapro, "csv": import_csv}
