@@ -1,0 +1,235 @@
+"""Export the decoder to ONNX, one time step per call, and prove the file right.
+
+The exported graph (opset 13, batch 1, no dynamic axes; TensorRT 8.2's ONNX
+parser reads opset 13 at most)::
+
+    features (1, n_features)  ─┐
+    h_in (layers, 1, hidden)  ─┼─> [Gemm+Relu] -> GRU/LSTM x layers -> Gemm -> Sigmoid ─> positions (1, n_outputs)
+    c_in (LSTM only)          ─┘                                                       ├─> h_out (layers, 1, hidden)
+                                                                                        └─> c_out (LSTM only)
+
+The runtime feeds ``h_out`` back as ``h_in`` on the next step.  The legacy
+TorchScript exporter names weights after internal values ("onnx::GRU_177"),
+so after exporting, the initializers are renamed to the fixed names in
+:mod:`neurohand.decoder.onnx_weights` (``rnn.0.W``, ``head.weight``, ...) and
+the model config is stored in the file's metadata; the numpy backend on the
+device reads them from there.
+
+The file only appears at ``path`` after ONNX Runtime *and* the numpy backend
+have reproduced torch's outputs and states over ``check_steps`` stateful
+steps within ``tolerance``: it is written to a temporary file first and moved
+into place with ``os.replace``.
+"""
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+
+from neurohand.decoder import onnx_weights as names
+from neurohand.firmware_bridge.errors import NeurohandError
+
+OPSET = 13
+DEFAULT_TOLERANCE = 1e-5
+
+
+class ExportError(NeurohandError):
+    """The exported graph is not what the runtime expects or does not match torch."""
+
+
+class _StepGraph(torch.nn.Module):
+    """One decoder step with the state as explicit tensors (what gets exported)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.lstm = model.config.cell == "lstm"
+
+    def forward(self, features, h_in, c_in=None):
+        state = (h_in, c_in) if self.lstm else h_in
+        positions, state = self.model.step(features, state)
+        if self.lstm:
+            return positions, state[0], state[1]
+        return positions, state
+
+
+def io_names(cell):
+    """(input names, output names) of the exported graph for ``cell``."""
+    inputs = [names.INPUT_FEATURES, names.INPUT_H]
+    outputs = [names.OUTPUT_POSITIONS, names.OUTPUT_H]
+    if cell == "lstm":
+        inputs.append(names.INPUT_C)
+        outputs.append(names.OUTPUT_C)
+    return inputs, outputs
+
+
+def export_onnx(model, config, path, check_steps=200, tolerance=DEFAULT_TOLERANCE, seed=0):
+    """Export ``model`` to ``path`` and check it numerically.
+
+    Parameters
+    ----------
+    model : RNNDecoder (torch), left in the train/eval mode it came in
+    config : ModelConfig of the model
+    path : str, where model.onnx goes
+    check_steps : int, stateful steps compared against torch (random inputs)
+    tolerance : float, largest allowed absolute difference (outputs and states)
+
+    Returns
+    -------
+    dict with the path, sha256, opset, I/O names and shapes, the model config,
+    the number of steps checked and the max abs error of onnxruntime and numpy.
+
+    Raises ExportError (and leaves nothing at ``path``) when the graph or the
+    parity check fails.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=".export-", suffix=".onnx", dir=directory)
+    os.close(handle)
+    was_training = model.training
+    model.eval()
+    try:
+        _export_raw(model, config, temporary)
+        _normalize(temporary, config)
+        errors = check_parity(model, config, temporary, check_steps, seed=seed)
+        worst = max(errors.values())
+        if not worst <= tolerance:
+            raise ExportError("exported graph differs from torch by {:.3g} (tolerance {:.3g}) over {} steps: {}"
+                              .format(worst, tolerance, check_steps, errors))
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        model.train(was_training)
+    with open(path, "rb") as handle:
+        digest = hashlib.sha256(handle.read()).hexdigest()
+    inputs, outputs = io_names(config.cell)
+    state_shape = [config.num_layers, 1, config.hidden_size]
+    shapes = {names.INPUT_FEATURES: [1, config.n_features], names.OUTPUT_POSITIONS: [1, config.n_outputs]}
+    for name in inputs[1:] + outputs[1:]:
+        shapes[name] = state_shape
+    return {
+        "path": path, "sha256": digest, "opset": OPSET, "inputs": inputs, "outputs": outputs,
+        "shapes": shapes, "config": config.to_dict(), "check_steps": check_steps,
+        "tolerance": tolerance, "max_abs_error": errors, "torch_version": torch.__version__,
+    }
+
+
+def _export_raw(model, config, path):
+    inputs, outputs = io_names(config.cell)
+    state = model.initial_state(1)
+    args = (torch.zeros(1, config.n_features),) + (state if isinstance(state, tuple) else (state,))
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of dynamo, but only it
+        # writes opset 13 RNN nodes that TensorRT 8.2 parses; its warnings are expected.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_StepGraph(model), args, path, dynamo=False, opset_version=OPSET,
+                          input_names=inputs, output_names=outputs, do_constant_folding=True)
+
+
+def _normalize(path, config):
+    """Rename the weights to the fixed names, add metadata and check the attributes."""
+    import onnx
+
+    proto = onnx.load(path)
+    graph = proto.graph
+    renames = {}
+    rnn_op = "GRU" if config.cell == "gru" else "LSTM"
+    rnn_nodes = [node for node in graph.node if node.op_type in ("GRU", "LSTM")]
+    if len(rnn_nodes) != config.num_layers or any(n.op_type != rnn_op for n in rnn_nodes):
+        raise ExportError("expected {} {} nodes, the exporter wrote {}".format(
+            config.num_layers, rnn_op, [n.op_type for n in rnn_nodes]))
+    for layer, node in enumerate(rnn_nodes):
+        for old, new in zip(node.input[1:4], names.rnn_weight_names(layer)):
+            renames[old] = new
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if rnn_op == "GRU" and attributes.get("linear_before_reset") != 1:
+            raise ExportError("GRU layer {} was exported without linear_before_reset=1".format(layer))
+    gemms = [node for node in graph.node if node.op_type == "Gemm"]
+    roles = (["projection"] if config.input_projection is not None else []) + ["head"]
+    if len(gemms) != len(roles):
+        raise ExportError("expected {} Gemm nodes ({}), the exporter wrote {}".format(
+            len(roles), roles, len(gemms)))
+    for role, node in zip(roles, gemms):
+        renames[node.input[1]] = role + ".weight"
+        renames[node.input[2]] = role + ".bias"
+    initializer_names = {init.name for init in graph.initializer}
+    missing = sorted(set(renames) - initializer_names)
+    if missing:
+        raise ExportError("weights {} are computed, not stored; cannot name them".format(missing))
+    for init in graph.initializer:
+        init.name = renames.get(init.name, init.name)
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name in renames:
+                node.input[index] = renames[name]
+    _set_output_shapes(graph, config)
+    del proto.metadata_props[:]
+    for key, value in ((names.GRAPH_FORMAT_KEY, names.GRAPH_FORMAT),
+                       (names.CONFIG_METADATA_KEY, json.dumps(config.to_dict(), sort_keys=True))):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    onnx.save(proto, path)
+
+
+def _set_output_shapes(graph, config):
+    """Give every graph output its static shape (the exporter may leave them open)."""
+    state = [config.num_layers, 1, config.hidden_size]
+    expected = {names.OUTPUT_POSITIONS: [1, config.n_outputs], names.OUTPUT_H: state, names.OUTPUT_C: state}
+    for output in graph.output:
+        dims = output.type.tensor_type.shape.dim
+        del dims[:]
+        for size in expected[output.name]:
+            dims.add().dim_value = size
+
+
+def _state_arrays(state):
+    tensors = state if isinstance(state, tuple) else (state,)
+    return [t.detach().numpy().astype(np.float32) for t in tensors]
+
+
+def torch_reference(model, features):
+    """Torch outputs and states for ``features`` (steps, n_features), stepping from zeros.
+
+    Returns (outputs (steps, n_outputs), list of per-step state lists).
+    """
+    outputs, states = [], []
+    with torch.no_grad():
+        state = model.initial_state(1)
+        for row in features:
+            positions, state = model.step(torch.from_numpy(row[None, :]), state)
+            outputs.append(positions[0].numpy())
+            states.append(_state_arrays(state))
+    return np.stack(outputs).astype(np.float32), states
+
+
+def check_parity(model, config, onnx_path, steps, seed=0):
+    """Max abs error of onnxruntime and of the numpy backend against torch.
+
+    Both run ``steps`` stateful steps on the same random features (normal,
+    seeded) and are compared on the outputs and the states of every step.
+    Returns {"onnxruntime": err, "numpy": err}.
+    """
+    from neurohand.decoder.backends import create_backend
+
+    features = np.random.RandomState(seed).standard_normal((steps, config.n_features)).astype(np.float32)
+    expected, expected_states = torch_reference(model, features)
+    errors = {}
+    for name in ("onnxruntime", "numpy"):
+        backend = create_backend(name, onnx_path)
+        try:
+            worst = 0.0
+            state = backend.initial_state()
+            for index, row in enumerate(features):
+                positions, state = backend.step(row, state)
+                worst = max(worst, float(np.max(np.abs(positions - expected[index]))))
+                for got, want in zip(backend.state_arrays(state), expected_states[index]):
+                    worst = max(worst, float(np.max(np.abs(got - want))))
+        finally:
+            backend.close()
+        errors[name] = worst
+    return errors
