@@ -19,6 +19,7 @@ Every frame, little-endian::
 """
 import binascii
 import collections
+import math
 import struct
 import threading
 import time
@@ -72,8 +73,8 @@ def frame_length(frame_type, count):
 
 
 def quantise(positions):
-    """0..1 floats -> uint16 list (round to nearest)."""
-    return [int(round(float(p) * POSITION_FULL_SCALE)) for p in positions]
+    """0..1 floats -> uint16 list: floor(p * 65535 + 0.5), halves rounded up."""
+    return [int(math.floor(float(p) * POSITION_FULL_SCALE + 0.5)) for p in positions]
 
 
 def _check_count(count):

@@ -31,6 +31,7 @@ A fraction 0..1 becomes degrees by multiplying with ``full_scale_deg``
 whose positive direction is negative in the API).
 """
 import collections
+import math
 import struct
 import threading
 import time
@@ -85,8 +86,8 @@ def checksum(data):
 
 
 def degrees_to_counts(degrees):
-    """Degrees -> int16 API counts, rounded to nearest and clamped to +-32767."""
-    counts = int(round(float(degrees) * COUNTS_PER_DEGREE))
+    """Degrees -> int16 API counts: floor(degrees * 32767 / 150 + 0.5), clamped to +-32767."""
+    counts = int(math.floor(float(degrees) * COUNTS_PER_DEGREE + 0.5))
     return max(-COUNT_LIMIT, min(COUNT_LIMIT, counts))
 
 
