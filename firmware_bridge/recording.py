@@ -510,6 +510,9 @@ class _Scanner(object):
         complete = False
         while True:
             if offset == self.size:
+                if self.result.chunks == 0:
+                    raise RecordingError("recording {!r} ends after its file header, before the header "
+                                         "chunk; there is nothing to load".format(self.path))
                 problem = ("ends at byte {} without an end chunk: the writer did not close it "
                            "(crashed or still recording)".format(offset))
                 break
