@@ -1,0 +1,111 @@
+"""On-device self-test: the golden vectors through the chosen backend.
+
+The bundle carries feature sequences and the numpy backend's outputs for them.
+Running them through the backend that will drive the hand (TensorRT on the
+Jetson) proves that backend on this very device, instead of trusting code that
+no CI machine can run.  A passing result is recorded under BUNDLE/selftest/
+for this device and this bundle content; ``neurohand run`` refuses to start
+without one.
+"""
+import json
+import os
+import platform
+import time
+
+import numpy as np
+
+from neurohand.firmware_bridge.errors import BundleError
+
+# Tolerances on the max absolute output difference against the reference.
+TOLERANCE_FP32 = 1e-4
+TOLERANCE_FP16 = 1e-2
+
+
+def device_id():
+    """A stable name for this machine: systemd's machine-id, else the host name."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path) as handle:
+                value = handle.read().strip()
+        except OSError:
+            continue
+        if value:
+            return value
+    return platform.node() or "unknown-device"
+
+
+def _percentile_us(seconds, q):
+    return float(np.percentile(np.asarray(seconds) * 1e6, q)) if seconds else float("nan")
+
+
+def run_selftest(bundle, backend, fp16=False):
+    """Run the golden vectors through ``backend``; return a JSON-able report."""
+    features, expected = bundle.golden_vectors()
+    if features.shape[2] != backend.n_features or expected.shape[2] != backend.n_outputs:
+        raise BundleError("backend {} takes {} features and gives {} outputs, but the golden vectors have {} and {}".format(
+            backend.name, backend.n_features, backend.n_outputs, features.shape[2], expected.shape[2]))
+    tolerance = TOLERANCE_FP16 if fp16 else TOLERANCE_FP32
+    worst = 0.0
+    step_seconds = []
+    for sequence in range(features.shape[0]):
+        state = backend.initial_state()
+        for step in range(features.shape[1]):
+            started = time.perf_counter()
+            outputs, state = backend.step(features[sequence, step], state)
+            step_seconds.append(time.perf_counter() - started)
+            error = float(np.max(np.abs(np.asarray(outputs, dtype=np.float64) - expected[sequence, step])))
+            if not error <= worst:  # also catches NaN
+                worst = error if error == error else float("inf")
+    return {
+        "passed": bool(worst <= tolerance),
+        "backend": backend.name,
+        "fp16": bool(fp16),
+        "max_abs_error": worst,
+        "tolerance": tolerance,
+        "steps": int(features.shape[0] * features.shape[1]),
+        "step_us": {"p50": _percentile_us(step_seconds, 50), "p99": _percentile_us(step_seconds, 99),
+                    "max": _percentile_us(step_seconds, 100)},
+        "device": device_id(),
+        "bundle_digest": bundle.digest,
+        "unix_time": time.time(),
+    }
+
+
+def _record_path(bundle):
+    return os.path.join(bundle.selftest_dir, device_id() + ".json")
+
+
+def record_result(bundle, report):
+    """Store the report for this device (atomically: a crash leaves the old one)."""
+    os.makedirs(bundle.selftest_dir, exist_ok=True)
+    path = _record_path(bundle)
+    temporary = path + ".tmp"
+    with open(temporary, "w") as handle:
+        json.dump(report, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    return path
+
+
+def require_passed_selftest(bundle, backend_name):
+    """Raise BundleError unless this device passed the self-test on this bundle and backend."""
+    path = _record_path(bundle)
+    hint = "run 'neurohand selftest {} --backend {}' on this device first".format(bundle.path, backend_name)
+    if not os.path.isfile(path):
+        raise BundleError("bundle {!r} has not been self-tested on this device; {}".format(bundle.path, hint))
+    try:
+        with open(path) as handle:
+            report = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise BundleError("self-test record {!r} is unreadable ({}); {}".format(path, exc, hint)) from exc
+    if report.get("bundle_digest") != bundle.digest:
+        raise BundleError("self-test record {!r} is for other bundle content; {}".format(path, hint))
+    if report.get("backend") != backend_name:
+        raise BundleError("the self-test on this device used backend {!r}, not {!r}; {}".format(
+            report.get("backend"), backend_name, hint))
+    if not report.get("passed"):
+        raise BundleError("the self-test of bundle {!r} FAILED on this device (max error {} > {}); "
+                          "the decoder must not drive a hand".format(
+                              bundle.path, report.get("max_abs_error"), report.get("tolerance")))
+    return report

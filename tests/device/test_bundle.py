@@ -1,0 +1,146 @@
+"""Bundles: built from a run directory, verified on every load, self-tested."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from neurohand.deploy import selftest
+from neurohand.deploy.bundle import load_bundle, make_bundle
+from neurohand.firmware_bridge.errors import BundleError, UsageError
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    path = tmp_path / "run"
+    path.mkdir()
+    shutil.copyfile(os.path.join(DATA, "golden_gru.onnx"), str(path / "model.onnx"))
+    (path / "config.json").write_text(json.dumps({"pipeline": {"mode": "test"}, "model": {"cell": "gru"}}))
+    return path
+
+
+@pytest.fixture
+def bundle_path(run_dir, tmp_path):
+    out = tmp_path / "bundle"
+    make_bundle(str(run_dir), str(out))
+    return out
+
+
+def neurohand(*args):
+    return subprocess.run([sys.executable, "-m", "neurohand.deploy"] + [str(a) for a in args],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+
+
+def test_bundle_holds_model_config_golden_vectors_and_manifest(bundle_path):
+    names = sorted(os.listdir(str(bundle_path)))
+    assert names == ["config.json", "golden.npz", "manifest.json", "model.onnx"]
+    bundle = load_bundle(str(bundle_path))
+    assert bundle.config["io"] == bundle.manifest["io"]
+    features, outputs = bundle.golden_vectors()
+    assert features.shape[2] == bundle.config["io"]["n_features"]
+    assert outputs.shape[2] == bundle.config["io"]["n_outputs"]
+    assert np.all((outputs >= 0) & (outputs <= 1))
+    assert "numpy" in bundle.manifest["produced_by"]
+
+
+def test_golden_outputs_are_the_numpy_backend_reference(bundle_path):
+    from neurohand.decoder.backends import create_backend
+    bundle = load_bundle(str(bundle_path))
+    features, outputs = bundle.golden_vectors()
+    backend = create_backend("numpy", bundle.model_path)
+    state = backend.initial_state()
+    for step in range(features.shape[1]):
+        result, state = backend.step(features[1, step], state)
+        np.testing.assert_array_equal(result, outputs[1, step])
+
+
+@pytest.mark.parametrize("damage", ["modify", "truncate", "remove"])
+@pytest.mark.parametrize("name", ["model.onnx", "config.json", "golden.npz"])
+def test_damaged_file_is_refused_by_name(bundle_path, name, damage):
+    path = bundle_path / name
+    if damage == "modify":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-1])
+    else:
+        path.unlink()
+    with pytest.raises(BundleError) as error:
+        load_bundle(str(bundle_path))
+    assert name in str(error.value)
+
+
+def test_corrupt_manifest_is_refused(bundle_path):
+    (bundle_path / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="manifest"):
+        load_bundle(str(bundle_path))
+
+
+def test_existing_output_and_incomplete_run_are_usage_errors(run_dir, bundle_path, tmp_path):
+    with pytest.raises(UsageError, match="already exists"):
+        make_bundle(str(run_dir), str(bundle_path))
+    (run_dir / "model.onnx").unlink()
+    with pytest.raises(UsageError, match="model.onnx"):
+        make_bundle(str(run_dir), str(tmp_path / "other"))
+    assert not any(name.startswith(".bundle-") for name in os.listdir(str(tmp_path)))
+
+
+def test_selftest_passes_and_is_recorded_for_this_device(bundle_path):
+    result = neurohand("selftest", bundle_path, "--backend", "numpy", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"] and report["max_abs_error"] == 0.0
+    assert report["steps"] > 0 and report["step_us"]["p99"] > 0
+    bundle = load_bundle(str(bundle_path))
+    assert selftest.require_passed_selftest(bundle, "numpy")["device"] == selftest.device_id()
+    with pytest.raises(BundleError, match="backend 'numpy', not 'onnxruntime'"):
+        selftest.require_passed_selftest(bundle, "onnxruntime")
+
+
+def test_selftest_fails_when_backend_disagrees_with_golden_vectors(bundle_path):
+    bundle = load_bundle(str(bundle_path))
+
+    class OffByOne(object):
+        name = "numpy"
+
+        def __init__(self, backend):
+            self.inner, self.n_features, self.n_outputs = backend, backend.n_features, backend.n_outputs
+
+        def initial_state(self):
+            return self.inner.initial_state()
+
+        def step(self, features, state):
+            outputs, state = self.inner.step(features, state)
+            return outputs + 2e-4, state
+
+    from neurohand.decoder.backends import create_backend
+    report = selftest.run_selftest(bundle, OffByOne(create_backend("numpy", bundle.model_path)))
+    assert not report["passed"]
+    assert report["max_abs_error"] == pytest.approx(2e-4, rel=1e-2)
+    selftest.record_result(bundle, report)
+    with pytest.raises(BundleError, match="FAILED"):
+        selftest.require_passed_selftest(bundle, "numpy")
+
+
+def test_selftest_record_does_not_carry_over_to_changed_bundle(bundle_path, tmp_path, run_dir):
+    assert neurohand("selftest", bundle_path, "--backend", "numpy").returncode == 0
+    other = tmp_path / "other"
+    (run_dir / "config.json").write_text(json.dumps({"pipeline": {"mode": "changed"}}))
+    make_bundle(str(run_dir), str(other))
+    shutil.copytree(str(bundle_path / "selftest"), str(other / "selftest"))
+    with pytest.raises(BundleError, match="other bundle content"):
+        selftest.require_passed_selftest(load_bundle(str(other)), "numpy")
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    result = neurohand("selftest", tmp_path / "nothing")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = neurohand("bundle", tmp_path / "nothing", "--out", tmp_path / "b")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
