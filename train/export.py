@@ -99,6 +99,10 @@ def export_onnx(model, config, path, check_steps=200, tolerance=DEFAULT_TOLERANC
         if not worst <= tolerance:
             raise ExportError("exported graph differs from torch by {:.3g} (tolerance {:.3g}) over {} steps: {}"
                               .format(worst, tolerance, check_steps, errors))
+        # mkstemp creates the file private (0600); give it the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -203,6 +203,9 @@ def _write_atomically(path, data, mode="wb"):
     try:
         with os.fdopen(handle, mode) as stream:
             stream.write(data)
+        umask = os.umask(0)      # mkstemp makes the file private (0600); use the usual mode
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
