@@ -1,0 +1,184 @@
+"""Windowed features (decoder/features.py) against hand-computed values and plain-loop references."""
+import math
+
+import numpy as np
+import pytest
+
+from neurohand.decoder.features import (
+    FEATURES, WindowFeatures, WindowRing, band_bins, fit_normalisation, offline_windows, window_ends,
+    windows_touching_missing)
+from neurohand.firmware_bridge.errors import UsageError
+
+ALL_PLAIN = ["mav", "rms", "wl", "zc", "ssc", "mean", "std", "max", "min"]
+
+
+def plan(names, window, n_channels=1, rate=1000.0, bands=(), threshold=0.5, log=False, dtype="float64"):
+    return WindowFeatures(names, rate, window, n_channels, [list(b) for b in bands], threshold, log, 1e-6, dtype)
+
+
+def one_window(values):
+    """A single one-channel window, shape (1, 1, W)."""
+    return np.array(values, dtype=np.float64)[None, None, :]
+
+
+def loop_reference(name, x, threshold):
+    """Each feature of one channel's window, written as a plain loop over samples."""
+    n = len(x)
+    if name == "mav":
+        return sum(abs(v) for v in x) / n
+    if name == "rms":
+        return math.sqrt(sum(v * v for v in x) / n)
+    if name == "wl":
+        return sum(abs(x[i + 1] - x[i]) for i in range(n - 1))
+    if name == "zc":
+        return sum(1 for i in range(n - 1) if x[i] * x[i + 1] < 0 and abs(x[i] - x[i + 1]) >= threshold)
+    if name == "ssc":
+        count = 0
+        for i in range(1, n - 1):
+            product = (x[i] - x[i - 1]) * (x[i] - x[i + 1])
+            if product > 0 and product >= threshold ** 2:
+                count += 1
+        return count
+    if name == "mean":
+        return sum(x) / n
+    if name == "std":
+        mean = sum(x) / n
+        return math.sqrt(sum((v - mean) ** 2 for v in x) / n)
+    if name == "max":
+        return max(x)
+    if name == "min":
+        return min(x)
+    raise KeyError(name)
+
+
+def loop_band_power(x, rate, low, high):
+    """Hann-tapered one-sided periodogram summed over bins low <= f < high, by explicit DFT sums."""
+    n = len(x)
+    taper = [0.5 - 0.5 * math.cos(2 * math.pi * i / n) for i in range(n)]
+    total = 0.0
+    for k in range(n // 2 + 1):
+        if low <= k * rate / n < high:
+            re = sum(taper[i] * x[i] * math.cos(2 * math.pi * k * i / n) for i in range(n))
+            im = -sum(taper[i] * x[i] * math.sin(2 * math.pi * k * i / n) for i in range(n))
+            total += re * re + im * im
+    return 2.0 * total / (n * sum(t * t for t in taper))
+
+
+def test_hand_computed_values():
+    x = [1.0, -2.0, 3.0, 0.0, -1.0, 0.2]
+    features = plan(["mav", "rms", "wl", "zc", "ssc", "mean", "max", "min"], 6)
+    got = features.compute(one_window(x))[0]
+    expected = [7.2 / 6, math.sqrt(15.04 / 6), 13.2, 3, 3, 1.2 / 6, 3.0, -2.0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    # The threshold drops the small crossing (|-1 - 0.2| = 1.2) and the small slope change (1.2 < 2^2).
+    strict = plan(["zc", "ssc"], 6, threshold=2.0).compute(one_window(x))[0]
+    assert strict.tolist() == [2.0, 2.0]
+
+
+def test_zero_samples_are_not_crossings():
+    # 0 is neither side: x[i] x[i+1] < 0 is the definition, so 1, 0, -1 crosses nowhere.
+    got = plan(["zc"], 3, threshold=0.0).compute(one_window([1.0, 0.0, -1.0]))[0]
+    assert got.tolist() == [0.0]
+
+
+def test_every_feature_matches_loop_reference_on_random_windows():
+    random = np.random.RandomState(11)
+    windows = random.normal(0.0, 3.0, (3, 2, 25))
+    windows[0, 1, 5:9] = 0.0                     # flat run and exact zeros
+    features = plan(ALL_PLAIN, 25, n_channels=2, threshold=0.7)
+    got = features.compute(windows)
+    names = features.feature_names
+    for w in range(3):
+        for column, label in enumerate(names):
+            name, channel = label.rsplit("_ch", 1)
+            expected = loop_reference(name, windows[w, int(channel)].tolist(), 0.7)
+            assert abs(got[w, column] - expected) < 1e-12, (w, label)
+
+
+def test_band_power_of_a_sine_is_half_its_squared_amplitude():
+    rate, window, amplitude = 1000.0, 100, 3.0
+    x = amplitude * np.sin(2 * np.pi * 100.0 * np.arange(window) / rate + 0.3)
+    features = plan(["bandpower"], window, rate=rate, bands=[(50.0, 150.0), (200.0, 400.0)])
+    got = features.compute(one_window(x))[0]
+    assert abs(got[0] - amplitude ** 2 / 2) < 1e-9
+    assert got[1] < 1e-20
+
+
+def test_band_power_matches_explicit_dft_loop():
+    random = np.random.RandomState(4)
+    x = random.normal(0.0, 5.0, (1, 2, 40))
+    bands = [(25.0, 100.0), (100.0, 250.0), (250.0, 500.0)]
+    features = plan(["bandpower"], 40, n_channels=2, rate=1000.0, bands=bands)
+    got = features.compute(x)[0]
+    expected = [loop_band_power(x[0, c].tolist(), 1000.0, low, high) for low, high in bands for c in range(2)]
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=0)
+    assert features.feature_names[:2] == ["bandpower_25-100Hz_ch0", "bandpower_25-100Hz_ch1"]
+
+
+def test_log_compression_applies_to_amplitudes_only():
+    x = one_window([1.0, -2.0, 3.0, 0.0, -1.0, 0.2])
+    raw = plan(["mav", "zc", "bandpower"], 6, bands=[(100.0, 400.0)]).compute(x)[0]
+    logged = plan(["mav", "zc", "bandpower"], 6, bands=[(100.0, 400.0)], log=True).compute(x)[0]
+    np.testing.assert_allclose(logged, [math.log(raw[0] + 1e-6), raw[1], math.log(raw[2] + 1e-6)], rtol=1e-15)
+    silent = plan(["rms"], 6, log=True).compute(one_window([0.0] * 6))[0]
+    assert silent[0] == math.log(1e-6)
+
+
+def test_float32_features_follow_float64_closely():
+    windows = np.random.RandomState(8).normal(0.0, 10.0, (4, 3, 50))
+    names = ["mav", "rms", "wl", "zc", "ssc", "bandpower"]
+    f64 = plan(names, 50, n_channels=3, bands=[(40.0, 200.0)], log=True).compute(windows)
+    f32 = plan(names, 50, n_channels=3, bands=[(40.0, 200.0)], log=True, dtype="float32").compute(
+        windows.astype(np.float32))
+    assert f32.dtype == np.float32
+    np.testing.assert_allclose(f32, f64, rtol=1e-5, atol=1e-5)
+
+
+def test_feature_settings_are_checked():
+    with pytest.raises(UsageError, match="did you mean 'rms'"):
+        plan(["rsm"], 10)
+    with pytest.raises(UsageError, match="repeat"):
+        plan(["mav", "mav"], 10)
+    with pytest.raises(UsageError, match="at least 3 samples"):
+        plan(["ssc"], 2)
+    with pytest.raises(UsageError, match="Nyquist"):
+        band_bins(1000.0, 100, [[100.0, 600.0]])
+    with pytest.raises(UsageError, match="no FFT bin"):
+        band_bins(1000.0, 10, [[110.0, 150.0]])
+    assert band_bins(1000.0, 10, [[100.0, 300.0], [300.0, 500.0]]) == [(1, 3), (3, 5)]
+    assert set(ALL_PLAIN + ["bandpower"]) == set(FEATURES)
+
+
+def test_offline_windows_and_ends():
+    channels = np.arange(20, dtype=np.float64).reshape(2, 10)
+    windows, ends = offline_windows(channels, 4, 3)
+    assert ends.tolist() == [4, 7, 10]
+    np.testing.assert_array_equal(windows[1], channels[:, 3:7])
+    assert window_ends(3, 4, 3).tolist() == []
+    missing = np.zeros(10, dtype=bool)
+    missing[5] = True
+    assert windows_touching_missing(missing, ends, 4).tolist() == [False, True, False]   # [6, 10) misses it
+
+
+def test_ring_gives_the_same_windows_as_slicing():
+    samples = np.random.RandomState(0).normal(size=(57, 2))
+    ring = WindowRing(6, 4, 2, np.float64)
+    out = np.zeros((20, 2, 6))
+    ends = np.zeros(20, dtype=np.int64)
+    count = 0
+    for start, stop in [(0, 1), (1, 13), (13, 14), (14, 40), (40, 57)]:
+        count += ring.feed(samples[start:stop], out[count:], ends[count:])
+    assert ends[:count].tolist() == list(range(6, 58, 4))
+    for index in range(count):
+        np.testing.assert_array_equal(out[index], samples[ends[index] - 6:ends[index]].T)
+
+
+def test_fit_normalisation():
+    features = np.array([[1.0, 5.0, 2.0], [3.0, 5.0, 4.0], [5.0, 5.0, 9.0]])
+    mean, std = fit_normalisation(features)
+    np.testing.assert_allclose(mean, [3.0, 5.0, 5.0])
+    np.testing.assert_allclose(std, [math.sqrt(8.0 / 3.0), 1.0, math.sqrt(26.0 / 3.0)])   # constant column -> 1
+    with pytest.raises(UsageError, match="NaN"):
+        fit_normalisation([[1.0, float("nan")], [2.0, 3.0]])
+    with pytest.raises(UsageError, match="n_windows >= 2"):
+        fit_normalisation([[1.0, 2.0]])
