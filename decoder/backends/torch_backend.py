@@ -6,6 +6,7 @@ fresh :class:`~neurohand.decoder.model.RNNDecoder` (gate order converted
 from ONNX's to PyTorch's) -- a check that the export loses nothing.
 Never chosen by ``auto``.
 """
+import importlib.util
 import json
 
 import numpy as np
@@ -35,10 +36,13 @@ class TorchBackend(Backend):
 
     @classmethod
     def unavailable_reason(cls):
+        # find_spec, not import: importing torch takes seconds, and this is asked often.
         try:
-            import torch  # noqa: F401
-        except ImportError as exc:
-            return "torch is not installed ({}); install it with: {}".format(exc, cls.install_hint)
+            found = importlib.util.find_spec("torch") is not None
+        except (ImportError, ValueError):      # ValueError: sys.modules["torch"] is None
+            found = False
+        if not found:
+            return "torch is not installed; install it with: {}".format(cls.install_hint)
         return None
 
     @classmethod

@@ -1,0 +1,152 @@
+"""The numpy backend, the ONNX reader and the backend registry (Python 3.6, no torch).
+
+Reference values are torch's, committed by tests/workstation/make_golden_onnx.py.
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from neurohand.decoder import onnx_weights
+from neurohand.decoder.backends import (
+    AUTO_ORDER, BACKENDS, BackendUnavailableError, available_backends, create_backend)
+from neurohand.firmware_bridge.errors import ConfigError, UsageError
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+TOLERANCE = 1e-5
+
+
+def golden(cell):
+    path = os.path.join(DATA, "golden_{}.onnx".format(cell))
+    with np.load(os.path.join(DATA, "golden_{}.npz".format(cell)), allow_pickle=False) as arrays:
+        return path, {key: arrays[key] for key in arrays.files}
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_numpy_backend_matches_torch_golden_vectors(cell):
+    path, reference = golden(cell)
+    backend = create_backend("numpy", path)
+    state = backend.initial_state()
+    outputs = []
+    for row in reference["features"]:
+        positions, state = backend.step(row, state)
+        assert positions.dtype == np.float32 and positions.shape == (backend.n_outputs,)
+        outputs.append(positions)
+    outputs = np.array(outputs)
+    assert np.max(np.abs(outputs - reference["positions"])) <= TOLERANCE
+    assert outputs.min() >= 0.0 and outputs.max() <= 1.0
+    assert outputs.std() > 0.05        # the golden model really spreads its outputs
+    final = backend.state_arrays(state)
+    assert np.max(np.abs(final[0] - reference["h_final"])) <= TOLERANCE
+    if cell == "lstm":
+        assert np.max(np.abs(final[1] - reference["c_final"])) <= TOLERANCE
+
+
+def test_state_is_carried_between_steps():
+    path, reference = golden("gru")
+    backend = create_backend("numpy", path)
+    row = reference["features"][0]
+    first, state = backend.step(row, backend.initial_state())
+    second, _ = backend.step(row, state)
+    again, _ = backend.step(row, backend.initial_state())
+    assert not np.allclose(first, second)
+    assert np.array_equal(first, again)
+    assert all(not np.any(s) for s in backend.state_arrays(backend.initial_state()))
+
+
+def test_reader_finds_graph_shapes_names_and_attributes():
+    path, _ = golden("gru")
+    model = onnx_weights.read_onnx(path)
+    assert model.opsets[""] == 13
+    assert [name for name, _ in model.inputs] == ["features", "h_in"]
+    assert dict(model.inputs)["features"] == (1, 6)
+    assert dict(model.outputs)["h_out"] == (2, 1, 8)
+    grus = [node for node in model.nodes if node.op_type == "GRU"]
+    assert [node.attributes["linear_before_reset"] for node in grus] == [1, 1]
+    assert [node.attributes["hidden_size"] for node in grus] == [8, 8]
+    weights = onnx_weights.load_rnn_weights(path)
+    assert (weights.cell, weights.num_layers, weights.hidden_size) == ("gru", 2, 8)
+    assert weights.projection[0].shape == (4, 6)
+    assert weights.layers[0][0].shape == (24, 4) and weights.layers[1][1].shape == (24, 8)
+    assert weights.head[0].shape == (5, 8)
+    assert all(a.dtype == np.float32 for layer in weights.layers for a in layer)
+    lstm = onnx_weights.load_rnn_weights(golden("lstm")[0])
+    assert (lstm.cell, lstm.projection, lstm.layers[0][0].shape) == ("lstm", None, (24, 5))
+
+
+def test_refuses_gru_without_linear_before_reset(tmp_path):
+    path, _ = golden("gru")
+    with open(path, "rb") as handle:
+        data = handle.read()
+    # AttributeProto: name (field 1) "linear_before_reset", then i (field 3, varint) = 1.
+    marker = b"\x0a\x13linear_before_reset\x18\x01"
+    assert data.count(marker) == 2
+    patched = tmp_path / "patched.onnx"
+    patched.write_bytes(data.replace(marker, marker[:-1] + b"\x00"))
+    with pytest.raises(ConfigError, match="linear_before_reset"):
+        create_backend("numpy", str(patched))
+
+
+def test_broken_files_raise_config_errors_naming_the_file(tmp_path):
+    path, _ = golden("lstm")
+    with open(path, "rb") as handle:
+        data = handle.read()
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ConfigError, match="truncated.onnx"):
+        onnx_weights.read_onnx(str(truncated))
+    text = tmp_path / "notes.onnx"
+    text.write_bytes(b"hello, this is not a model")
+    with pytest.raises(ConfigError):
+        create_backend("numpy", str(text))
+
+
+def test_varints_and_negative_int64():
+    assert onnx_weights._varint(b"\xac\x02", 0) == (300, 2)
+    minus_one = b"\xff" * 9 + b"\x01"
+    value, end = onnx_weights._varint(minus_one, 0)
+    assert end == 10 and onnx_weights._signed64(value) == -1
+    with pytest.raises(ConfigError):
+        onnx_weights._varint(b"\x80\x80", 0)
+
+
+def test_features_of_the_wrong_shape_are_refused():
+    backend = create_backend("numpy", golden("gru")[0])
+    with pytest.raises(UsageError, match=r"\(6,\)"):
+        backend.step(np.zeros(7, dtype=np.float32), backend.initial_state())
+
+
+def test_unknown_backend_suggests_the_closest_name():
+    with pytest.raises(UsageError, match="did you mean 'numpy'"):
+        create_backend("nunpy", golden("gru")[0])
+
+
+def test_missing_model_file_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        create_backend("numpy", str(tmp_path / "absent.onnx"))
+
+
+def test_named_backend_that_is_not_installed_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)     # makes `import onnxruntime` fail
+    with pytest.raises(BackendUnavailableError, match="pip install onnxruntime"):
+        create_backend("onnxruntime", golden("gru")[0])
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(BackendUnavailableError, match="python3-libnvinfer"):
+        create_backend("tensorrt", golden("gru")[0])
+    assert "onnxruntime" not in available_backends() and "numpy" in available_backends()
+
+
+def test_auto_reports_what_it_skipped_and_never_picks_torch(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    backend = create_backend("auto", golden("gru")[0])
+    assert backend.name == "numpy"
+    assert "auto picked numpy" in backend.selected_by
+    assert "tensorrt:" in backend.selected_by and "onnxruntime:" in backend.selected_by
+    assert "torch" not in AUTO_ORDER and set(AUTO_ORDER) < set(BACKENDS)
+
+
+def test_fp16_is_refused_for_backends_other_than_tensorrt():
+    with pytest.raises(UsageError, match="fp16"):
+        create_backend("numpy", golden("gru")[0], fp16=True)
