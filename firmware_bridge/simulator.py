@@ -105,7 +105,7 @@ class NerveSimulator(object):
         self.drift_knots = drift_knots          # (n_knots, n_channels) uV
         self.mains = mains                      # dict of per-channel and per-harmonic parameters
         self.artefacts = artefacts              # list of dicts, sorted by start sample
-        self._cache = {}                        # (stream, segment) -> draws; bounded, see _segment
+        self._cache = {}                        # stream -> {segment: draws}; bounded, see _segment
 
     @classmethod
     def from_config(cls, config):
@@ -139,12 +139,14 @@ class NerveSimulator(object):
         return np.clip(counts, INT16_MIN, INT16_MAX).astype(np.int16)
 
     def _segment(self, stream, k, make):
-        key = (stream, k)
-        if key not in self._cache:
-            if len(self._cache) >= 8:        # blocks only ever revisit the previous segment
-                self._cache.pop(next(iter(sorted(self._cache))))
-            self._cache[key] = make(_rng(self.config.seed, stream, k), k)
-        return self._cache[key]
+        """Draws of segment ``k`` of ``stream``, made by ``make(rng, k)``; cached because
+        consecutive blocks share their boundary segments."""
+        cache = self._cache.setdefault(stream, {})
+        if k not in cache:
+            if len(cache) >= 4:
+                del cache[min(cache)]
+            cache[k] = make(_rng(self.config.seed, stream, k), k)
+        return cache[k]
 
     def _noise(self, start, stop):
         n_ch = self.config.n_channels
@@ -157,7 +159,7 @@ class NerveSimulator(object):
         pieces = [self._segment(_STREAM_NOISE, k, make) for k in range(first, last + 1)]
         joined = np.concatenate(pieces, axis=0)
         offset = start - first * SEGMENT_SAMPLES
-        return joined[offset:offset + stop - start].copy()
+        return joined[offset:offset + stop - start]          # a view of a fresh array
 
     def _spikes(self, start, stop):
         n_ch = self.config.n_channels
@@ -188,8 +190,12 @@ class NerveSimulator(object):
         for order, _ in MAINS_HARMONICS:
             columns.append(np.cos(order * phase))
             columns.append(np.sin(order * phase))
-        basis = np.stack(columns, axis=1) * envelope[:, None]      # (n, 2 * harmonics)
-        return basis.dot(m["coefficients"])                         # (n, n_channels)
+        # Explicit sum rather than a BLAS product: BLAS may round differently
+        # for different block lengths, and blocks must not change the data.
+        out = np.zeros((sample.size, self.config.n_channels))
+        for column, coefficient in zip(columns, m["coefficients"]):
+            out += (column * envelope)[:, None] * coefficient[None, :]
+        return out
 
     def _drift(self, sample):
         position = sample / (self.config.rate * DRIFT_KNOT_S)

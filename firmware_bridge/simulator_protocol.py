@@ -60,6 +60,11 @@ INTENT_ENSLAVED = (0.0, 0.6)   # fraction of the glove's enslaved flexion that i
 HOLD_WOBBLE = 0.03             # relative slow wobble of the glove while holding
 
 
+_PER_FINGER = ("onset", "up", "hold", "down", "amp", "intent_onset", "intent_up", "intent_hold",
+               "intent_down", "intent_amp")
+_TRIAL_FIELDS = _PER_FINGER + ("movement", "repetition", "wobble_hz", "wobble_phase")
+
+
 class Protocol(object):
     """Drawn trials.  Arrays have shape (n_trials, 5) unless noted; times in seconds.
 
@@ -116,21 +121,14 @@ def make_protocol(seconds, rng):
             row["repetition"] = repetition
             rows.append(row)
             t = float((row["onset"] + row["up"] + row["hold"] + row["down"]).max())
-    names = rows[0].keys() if rows else ()
-    arrays = {name: np.array([row[name] for row in rows]) for name in names}
-    if not rows:
-        empty5 = np.zeros((0, 5))
-        arrays = {name: empty5 for name in ("onset", "up", "hold", "down", "amp", "intent_onset",
-                                            "intent_up", "intent_hold", "intent_down", "intent_amp")}
-        arrays.update(movement=np.zeros(0, int), repetition=np.zeros(0, int),
-                      wobble_hz=np.zeros(0), wobble_phase=np.zeros(0))
-    glove_end = (arrays["onset"] + arrays["up"] + arrays["hold"] + arrays["down"]).max(axis=1) \
-        if rows else np.zeros(0)
+    arrays = {name: np.array([row[name] for row in rows]) for name in _TRIAL_FIELDS}
+    if not rows:                      # shorter than the first rest: no trials at all
+        arrays = {name: np.zeros((0, 5) if name in _PER_FINGER else 0) for name in _TRIAL_FIELDS}
+    glove_end = arrays["onset"] + arrays["up"] + arrays["hold"] + arrays["down"]
     intent_end = (arrays["intent_onset"] + arrays["intent_up"] + arrays["intent_hold"]
-                  + arrays["intent_down"]).max(axis=1) if rows else np.zeros(0)
-    arrays["window_start"] = np.minimum(arrays["onset"].min(axis=1), arrays["intent_onset"].min(axis=1)) \
-        if rows else np.zeros(0)
-    arrays["window_end"] = np.maximum(glove_end, intent_end)
+                  + arrays["intent_down"])
+    arrays["window_start"] = np.minimum(arrays["onset"], arrays["intent_onset"]).min(axis=1)
+    arrays["window_end"] = np.maximum(glove_end, intent_end).max(axis=1)
     return Protocol(**arrays)
 
 

@@ -1,0 +1,295 @@
+"""The synthetic nerve simulator and ``neurohand simulate`` (docs/simulator.md)."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from neurohand.deploy import cli
+from neurohand.firmware_bridge.errors import UsageError
+from neurohand.firmware_bridge.simulator import (
+    INT16_MAX, INT16_MIN, LABEL_RATE, SCALE_UV, SIMULATOR_VERSION, NerveSimulator, SimulatorConfig,
+    generate)
+from neurohand.firmware_bridge.simulator_decoding import linear_decoder_r2, window_features
+from neurohand.firmware_bridge.simulator_protocol import FINGERS, MOVEMENTS
+
+RATE = 10000.0
+
+
+@pytest.fixture(scope="module")
+def recording():
+    """The documented yardstick recording: 120 s (three passes of the protocol) at
+    16 channels, default settings, seed 0: (config, signals, labels, events)."""
+    config = SimulatorConfig(seconds=120.0, seed=0)
+    signals, labels, events = generate(config)
+    return config, signals, labels, events
+
+
+def movement_spans(events, n_samples):
+    """[(movement id, start sample, end sample)] from the movement events; a
+    movement still going at the end of the recording ends at ``n_samples``."""
+    spans = []
+    open_span = None
+    for sample, kind, value in events:
+        if kind != "movement":
+            continue
+        if value:
+            open_span = (value, sample)
+        elif open_span is not None:
+            spans.append((open_span[0], open_span[1], sample))
+            open_span = None
+    if open_span is not None:
+        spans.append((open_span[0], open_span[1], n_samples))
+    return spans
+
+
+# -- reproducibility -------------------------------------------------------------
+
+def test_same_seed_same_data_different_seed_different_data():
+    a = generate(SimulatorConfig(seconds=2.0, n_channels=4, seed=5))
+    b = generate(SimulatorConfig(seconds=2.0, n_channels=4, seed=5))
+    c = generate(SimulatorConfig(seconds=2.0, n_channels=4, seed=6))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+    assert np.mean(a[0] != c[0]) > 0.5
+
+
+def test_block_size_does_not_change_the_data():
+    config = SimulatorConfig(seconds=3.0, n_channels=6, seed=11, artefact_interval_s=1.0)
+    whole = generate(config, block_samples=30000)
+    for block in (1000, 4321, 9999):
+        other = generate(config, block_samples=block)
+        assert np.array_equal(whole[0], other[0]), block
+        assert np.array_equal(whole[1], other[1]), block
+        assert whole[2] == other[2]
+
+
+def test_any_sample_range_equals_the_same_range_of_a_longer_run():
+    config = SimulatorConfig(seconds=2.0, n_channels=3, seed=2)
+    full = NerveSimulator.from_config(config).signals(0, 20000)
+    fresh = NerveSimulator.from_config(config)          # no cached segments
+    assert np.array_equal(fresh.signals(12345, 15000), full[12345:15000])
+    longer = NerveSimulator.from_config(SimulatorConfig(seconds=3.0, n_channels=3, seed=2))
+    assert np.array_equal(longer.signals(0, 20000), full)
+
+
+# -- labels and protocol -------------------------------------------------------
+
+def test_labels_cover_the_recording_in_range_and_smooth(recording):
+    config, _, labels, _ = recording
+    assert labels.dtype == np.float32
+    assert labels.shape == (int(config.seconds * LABEL_RATE), len(FINGERS))
+    assert labels.min() >= 0.0 and labels.max() <= 1.0
+    step = np.abs(np.diff(labels, axis=0))
+    # Fastest ramp: full flexion in about 0.3 s with a minimum-jerk profile.
+    assert step.max() < 0.08
+    assert np.abs(np.diff(labels, n=2, axis=0)).max() < 0.015
+
+
+def test_each_finger_moves_in_its_movements_and_rests_otherwise(recording):
+    config, signals, labels, events = recording
+    spans = movement_spans(events, signals.shape[0])
+    assert [m for m, _, _ in spans][:24] == list(range(1, 9)) * 3
+    names = {i: fingers for i, _, fingers in MOVEMENTS}
+    moving = np.zeros(labels.shape[0], bool)
+    for movement, start, stop in spans:
+        j0, j1 = int(start * LABEL_RATE / RATE), int(stop * LABEL_RATE / RATE) + 1
+        moving[j0:j1] = True
+        peak = labels[j0:j1].max(axis=0)
+        for f, finger in enumerate(FINGERS):
+            if finger in names[movement]:
+                assert peak[f] > 0.6, (movement, finger)
+            else:
+                assert peak[f] < 0.5, (movement, finger)
+    assert np.abs(labels[~moving]).max() < 1e-3
+
+
+def test_events_mark_repetitions_and_movements(recording):
+    _, signals, _, events = recording
+    samples = [s for s, _, _ in events]
+    assert samples == sorted(samples) and 0 <= samples[0] and samples[-1] < signals.shape[0]
+    assert ("repetition", 1) in [(k, v) for _, k, v in events]
+    assert {k for _, k, _ in events} == {"movement", "repetition"}
+
+
+# -- signal statistics ---------------------------------------------------------
+
+def test_noise_floor_is_a_few_microvolts_and_follows_the_setting():
+    def floor(noise_uv):
+        config = SimulatorConfig(seconds=1.0, n_channels=8, seed=4, noise_uv=noise_uv, artefact_interval_s=0)
+        signals = generate(config)[0].astype(np.float64) * SCALE_UV
+        # Robust rms of the differenced signal: spikes are rare outliers, the
+        # drift and mains are slow; white noise's difference has sqrt(2) x its rms.
+        d = np.diff(signals, axis=0)
+        return np.median(np.median(np.abs(d), axis=0) / 0.6745 / np.sqrt(2))
+    assert 2.0 < floor(3.0) < 5.0
+    assert 5.0 < floor(6.0) < 9.0
+
+
+@pytest.mark.parametrize("mains", [50, 60])
+def test_mains_interference_and_harmonic_in_spectrum(mains):
+    config = SimulatorConfig(seconds=4.0, n_channels=2, seed=8, mains_hz=mains, artefact_interval_s=0)
+    x = generate(config)[0][:, 0].astype(np.float64)
+    x = x - x.mean()
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(x.size)))
+    freqs = np.fft.rfftfreq(x.size, 1.0 / RATE)
+
+    def peak_ratio(f):
+        at = np.argmin(np.abs(freqs - f))
+        neighbours = np.concatenate([spectrum[at - 40:at - 5], spectrum[at + 5:at + 40]])
+        return spectrum[at - 1:at + 2].max() / np.median(neighbours)
+    assert peak_ratio(mains) > 30
+    assert peak_ratio(3 * mains) > 10
+    other = 60 if mains == 50 else 50
+    assert peak_ratio(other) < 5
+
+
+def test_saturation_is_real_clipping_and_rare():
+    config = SimulatorConfig(seconds=8.0, n_channels=4, seed=9, artefact_interval_s=1.0)
+    signals = generate(config)[0]
+    clipped = (signals == INT16_MAX) | (signals == INT16_MIN)
+    assert clipped.any()
+    assert clipped.mean() < 0.05
+    sim = NerveSimulator.from_config(config)
+    raw = sim.signals_uv(0, config.n_samples) / SCALE_UV
+    assert np.array_equal(clipped, (raw >= INT16_MAX + 0.5) | (raw <= INT16_MIN - 0.5))
+
+
+def test_default_recording_saturates_rarely(recording):
+    _, signals, _, _ = recording
+    assert np.mean((signals == INT16_MAX) | (signals == INT16_MIN)) < 0.005
+
+
+def finger_correlations(config, reference_labels=None):
+    """Largest |correlation| of each channel's log RMS with any finger, (n_channels,)."""
+    signals, labels, _ = generate(config)
+    labels = labels if reference_labels is None else reference_labels
+    features, end_sample = window_features(signals, config.rate)
+    log_rms = features[:, :config.n_channels]
+    label_index = np.minimum((end_sample * LABEL_RATE / config.rate).astype(int) - 1, labels.shape[0] - 1)
+    fingers = labels[label_index]
+    corr = np.corrcoef(log_rms.T, fingers.T)[:config.n_channels, config.n_channels:]
+    return np.abs(corr).max(axis=1), labels
+
+
+def test_channel_power_is_tuned_to_fingers():
+    # Without motion artefacts: a few extreme windows would dominate a Pearson correlation.
+    config = SimulatorConfig(seconds=40.0, seed=3, artefact_interval_s=0)
+    best, labels = finger_correlations(config)
+    assert np.median(best) > 0.3
+    # The units carry it: without them, the same labels find nothing in the channels.
+    config0 = SimulatorConfig(seconds=40.0, seed=3, artefact_interval_s=0, units_per_channel=0,
+                              hash_per_channel=0)
+    best0, _ = finger_correlations(config0, reference_labels=labels)
+    assert np.median(best0) < 0.15
+
+
+def test_linear_decoder_is_useful_but_not_perfect(recording):
+    config, signals, labels, _ = recording
+    result = linear_decoder_r2(signals, labels, config.rate)
+    assert 0.2 < result["mean_r2"] < 0.9, result
+
+
+def test_metadata_describes_protocol_and_seed():
+    sim = NerveSimulator.from_config(SimulatorConfig(seconds=20.0, seed=12))
+    meta = sim.metadata()
+    assert meta["simulator"]["version"] == SIMULATOR_VERSION
+    assert meta["simulator"]["config"]["seed"] == 12
+    assert [m["name"] for m in meta["protocol"]["movements"]][:3] == ["rest", "thumb", "index"]
+    assert meta["protocol"]["trials"][0]["movement"] == 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seconds=0), "seconds must be greater than 0"),
+    (dict(seconds=1, n_channels=257), "channels must be at most 256"),
+    (dict(seconds=1, rate=999), "rate must be at least 1000"),
+    (dict(seconds=1, seed=-3), "seed must be at least 0"),
+    (dict(seconds=1, mains_hz=55), "mains must be one of"),
+])
+def test_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        SimulatorConfig(**kwargs)
+
+
+# -- the command line ------------------------------------------------------------
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "neurohand.deploy", "simulate"] + list(args),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+
+
+def test_cli_writes_identical_files_for_the_same_seed(tmp_path):
+    from neurohand.firmware_bridge.recording import open_recording
+
+    paths = [str(tmp_path / "a.rec"), str(tmp_path / "b")]
+    for path in paths:
+        result = run_cli("--out", path, "--seconds", "3", "--channels", "4", "--seed", "1", "--quiet")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "" and result.stderr == ""
+    with open(paths[0], "rb") as a, open(paths[1], "rb") as b:
+        assert a.read() == b.read()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.rec", "b"]     # no extension added
+    again = run_cli("--out", paths[1], "--seconds", "3", "--channels", "4", "--seed", "2", "--quiet")
+    assert again.returncode == 0
+    with open(paths[0], "rb") as a, open(paths[1], "rb") as b:
+        assert a.read() != b.read()
+
+    expected = generate(SimulatorConfig(seconds=3.0, n_channels=4, seed=1))
+    with open_recording(paths[0], verify=True) as rec:
+        assert rec.signal_rate == RATE and rec.n_channels == 4 and rec.dtype == "int16"
+        assert np.allclose(rec.scale_uv, SCALE_UV)
+        assert np.array_equal(rec.read_signals(), expected[0])
+        fingers = rec.label_streams["fingers"]
+        assert fingers.rate == LABEL_RATE and list(fingers.names) == list(FINGERS)
+        assert np.array_equal(fingers.data, expected[1])
+        assert [(e.sample, e.kind, e.value) for e in rec.events] == expected[2]
+        assert rec.metadata["simulator"]["config"]["seed"] == 1
+
+
+def test_cli_reports_progress_and_summary(tmp_path):
+    result = run_cli("--out", str(tmp_path / "r.nh"), "--seconds", "1.5", "--channels", "2")
+    assert result.returncode == 0, result.stderr
+    assert "100%" in result.stderr
+    assert "wrote" in result.stdout and "2 channels" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seconds", "0"], "seconds must be greater than 0"),
+    (["--seconds", "-1"], "seconds must be greater than 0"),
+    (["--seconds", "ten"], "seconds must be a number"),
+    (["--seconds", "inf"], "seconds must be finite"),
+    (["--seconds", "1", "--channels", "0"], "channels must be at least 1"),
+    (["--seconds", "1", "--channels", "300"], "channels must be at most 256"),
+    (["--seconds", "1", "--channels", "2.5"], "channels must be an integer"),
+    (["--seconds", "1", "--rate", "100"], "rate must be at least 1000"),
+    (["--seconds", "1", "--rate", "60000"], "rate must be at most 50000"),
+    (["--seconds", "1", "--seed", "x"], "seed must be an integer"),
+    (["--seconds", "1", "--mains", "55"], "mains must be one of"),
+])
+def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, capsys, args, message):
+    out = tmp_path / "r.nh"
+    assert cli.main(["simulate", "--out", str(out)] + args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("neurohand simulate: error: ") and message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_bad_argument_in_a_real_process_has_no_traceback(tmp_path):
+    result = run_cli("--out", str(tmp_path / "r.nh"), "--seconds", "-2")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "neurohand simulate: error: seconds must be greater than 0.0, but got -2.0"
+
+
+def test_cli_refuses_a_directory_or_missing_folder(tmp_path, capsys):
+    for out, message in ((str(tmp_path), "is a directory"), (str(tmp_path / "missing" / "r.nh"), "does not exist")):
+        assert cli.main(["simulate", "--out", out, "--seconds", "1"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_help_explains_the_data():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for word in ("--out", "--seconds", "--channels", "--rate", "--seed", "--mains", "--quiet",
+                 "0.195", "fingers", "pinch", "clip"):
+        assert word in result.stdout, word
