@@ -230,6 +230,8 @@ class FilterChain(object):
     def process(self, block):
         """Filter one block, carrying state; returns a float64 view (n_samples, n_channels)."""
         n = len(block)
+        if n == 0:
+            return self._output[:0]
         self._reserve(n)
         x = self._input[:n]
         np.copyto(x, block, casting="unsafe")

@@ -143,6 +143,11 @@ class FeaturePipeline(object):
     def feature_names(self):
         return self._features.feature_names
 
+    @property
+    def window_features(self):
+        """The :class:`WindowFeatures` both paths call: windows (k, n_channels, W) -> raw features (k, n_features)."""
+        return self._features
+
     # ------------------------------------------------------------------ building
     @classmethod
     def design(cls, signal_rate, n_channels, settings=None):
@@ -229,6 +234,7 @@ class FeaturePipeline(object):
             if not isinstance(config["features"], list) or not all(isinstance(f, str) for f in config["features"]):
                 raise UsageError("features must be a list of names, but got {!r}".format(config["features"]))
             sos = validate_sos(config["sos"], where)
+            _check_filter_description(config.get("filter"), signal_rate)
             if mode == "envelope" and len(sos):
                 raise UsageError("envelope mode takes no filter, but {} sections are stored".format(len(sos)))
             if config["car"] and n_channels < 2:
@@ -360,6 +366,21 @@ class FeaturePipeline(object):
         if not (np.issubdtype(block.dtype, np.floating) or np.issubdtype(block.dtype, np.integer)):
             raise UsageError("{} must hold real numbers, but has dtype {}".format(name, block.dtype))
         return block
+
+
+def _check_filter_description(description, signal_rate):
+    """The human-readable design record must agree with the rate: a config edited for another rate is refused."""
+    if description is None:
+        return
+    if not isinstance(description, dict):
+        raise UsageError("filter must be an object describing the design, but got {!r}".format(description))
+    nyquist = signal_rate / 2.0
+    band = description.get("band_hz")
+    edges = list(band) if isinstance(band, (list, tuple)) else []
+    edges += list(description.get("notch_hz") or [])
+    for edge in edges:
+        if not isinstance(edge, numbers.Real) or not 0.0 < edge < nyquist:
+            raise UsageError("filter cut-off {!r} Hz is not between 0 and Nyquist ({} Hz)".format(edge, nyquist))
 
 
 def _expand_gaps(n_received, gaps):
