@@ -19,8 +19,9 @@ def open_port(url, baudrate, write_timeout_s):
     import serial  # pyserial; imported here so that the CLI's --help stays light
 
     try:
+        # exclusive: a second runtime must not be able to drive the same hand.
         return serial.serial_for_url(url, baudrate=baudrate, timeout=READ_TIMEOUT_S,
-                                     write_timeout=write_timeout_s)
+                                     write_timeout=write_timeout_s, exclusive=True)
     except (serial.SerialException, OSError, ValueError) as exc:
         raise LinkError("cannot open hand port {!r}: {}".format(url, exc)) from exc
 

@@ -242,6 +242,12 @@ def test_vanished_port_raises_link_error_with_port_name():
         hand.close()
 
 
+def test_second_driver_on_the_same_port_is_refused(virtual_hand):
+    with create_hand("neurohand:" + virtual_hand.slave_path):
+        with pytest.raises(LinkError, match=virtual_hand.slave_path):
+            create_hand("neurohand:" + virtual_hand.slave_path)
+
+
 def test_missing_port_raises_link_error(tmp_path):
     path = str(tmp_path / "no-such-port")
     with pytest.raises(LinkError, match="no-such-port"):
