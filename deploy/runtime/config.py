@@ -1,0 +1,177 @@
+"""Settings of the real-time runtime: validated once, loadable from JSON.
+
+A :class:`RuntimeConfig` only stores values (scikit-learn style); nothing
+here touches a port or a file except :func:`load_runtime_config`.  Per-finger
+settings (smoothing, slew limit, calibration range) accept one number for
+every finger or a list with one value per decoder output; they are expanded
+to arrays by :meth:`RuntimeConfig.per_finger` once the number of outputs is
+known, and a list of the wrong length is refused there.
+
+JSON example (every key optional)::
+
+    {"safe_posture": "open", "data_timeout_ms": 100, "writer_period_ms": 20,
+     "recovery_windows": 5, "smoothing_tau_ms": [0, 30, 30, 30, 30],
+     "max_slew_per_s": 10, "calibration": {"lo": [0.05, 0, 0, 0, 0], "hi": 0.9}}
+"""
+import json
+import numbers
+
+from neurohand.firmware_bridge import checks
+from neurohand.firmware_bridge.errors import ConfigError, UsageError
+
+#: Allowed safe postures: "open" = every finger at 0, "hold" = last good command.
+SAFE_POSTURES = ("open", "hold")
+
+#: Default values, with their units in the names.
+DEFAULTS = {
+    # Expected decoding stride; None = whatever the bundle's feature pipeline
+    # uses.  Set, it must match the pipeline (checked at start-up).
+    "stride_ms": None,
+    "safe_posture": "open",
+    # No valid chip frame for this long -> safe posture.
+    "data_timeout_ms": 100.0,
+    # The hand writer wakes at least this often (keep-alive, watchdog); the
+    # hand driver's keep-alive period shortens it further when smaller.
+    "writer_period_ms": 20.0,
+    # Consecutive good windows needed to leave the safe posture.
+    "recovery_windows": 5,
+    # Exponential smoothing time constant per finger; 0 = off.
+    "smoothing_tau_ms": 0.0,
+    # Largest change of a finger position per second (full range = 1); None = off.
+    "max_slew_per_s": 10.0,
+    # Per-patient range: decoder output lo -> hand 0, hi -> hand 1 (per finger).
+    "calibration": {"lo": 0.0, "hi": 1.0},
+    # Reader -> decoder queue bound (parser events); beyond it frames are
+    # dropped, counted and treated as missing samples.
+    "frame_queue_events": 2048,
+    # At most this much raw data waits in memory for the recording thread.
+    "record_backlog_ms": 100.0,
+    # Status line on stderr every this many seconds; 0 = never.
+    "status_interval_s": 5.0,
+}
+
+
+class RuntimeConfig(object):
+    """Validated runtime settings.  Build with ``RuntimeConfig(**overrides)``.
+
+    Raises UsageError (a NeurohandError) naming the setting for any bad
+    value or unknown name.
+    """
+
+    def __init__(self, **settings):
+        unknown = sorted(set(settings) - set(DEFAULTS))
+        if unknown:
+            checks.check_option("runtime setting", unknown[0], sorted(DEFAULTS))
+        values = dict(DEFAULTS)
+        values.update(settings)
+        self.stride_ms = _optional_positive("stride_ms", values["stride_ms"])
+        self.safe_posture = checks.check_option("safe_posture", values["safe_posture"], SAFE_POSTURES)
+        self.data_timeout_ms = checks.check_number("data_timeout_ms", values["data_timeout_ms"],
+                                                   minimum=0.0, exclusive_minimum=True)
+        self.writer_period_ms = checks.check_number("writer_period_ms", values["writer_period_ms"],
+                                                    minimum=0.0, exclusive_minimum=True)
+        self.recovery_windows = checks.check_int("recovery_windows", values["recovery_windows"], minimum=1)
+        self.smoothing_tau_ms = _scalar_or_list("smoothing_tau_ms", values["smoothing_tau_ms"], minimum=0.0)
+        slew = values["max_slew_per_s"]
+        self.max_slew_per_s = None if slew is None else _scalar_or_list(
+            "max_slew_per_s", slew, minimum=0.0, exclusive_minimum=True)
+        self.calibration = _check_calibration(values["calibration"])
+        self.frame_queue_events = checks.check_int("frame_queue_events", values["frame_queue_events"],
+                                                   minimum=16)
+        self.record_backlog_ms = checks.check_number("record_backlog_ms", values["record_backlog_ms"],
+                                                     minimum=0.0, exclusive_minimum=True)
+        self.status_interval_s = checks.check_number("status_interval_s", values["status_interval_s"],
+                                                     minimum=0.0)
+
+    def to_dict(self):
+        """Plain-JSON form; ``RuntimeConfig(**cfg.to_dict())`` rebuilds it."""
+        return {name: getattr(self, name) for name in sorted(DEFAULTS)}
+
+    def per_finger(self, name, n_outputs):
+        """Setting ``name`` as a list of ``n_outputs`` floats (None stays None).
+
+        Raises UsageError when a list has the wrong length.
+        """
+        if name in ("calibration_lo", "calibration_hi"):
+            value = self.calibration[name[len("calibration_"):]]
+        else:
+            value = getattr(self, name)
+        if value is None:
+            return None
+        if isinstance(value, list):
+            if len(value) != n_outputs:
+                raise UsageError("{} has {} values but the decoder has {} outputs".format(
+                    name, len(value), n_outputs))
+            return list(value)
+        return [value] * n_outputs
+
+    def check_outputs(self, n_outputs):
+        """Refuse settings that do not fit a decoder with ``n_outputs`` outputs."""
+        lo = self.per_finger("calibration_lo", n_outputs)
+        hi = self.per_finger("calibration_hi", n_outputs)
+        for index, (low, high) in enumerate(zip(lo, hi)):
+            if low == high:
+                raise UsageError("calibration of output {}: lo and hi are both {!r}; the range "
+                                 "must not be empty".format(index, low))
+        for name in ("smoothing_tau_ms", "max_slew_per_s"):
+            self.per_finger(name, n_outputs)
+
+    def __repr__(self):
+        return "RuntimeConfig({})".format(", ".join(
+            "{}={!r}".format(k, v) for k, v in sorted(self.to_dict().items())))
+
+
+def load_runtime_config(path=None, overrides=None):
+    """Read ``path`` (JSON object) if given, apply ``overrides`` (dict), validate.
+
+    Raises ConfigError naming the file for unreadable or invalid content.
+    """
+    settings = {}
+    if path is not None:
+        checks.check_file_exists("runtime config", path)
+        try:
+            with open(path) as handle:
+                settings = json.load(handle)
+        except (OSError, ValueError) as exc:
+            raise ConfigError("runtime config {!r} is not readable JSON: {}".format(path, exc)) from exc
+        if not isinstance(settings, dict):
+            raise ConfigError("runtime config {!r} must hold a JSON object, not {}".format(
+                path, type(settings).__name__))
+    settings.update(overrides or {})
+    try:
+        return RuntimeConfig(**settings)
+    except UsageError as exc:
+        if path is None:
+            raise
+        raise ConfigError("runtime config {!r}: {}".format(path, exc)) from exc
+
+
+def _optional_positive(name, value):
+    if value is None:
+        return None
+    return checks.check_number(name, value, minimum=0.0, exclusive_minimum=True)
+
+
+def _scalar_or_list(name, value, minimum=None, exclusive_minimum=False):
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise UsageError("{} must be a number or a non-empty list of numbers".format(name))
+        return [checks.check_number("{}[{}]".format(name, i), v, minimum=minimum,
+                                    exclusive_minimum=exclusive_minimum)
+                for i, v in enumerate(value)]
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return checks.check_number(name, value, minimum=minimum, exclusive_minimum=exclusive_minimum)
+    raise UsageError("{} must be a number or a list of numbers, but got {!r}".format(name, value))
+
+
+def _check_calibration(value):
+    if not isinstance(value, dict):
+        raise UsageError("calibration must be an object {{\"lo\": ..., \"hi\": ...}}, but got {!r}".format(
+            value))
+    unknown = sorted(set(value) - {"lo", "hi"})
+    if unknown:
+        checks.check_option("calibration key", unknown[0], ["lo", "hi"])
+    merged = dict(DEFAULTS["calibration"])
+    merged.update(value)
+    return {"lo": _scalar_or_list("calibration.lo", merged["lo"]),
+            "hi": _scalar_or_list("calibration.hi", merged["hi"])}
