@@ -748,6 +748,9 @@ class Recording(object):
         self._starts = np.concatenate([[0], np.cumsum(self._lengths)]).astype(np.int64)
         self.n_samples = int(self._starts[-1])
         self.duration_s = self.n_samples / self.signal_rate
+        # The last chunk read: reading in blocks smaller than a chunk (replay)
+        # then reads and CRC-checks each chunk once, not once per block.
+        self._cached_chunk = (None, None)
 
     @property
     def n_signal_chunks(self):
@@ -766,6 +769,7 @@ class Recording(object):
             "" if self.integrity["complete"] else ", truncated")
 
     def close(self):
+        self._cached_chunk = (None, None)
         if self._handle is not None:
             self._handle.close()
             self._handle = None
@@ -808,6 +812,8 @@ class Recording(object):
 
     def _read_chunk(self, chunk):
         """Return chunk ``chunk``'s samples, shape (n, n_channels), after checking its CRC."""
+        if self._cached_chunk[0] == chunk:
+            return self._cached_chunk[1]
         length = int(self._lengths[chunk]) * self.n_channels * self._disk_dtype.itemsize
         offset = int(self._offsets[chunk])
         try:
@@ -826,4 +832,6 @@ class Recording(object):
                                      self.path, offset - CHUNK_HEADER.size, int(self._starts[chunk]),
                                      int(self._starts[chunk + 1])))
         samples = np.frombuffer(data, dtype=self._disk_dtype).reshape(-1, self.n_channels)
-        return samples.astype(np.dtype(self.dtype), copy=False)
+        samples = samples.astype(np.dtype(self.dtype), copy=False)
+        self._cached_chunk = (chunk, samples)
+        return samples
