@@ -70,7 +70,8 @@ def validate_sos(sos, where="sos"):
     try:
         array = np.array(sos, dtype=np.float64)
     except (TypeError, ValueError) as error:
-        raise ConfigError("{}: filter coefficients are not a numeric array: {}".format(where, error)) from error
+        raise ConfigError("{}: filter coefficients must be a numeric array of shape (n_sections, 6): {}".format(
+            where, error)) from error
     if array.size == 0:
         return np.zeros((0, 6), dtype=np.float64)
     if array.ndim != 2 or array.shape[1] != 6:
