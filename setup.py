@@ -35,7 +35,8 @@ def find_packages():
 
 
 def read_readme():
-    with open(os.path.join(HERE, "README.md")) as handle:
+    # utf-8 explicitly: a Jetson reached over ssh often has the C locale (ASCII).
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
         return handle.read()
 
 
