@@ -1,0 +1,180 @@
+"""When the hand must not follow the decoder, and what it does instead.
+
+States::
+
+    starting --N good windows--> ok --fault--> safe --N good windows--> ok
+        (safe posture)                          (safe posture)
+
+Faults: ``data_timeout`` (no valid chip frame for ``data_timeout_ms``; checked
+by the writer every time it wakes, i.e. at least once per writer period),
+``decoder_error`` (the backend raised), ``non_finite_output`` (NaN/inf from
+the backend), ``invalid_command`` (the writer's last check found a
+non-finite or out-of-range position), ``hand_error`` (the hand link failed;
+logged, the posture is unchanged because the hand cannot be told anything).
+
+Recovery rule: ``recovery_windows`` consecutive decoded windows with finite
+outputs and fresh data after the last fault; any fault restarts the count.
+The decoder resets the post-processor to the safe posture while not ``ok``,
+so the first command after recovery moves away from the posture no faster
+than the slew limit.
+
+While ``starting`` the hand is already in the safe posture, so a data timeout
+there is not a fault (the chip may take a while to start streaming).
+
+The safe posture is ``open`` (all fingers 0) or ``hold`` (the last command
+sent while ``ok``; open if there was none).
+
+Thread use: the decoder thread calls :meth:`on_valid_data`,
+:meth:`on_good_window`, :meth:`on_fault`; the writer thread calls
+:meth:`check`, :meth:`note_sent`, :meth:`safe_posture`; a lock guards the
+transitions.  Event listeners are called outside the lock and must not block.
+"""
+import threading
+
+import numpy as np
+
+STARTING = "starting"
+OK = "ok"
+SAFE = "safe"
+
+#: Kinds of fault events (counted in ``count``).
+FAULT_KINDS = ("data_timeout", "decoder_error", "non_finite_output", "invalid_command", "hand_error")
+#: Events kept in the log; later ones are only counted.
+MAX_LOGGED_EVENTS = 1000
+
+
+class SafetySupervisor(object):
+    """Decides whether decoded commands may reach the hand.
+
+    Parameters
+    ----------
+    safe_posture : {"open", "hold"}
+    data_timeout_s : float
+        Longest time without a valid chip frame before the safe posture.
+    recovery_windows : int
+        Consecutive good windows needed to (re)enter ``ok``.
+    n_outputs : int
+    start_s : float
+        Monotonic time the run started (event times are relative to it).
+    """
+
+    def __init__(self, safe_posture, data_timeout_s, recovery_windows, n_outputs, start_s):
+        self.safe_posture_name = safe_posture
+        self.data_timeout_s = float(data_timeout_s)
+        self.recovery_windows = int(recovery_windows)
+        self.start_s = float(start_s)
+        self._open = np.zeros(int(n_outputs))
+        self._last_good = None
+        self._lock = threading.Lock()
+        self.state = STARTING
+        self._good_windows = 0
+        self._fault_kind = None
+        # Written by the decoder thread without the lock: a float/int store is
+        # atomic in CPython and the writer only compares against it.
+        self.last_data_s = float(start_s)
+        self.last_sample = 0
+        self.counts = {kind: 0 for kind in FAULT_KINDS}
+        self.events = []
+        self.events_dropped = 0
+        self.listeners = []
+
+    @classmethod
+    def from_config(cls, config, n_outputs, start_s):
+        return cls(config.safe_posture, config.data_timeout_ms / 1000.0, config.recovery_windows,
+                   n_outputs, start_s)
+
+    @property
+    def is_ok(self):
+        return self.state == OK
+
+    def on_valid_data(self, now_s, sample):
+        """A valid chip frame arrived at ``now_s``; ``sample`` = index after its last sample."""
+        self.last_data_s = now_s
+        self.last_sample = sample
+
+    def on_good_window(self, now_s):
+        """A window decoded to finite outputs.  Returns True if the state is ``ok`` after it."""
+        if self.state == OK:
+            return True
+        event = None
+        with self._lock:
+            if self.state != OK:
+                self._good_windows += 1
+                if self._good_windows >= self.recovery_windows:
+                    event = self._log("recovered" if self.state == SAFE else "ready", now_s,
+                                      "{} good windows".format(self._good_windows))
+                    self.state = OK
+                    self._fault_kind = None
+            ok = self.state == OK
+        self._notify(event)
+        return ok
+
+    def on_fault(self, kind, now_s, reason):
+        """Enter the safe posture because of ``kind`` (one of FAULT_KINDS)."""
+        if kind not in self.counts:
+            raise ValueError("unknown fault kind {!r}".format(kind))
+        event = None
+        with self._lock:
+            self.counts[kind] += 1
+            if kind == "hand_error":
+                # The posture cannot change if the hand cannot be reached; log only.
+                event = self._log(kind, now_s, reason)
+            else:
+                if self.state != SAFE or self._fault_kind != kind:
+                    event = self._log(kind, now_s, reason)
+                if self.state != STARTING or kind != "data_timeout":
+                    self.state = SAFE
+                    self._fault_kind = kind
+                self._good_windows = 0
+        self._notify(event)
+
+    def note(self, kind, now_s, reason):
+        """Log an event that is not a fault (e.g. ``shutdown``); the state is unchanged."""
+        with self._lock:
+            event = self._log(kind, now_s, reason)
+        self._notify(event)
+
+    def check(self, now_s):
+        """Writer's watchdog.  Returns True if decoded commands may be sent now."""
+        silent_s = now_s - self.last_data_s
+        if silent_s > self.data_timeout_s and self.state == OK:
+            self.on_fault("data_timeout", now_s,
+                          "no valid chip data for {:.0f} ms".format(silent_s * 1000.0))
+        elif silent_s > self.data_timeout_s and self.state == SAFE and self._good_windows:
+            # Data stopped again while recovering: the count starts over.
+            with self._lock:
+                self._good_windows = 0
+        return self.state == OK
+
+    def note_sent(self, positions):
+        """The writer sent decoded ``positions`` while ``ok`` (kept for ``hold``)."""
+        self._last_good = positions
+
+    def safe_posture(self):
+        """Positions for the safe posture, shape (n_outputs,), in 0..1."""
+        if self.safe_posture_name == "hold" and self._last_good is not None:
+            return self._last_good
+        return self._open
+
+    def _log(self, kind, now_s, reason):
+        event = {"kind": kind, "time_s": round(now_s - self.start_s, 6), "reason": reason,
+                 "sample": int(self.last_sample)}
+        if len(self.events) < MAX_LOGGED_EVENTS:
+            self.events.append(event)
+        else:
+            self.events_dropped += 1
+        return event
+
+    def _notify(self, event):
+        if event is not None:
+            for listener in self.listeners:
+                listener(event)
+
+    def summary(self):
+        """JSON-ready: fault count, counts by kind, the event log and the final state."""
+        with self._lock:
+            return {"count": int(sum(self.counts.values())),
+                    "by_kind": dict(self.counts),
+                    "events": [dict(e) for e in self.events],
+                    "events_not_logged": self.events_dropped,
+                    "state": self.state}

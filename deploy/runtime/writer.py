@@ -1,0 +1,142 @@
+"""The hand-writing stage: decides what the hand is told, checks it, sends it.
+
+Pure and synchronous like the decode stage: the real-time shell calls
+:meth:`HandWriterStage.step` from its writer thread (when a new command
+arrives, and at least once per writer period otherwise), fast replay calls
+it in process with a virtual clock.
+
+Per call::
+
+    may_send = supervisor.check(now)        # data watchdog
+    new command and may_send  -> send it    (latency measured)
+    no new command, may_send  -> resend the last positions (keep-alive)
+    not may_send              -> send the safe posture
+    last line: every position finite and in 0..1, or the safe posture is sent instead
+
+The check right before ``hand.send`` is the one that guarantees a NaN or an
+out-of-range value never reaches the hand, whatever happened upstream.
+"""
+import numpy as np
+
+
+class HandWriterStage(object):
+    """Owns the decision and the ``hand.send`` call.
+
+    Parameters
+    ----------
+    hand : object
+        ``send(positions (n_outputs,) float 0..1)``; may raise (link failure).
+    supervisor : SafetySupervisor
+    stats : RuntimeStats
+        Receives ``write`` timings and the end-to-end ``latency``.
+    timer : callable () -> float seconds
+        Monotonic clock for the ``write`` duration and the latency (the same
+        clock the reader stamps arrivals with).
+    n_outputs : int
+    measure_latency : bool
+        False in fast replay, where arrival times are virtual.
+    """
+
+    def __init__(self, hand, supervisor, stats, timer, n_outputs, measure_latency=True):
+        self._hand = hand
+        self._supervisor = supervisor
+        self._write_timer = stats.stages["write"]
+        self._latency = stats.latency
+        self._clock = timer
+        self._measure_latency = measure_latency
+        self.n_outputs = int(n_outputs)
+        self._open = np.zeros(self.n_outputs)
+        self._last_sent = None
+        self._hand_failing = False
+        self.last_telemetry = None
+        self.counters = {"commands_sent": 0, "new_commands_sent": 0, "keepalives_sent": 0,
+                         "safe_posture_sent": 0, "invalid_blocked": 0, "hand_errors": 0,
+                         "commands_superseded": 0}
+
+    def step(self, command, now_s):
+        """Send what the hand should do now.
+
+        Parameters
+        ----------
+        command : DecodedCommand or None
+            The newest decoded command, None when nothing new arrived.
+        now_s : float
+            Monotonic time of this wake.
+
+        Returns
+        -------
+        ndarray (n_outputs,) or None
+            The positions sent, None if the hand refused or failed.
+        """
+        supervisor = self._supervisor
+        may_send = supervisor.check(now_s)
+        fresh = False
+        if not may_send:
+            positions = supervisor.safe_posture()
+            kind = "safe_posture_sent"
+        elif command is not None:
+            positions = command.positions
+            kind = "new_commands_sent"
+            fresh = True
+        elif self._last_sent is not None:
+            positions = self._last_sent
+            kind = "keepalives_sent"
+        else:
+            positions = supervisor.safe_posture()
+            kind = "safe_posture_sent"
+        if not self._is_valid(positions):
+            self.counters["invalid_blocked"] += 1
+            supervisor.on_fault("invalid_command", now_s,
+                                "blocked finger positions {!r} before the hand".format(
+                                    np.asarray(positions).tolist()))
+            positions = supervisor.safe_posture()
+            if not self._is_valid(positions):
+                positions = self._open
+            kind = "safe_posture_sent"
+            fresh = False
+        return self._send(positions, kind, command if fresh else None, now_s)
+
+    def send_safe_posture(self, now_s):
+        """Shutdown path: put the hand in the safe posture now, whatever the state."""
+        positions = self._supervisor.safe_posture()
+        if not self._is_valid(positions):
+            positions = self._open
+        return self._send(positions, "safe_posture_sent", None, now_s)
+
+    def _is_valid(self, positions):
+        values = np.asarray(positions, dtype=np.float64)
+        if values.shape != (self.n_outputs,):
+            return False
+        # A handful of floats: a Python loop beats numpy's call overhead here.
+        # NaN fails every comparison, so it is rejected too.
+        for value in values.tolist():
+            if not 0.0 <= value <= 1.0:
+                return False
+        return True
+
+    def _send(self, positions, kind, command, now_s):
+        start = self._clock()
+        try:
+            self._hand.send(positions)
+        except Exception as exc:  # link down or driver refusal: keep trying, never die
+            self.counters["hand_errors"] += 1
+            if not self._hand_failing:
+                self._hand_failing = True
+                self._supervisor.on_fault("hand_error", now_s, "hand.send failed: {!r}".format(exc))
+            return None
+        sent = self._clock()
+        self._hand_failing = False
+        self._write_timer.add(sent - start)
+        self._last_sent = positions
+        self.counters["commands_sent"] += 1
+        self.counters[kind] += 1
+        if command is not None:
+            if self._measure_latency:
+                self._latency.add(sent - command.arrival_s)
+            self._supervisor.note_sent(positions)
+        poll = getattr(self._hand, "poll_telemetry", None)
+        if poll is not None:
+            telemetry = poll()
+            if telemetry is not None:
+                self.last_telemetry = telemetry
+        return positions
