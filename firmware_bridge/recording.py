@@ -737,8 +737,10 @@ class Recording(object):
             parts = scan.labels[index]
             data = (np.concatenate(parts) if parts
                     else np.zeros((0, len(stream["names"])), dtype=LABEL_DTYPE))
+            # concatenate/zeros give a new writable array: no further copy.
             self.label_streams[stream["name"]] = LabelStream(
-                stream["name"], stream["rate"], list(stream["names"]), data.astype(np.float32))
+                stream["name"], stream["rate"], list(stream["names"]), data.astype(np.float32, copy=False))
+        del scan.labels[:]   # the per-chunk pieces are not needed any more
         self.events = sorted(scan.events, key=lambda e: e.sample)
         self.integrity = dict(scan.integrity)
         self._offsets = np.array(scan.signal_offsets, dtype=np.int64)
