@@ -35,6 +35,7 @@ SCALE_UV = 0.195                 # uV per count, Intan RHD2000
 INT16_MIN, INT16_MAX = -32768, 32767
 LABEL_RATE = 100.0               # Hz, the glove
 LABEL_STREAM = "fingers"
+MAX_SECONDS = 86400.0            # a day; the protocol and drift are drawn up front
 SEGMENT_SAMPLES = 4096           # unit of random draws; never depends on the block size
 DRIFT_KNOT_S = 0.5
 MAINS_HARMONICS = ((1, 1.0), (2, 0.08), (3, 0.30), (4, 0.04), (5, 0.12))   # (order, relative amplitude)
@@ -57,7 +58,8 @@ class SimulatorConfig(object):
     def __init__(self, seconds, n_channels=16, rate=10000.0, seed=0, mains_hz=50.0, noise_uv=3.0,
                  mains_uv=25.0, drift_uv=30.0, artefact_interval_s=15.0, units_per_channel=4,
                  hash_per_channel=16):
-        self.seconds = checks.check_number("seconds", seconds, minimum=0.0, exclusive_minimum=True)
+        self.seconds = checks.check_number("seconds", seconds, minimum=0.0, exclusive_minimum=True,
+                                           maximum=MAX_SECONDS)
         self.n_channels = checks.check_int("channels", n_channels, minimum=1, maximum=256)
         self.rate = checks.check_number("rate", rate, minimum=1000.0, maximum=50000.0)
         self.seed = checks.check_int("seed", seed, minimum=0, maximum=2 ** 63 - 1)

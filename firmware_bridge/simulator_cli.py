@@ -45,7 +45,8 @@ def register(subparsers):
     parser.add_argument("--out", required=True, metavar="FILE",
                         help="recording file to write, exactly this path (replaced if it exists)")
     parser.add_argument("--seconds", required=True, metavar="S",
-                        help="duration in seconds, > 0 (about 36 s make one repetition of the protocol)")
+                        help="duration in seconds, > 0 and at most 86400 (about 36 s make one "
+                             "repetition of the protocol)")
     parser.add_argument("--channels", default="16", metavar="N",
                         help="number of electrode channels, 1..256 (default: 16)")
     parser.add_argument("--rate", default="10000", metavar="HZ",
@@ -95,12 +96,13 @@ def run_simulate(args):
     from neurohand.firmware_bridge.errors import RecordingError, UsageError
     from neurohand.firmware_bridge.simulator import SimulatorConfig, write_recording
 
+    mains = checks.check_option("mains", args.mains, ("50", "60"))
     config = SimulatorConfig(
         seconds=_parse(float, "seconds", args.seconds),
         n_channels=_parse(int, "channels", args.channels),
         rate=_parse(float, "rate", args.rate),
         seed=_parse(int, "seed", args.seed),
-        mains_hz=checks.check_option("mains", args.mains, ("50", "60")) and int(args.mains))
+        mains_hz=int(mains))
     if os.path.isdir(args.out):
         raise UsageError("--out {!r} is a directory; give a file name".format(args.out))
     checks.check_parent_writable("--out", args.out)

@@ -63,6 +63,15 @@ def test_block_size_does_not_change_the_data():
         assert whole[2] == other[2]
 
 
+@pytest.mark.parametrize("n_channels, rate", [(1, 1000.0), (3, 1250.0), (2, 50000.0), (4, 44100.5)])
+def test_block_independence_holds_for_odd_rates_and_channel_counts(n_channels, rate):
+    config = SimulatorConfig(seconds=1.3, n_channels=n_channels, rate=rate, seed=1)
+    a, b = generate(config, block_samples=977), generate(config, block_samples=10 ** 6)
+    assert a[0].shape == (int(round(1.3 * rate)), n_channels)
+    assert a[1].shape == (int(np.ceil(a[0].shape[0] * LABEL_RATE / rate)), 5)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
 def test_any_sample_range_equals_the_same_range_of_a_longer_run():
     config = SimulatorConfig(seconds=2.0, n_channels=3, seed=2)
     full = NerveSimulator.from_config(config).signals(0, 20000)
@@ -200,6 +209,8 @@ def test_metadata_describes_protocol_and_seed():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(seconds=0), "seconds must be greater than 0"),
+    (dict(seconds=1e6), "seconds must be at most 86400"),
+    (dict(seconds=1e-5), "gives no samples"),
     (dict(seconds=1, n_channels=257), "channels must be at most 256"),
     (dict(seconds=1, rate=999), "rate must be at least 1000"),
     (dict(seconds=1, seed=-3), "seed must be at least 0"),
