@@ -31,10 +31,12 @@ DEFAULT_LAYERS = 2
 
 def default_n_features():
     """(n_features, where it came from) for 16 channels with the pipeline's default features."""
+    from neurohand.firmware_bridge.errors import NeurohandError
+
     try:
         from neurohand.decoder.pipeline import FeaturePipeline
         return FeaturePipeline.design(10000.0, N_CHANNELS).n_features, "decoder/pipeline.py defaults, 16 channels"
-    except ImportError as exc:       # designing the filters needs scipy
+    except (ImportError, NeurohandError) as exc:       # designing the filters needs scipy
         return (N_CHANNELS * FALLBACK_FEATURES_PER_CHANNEL,
                 "assumed 16 channels x 10 features (pipeline unavailable: {})".format(exc))
 
@@ -104,7 +106,6 @@ def _export_default_model(directory, n_features):
 
 def run(quick):
     """The ``neurohand bench backends`` target."""
-    n_features, source = default_n_features()
     steps, repeats = (200, 2) if quick else (2000, 7)
     try:
         import torch  # noqa: F401
@@ -112,6 +113,7 @@ def run(quick):
         return {"rnn_step": {}, "skipped": {"all": "exporting the default-size model needs torch "
                                                    "(workstation); on a device, measure a bundle's model "
                                                    "with decoder.backend_bench.measure_backends"}}
+    n_features, source = default_n_features()
     directory = tempfile.mkdtemp(prefix="neurohand-bench-")
     try:
         path, config = _export_default_model(directory, n_features)

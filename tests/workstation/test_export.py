@@ -1,0 +1,120 @@
+"""ONNX export: graph contract (opset, names, GRU attribute), atomic write, parity gate."""
+import hashlib
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from neurohand.decoder import onnx_weights
+from neurohand.decoder.backends import create_backend
+from neurohand.decoder.model import ModelConfig, build_model
+from neurohand.train import export
+from neurohand.train.export import ExportError, export_onnx
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "device", "data")
+
+
+def exported(tmp_path, cell="gru", projection=8, layers=2):
+    config = ModelConfig(n_features=12, n_outputs=6, cell=cell, hidden_size=16, num_layers=layers,
+                         input_projection=projection)
+    model = build_model(config)
+    path = str(tmp_path / "model.onnx")
+    return model, config, path, export_onnx(model, config, path, check_steps=50)
+
+
+def attributes(node):
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def test_gru_graph_contract(tmp_path):
+    model, config, path, report = exported(tmp_path)
+    proto = onnx.load(path)
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [13]
+    grus = [n for n in proto.graph.node if n.op_type == "GRU"]
+    assert len(grus) == 2
+    assert all(attributes(n)["linear_before_reset"] == 1 for n in grus)
+    assert [i.name for i in proto.graph.input] == ["features", "h_in"]
+    assert [o.name for o in proto.graph.output] == ["positions", "h_out"]
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(proto.graph.input) + list(proto.graph.output)}
+    assert shapes == {"features": [1, 12], "h_in": [2, 1, 16], "positions": [1, 6], "h_out": [2, 1, 16]}
+    names = {i.name for i in proto.graph.initializer}
+    assert {"rnn.0.W", "rnn.0.R", "rnn.0.B", "rnn.1.W", "projection.weight", "projection.bias",
+            "head.weight", "head.bias"} <= names
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    assert metadata[onnx_weights.GRAPH_FORMAT_KEY] == onnx_weights.GRAPH_FORMAT
+    assert report["inputs"] == ["features", "h_in"] and report["opset"] == 13
+    assert max(report["max_abs_error"].values()) <= 1e-5
+    assert model.training          # export left the model's mode alone
+    assert os.listdir(str(tmp_path)) == ["model.onnx"]
+    assert os.stat(path).st_mode & 0o044            # readable by others, not mkstemp's 0600
+
+
+def test_lstm_graph_has_cell_state(tmp_path):
+    _, _, path, report = exported(tmp_path, cell="lstm", projection=None, layers=1)
+    proto = onnx.load(path)
+    assert [i.name for i in proto.graph.input] == ["features", "h_in", "c_in"]
+    assert [o.name for o in proto.graph.output] == ["positions", "h_out", "c_out"]
+    assert [n.op_type for n in proto.graph.node].count("LSTM") == 1
+    assert "projection.weight" not in {i.name for i in proto.graph.initializer}
+
+
+def test_reader_agrees_with_onnx_library(tmp_path):
+    _, _, path, _ = exported(tmp_path)
+    proto = onnx.load(path)
+    ours = onnx_weights.read_onnx(path)
+    assert set(ours.initializers) == {i.name for i in proto.graph.initializer}
+    for init in proto.graph.initializer:
+        reference = numpy_helper.to_array(init)
+        assert ours.initializers[init.name].dtype == reference.dtype
+        assert np.array_equal(ours.initializers[init.name], reference)
+    assert [n.op_type for n in ours.nodes] == [n.op_type for n in proto.graph.node]
+    for mine, theirs in zip(ours.nodes, proto.graph.node):
+        assert mine.inputs == list(theirs.input) and mine.outputs == list(theirs.output)
+        for key, value in attributes(theirs).items():
+            if isinstance(value, onnx.TensorProto):
+                assert np.array_equal(mine.attributes[key], numpy_helper.to_array(value))
+            elif isinstance(value, bytes):
+                assert mine.attributes[key] == value.decode()
+            else:
+                assert mine.attributes[key] == pytest.approx(value)
+
+
+def test_failed_parity_raises_and_leaves_no_file(tmp_path, monkeypatch):
+    real = export.torch_reference
+
+    def off_by_a_little(model, features):
+        outputs, states = real(model, features)
+        return outputs + 1e-4, states
+    monkeypatch.setattr(export, "torch_reference", off_by_a_little)
+    config = ModelConfig(n_features=4, hidden_size=8, num_layers=1)
+    with pytest.raises(ExportError, match="differs from torch"):
+        export_onnx(build_model(config), config, str(tmp_path / "model.onnx"), check_steps=10)
+    assert os.listdir(str(tmp_path)) == []
+
+
+def test_existing_model_survives_a_failed_export(tmp_path, monkeypatch):
+    _, _, path, report = exported(tmp_path)
+    monkeypatch.setattr(export, "check_parity", lambda *args, **kwargs: {"onnxruntime": 1.0, "numpy": 0.0})
+    config = ModelConfig(n_features=12, n_outputs=6, hidden_size=16, num_layers=2, input_projection=8)
+    with pytest.raises(ExportError):
+        export_onnx(build_model(config), config, path, check_steps=5)
+    with open(path, "rb") as handle:
+        assert hashlib.sha256(handle.read()).hexdigest() == report["sha256"]
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_committed_golden_vectors_are_torchs(cell):
+    """The device tests' reference outputs come from torch running the committed weights."""
+    path = os.path.join(DATA, "golden_{}.onnx".format(cell))
+    with np.load(os.path.join(DATA, "golden_{}.npz".format(cell)), allow_pickle=False) as arrays:
+        features, positions = arrays["features"], arrays["positions"]
+    backend = create_backend("torch", path)
+    state = backend.initial_state()
+    outputs = []
+    for row in features:
+        out, state = backend.step(row, state)
+        outputs.append(out)
+    assert np.max(np.abs(np.array(outputs) - positions)) <= 1e-6
