@@ -16,10 +16,13 @@ testable on its own:
 Standard library and numpy only (runs on the Jetson's Python 3.6 too).
 """
 import errno
+import fcntl
 import json
 import os
 import random
 import select
+import struct
+import termios
 import time
 import tty
 
@@ -340,16 +343,24 @@ class VirtualChip:
         return self.slave_path
 
     def _close_pty(self):
-        for fd in (self._master, self._slave):
-            if fd is not None:
-                os.close(fd)
-        self._master = self._slave = None
+        # The symlink goes first, so a host reopening it at once cannot reach
+        # the dying terminal (as a USB device node vanishes on unplug).
         if self.link_path and self.slave_path:
             try:
                 if os.readlink(self.link_path) == self.slave_path:
                     os.unlink(self.link_path)
             except OSError:
                 pass
+        for fd in (self._master, self._slave):
+            if fd is not None:
+                os.close(fd)
+        self._master = self._slave = None
+
+    def unread_bytes(self):
+        """Bytes written to the terminal that the host has not read yet."""
+        if self._slave is None:
+            return 0
+        return struct.unpack("i", fcntl.ioctl(self._slave, termios.FIONREAD, b"\0" * 4))[0]
 
     def close(self):
         self._close_pty()
@@ -454,7 +465,8 @@ class VirtualChip:
     # -- the loop --------------------------------------------------------------
     def serve(self, stop_event, drain_timeout_s=2.0):
         """Run until ``stop_event`` is set, or the source ended (without loop)
-        and the output drained (or ``drain_timeout_s`` passed)."""
+        and the host read everything (or ``drain_timeout_s`` passed): closing a
+        pty discards what its reader has not read yet."""
         if not self.connected and self._replug_at is None:
             self.open()
         finished_at = None
@@ -469,7 +481,7 @@ class VirtualChip:
             if self.finished:
                 if finished_at is None:
                     finished_at = now
-                if not self._out or now - finished_at > drain_timeout_s:
+                if (not self._out and self.unread_bytes() == 0) or now - finished_at > drain_timeout_s:
                     return
             timeout = 0.05
             if self.streaming:
