@@ -152,7 +152,7 @@ class ChipReceiver(object):
         self._lost_samples = 0
         self._lost_first = None
         self.counters = {"chunks": 0, "bytes": 0, "frames_dropped_queue_full": 0,
-                         "link_losses": 0, "replies": 0}
+                         "link_opens": 0, "link_losses": 0, "replies": 0}
 
     def data_received(self, data, read_s=None):
         arrival = self._clock()
@@ -173,6 +173,10 @@ class ChipReceiver(object):
         self._read_timer.add(read_s if read_s is not None else self._clock() - parsed)
 
     feed = data_received
+
+    def connection_made(self, link):
+        """The link (re)opened its port."""
+        self.counters["link_opens"] += 1
 
     def connection_lost(self, exc=None):
         """The link lost the port (it may reconnect): a partial frame is discarded."""
@@ -309,6 +313,7 @@ class RealtimeRunner(object):
         self.thread_errors = []
         self.document = None
         self._link = None
+        self._closed_link = None
         self._started_s = None
         self._threads = []
         self._events_printed = 0
@@ -443,6 +448,7 @@ class RealtimeRunner(object):
     def _close_link(self):
         link, self._link = self._link, None
         if link is not None:
+            self._closed_link = link
             link.close()
 
     def _join(self, name):
@@ -499,7 +505,10 @@ class RealtimeRunner(object):
         parts = self.parts
         writer_counters = dict(parts.writer.counters)
         writer_counters["commands_superseded"] = self.commands.superseded
-        extra = {"mode": "realtime", "stop_reason": self.stop_reason,
+        link = self._link if self._link is not None else self._closed_link
+        chip_link = dict(self.receiver.counters)
+        chip_link.update(getattr(link, "counters", None) or {})
+        extra = {"mode": "realtime", "stop_reason": self.stop_reason, "chip_link": chip_link,
                  "shutdown_problems": list(problems),
                  "thread_errors": ["{}: {!r}".format(name, exc) for name, exc, _ in self.thread_errors]}
         return _document(parts, self.frames_summary(), writer_counters, extra,
