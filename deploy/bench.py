@@ -28,6 +28,11 @@ def _backends(quick):
     return backend_bench.run(quick)
 
 
+def _simulate(quick):
+    from neurohand.firmware_bridge import simulator_bench
+    return simulator_bench.run(quick)
+
+
 # Explicit registry: target name -> function.  Later targets (decoding,
 # latency, footprint) are added here as they land.
 TARGETS = {
@@ -35,6 +40,7 @@ TARGETS = {
     "dsp": _dsp,
     "features": _features,
     "backends": _backends,
+    "simulate": _simulate,
 }
 
 
