@@ -228,3 +228,51 @@ def test_a_protocol_bug_stops_the_thread_and_is_kept():
     assert wait_until(lambda: not link.running)
     assert isinstance(link.error, ValueError)
     link.close()
+
+
+def write_recording(path, samples, rate, dtype="int16", scale_uv=None):
+    from neurohand.firmware_bridge.recording import RecordingWriter
+    names = ["ch{}".format(i) for i in range(samples.shape[1])]
+    with RecordingWriter(path, rate, names, dtype=dtype, scale_uv=scale_uv) as writer:
+        writer.append_signals(samples)
+
+
+def test_cli_streams_a_recording_file_with_seeded_faults(tmp_path):
+    import json
+    import subprocess
+    import sys
+    rng = np.random.RandomState(4)
+    samples = rng.randint(-3000, 3000, (8000, 6)).astype(np.int16)
+    recording = str(tmp_path / "rec.nhr")
+    write_recording(recording, samples, 10000.0, scale_uv=[0.195] * 6)
+    port = str(tmp_path / "chip")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "neurohand.deploy", "virtual-chip", recording, "--port", port, "--speed", "2",
+         "--start", "0.1", "--drop-rate", "0.02", "--corrupt-rate", "0.02", "--garbage-bursts", "20",
+         "--seed", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    try:
+        slave = process.stdout.readline().strip()
+        assert slave.startswith("/dev/") and os.path.realpath(port) == slave
+        host = ChipHost()
+        link = connect(port, host)
+        assert host.channel.get_config() == cp.ChipConfig(6, 20, 10000, False, pytest.approx(0.195))
+        host.channel.start_streaming()
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    link.close()
+    assert process.returncode == 0, stderr
+    summary = json.loads(stderr.strip().splitlines()[-1])
+    faults, chip, c = summary["faults"], summary["chip"], host.parser.counters
+    assert chip["frames_sent"] == 350                 # (8000 - 1000) samples / 20
+    assert faults["frames_dropped"] and faults["frames_corrupted"] and faults["garbage_bursts"]
+    assert c.frames_good == 350 - faults["frames_dropped"] - faults["frames_corrupted"]
+    assert c.crc_errors == faults["frames_corrupted"]
+    assert c.bytes_discarded == faults["expected_bytes_discarded"]
+    assert c.resyncs == faults["expected_resyncs"]
+    assert c.frames_missing == faults["expected_frames_missing"]
+    for frame in host.frames():
+        start = 1000 + frame.sequence * 20
+        np.testing.assert_array_equal(frame.samples, samples[start:start + 20])

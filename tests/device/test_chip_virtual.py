@@ -205,3 +205,17 @@ def test_cli_bad_flag_type_exits_2():
     result = run_cli("rec.bin", "--speed", "fast")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].endswith("invalid float value: 'fast'")
+
+
+def test_recording_source_on_a_real_float32_file(tmp_path):
+    from neurohand.firmware_bridge.recording import RecordingWriter, open_recording
+    rng = np.random.RandomState(6)
+    microvolts = (rng.standard_normal((3000, 2)) * [30.0, 900.0]).astype(np.float32)
+    path = str(tmp_path / "float.nhr")
+    with RecordingWriter(path, 2000.0, ["a", "b"], dtype="float32") as writer:
+        writer.append_signals(microvolts)
+    source = RecordingSource(open_recording(path), start_sample=1000)
+    peak = np.max(np.abs(microvolts[1000:]))      # the scale fits the streamed part only
+    assert source.scale_uv == pytest.approx(peak / 32767, rel=1e-4)
+    counts = source.read(1000, 3000)
+    np.testing.assert_allclose(counts * source.scale_uv, microvolts[1000:], atol=source.scale_uv / 2 + 1e-5)
