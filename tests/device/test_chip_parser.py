@@ -232,3 +232,18 @@ def test_accepts_bytes_like(data_type):
     frame = default_frames(1)[0]
     events = ChipParser().feed(data_type(frame))
     assert events[0].samples.shape == (20, 16) and events[0].samples.flags.writeable
+
+
+def test_bench_parser_prints_one_json_object_with_the_realtime_multiple():
+    import json
+    import subprocess
+    import sys
+    out = subprocess.check_output([sys.executable, "-m", "neurohand.deploy", "bench", "parser", "--json", "--quick"],
+                                  universal_newlines=True, timeout=120)
+    result = json.loads(out)
+    # Shape only: speed is judged from the full benchmark, never in a unit test.
+    for key in ("realtime_multiple", "bytes_per_s", "frames_per_s", "repeats"):
+        assert result[key] > 0
+    assert result["realtime_multiple_min"] <= result["realtime_multiple"] <= result["realtime_multiple_max"]
+    assert result["stream_bytes_per_s"] == 668 * 500
+    assert result["bytes_per_s"] == pytest.approx(result["realtime_multiple"] * 334000, rel=0.01)
