@@ -241,6 +241,10 @@ class ThreadedRecorder(object):
         """Write what is queued, close the file, stop the thread.  Safe to call twice."""
         with self._lock:
             self._stopping = True
+            if self._dropping_from is not None:
+                # Dropped samples at the very end still occupy their place on the time axis.
+                self._items.append(("gap", (self._dropping_from, self._dropped_run, "record_overflow")))
+                self._dropping_from, self._dropped_run = None, 0
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5.0)
