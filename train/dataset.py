@@ -1,0 +1,256 @@
+"""Recordings -> feature sequences with causally aligned labels, per split.
+
+Stages::
+
+    recording (signals µV, label stream, events)
+      -> split into Segments (train/splits.py)
+      -> per segment: FeaturePipeline.transform -> features (n_windows, n_features), ends
+      -> labels sampled at each window's end time  (n_windows, n_outputs)
+      -> normalisation fitted on training features, label scaling fitted on training labels
+      -> Sequence(features, labels, ...) per segment and split
+
+Each segment is transformed on its own, starting with the filter at rest, the
+way ``neurohand evaluate`` streams it; so a window never holds samples of two
+splits and the training features are exactly what the stream produces.
+
+Label alignment is causal: a window ending at sample ``e`` (exclusive) ends
+at time ``(e - 1) / signal_rate``; its label is the label stream's latest row
+at or before that time, ``floor(t * label_rate)``.  For a label stream at the
+signal rate that is row ``e - 1``.
+"""
+import collections
+import math
+
+import numpy as np
+
+from neurohand.firmware_bridge import checks
+from neurohand.firmware_bridge.errors import ConfigError, UsageError
+from neurohand.train import splits
+
+Sequence = collections.namedtuple("Sequence", ["features", "labels", "ends", "recording", "split"])
+Sequence.__doc__ = """Consecutive feature windows of one segment.
+
+features : float32 (n_windows, n_features), normalised
+labels : float32 (n_windows, n_outputs), scaled to the model's 0..1 range
+ends : int64 (n_windows,), sample index after each window's last sample (on the recording's axis)
+recording : int, index into the list of recordings
+split : "train", "validation" or "test"
+"""
+
+# Label stream picked when the config names none, in this order of preference.
+PREFERRED_STREAMS = ("fingers", "glove")
+SCALINGS = ("auto", "minmax", "none")
+
+
+class RecordingData(object):
+    """What training needs of one recording, loaded into memory.
+
+    Attributes: path, signal_rate (Hz), channel_names, signals (n_samples, n_channels)
+    float64 µV, labels (LabelStream), events (list), metadata (dict)."""
+
+    def __init__(self, path, signal_rate, channel_names, signals, labels, events, metadata):
+        self.path = path
+        self.signal_rate = signal_rate
+        self.channel_names = channel_names
+        self.signals = signals
+        self.labels = labels
+        self.events = events
+        self.metadata = metadata
+
+    @property
+    def n_samples(self):
+        return self.signals.shape[0]
+
+
+def choose_label_stream(streams, requested, source):
+    """Name of the label stream to train on: ``requested``, or the preferred/only one."""
+    names = list(streams)
+    if not names:
+        raise UsageError("{}: the recording has no label stream to train on".format(source))
+    if requested is not None:
+        checks.check_option("{}: label stream".format(source), requested, names)
+        return requested
+    for name in PREFERRED_STREAMS:
+        if name in streams:
+            return name
+    if len(names) == 1:
+        return names[0]
+    raise UsageError("{}: the recording has label streams {}; choose one with \"labels\": {{\"stream\": ...}} "
+                     "in the config".format(source, ", ".join(names)))
+
+
+def load_recording(path, label_stream=None):
+    """Open ``path`` and load its signals (µV, float64), chosen label stream, events and metadata."""
+    from neurohand.firmware_bridge.recording import open_recording
+
+    with open_recording(path) as rec:
+        name = choose_label_stream(rec.label_streams, label_stream, path)
+        return RecordingData(path, float(rec.signal_rate), list(rec.channel_names),
+                             rec.read_signals(microvolts=True), rec.label_streams[name], list(rec.events),
+                             dict(rec.metadata))
+
+
+def check_compatible(recordings):
+    """All recordings must share rate, channels and label names (one model serves them all)."""
+    first = recordings[0]
+    for other in recordings[1:]:
+        for what, a, b in (("signal rate", first.signal_rate, other.signal_rate),
+                           ("channels", first.channel_names, other.channel_names),
+                           ("label stream", first.labels.name, other.labels.name),
+                           ("label names", first.labels.names, other.labels.names)):
+            if a != b:
+                raise UsageError("{} and {} differ in {}: {} vs {}".format(first.path, other.path, what, a, b))
+
+
+def label_rows(ends, signal_rate, label_rate, n_label_rows, source="recording"):
+    """Row of the label stream at each window's end time (causal), int64 (n_windows,).
+
+    ends : int array, sample index after each window's last sample
+    Raises UsageError where the label stream stops more than one row early."""
+    ends = np.asarray(ends, dtype=np.int64)
+    times = (ends - 1) / float(signal_rate)
+    # The small epsilon keeps exact multiples (e.g. 0.07 s x 100 Hz = 6.999...) on their row.
+    rows = np.floor(times * float(label_rate) + 1e-9).astype(np.int64)
+    if len(rows) and rows[-1] > n_label_rows:
+        raise UsageError("{}: the label stream ends at row {} but a window ends at row {}".format(
+            source, n_label_rows, int(rows[-1])))
+    return np.clip(rows, 0, n_label_rows - 1)
+
+
+class LabelScaling(object):
+    """Per-output affine map of labels into the model's 0..1 range, fitted on training labels.
+
+    kind "minmax": (y - minimum) / (maximum - minimum); kind "none": identity
+    (labels already in 0..1, e.g. finger positions)."""
+
+    def __init__(self, kind, minimum=None, maximum=None):
+        self.kind = kind
+        self.minimum = None if minimum is None else np.asarray(minimum, dtype=np.float64)
+        self.maximum = None if maximum is None else np.asarray(maximum, dtype=np.float64)
+
+    @classmethod
+    def fit(cls, labels, kind="auto"):
+        """Fit on training ``labels`` (n, n_outputs); "auto" keeps labels already in 0..1 as they are."""
+        checks.check_option("labels scaling", kind, SCALINGS)
+        labels = np.asarray(labels, dtype=np.float64)
+        if kind == "auto":
+            kind = "none" if labels.min() >= 0.0 and labels.max() <= 1.0 else "minmax"
+        if kind == "none":
+            return cls("none")
+        minimum, maximum = labels.min(axis=0), labels.max(axis=0)
+        # A channel that never moves in training maps to 0 rather than dividing by zero.
+        maximum = np.where(maximum > minimum, maximum, minimum + 1.0)
+        return cls("minmax", minimum, maximum)
+
+    def apply(self, labels):
+        labels = np.asarray(labels, dtype=np.float64)
+        if self.kind == "none":
+            return labels.copy()
+        return (labels - self.minimum) / (self.maximum - self.minimum)
+
+    def invert(self, scaled):
+        """Model outputs (0..1) back to label units."""
+        scaled = np.asarray(scaled, dtype=np.float64)
+        if self.kind == "none":
+            return scaled.copy()
+        return scaled * (self.maximum - self.minimum) + self.minimum
+
+    def to_config(self):
+        if self.kind == "none":
+            return {"kind": "none"}
+        return {"kind": "minmax", "minimum": self.minimum.tolist(), "maximum": self.maximum.tolist()}
+
+    @classmethod
+    def from_config(cls, config):
+        if not isinstance(config, dict) or config.get("kind") not in ("none", "minmax"):
+            raise ConfigError("label scaling must be {{'kind': 'none'}} or {{'kind': 'minmax', 'minimum': [...], "
+                              "'maximum': [...]}}, but got {!r}".format(config))
+        if config["kind"] == "none":
+            return cls("none")
+        return cls("minmax", config["minimum"], config["maximum"])
+
+
+def smooth_labels(labels, width):
+    """Centred moving average over ``width`` steps within one segment (edges use the available part).
+
+    For training targets only: a glove's 8-bit steps and sensor jitter are not
+    something the decoder can or should predict.  Never applied to scored labels."""
+    labels = np.asarray(labels, dtype=np.float64)
+    if width <= 1 or len(labels) < 2:
+        return labels.copy()
+    half = width // 2
+    padded_sum = np.concatenate([np.zeros((1, labels.shape[1])), np.cumsum(labels, axis=0)])
+    index = np.arange(len(labels))
+    low = np.maximum(index - half, 0)
+    high = np.minimum(index + (width - half), len(labels))
+    return (padded_sum[high] - padded_sum[low]) / (high - low)[:, None]
+
+
+def segment_windows(pipeline, recording, segment):
+    """Raw features and absolute window ends of one segment, shape (n_windows, n_features), (n_windows,)."""
+    if segment.stop - segment.start < pipeline.window_samples:
+        return None
+    features, ends = pipeline.transform(recording.signals[segment.start:segment.stop])
+    return features, ends + segment.start
+
+
+def split_recordings(recordings, split_settings, guard_samples):
+    """Segments of every recording: list (per recording) of (method, [Segment])."""
+    return [splits.plan_split(rec.n_samples, rec.events, split_settings, guard_samples, source=rec.path)
+            for rec in recordings]
+
+
+def build_sequences(pipeline, recordings, plans, scaling_kind="auto", fit=True, label_scaling=None):
+    """Features and aligned labels for every segment, normalised with training statistics.
+
+    Parameters
+    ----------
+    pipeline : FeaturePipeline; with ``fit`` its normalisation is fitted on the training windows
+    recordings : list of RecordingData
+    plans : list of (method, segments) per recording (see :func:`split_recordings`)
+    scaling_kind : "auto", "minmax" or "none" (used when fitting)
+    fit : bool, fit normalisation and label scaling here (training) or use the stored ones (evaluation)
+    label_scaling : LabelScaling, required when not ``fit``
+
+    Returns
+    -------
+    (sequences, label_scaling) : dict split -> list of Sequence, and the scaling used
+    """
+    raw = []
+    for index, (rec, (_, segments)) in enumerate(zip(recordings, plans)):
+        for segment in segments:
+            windows = segment_windows(pipeline, rec, segment)
+            if windows is None or len(windows[1]) == 0:
+                continue
+            features, ends = windows
+            rows = label_rows(ends, rec.signal_rate, rec.labels.rate, len(rec.labels.data), rec.path)
+            raw.append((features, rec.labels.data[rows].astype(np.float64), ends, index, segment.split))
+    by_split = {name: [r for r in raw if r[4] == name] for name in splits.SPLIT_NAMES}
+    for name in splits.SPLIT_NAMES:
+        if not by_split[name]:
+            raise UsageError("the {} split holds no complete feature window; use longer recordings or a shorter "
+                             "window".format(name))
+    if fit:
+        pipeline.fit_normalisation(np.concatenate([r[0] for r in by_split["train"]]))
+        label_scaling = LabelScaling.fit(np.concatenate([r[1] for r in by_split["train"]]), scaling_kind)
+    elif label_scaling is None:
+        raise ConfigError("build_sequences(fit=False) needs the stored label scaling")
+    sequences = {}
+    for name in splits.SPLIT_NAMES:
+        sequences[name] = [Sequence(pipeline.normalise(f).astype(np.float32),
+                                    label_scaling.apply(l).astype(np.float32), e, i, s)
+                           for f, l, e, i, s in by_split[name]]
+    return sequences, label_scaling
+
+
+def guard_samples(pipeline):
+    """Guard gap between time blocks: one feature window, in samples."""
+    return int(pipeline.window_samples)
+
+
+def steps_per_second(pipeline):
+    return pipeline.signal_rate / float(pipeline.stride_samples)
+
+
+def seconds_to_steps(seconds, pipeline, minimum=1):
+    return max(minimum, int(math.ceil(seconds * steps_per_second(pipeline) - 1e-9)))

@@ -1,0 +1,707 @@
+"""Training: recordings -> run directory with config, checkpoint, ONNX model, metrics and report.
+
+Steps of :func:`train_run`::
+
+    settings (defaults for the data's mode, overridden by --config)
+      -> recordings loaded, split (train/splits.py), features + labels (train/dataset.py)
+      -> RNN trained with truncated back-propagation through time (TBPTT),
+         early stopping on the validation split, checkpoint every epoch
+      -> RUN_DIR/config.json, checkpoint.pt, model.onnx, metrics.json, report.png
+
+TBPTT: every training segment is cut into pieces of about ``sequence_s``
+seconds (random offsets each epoch); a batch of pieces runs through the model
+``tbptt_steps`` steps at a time with an optimiser step after each chunk, the
+recurrent state carried into the next chunk of the same pieces and detached.
+
+Determinism: everything random derives from the seed and the epoch number
+(numpy ``default_rng([seed, epoch])``, ``torch.manual_seed`` per epoch), so
+a run resumed from its checkpoint continues exactly as if it had never
+stopped, and two runs with one seed give the same weights.
+
+Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) each process takes every
+``world_size``-th batch and DistributedDataParallel averages the gradients;
+only rank 0 writes files.
+"""
+import copy
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from neurohand.decoder.model import ModelConfig, build_model
+from neurohand.decoder.pipeline import FeaturePipeline
+from neurohand.firmware_bridge import checks
+from neurohand.firmware_bridge.errors import ConfigError, UsageError
+from neurohand.train import dataset, metrics, splits
+
+RUN_FORMAT = "neurohand-run"
+RUN_VERSION = 1
+CHECKPOINT_FORMAT = "neurohand-training-checkpoint"
+CHECKPOINT_VERSION = 1
+FILES = {"config": "config.json", "checkpoint": "checkpoint.pt", "onnx": "model.onnx",
+         "metrics": "metrics.json", "report": "report.png"}
+
+# Recordings below this rate hold envelopes (rectified, smoothed EMG such as
+# NinaPro DB1's 100 Hz RMS); at kHz rates they are raw potentials.
+ENVELOPE_BELOW_HZ = 1000.0
+
+TRAINING_DEFAULTS = {
+    "epochs": 60,              # upper bound; early stopping usually ends sooner
+    "learning_rate": 3e-3,
+    "weight_decay": 1e-4,      # AdamW, decoupled
+    "batch_size": 16,          # pieces per batch
+    "sequence_s": 10.0,        # length of a training piece, seconds
+    "tbptt_steps": 100,        # decoder steps per back-propagation chunk
+    "grad_clip": 1.0,          # max gradient norm
+    "patience": 6,             # epochs without validation improvement before stopping
+    "min_delta": 1e-3,         # improvement in validation mean R² that counts
+    "lr_patience": 2,          # epochs without improvement before halving the learning rate
+    "lr_factor": 0.5,
+    "label_smoothing_s": 0.0,  # centred moving average of training targets, seconds (0 = off)
+    "max_minutes": None,       # training time budget (None = no limit)
+}
+
+# Per data mode: feature pipeline settings (FeaturePipeline.design), model and
+# training overrides.  Tuned on NinaPro DB1 S2 E1 (envelope) and the simulator
+# (raw); see docs/training.md for the figures.
+MODE_DEFAULTS = {
+    "envelope": {
+        "pipeline": {"mode": "envelope", "window_s": 0.2, "stride_s": 0.02, "features": ["mean", "std"],
+                     "log": True, "log_epsilon": 1e-3},
+        "model": {"cell": "gru", "hidden_size": 128, "num_layers": 2, "input_projection": 64, "dropout": 0.1},
+        "training": {},
+    },
+    "raw": {
+        "pipeline": {"mode": "raw"},
+        "model": {"cell": "gru", "hidden_size": 64, "num_layers": 2, "input_projection": 64, "dropout": 0.0},
+        "training": {"sequence_s": 5.0, "batch_size": 8},
+    },
+}
+SECTIONS = ("pipeline", "model", "training", "split", "labels", "baselines")
+LABEL_DEFAULTS = {"stream": None, "scaling": "auto"}
+BASELINE_DEFAULTS = {"wiener": {"lags": 10, "lag_step": 1}, "kalman": {}}
+
+
+# --- settings -----------------------------------------------------------------------
+
+def read_config_file(path):
+    """User overrides from a JSON file: a dict with some of the sections in SECTIONS."""
+    path = checks.check_file_exists("--config", path)
+    try:
+        with open(path) as handle:
+            config = json.load(handle)
+    except ValueError as exc:
+        raise UsageError("--config {!r} is not valid JSON: {}".format(path, exc)) from exc
+    if not isinstance(config, dict):
+        raise UsageError("--config {!r} must hold a JSON object with sections {}".format(path, ", ".join(SECTIONS)))
+    for key, value in config.items():
+        checks.check_option("--config section", key, SECTIONS)
+        if not isinstance(value, dict):
+            raise UsageError("--config section {!r} must be an object, but got {!r}".format(key, value))
+    return config
+
+
+def detect_mode(recording):
+    """'envelope' or 'raw' for a recording, from its metadata or else its rate."""
+    kind = recording.metadata.get("signal_kind")
+    if kind in MODE_DEFAULTS:
+        return kind
+    return "envelope" if recording.signal_rate < ENVELOPE_BELOW_HZ else "raw"
+
+
+def resolve_settings(user, mode):
+    """Full settings: defaults for ``mode`` overridden by the user's sections (validated)."""
+    user = copy.deepcopy(user or {})
+    pipeline_mode = user.get("pipeline", {}).get("mode", mode)
+    mode = checks.check_option("pipeline mode", pipeline_mode, sorted(MODE_DEFAULTS))
+    defaults = MODE_DEFAULTS[mode]
+    settings = {"mode": mode}
+    pipeline = copy.deepcopy(defaults["pipeline"])
+    user_pipeline = user.get("pipeline", {})
+    if user_pipeline.get("mode", mode) != defaults["pipeline"]["mode"]:
+        pipeline = {}
+    pipeline.update(user_pipeline)
+    settings["pipeline"] = pipeline
+    model = copy.deepcopy(defaults["model"])
+    for key in user.get("model", {}):
+        checks.check_option("model setting", key, [k for k in ModelConfig.FIELDS
+                                                   if k not in ("n_features", "n_outputs")])
+    model.update(user.get("model", {}))
+    settings["model"] = model
+    training = dict(TRAINING_DEFAULTS)
+    training.update(defaults["training"])
+    for key in user.get("training", {}):
+        checks.check_option("training setting", key, sorted(TRAINING_DEFAULTS))
+    training.update(user.get("training", {}))
+    settings["training"] = check_training(training)
+    settings["split"] = splits.check_split_settings(user.get("split", {}))
+    labels = dict(LABEL_DEFAULTS)
+    for key in user.get("labels", {}):
+        checks.check_option("labels setting", key, sorted(LABEL_DEFAULTS))
+    labels.update(user.get("labels", {}))
+    checks.check_option("labels scaling", labels["scaling"], dataset.SCALINGS)
+    settings["labels"] = labels
+    baselines = copy.deepcopy(BASELINE_DEFAULTS)
+    for name, values in user.get("baselines", {}).items():
+        checks.check_option("baseline", name, sorted(BASELINE_DEFAULTS))
+        baselines[name].update(values)
+    settings["baselines"] = baselines
+    return settings
+
+
+def check_training(training):
+    t = dict(training)
+    t["epochs"] = checks.check_int("training epochs", t["epochs"], minimum=1)
+    t["learning_rate"] = checks.check_number("training learning_rate", t["learning_rate"], minimum=0.0,
+                                             exclusive_minimum=True)
+    t["weight_decay"] = checks.check_number("training weight_decay", t["weight_decay"], minimum=0.0)
+    t["batch_size"] = checks.check_int("training batch_size", t["batch_size"], minimum=1)
+    t["sequence_s"] = checks.check_number("training sequence_s", t["sequence_s"], minimum=0.0,
+                                          exclusive_minimum=True)
+    t["tbptt_steps"] = checks.check_int("training tbptt_steps", t["tbptt_steps"], minimum=1)
+    t["grad_clip"] = checks.check_number("training grad_clip", t["grad_clip"], minimum=0.0)
+    t["patience"] = checks.check_int("training patience", t["patience"], minimum=1)
+    t["min_delta"] = checks.check_number("training min_delta", t["min_delta"], minimum=0.0)
+    t["lr_patience"] = checks.check_int("training lr_patience", t["lr_patience"], minimum=1)
+    t["lr_factor"] = checks.check_number("training lr_factor", t["lr_factor"], minimum=0.0,
+                                         exclusive_minimum=True, maximum=1.0)
+    t["label_smoothing_s"] = checks.check_number("training label_smoothing_s", t["label_smoothing_s"],
+                                                 minimum=0.0)
+    if t["max_minutes"] is not None:
+        t["max_minutes"] = checks.check_number("max_minutes", t["max_minutes"], minimum=0.0,
+                                               exclusive_minimum=True)
+    return t
+
+
+def settings_digest(settings, recordings, seed):
+    """Identifies what a checkpoint was trained on; --resume refuses anything else.
+
+    The epoch limit and time budget are left out: resuming may extend them."""
+    relevant = copy.deepcopy(settings)
+    relevant["training"].pop("epochs", None)
+    relevant["training"].pop("max_minutes", None)
+    document = {"settings": relevant, "seed": seed,
+                "recordings": [(os.path.basename(r.path), r.n_samples) for r in recordings]}
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+
+
+# --- distributed context ------------------------------------------------------------
+
+class Context(object):
+    """Where this process trains: device, rank and world size (1 without torchrun)."""
+
+    def __init__(self, device, rank=0, world_size=1):
+        self.device = device
+        self.rank = rank
+        self.world_size = world_size
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def choose_device(name):
+    checks.check_option("--device", name, ["auto", "cpu", "cuda"])
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available to torch (use --device cpu or auto)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def start_context(device_name, threads=1):
+    """Set up the device and, under torchrun, the process group (gloo on CPU, nccl on CUDA).
+
+    threads : torch intra-op threads per process.  One is the default: the
+    decoder's matrices are small, and on a busy 2-core machine a GRU step ran
+    7 times slower with 2 threads than with 1 (docs/training.md)."""
+    device = choose_device(device_name)
+    torch.set_num_threads(checks.check_int("--threads", threads, minimum=1))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Context(device)
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Context(device, dist.get_rank(), dist.get_world_size())
+
+
+def stop_context(context):
+    if context.distributed:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def make_deterministic(seed):
+    """Seed numpy and torch and ask torch for deterministic kernels (warn where none exist)."""
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if torch.backends.cudnn.is_available():
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+# --- batches ------------------------------------------------------------------------
+
+def cut_pieces(lengths, piece_steps, rng):
+    """Cut sequences into pieces of about ``piece_steps`` steps with a random first cut.
+
+    lengths : list of int, steps per training sequence
+    Returns list of (sequence index, start, stop); pieces shorter than half a
+    piece are merged into their neighbour so no piece is a sliver."""
+    pieces = []
+    for index, n in enumerate(lengths):
+        if n <= piece_steps:
+            pieces.append((index, 0, n))
+            continue
+        offset = int(rng.integers(0, piece_steps))
+        cuts = [0] + list(range(offset, n, piece_steps)) + [n]
+        cuts = sorted(set(cuts))
+        bounds = []
+        for start, stop in zip(cuts[:-1], cuts[1:]):
+            if bounds and (stop - start < piece_steps // 2 or bounds[-1][1] - bounds[-1][0] < piece_steps // 2):
+                bounds[-1] = (bounds[-1][0], stop)
+            else:
+                bounds.append((start, stop))
+        pieces.extend((index, a, b) for a, b in bounds)
+    return pieces
+
+
+def plan_epoch(lengths, settings, steps_per_s, seed, epoch, world_size):
+    """Batches of one epoch, the same list in every process.
+
+    Returns list of batches, each a list of (sequence index, start, stop);
+    the number of batches is a multiple of ``world_size`` (the last ones are
+    filled with pieces drawn again) so every process runs the same number."""
+    rng = np.random.default_rng([seed, epoch])
+    piece_steps = max(1, int(round(settings["sequence_s"] * steps_per_s)))
+    pieces = cut_pieces(lengths, piece_steps, rng)
+    order = rng.permutation(len(pieces))
+    pieces = [pieces[i] for i in order]
+    size = settings["batch_size"]
+    batches = [pieces[i:i + size] for i in range(0, len(pieces), size)]
+    while len(batches) % world_size:
+        batches.append([pieces[int(i)] for i in rng.integers(0, len(pieces), size=min(size, len(pieces)))])
+    return batches
+
+
+def collate(sequences, batch, n_steps, targets):
+    """Padded tensors for one batch: x (B, n_steps, F), y (B, n_steps, K), mask (B, n_steps)."""
+    n_features = sequences[0].features.shape[1]
+    n_outputs = sequences[0].labels.shape[1]
+    x = np.zeros((len(batch), n_steps, n_features), dtype=np.float32)
+    y = np.zeros((len(batch), n_steps, n_outputs), dtype=np.float32)
+    mask = np.zeros((len(batch), n_steps), dtype=np.float32)
+    for row, (index, start, stop) in enumerate(batch):
+        n = stop - start
+        x[row, :n] = sequences[index].features[start:stop]
+        y[row, :n] = targets[index][start:stop]
+        mask[row, :n] = 1.0
+    return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(mask)
+
+
+def masked_mse(outputs, targets, mask):
+    """Mean squared error over the real (unpadded) steps; 0 (with a graph) where there are none."""
+    squared = ((outputs - targets) ** 2).mean(dim=2) * mask
+    return squared.sum() / mask.sum().clamp(min=1.0)
+
+
+def detach_state(state):
+    if isinstance(state, tuple):
+        return tuple(s.detach() for s in state)
+    return state.detach()
+
+
+# --- decoding and scoring -----------------------------------------------------------
+
+def decode_offline(model, sequences, device):
+    """Run ``model`` over each whole sequence from a zero state; list of (n_steps, n_outputs) float64."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    with torch.no_grad():
+        for sequence in sequences:
+            x = torch.from_numpy(np.ascontiguousarray(sequence.features)).unsqueeze(0).to(device)
+            y, _ = model(x)
+            outputs.append(y[0].double().cpu().numpy())
+    model.train(was_training)
+    return outputs
+
+
+def score_sequences(model, sequences, device):
+    """metrics.score of the model on ``sequences`` (scaled label units) plus its MSE loss."""
+    predictions = decode_offline(model, sequences, device)
+    truth = np.concatenate([s.labels for s in sequences]).astype(np.float64)
+    prediction = np.concatenate(predictions)
+    result = metrics.score(truth, prediction)
+    result["loss"] = float(np.mean((truth - prediction) ** 2))
+    return result, predictions
+
+
+# --- checkpoint ---------------------------------------------------------------------
+
+def _cpu_state(state_dict):
+    return {k: v.detach().cpu().clone() for k, v in state_dict.items()}
+
+
+def save_checkpoint(path, document):
+    """Atomically write ``document`` (tensors and plain types only) with torch.save."""
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=".checkpoint-", suffix=".pt", dir=directory)
+    os.close(handle)
+    try:
+        torch.save(document, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def load_checkpoint(path):
+    """Read a training checkpoint (never unpickles code: weights_only=True)."""
+    try:
+        document = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise ConfigError("cannot read checkpoint {!r}: {}".format(path, exc)) from exc
+    if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError("{!r} is not a neurohand training checkpoint".format(path))
+    if document.get("format_version") != CHECKPOINT_VERSION:
+        raise ConfigError("checkpoint {!r} has format version {!r}; this neurohand reads {}".format(
+            path, document.get("format_version"), CHECKPOINT_VERSION))
+    return document
+
+
+def write_json_atomic(path, value):
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump(metrics.json_ready(value), out, indent=1, sort_keys=True)
+            out.write("\n")
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+# --- the run ------------------------------------------------------------------------
+
+class Prepared(object):
+    """Everything derived from the recordings before training (same in every process)."""
+
+    def __init__(self, settings, recordings, plans, pipeline, sequences, label_scaling, targets):
+        self.settings = settings
+        self.recordings = recordings
+        self.plans = plans
+        self.pipeline = pipeline
+        self.sequences = sequences
+        self.label_scaling = label_scaling
+        self.targets = targets
+
+
+def prepare(recording_paths, user_config):
+    """Load recordings, resolve settings, split and build sequences."""
+    if not recording_paths:
+        raise UsageError("give at least one recording to train on")
+    label_stream = (user_config or {}).get("labels", {}).get("stream")
+    recordings = [dataset.load_recording(checks.check_file_exists("recording", p), label_stream)
+                  for p in recording_paths]
+    dataset.check_compatible(recordings)
+    modes = {detect_mode(r) for r in recordings}
+    if len(modes) > 1:
+        raise UsageError("the recordings mix envelope and raw data; train them separately")
+    settings = resolve_settings(user_config, modes.pop())
+    first = recordings[0]
+    pipeline = FeaturePipeline.design(first.signal_rate, len(first.channel_names), settings["pipeline"])
+    plans = dataset.split_recordings(recordings, settings["split"], dataset.guard_samples(pipeline))
+    sequences, label_scaling = dataset.build_sequences(pipeline, recordings, plans, settings["labels"]["scaling"])
+    width = int(round(settings["training"]["label_smoothing_s"] * dataset.steps_per_second(pipeline)))
+    targets = [dataset.smooth_labels(s.labels, width).astype(np.float32) if width > 1 else s.labels
+               for s in sequences["train"]]
+    return Prepared(settings, recordings, plans, pipeline, sequences, label_scaling, targets)
+
+
+def check_run_dir(run_dir, resume):
+    checkpoint = os.path.join(run_dir, FILES["checkpoint"])
+    if resume:
+        if not os.path.isfile(checkpoint):
+            raise UsageError("--resume: {!r} holds no {} to continue from".format(run_dir, FILES["checkpoint"]))
+        return
+    if os.path.exists(checkpoint) or os.path.exists(os.path.join(run_dir, FILES["config"])):
+        raise UsageError("{!r} already holds a run; continue it with --resume or choose another --out".format(run_dir))
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UsageError("--out {!r} exists and is not a directory".format(run_dir))
+
+
+def train_command(args):
+    """Handler of ``neurohand train``; returns the summary on rank 0, None elsewhere."""
+    user = read_config_file(args.config) if args.config else {}
+    if args.epochs is not None:
+        user.setdefault("training", {})["epochs"] = checks.check_int("--epochs", args.epochs, minimum=1)
+    if args.max_minutes is not None:
+        user.setdefault("training", {})["max_minutes"] = args.max_minutes
+    return train_run(args.recordings, args.out, user, seed=args.seed, device=args.device, resume=args.resume,
+                     progress=not args.quiet, threads=args.threads)
+
+
+def train_run(recording_paths, run_dir, user_config=None, seed=0, device="auto", resume=False, progress=True,
+              threads=1):
+    """Train and write the run directory; returns a summary dict on rank 0 (None on other ranks)."""
+    seed = checks.check_int("--seed", seed, minimum=0)
+    run_dir = os.fspath(run_dir)
+    check_run_dir(run_dir, resume)
+    context = start_context(device, threads)
+    try:
+        make_deterministic(seed)
+        prepared = prepare(recording_paths, user_config)
+        if context.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+        digest = settings_digest(prepared.settings, prepared.recordings, seed)
+        result = _train(prepared, run_dir, seed, context, resume, digest, progress)
+        summary = None
+        if context.is_main:
+            summary = _write_outputs(prepared, run_dir, seed, context, result)
+    finally:
+        stop_context(context)
+    return summary
+
+
+def _build(prepared, seed, context):
+    n_features = prepared.pipeline.n_features
+    n_outputs = prepared.sequences["train"][0].labels.shape[1]
+    model_config = ModelConfig(n_features=n_features, n_outputs=n_outputs, **prepared.settings["model"])
+    torch.manual_seed(seed)
+    model = build_model(model_config).to(context.device)
+    return model_config, model
+
+
+def _train(prepared, run_dir, seed, context, resume, digest, progress):
+    settings = prepared.settings["training"]
+    model_config, model = _build(prepared, seed, context)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"],
+                                  weight_decay=settings["weight_decay"])
+    state = {"epoch": 0, "best_score": -math.inf, "best_epoch": 0, "bad_epochs": 0, "lr_bad_epochs": 0,
+             "lr": settings["learning_rate"], "elapsed_s": 0.0, "stopped": "",
+             "history": {"epoch": [], "train_loss": [], "validation_loss": [], "validation_r2": [], "lr": [],
+                         "seconds": []}}
+    best_model = _cpu_state(model.state_dict())
+    checkpoint_path = os.path.join(run_dir, FILES["checkpoint"])
+    if resume:
+        document = load_checkpoint(checkpoint_path)
+        if document["settings_digest"] != digest:
+            raise UsageError("the checkpoint in {!r} was trained with other settings, data or seed; resume with "
+                             "the same recordings, --config and --seed".format(run_dir))
+        model.load_state_dict(document["model"])
+        optimizer.load_state_dict(document["optimizer"])
+        best_model = document["best_model"]
+        for key in state:
+            state[key] = document["state"][key]
+        if state["stopped"] != "patience":
+            # A time budget or epoch limit may be extended on resume; early stopping is final.
+            state["stopped"] = ""
+    train_model = model
+    if context.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        train_model = DistributedDataParallel(
+            model, device_ids=[context.device.index] if context.device.type == "cuda" else None)
+    sequences = prepared.sequences
+    lengths = [len(s.features) for s in sequences["train"]]
+    steps_per_s = dataset.steps_per_second(prepared.pipeline)
+    budget_s = None if settings["max_minutes"] is None else settings["max_minutes"] * 60.0
+    started = time.monotonic() - state["elapsed_s"]
+    while state["epoch"] < settings["epochs"] and not state["stopped"]:
+        epoch = state["epoch"] + 1
+        for group in optimizer.param_groups:
+            group["lr"] = state["lr"]
+        # Dropout and piece offsets depend on (seed, epoch) only: resuming repeats them exactly.
+        torch.manual_seed(seed * 1000003 + epoch * 101 + context.rank)
+        batches = plan_epoch(lengths, settings, steps_per_s, seed, epoch, context.world_size)
+        mine = batches[context.rank::context.world_size]
+        group_steps = [max(stop - start for _, start, stop in
+                           [p for b in batches[i:i + context.world_size] for p in b])
+                       for i in range(0, len(batches), context.world_size)]
+        bar = _progress_bar(len(mine), epoch, settings["epochs"], progress and context.is_main)
+        losses = []
+        out_of_time = False
+        model.train()
+        for batch, n_steps in zip(mine, group_steps):
+            x, y, mask = (t.to(context.device) for t in collate(sequences["train"], batch, n_steps,
+                                                                prepared.targets))
+            hidden = None
+            for start in range(0, n_steps, settings["tbptt_steps"]):
+                stop = start + settings["tbptt_steps"]
+                outputs, hidden = train_model(x[:, start:stop], hidden)
+                loss = masked_mse(outputs, y[:, start:stop], mask[:, start:stop])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if settings["grad_clip"] > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
+                optimizer.step()
+                hidden = detach_state(hidden)
+                if float(mask[:, start:stop].sum()) > 0:
+                    losses.append(float(loss.detach()))
+            bar.update(1)
+            if budget_s is not None and _agree(context, time.monotonic() - started > budget_s):
+                out_of_time = True
+                break
+        bar.close()
+        validation, _ = score_sequences(model, sequences["validation"], context.device)
+        state["epoch"] = epoch
+        state["elapsed_s"] = time.monotonic() - started
+        _update_history(state, epoch, losses, validation)
+        if validation["mean_r2"] > state["best_score"] + settings["min_delta"]:
+            state["best_score"], state["best_epoch"] = validation["mean_r2"], epoch
+            state["bad_epochs"], state["lr_bad_epochs"] = 0, 0
+            best_model = _cpu_state(model.state_dict())
+        else:
+            state["bad_epochs"] += 1
+            state["lr_bad_epochs"] += 1
+            if state["lr_bad_epochs"] >= settings["lr_patience"]:
+                state["lr"] *= settings["lr_factor"]
+                state["lr_bad_epochs"] = 0
+            if state["bad_epochs"] >= settings["patience"]:
+                state["stopped"] = "patience"
+        if out_of_time:
+            state["stopped"] = "time budget"
+        if context.is_main:
+            if progress:
+                print("epoch {}: train loss {:.4f}, validation R2 {:.3f} (best {:.3f} at epoch {}), {:.0f} s".format(
+                    epoch, state["history"]["train_loss"][-1], validation["mean_r2"], state["best_score"],
+                    state["best_epoch"], state["elapsed_s"]), file=sys.stderr)
+            save_checkpoint(checkpoint_path, {
+                "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "settings_digest": digest,
+                "model_config": model_config.to_dict(), "model": _cpu_state(model.state_dict()),
+                "optimizer": optimizer.state_dict(), "best_model": best_model, "state": copy.deepcopy(state)})
+    if not state["stopped"]:
+        state["stopped"] = "epochs"
+    model.load_state_dict(best_model)
+    return {"model": model, "model_config": model_config, "state": state}
+
+
+def _agree(context, flag):
+    """Under torchrun every process must stop together: rank 0's clock decides."""
+    if not context.distributed:
+        return flag
+    import torch.distributed as dist
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if context.device.type == "cuda":
+        value = value.to(context.device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
+def _update_history(state, epoch, losses, validation):
+    history = state["history"]
+    history["epoch"].append(epoch)
+    history["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
+    history["validation_loss"].append(validation["loss"])
+    history["validation_r2"].append(validation["mean_r2"])
+    history["lr"].append(state["lr"])
+    history["seconds"].append(state["elapsed_s"])
+
+
+class _NoBar(object):
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total, epoch, epochs, enabled):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, desc="epoch {}/{}".format(epoch, epochs), unit="batch", file=sys.stderr,
+                leave=False, dynamic_ncols=True)
+
+
+def inference_copy(model, model_config):
+    """(model, config) computing the same function with dropout 0, in eval mode.
+
+    Dropout only acts in training, so the copy decodes identically; exporting
+    it keeps a training-only setting out of the deployed file (and out of the
+    export's parity check, which compares stepping in whatever mode the
+    exporter leaves the model)."""
+    values = model_config.to_dict()
+    values["dropout"] = 0.0
+    config = ModelConfig.from_dict(values)
+    copy_model = build_model(config)
+    copy_model.load_state_dict(model.state_dict())
+    copy_model.eval()
+    return copy_model, config
+
+
+def _write_outputs(prepared, run_dir, seed, context, result):
+    """config.json, model.onnx, metrics.json and report.png from the best model (rank 0)."""
+    from neurohand.train.export import export_onnx
+    from neurohand.train import report
+
+    model, model_config, state = result["model"], result["model_config"], result["state"]
+    first = prepared.recordings[0]
+    config = {
+        "format": RUN_FORMAT, "version": RUN_VERSION,
+        "mode": prepared.settings["mode"],
+        "pipeline": prepared.pipeline.to_config(),
+        "model": model_config.to_dict(),
+        "labels": {"stream": first.labels.name, "names": list(first.labels.names), "rate": first.labels.rate,
+                   "scaling": prepared.label_scaling.to_config()},
+        "split": {"settings": prepared.settings["split"], "guard_samples": dataset.guard_samples(prepared.pipeline),
+                  "recordings": [dict(splits.describe(method, segments, rec.signal_rate),
+                                      recording=os.path.basename(rec.path))
+                                 for rec, (method, segments) in zip(prepared.recordings, prepared.plans)]},
+        "settings": prepared.settings,
+        "recordings": [os.path.abspath(r.path) for r in prepared.recordings],
+        "channel_names": first.channel_names,
+        "seed": seed,
+    }
+    write_json_atomic(os.path.join(run_dir, FILES["config"]), config)
+    model = model.cpu()
+    onnx_report = export_onnx(*inference_copy(model, model_config), path=os.path.join(run_dir, FILES["onnx"]))
+    scores, predictions = {}, {}
+    for name in splits.SPLIT_NAMES:
+        scores[name], predictions[name] = score_sequences(model, prepared.sequences[name], torch.device("cpu"))
+    history = state["history"]
+    summary = {
+        "run_dir": os.path.abspath(run_dir),
+        "scores": scores,
+        "label_names": list(first.labels.names),
+        "history": history,
+        "epochs_run": state["epoch"], "best_epoch": state["best_epoch"], "stopped": state["stopped"],
+        "train_seconds": state["elapsed_s"],
+        "device": str(context.device), "world_size": context.world_size, "seed": seed,
+        "n_windows": {name: int(sum(len(s.features) for s in prepared.sequences[name]))
+                      for name in splits.SPLIT_NAMES},
+        "onnx": {k: onnx_report[k] for k in onnx_report if k in ("sha256", "max_abs_error", "steps_checked",
+                                                                  "check_steps", "errors", "opset")},
+        "scores_in": "labels scaled to 0..1 (see config.json labels.scaling); R2 and r are unaffected",
+    }
+    write_json_atomic(os.path.join(run_dir, FILES["metrics"]), summary)
+    test = prepared.sequences["test"]
+    report.write_report(os.path.join(run_dir, FILES["report"]),
+                        truth=np.concatenate([s.labels for s in test]),
+                        prediction=np.concatenate(predictions["test"]),
+                        steps_per_s=dataset.steps_per_second(prepared.pipeline),
+                        label_names=list(first.labels.names), r2=scores["test"]["r2"], history=history,
+                        title="{} - test mean R2 {:.3f}".format(os.path.basename(first.path),
+                                                                 scores["test"]["mean_r2"]))
+    return metrics.json_ready(summary)
