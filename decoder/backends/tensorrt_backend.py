@@ -261,8 +261,12 @@ def build_engine(onnx_path, engine_path, fp16=False, workspace_mb=DEFAULT_WORKSP
     return metadata
 
 
-def _check_engine_metadata(trt, onnx_path, engine_path, fp16):
-    """Refuse an engine that belongs to another model, TensorRT version or precision."""
+def _check_engine_metadata(trt, onnx_path, engine_path, fp16, gpu_name):
+    """Refuse an engine that belongs to another model, TensorRT version, GPU or precision.
+
+    TensorRT engines are tuned to the GPU they were built on and are not
+    portable between TensorRT versions, so either mismatch means: rebuild.
+    """
     sidecar = engine_path + ENGINE_METADATA_SUFFIX
     try:
         with open(sidecar) as handle:
@@ -276,6 +280,8 @@ def _check_engine_metadata(trt, onnx_path, engine_path, fp16):
     if metadata.get("tensorrt_version") != str(trt.__version__):
         problems.append("it was built with TensorRT {} but this is {}".format(
             metadata.get("tensorrt_version"), trt.__version__))
+    if metadata.get("gpu_name") != gpu_name:
+        problems.append("it was built for GPU {!r} but this is {!r}".format(metadata.get("gpu_name"), gpu_name))
     if bool(metadata.get("fp16")) != bool(fp16):
         problems.append("it was built with fp16={} but fp16={} was asked for".format(metadata.get("fp16"), fp16))
     if problems:
@@ -379,12 +385,13 @@ class TensorRTBackend(Backend):
             build_engine(onnx_path, engine_path, fp16=fp16, workspace_mb=workspace_mb)
             source = "built and saved to {}".format(engine_path)
         elif engine_path is not None:
-            _check_engine_metadata(trt, onnx_path, engine_path, fp16)
             source = "loaded from {}".format(engine_path)
         else:
             source = "built in memory"
         context = _CudaContext(cuda)
         try:
+            if source.startswith("loaded"):
+                _check_engine_metadata(trt, onnx_path, engine_path, fp16, context.device.name())
             if engine_path is not None:
                 with open(engine_path, "rb") as handle:
                     serialized = handle.read()

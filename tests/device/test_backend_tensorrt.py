@@ -119,13 +119,24 @@ def test_engine_is_built_and_cached_when_absent(fake, tmp_path):
     assert backend._engine.header["workspace"] == 256 << 20
 
 
-def test_engine_of_another_model_or_version_is_refused(fake, tmp_path, monkeypatch):
+def test_engine_of_another_model_version_or_gpu_is_refused(fake, tmp_path, monkeypatch):
     engine_path = str(tmp_path / "gru.engine")
     build_engine(golden("gru")[0], engine_path)
     with pytest.raises(ConfigError, match="different model"):
         create_backend("tensorrt", golden("lstm")[0], engine_path=engine_path)
     with pytest.raises(ConfigError, match="fp16"):
         create_backend("tensorrt", golden("gru")[0], engine_path=engine_path, fp16=True)
+    with open(engine_path + ".json") as handle:
+        metadata = json.load(handle)
+    metadata["gpu_name"] = "NVIDIA GeForce RTX 3090"
+    with open(engine_path + ".json", "w") as handle:
+        json.dump(metadata, handle)
+    with pytest.raises(ConfigError, match="built for GPU 'NVIDIA GeForce RTX 3090'"):
+        create_backend("tensorrt", golden("gru")[0], engine_path=engine_path)
+    assert not fake.gpu.context_stack                     # the refused load popped its context
+    metadata["gpu_name"] = "Fake NVIDIA Tegra X1"
+    with open(engine_path + ".json", "w") as handle:
+        json.dump(metadata, handle)
     other = FakeGpuStack("10.3.0" if fake.trt.__version__.startswith("8") else "8.2.1.8")
     other.install(monkeypatch)
     with pytest.raises(ConfigError, match="built with TensorRT"):
