@@ -159,3 +159,19 @@ def test_bad_json_file_names_the_file(tmp_path):
     path.write_text('[1, 2]')
     with pytest.raises(ConfigError, match="JSON object"):
         load_runtime_config(str(path))
+
+
+def test_cli_options_build_the_config_without_importing_numpy(tmp_path):
+    import subprocess
+    import sys
+    path = tmp_path / "runtime.json"
+    path.write_text(json.dumps({"safe_posture": "hold", "data_timeout_ms": 80}))
+    code = ("import argparse, sys\n"
+            "from neurohand.deploy.runtime.options import add_runtime_arguments, config_from_args\n"
+            "parser = add_runtime_arguments(argparse.ArgumentParser())\n"
+            "args = parser.parse_args(['--runtime-config', sys.argv[1], '--data-timeout-ms', '150', '--quiet'])\n"
+            "config = config_from_args(args)\n"
+            "print(config.safe_posture, config.data_timeout_ms, config.status_interval_s, args.quiet,\n"
+            "      'numpy' in sys.modules)\n")
+    out = subprocess.check_output([sys.executable, "-c", code, str(path)], universal_newlines=True)
+    assert out.split() == ["hold", "150.0", "0.0", "True", "False"]
