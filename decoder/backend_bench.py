@@ -1,7 +1,12 @@
 """``neurohand bench backends``: per-step latency of each inference backend.
 
     {"rnn_step": {"numpy": {"p50_us": ..., "p99_us": ..., ...}, "onnxruntime": {...}, ...},
+     "decode_step": {"numpy": {...}, "onnxruntime": {...}},
      "model": {...}, "skipped": {"tensorrt": "why"}}
+
+``decode_step`` is the whole per-stride step of the runtime: one 20 ms block
+(200 samples x 16 channels of simulated nerve signal) through the filter
+chain, the window features, normalisation and the RNN step.
 
 Each backend runs ``steps`` stateful steps ``repeats`` times; p50/p99 are
 taken per repeat and the median over repeats is reported, with the range over
@@ -12,9 +17,6 @@ feature count for 16 channels (decoder/pipeline.py), random weights, exported
 with train/export.py -- which needs torch, so on a device without torch
 :func:`measure_backends` is called with a bundle's model instead.
 
-Hook for the whole decode step: :func:`measure_step` times any callable per
-step and returns the same figures, e.g. ``"decode_step": measure_step(lambda:
-runtime.step(block))``.
 """
 import os
 import shutil
@@ -93,6 +95,53 @@ def measure_backends(onnx_path, names=None, steps=2000, repeats=5, engine_path=N
     return results, skipped
 
 
+def measure_decode_steps(onnx_path, pipeline, signals_uv, names, steps=2000, repeats=5, engine_path=None):
+    """Latency of the whole decode step: one stride block through DSP, features and the RNN.
+
+    ``signals_uv`` (n_samples, n_channels) is cycled through block by block so
+    the filter state evolves as on real data.  Returns (results, skipped) as
+    :func:`measure_backends`.
+    """
+    from neurohand.decoder.backends import BACKENDS, create_backend
+
+    stride = pipeline.stride_samples
+    n_blocks = len(signals_uv) // stride
+    blocks = [np.ascontiguousarray(signals_uv[i * stride:(i + 1) * stride]) for i in range(n_blocks)]
+    results, skipped = {}, {}
+    for name in names or list(BACKENDS):
+        reason = BACKENDS[name].unavailable_reason()
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        backend = create_backend(name, onnx_path, engine_path=engine_path)
+        try:
+            stream = pipeline.stream()
+            holder = {"state": backend.initial_state(), "block": 0}
+
+            def step():
+                features, _ = stream.push(blocks[holder["block"] % n_blocks])
+                holder["block"] += 1
+                for row in features:
+                    holder["state"] = backend.step(row, holder["state"])[1]
+            results[name] = measure_step(step, steps, repeats)
+        finally:
+            backend.close()
+    return results, skipped
+
+
+def _default_pipeline_and_signals(seconds):
+    """The default 16-channel pipeline, normalised on simulated data, and that data in µV."""
+    from neurohand.decoder.pipeline import FeaturePipeline
+    from neurohand.firmware_bridge.simulator import NerveSimulator, SimulatorConfig
+
+    simulator = NerveSimulator.from_config(SimulatorConfig(seconds=seconds, n_channels=N_CHANNELS, seed=0))
+    signals = simulator.signals_uv(0, int(seconds * 10000))
+    pipeline = FeaturePipeline.design(10000.0, N_CHANNELS)
+    features, _ = pipeline.transform(signals)
+    pipeline.fit_normalisation(features)
+    return pipeline, signals
+
+
 def _export_default_model(directory, n_features):
     from neurohand.decoder.model import ModelConfig, build_model
     from neurohand.train.export import export_onnx
@@ -119,8 +168,15 @@ def run(quick):
         path, config = _export_default_model(directory, n_features)
         results, skipped = measure_backends(path, steps=steps, repeats=repeats,
                                             engine_path=os.path.join(directory, "bench.engine"))
+        pipeline, signals = _default_pipeline_and_signals(4.0 if quick else 20.0)
+        decode, _ = measure_decode_steps(path, pipeline, signals, [name for name in results if name != "torch"],
+                                         steps=steps // 4, repeats=repeats,
+                                         engine_path=os.path.join(directory, "bench.engine"))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     model = config.to_dict()
     model["n_features_source"] = source
-    return {"rnn_step": results, "skipped": skipped, "model": model, "quick": bool(quick)}
+    return {"rnn_step": results, "decode_step": decode, "skipped": skipped, "model": model, "quick": bool(quick),
+            "decode_step_is": "one {}-sample block of {} channels: filter chain, window features, "
+                              "normalisation and the RNN step".format(pipeline.stride_samples, N_CHANNELS),
+            "target": "decode_step p99_us <= 1000 with numpy and onnxruntime"}

@@ -34,3 +34,7 @@ def test_cli_prints_one_json_object(capsys):
     if document["rnn_step"]:      # torch present: the default-size model was measured
         assert "numpy" in document["rnn_step"] and "torch" in document["rnn_step"]
         assert document["model"]["hidden_size"] == 128 and document["model"]["num_layers"] == 2
+        assert set(document["decode_step"]) == set(document["rnn_step"]) - {"torch"}
+        for name, figures in document["decode_step"].items():
+            # A decode step contains an RNN step, so its typical time cannot be smaller.
+            assert figures["p50_us"] >= document["rnn_step"][name]["p50_us"] * 0.5
