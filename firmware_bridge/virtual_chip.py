@@ -35,6 +35,7 @@ from neurohand.firmware_bridge.errors import LinkError, UsageError
 
 INT16_MAX = 32767
 OUTPUT_LIMIT_BYTES = 256 * 1024     # a chip's transmit buffer: beyond this, whole frames are dropped
+DRAIN_SETTLE_S = 0.2                # see VirtualChip.serve
 CHIP_ID = 0x4E480001                # "NH" + 1
 MODEL = "NH-VIRTUAL"
 MAX_SAMPLE_RATE_HZ = 30000
@@ -469,7 +470,7 @@ class VirtualChip:
         pty discards what its reader has not read yet."""
         if not self.connected and self._replug_at is None:
             self.open()
-        finished_at = None
+        finished_at = drained_since = None
         while not stop_event.is_set():
             now = self._clock()
             self._maybe_unplug_or_replug(now)
@@ -481,7 +482,14 @@ class VirtualChip:
             if self.finished:
                 if finished_at is None:
                     finished_at = now
-                if (not self._out and self.unread_bytes() == 0) or now - finished_at > drain_timeout_s:
+                if self._out or self.unread_bytes():
+                    drained_since = None
+                elif drained_since is None:
+                    drained_since = now
+                # The kernel moves bytes into the reader's queue asynchronously, so
+                # "nothing unread" must hold for a while before it is believed.
+                if (drained_since is not None and now - drained_since >= DRAIN_SETTLE_S) \
+                        or now - finished_at > drain_timeout_s:
                     return
             timeout = 0.05
             if self.streaming:
