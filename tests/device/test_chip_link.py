@@ -276,3 +276,45 @@ def test_cli_streams_a_recording_file_with_seeded_faults(tmp_path):
     for frame in host.frames():
         start = 1000 + frame.sequence * 20
         np.testing.assert_array_equal(frame.samples, samples[start:start + 20])
+
+
+def test_write_timeout_is_reported_not_hung():
+    master, slave = os.openpty()         # nobody reads the master: the terminal's buffer fills up
+    try:
+        import tty
+        tty.setraw(slave)
+        link = SerialLink(os.ttyname(slave), LinkProtocol(), write_timeout_s=0.2).open()
+        try:
+            with pytest.raises(LinkError, match="timed out after 0.2 s"):
+                for _ in range(64):
+                    link.write(b"\x00" * 65536)
+            assert link.counters.write_timeouts == 1
+        finally:
+            link.close()
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_cli_stops_cleanly_on_sigterm_and_prints_counters(tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    recording = str(tmp_path / "rec.nhr")
+    write_recording(recording, np.zeros((2000, 2), np.int16), 10000.0, scale_uv=[1.0, 1.0])
+    process = subprocess.Popen([sys.executable, "-m", "neurohand.deploy", "virtual-chip", recording, "--loop",
+                                "--autostart"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               universal_newlines=True)
+    try:
+        assert process.stdout.readline().startswith("/dev/")
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr
+    summary = json.loads(stderr.strip().splitlines()[-1])
+    assert summary["chip"]["loops"] >= 1          # 0.2 s of recording, looped for 0.5 s
