@@ -17,17 +17,17 @@ C-contiguous, handed to both libraries.
 Definitions (read from LibEMG 2.0.3's ``feature_extractor.py``; ``x`` one
 channel of one window, ``d[i] = x[i+1] - x[i]``):
 
-====  ==========================================  =============================================
-name  LibEMG                                      ours, with the setting that matches
-====  ==========================================  =============================================
-MAV   mean |x|                                    same
-RMS   sqrt(mean x^2)                              same
-WL    sum |d|                                     same
-ZC    diff(sign(x)) == +-2, no threshold          x[i] x[i+1] < 0 and |d[i]| >= T; T = 0 matches
-SSC   (x[i]-x[i-1])(x[i]-x[i+1]) >= SSC_threshold  product > 0 and product >= T^2: T^2 is LibEMG's
-      (µV^2, default 0.0)                         SSC_threshold, except that with 0 LibEMG also
-                                                  counts a product of exactly 0 (a flat step)
-====  ==========================================  =============================================
+====  ===============================================  ==========================================
+name  LibEMG                                           ours, with the setting that matches
+====  ===============================================  ==========================================
+MAV   mean |x|                                         same
+RMS   sqrt(mean x^2)                                   same
+WL    sum |d|                                          same
+ZC    diff(sign(x)) == +-2, no threshold               x[i] x[i+1] < 0 and |d[i]| >= T; T = 0
+SSC   (x[i]-x[i-1])(x[i]-x[i+1]) >= SSC_threshold      product > 0 and product >= T^2, so T^2 is
+      (µV^2, default 0.0)                              SSC_threshold, except that at 0 LibEMG also
+                                                       counts a product of exactly 0 (a flat step)
+====  ===============================================  ==========================================
 
 So the main comparison runs ours with ``threshold_uv = 0`` against LibEMG's
 defaults (ZC has no threshold in LibEMG); flat steps, where SSC may differ,
@@ -35,12 +35,22 @@ are counted and reported (``ssc_flat_steps``).  A second SSC comparison uses
 our default threshold (0.5 µV) against ``SSC_threshold = 0.25`` µV^2, which is
 the same rule exactly.  ZC at a non-zero threshold has no LibEMG counterpart.
 
-LibEMG is not a dependency of neurohand: it pulls ~60 packages (GUI, audio,
+LibEMG is not a dependency of neurohand: it pulls ~65 packages (GUI, audio,
 device SDKs).  Where it cannot be imported, :func:`run` says why and measures
 nothing.  Timing, in two cases: all windows in one call (offline), and one
 window per call (the runtime's streaming case, where fixed per-call costs
 dominate); the two libraries alternate repeat by repeat, and the report gives
 medians with [min, max], because the machine is shared.
+
+Running it with LibEMG (a separate venv: LibEMG 2.0.3 pins ``numpy<2.0``, which
+the workstation constraints' numpy 2.x excludes; ~65 packages, ~1 GB)::
+
+    python3 -m venv /tmp/libemg-venv
+    /tmp/libemg-venv/bin/pip install libemg==2.0.3 pytest
+    # neurohand itself, editable, without touching the tree: reuse .venv's finder
+    cp .venv/lib/python3.11/site-packages/__editable__*neurohand* /tmp/libemg-venv/lib/python3.11/site-packages/
+    /tmp/libemg-venv/bin/python -m neurohand.deploy bench libemg      # --json: one line
+    /tmp/libemg-venv/bin/python -m pytest -q -p no:cacheprovider tests/workstation/test_libemg_compare.py
 """
 import contextlib
 import sys
