@@ -33,6 +33,11 @@ def _simulate(quick):
     return simulator_bench.run(quick)
 
 
+def _libemg(quick):
+    from neurohand.decoder import libemg_compare
+    return libemg_compare.run(quick)
+
+
 # Explicit registry: target name -> function.  Later targets (decoding,
 # latency, footprint) are added here as they land.
 TARGETS = {
@@ -41,6 +46,7 @@ TARGETS = {
     "features": _features,
     "backends": _backends,
     "simulate": _simulate,
+    "libemg": _libemg,
 }
 
 
