@@ -502,7 +502,7 @@ def _train(prepared, run_dir, seed, context, resume, digest, progress):
     state = {"epoch": 0, "best_score": -math.inf, "best_epoch": 0, "bad_epochs": 0, "lr_bad_epochs": 0,
              "lr": settings["learning_rate"], "elapsed_s": 0.0, "stopped": "",
              "history": {"epoch": [], "train_loss": [], "validation_loss": [], "validation_r2": [], "lr": [],
-                         "seconds": []}}
+                         "seconds": [], "batches": []}}
     best_model = _cpu_state(model.state_dict())
     checkpoint_path = os.path.join(run_dir, FILES["checkpoint"])
     if resume:
@@ -568,6 +568,7 @@ def _train(prepared, run_dir, seed, context, resume, digest, progress):
         state["epoch"] = epoch
         state["elapsed_s"] = time.monotonic() - started
         _update_history(state, epoch, losses, validation)
+        state["history"]["batches"].append(len(mine))
         if validation["mean_r2"] > state["best_score"] + settings["min_delta"]:
             state["best_score"], state["best_epoch"] = validation["mean_r2"], epoch
             state["bad_epochs"], state["lr_bad_epochs"] = 0, 0
