@@ -32,8 +32,15 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr (exit 2) instead of the usage text."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, "{}: error: {} (see '{} --help')\n".format(self.prog, message, self.prog))
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="neurohand",
         description=(
             "Decode finger movements from nerve signals and drive a prosthetic hand. "

@@ -68,3 +68,11 @@ def test_check_file_exists(tmp_path):
         checks.check_file_exists("recording", str(tmp_path / "missing.nh"))
     with pytest.raises(UsageError, match="not a file"):
         checks.check_file_exists("recording", str(tmp_path))
+
+
+@pytest.mark.parametrize("args", [["simulat"], ["info"], ["bench", "--no-such-flag"], ["selftest", "b", "--backend", "x"]])
+def test_bad_arguments_are_one_line_with_exit_2(args):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "--help" in lines[0], result.stderr
