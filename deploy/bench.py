@@ -38,6 +38,11 @@ def _libemg(quick):
     return libemg_compare.run(quick)
 
 
+def _footprint(quick):
+    from neurohand.deploy import footprint_bench
+    return footprint_bench.run(quick)
+
+
 # Explicit registry: target name -> function.  Later targets (decoding,
 # latency, footprint) are added here as they land.
 TARGETS = {
@@ -47,6 +52,7 @@ TARGETS = {
     "backends": _backends,
     "simulate": _simulate,
     "libemg": _libemg,
+    "footprint": _footprint,
 }
 
 

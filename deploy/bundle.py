@@ -31,6 +31,7 @@ MANIFEST = "manifest.json"
 MODEL = "model.onnx"
 CONFIG = "config.json"
 GOLDEN = "golden.npz"
+ENGINE = "model.plan"
 BUNDLED_FILES = (MODEL, CONFIG, GOLDEN)
 
 GOLDEN_SEQUENCES = 3
@@ -61,6 +62,19 @@ class Bundle(object):
     @property
     def engine_dir(self):
         return os.path.join(self.path, "engine")
+
+    @property
+    def engine_path(self):
+        """Where ``neurohand build-engine`` stores this device's TensorRT engine."""
+        return os.path.join(self.engine_dir, ENGINE)
+
+    def engine_digest(self):
+        """SHA-256 of the built engine as its metadata records it, or None without one."""
+        try:
+            with open(self.engine_path + ".json") as handle:
+                return json.load(handle).get("engine_sha256")
+        except (OSError, ValueError):
+            return None
 
     @property
     def selftest_dir(self):

@@ -4,7 +4,6 @@ import json
 import os
 
 BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime", "numpy", "torch")
-ENGINE_FILE = "model.plan"
 
 
 def register(subparsers):
@@ -53,10 +52,6 @@ def _bundle(args):
         args.out, manifest["io"]["n_features"], manifest["io"]["n_outputs"], ", ".join(sorted(manifest["files"]))))
 
 
-def engine_path(bundle):
-    return os.path.join(bundle.engine_dir, ENGINE_FILE)
-
-
 def _build_engine(args):
     from neurohand.deploy.bundle import load_bundle
     from neurohand.decoder.backends.tensorrt_backend import build_engine
@@ -64,15 +59,15 @@ def _build_engine(args):
     workspace_mb = check_int("--workspace-mb", args.workspace_mb, minimum=16, maximum=65536)
     bundle = load_bundle(args.bundle)
     os.makedirs(bundle.engine_dir, exist_ok=True)
-    metadata = build_engine(bundle.model_path, engine_path(bundle), fp16=args.fp16, workspace_mb=workspace_mb)
+    metadata = build_engine(bundle.model_path, bundle.engine_path, fp16=args.fp16, workspace_mb=workspace_mb)
     print("engine built with TensorRT {} for {} ({}) -> {}".format(
-        metadata["tensorrt_version"], metadata["gpu_name"], "fp16" if args.fp16 else "fp32", engine_path(bundle)))
+        metadata["tensorrt_version"], metadata["gpu_name"], "fp16" if args.fp16 else "fp32", bundle.engine_path))
 
 
 def open_bundle_backend(bundle, backend_name):
     """Create the backend a bundle runs on; TensorRT uses the bundle's engine."""
     from neurohand.decoder.backends import create_backend
-    path = engine_path(bundle)
+    path = bundle.engine_path
     fp16 = False
     if os.path.isfile(path + ".json"):
         with open(path + ".json") as handle:

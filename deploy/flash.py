@@ -110,7 +110,10 @@ def service_unit(settings):
         "[Service]",
         "Type=simple",
         "User={}".format(settings.service_user),
-        "SupplementaryGroups=dialout",
+        # dialout: the serial ports; video: CUDA/TensorRT device nodes on L4T.
+        "SupplementaryGroups=dialout video",
+        # numpy's OpenBLAS misdetects the Nano's CPU ("Illegal instruction") without this.
+        "Environment=OPENBLAS_CORETYPE=ARMV8",
         "ExecStart={}".format(" ".join(shlex.quote(part) for part in run)),
         "Restart=always",
         "RestartSec=1",
@@ -151,7 +154,7 @@ def _service_user_step(user, staging_root):
     q = shlex.quote
     return Step("create the service user {}".format(user),
                 _sudo_prefix() + "id -u {0} >/dev/null 2>&1 || $SUDO useradd --system --no-create-home "
-                "--shell /usr/sbin/nologin {0}; $SUDO usermod -a -G dialout {0}".format(q(user)), None)
+                "--shell /usr/sbin/nologin {0}; $SUDO usermod -a -G dialout,video {0}".format(q(user)), None)
 
 
 def _system_file_step(description, path, content, staging_root):
@@ -177,14 +180,19 @@ def plan_steps(bundle, settings, source_archive, bundle_archive):
              _sudo_prefix() + "$SUDO mkdir -p {0} && $SUDO chown \"$(id -un)\" {0} && mkdir -p {1}/releases {1}/src".format(
                  q(install), q(install)), None),
         Step("copy the package source", "cat > {}".format(q(install + "/src/neurohand-src.tar.gz")), source_archive),
+        # Re-flashing the bundle already there keeps its folder (and the running
+        # service's files); a different one replaces it only once fully copied.
         Step("copy the bundle to {}".format(release),
-             "rm -rf {0}.partial && mkdir -p {0}.partial && tar -xzf - -C {0}.partial && rm -rf {0} && mv {0}.partial {0}".format(
-                 q(release)), bundle_archive),
+             "rm -rf {0}.partial && mkdir -p {0}.partial && tar -xzf - -C {0}.partial && "
+             "if cmp -s {0}.partial/manifest.json {0}/manifest.json; then rm -rf {0}.partial; "
+             "else rm -rf {0} && mv {0}.partial {0}; fi".format(q(release)), bundle_archive),
         Step("install the package into {}".format(venv),
              "set -e; [ -x {0}/bin/pip ] || {1} -m venv --system-site-packages {0}; "
              "{0}/bin/pip install --quiet --upgrade 'pip<22' 2>/dev/null || true; "
-             "{0}/bin/pip install --quiet --force-reinstall --no-deps {2} && {0}/bin/pip install --quiet {2}".format(
-                 q(venv), q(settings.remote_python), q(install + "/src/neurohand-src.tar.gz")), None),
+             "{0}/bin/pip install --quiet --force-reinstall --no-deps {2} && {0}/bin/pip install --quiet {3}".format(
+                 q(venv), q(settings.remote_python), q(install + "/src/neurohand-src.tar.gz"),
+                 # The TensorRT backend needs pycuda (the [jetson] extra); TensorRT itself is JetPack's.
+                 q(install + "/src/neurohand-src.tar.gz" + ("" if settings.skip_engine else "[jetson]"))), None),
     ]
     if settings.skip_engine:
         steps.append(Step("SKIP build-engine (asked with --skip-engine)", "echo 'build-engine skipped: --skip-engine'", None))

@@ -67,6 +67,8 @@ def run_selftest(bundle, backend, fp16=False):
                     "max": _percentile_us(step_seconds, 100)},
         "device": device_id(),
         "bundle_digest": bundle.digest,
+        # A rebuilt engine is new, untested code on the GPU: the record names the one tested.
+        "engine_sha256": bundle.engine_digest() if backend.name == "tensorrt" else None,
         "unix_time": time.time(),
     }
 
@@ -104,6 +106,9 @@ def require_passed_selftest(bundle, backend_name):
     if report.get("backend") != backend_name:
         raise BundleError("the self-test on this device used backend {!r}, not {!r}; {}".format(
             report.get("backend"), backend_name, hint))
+    if backend_name == "tensorrt" and report.get("engine_sha256") != bundle.engine_digest():
+        raise BundleError("the TensorRT engine of bundle {!r} was rebuilt after its self-test; {}".format(
+            bundle.path, hint))
     if not report.get("passed"):
         raise BundleError("the self-test of bundle {!r} FAILED on this device (max error {} > {}); "
                           "the decoder must not drive a hand".format(

@@ -144,3 +144,31 @@ def test_cli_errors_are_one_line(tmp_path):
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     result = neurohand("bundle", tmp_path / "nothing", "--out", tmp_path / "b")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("version", ["8.2.1.8", "10.3.0"])
+def test_tensorrt_build_selftest_and_rebuilt_engine_needs_a_new_selftest(bundle_path, monkeypatch, capsys, version):
+    """build-engine and selftest through the CLI on the fake TensorRT of each API version."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    try:
+        from fake_tensorrt import FakeGpuStack
+    finally:
+        sys.path.pop(0)
+    from neurohand.deploy.cli import main
+    FakeGpuStack(version).install(monkeypatch)
+    assert main(["build-engine", str(bundle_path)]) == 0
+    assert "engine built with TensorRT {}".format(version) in capsys.readouterr().out
+    assert main(["selftest", str(bundle_path), "--backend", "tensorrt", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] and report["backend"] == "tensorrt" and report["max_abs_error"] <= 1e-4
+    bundle = load_bundle(str(bundle_path))
+    assert report["engine_sha256"] == bundle.engine_digest() is not None
+    selftest.require_passed_selftest(bundle, "tensorrt")
+    # Rebuilding (here: in fp16, a different engine) invalidates the record.
+    os.remove(bundle.engine_path)
+    assert main(["build-engine", str(bundle_path), "--fp16"]) == 0
+    with pytest.raises(BundleError, match="rebuilt after its self-test"):
+        selftest.require_passed_selftest(bundle, "tensorrt")
+    assert main(["selftest", str(bundle_path), "--backend", "tensorrt"]) == 0
+    assert "tolerance 0.01" in capsys.readouterr().out
+    selftest.require_passed_selftest(bundle, "tensorrt")

@@ -108,13 +108,21 @@ def test_flash_installs_bundle_package_and_hardened_service(sshd, bundle, tmp_pa
     version = subprocess.check_output([str(install / "venv" / "bin" / "neurohand"), "--version"], universal_newlines=True)
     assert version.startswith("neurohand ")
     unit = (root / "etc" / "systemd" / "system" / "neurohand.service").read_text()
-    for line in ("User=neurohand", "SupplementaryGroups=dialout", "Restart=always", "NoNewPrivileges=yes",
+    for line in ("User=neurohand", "SupplementaryGroups=dialout video", "Environment=OPENBLAS_CORETYPE=ARMV8", "Restart=always", "NoNewPrivileges=yes",
                  "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes"):
         assert line in unit.splitlines()
     assert "run --bundle {}".format(current) in unit
     rules = (root / "etc" / "udev" / "rules.d" / "99-neurohand.rules").read_text()
     assert 'ATTRS{idVendor}=="0483", ATTRS{idProduct}=="5740", SYMLINK+="neurohand-chip"' in rules
     assert 'SYMLINK+="neurohand-hand"' in rules
+
+    # Flashing the same bundle again keeps the release the service is running from.
+    model_inode = os.stat(str(current / "model.onnx")).st_ino
+    again = flash(bundle, "--host", "root@127.0.0.1:{}".format(sshd["port"]), "--identity", sshd["identity"],
+                  "--known-hosts", sshd["known_hosts"], "--install-dir", install, "--system-root", root,
+                  "--remote-python", device_python(), "--skip-engine", "--backend", "numpy")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert os.stat(str(current / "model.onnx")).st_ino == model_inode
 
 
 def test_dry_run_prints_key_only_commands_and_changes_nothing(bundle, tmp_path):
