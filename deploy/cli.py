@@ -24,7 +24,8 @@ COMMAND_MODULES = (
     "neurohand.firmware_bridge.chip_cli",        # virtual-chip
     "neurohand.firmware_bridge.hand_cli",        # virtual-hand
     "neurohand.train.commands",                  # import, train, evaluate
-    "neurohand.deploy.commands",                 # run, replay, demo, bundle, selftest, ...
+    "neurohand.deploy.commands",                 # bundle, build-engine, selftest, flash
+    "neurohand.deploy.run_cli",                  # run, replay, demo
     "neurohand.deploy.bench",                    # bench
 )
 

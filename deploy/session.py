@@ -1,0 +1,157 @@
+"""The pieces of a run built from a bundle, shared by ``neurohand run`` and ``replay``.
+
+    decoder = load_decoder("my-bundle", "auto")     # verified bundle, pipeline, opened backend
+    document = run_on_chip(decoder, "/dev/neurohand-chip", hand, config, ...)
+
+The chip's µV scale.  A bundle's config does not hold the scale of the
+recording it was trained on, and need not: the feature pipeline works in
+microvolts, so what matters is the scale of the counts *this* chip sends.
+The chip reports it (one float32 ``scale_uv`` for every channel, GET_CONFIG,
+docs/chip-protocol.md): :func:`run_on_chip` reads it first on a short
+connection of its own, then opens the chip for the run with that scale, which
+``chip_opener`` checks again together with the channel count and the rate.
+"""
+from neurohand.firmware_bridge.errors import BundleError, ConfigError, LinkError, ProtocolError
+
+
+class Decoder(object):
+    """A verified bundle with its feature pipeline and an opened backend.
+
+    Attributes: bundle (deploy.bundle.Bundle), pipeline (FeaturePipeline with
+    normalisation), backend (``n_features``, ``n_outputs``, ``step``, ``close``),
+    channel_names (list of str), label_names (list of str, one per output).
+    """
+
+    def __init__(self, bundle, pipeline, backend):
+        self.bundle = bundle
+        self.pipeline = pipeline
+        self.backend = backend
+        names = bundle.config.get("channel_names")
+        if not isinstance(names, list) or len(names) != pipeline.n_channels:
+            names = ["ch{:02d}".format(i) for i in range(pipeline.n_channels)]
+        self.channel_names = [str(name) for name in names]
+        labels = bundle.config.get("labels") or {}
+        label_names = labels.get("names") if isinstance(labels, dict) else None
+        if not isinstance(label_names, list) or len(label_names) != backend.n_outputs:
+            label_names = ["out{}".format(i) for i in range(backend.n_outputs)]
+        self.label_names = [str(name) for name in label_names]
+
+    def metadata(self):
+        """What a recording of this run should say about the decoder."""
+        return {"bundle": self.bundle.path, "bundle_digest": self.bundle.digest, "backend": self.backend.name}
+
+    def close(self):
+        self.backend.close()
+
+
+def load_decoder(bundle_path, backend_name="auto"):
+    """Load and verify BUNDLE, rebuild its feature pipeline, open the backend.
+
+    Raises BundleError/ConfigError (one line) for a bad bundle or a pipeline
+    whose feature count does not match the model's inputs.
+    """
+    from neurohand.decoder.pipeline import FeaturePipeline
+    from neurohand.deploy.bundle import load_bundle
+    from neurohand.deploy.commands import open_bundle_backend
+
+    bundle = load_bundle(bundle_path)
+    pipeline_config = bundle.config.get("pipeline")
+    if not isinstance(pipeline_config, dict):
+        raise BundleError("bundle {!r} has no feature pipeline in its config.json".format(bundle.path))
+    pipeline = FeaturePipeline.from_config(pipeline_config, where="bundle {} config.json pipeline".format(bundle.path))
+    if pipeline.normalisation is None:
+        raise BundleError("bundle {!r}: the feature pipeline has no normalisation (not from a training run)".format(
+            bundle.path))
+    backend, _ = open_bundle_backend(bundle, backend_name)
+    if int(backend.n_features) != int(pipeline.n_features):
+        backend.close()
+        raise BundleError("bundle {!r}: the model takes {} features but its feature pipeline makes {}".format(
+            bundle.path, backend.n_features, pipeline.n_features))
+    return Decoder(bundle, pipeline, backend)
+
+
+class _ReplyCollector(object):
+    """Link protocol that parses chip bytes and passes replies on (data frames are ignored)."""
+
+    def __init__(self):
+        from neurohand.firmware_bridge.chip_parser import ChipParser
+        self.parser = ChipParser()
+        self.on_reply = None
+
+    def connection_made(self, link):
+        pass
+
+    def data_received(self, data):
+        from neurohand.firmware_bridge.chip_parser import ChipReply
+        for event in self.parser.feed(data):
+            if isinstance(event, ChipReply) and self.on_reply is not None:
+                self.on_reply(event)
+
+    def connection_lost(self, exc):
+        self.parser.flush()
+
+
+def read_chip_config(url, baudrate=None, timeout_s=0.5):
+    """Open the chip at ``url`` briefly and return its ChipConfig (GET_CONFIG).
+
+    Raises LinkError (port missing, no answer) or ProtocolError (refused),
+    naming the port.
+    """
+    from neurohand.deploy.runtime.chip import DEFAULT_BAUDRATE
+    from neurohand.firmware_bridge.chip_protocol import ChipCommandChannel
+    from neurohand.firmware_bridge.serial_link import SerialLink
+
+    collector = _ReplyCollector()
+    link = SerialLink(url, collector, baudrate=DEFAULT_BAUDRATE if baudrate is None else baudrate)
+    link.open()
+    try:
+        channel = ChipCommandChannel(link.write, timeout_s=timeout_s)
+        collector.on_reply = channel.handle_reply
+        try:
+            return channel.get_config()
+        except (LinkError, ProtocolError) as exc:
+            raise type(exc)("chip at {}: {}".format(url, exc)) from exc
+    finally:
+        link.close()
+
+
+def chip_scale_uv(url, chip_config):
+    """The chip's µV per count, checked (finite, > 0)."""
+    scale = float(chip_config.scale_uv)
+    if not (scale > 0.0 and scale != float("inf")):
+        raise ConfigError("chip at {} reports a scale of {!r} µV per count; it must be finite and positive".format(
+            url, chip_config.scale_uv))
+    return scale
+
+
+def run_on_chip(decoder, chip_url, hand_spec, config, record_path=None, stats_path=None, duration_s=None,
+                quiet=False, install_signals=True, metadata=None, baudrate=None):
+    """Decode the chip at ``chip_url`` into the hand ``hand_spec`` until stopped; return the stats document.
+
+    Reads the chip's configuration first (scale, channels, rate) and refuses a
+    chip configured differently from the bundle before the hand is opened.
+    ``hand_spec`` is a ``create_hand`` specification (``psyonic:PORT``,
+    ``neurohand:PORT``, ``keys:MAPFILE``, ``none``).  The hand and the backend
+    are closed on return, whatever happened (the hand after its safe posture).
+    """
+    from neurohand.deploy.runtime import run_realtime
+    from neurohand.deploy.runtime.chip import DEFAULT_BAUDRATE, _check_chip_config, chip_opener
+    from neurohand.firmware_bridge.hands import create_hand
+
+    pipeline = decoder.pipeline
+    baudrate = DEFAULT_BAUDRATE if baudrate is None else baudrate
+    try:
+        chip_config = read_chip_config(chip_url, baudrate)
+        scale = [chip_scale_uv(chip_url, chip_config)] * pipeline.n_channels
+        _check_chip_config(chip_url, chip_config, pipeline.n_channels, pipeline.signal_rate, None)
+        hand = create_hand(hand_spec, n_outputs=decoder.backend.n_outputs)
+    except BaseException:
+        decoder.close()
+        raise
+    info = decoder.metadata()
+    info.update({"chip": chip_url, "chip_scale_uv": scale[0], "hand": hand_spec})
+    info.update(metadata or {})
+    open_chip = chip_opener(chip_url, pipeline.n_channels, pipeline.signal_rate, scale, baudrate=baudrate)
+    return run_realtime(pipeline, decoder.backend, hand, open_chip, scale, decoder.channel_names, config,
+                        record_path=record_path, stats_path=stats_path, duration_s=duration_s, quiet=quiet,
+                        metadata=info, install_signals=install_signals)
