@@ -3,12 +3,24 @@
 Never use ``assert`` for user input: it vanishes under ``python -O``.  These
 helpers raise :class:`UsageError` with a message that names the parameter, the
 value received and what was expected.
+
+JSON from files (configs, manifests, recording headers) is parsed here too, by
+:func:`parse_json` and :func:`load_json_file`: whatever the bytes are, they give
+a value or one error naming the file, never a RecursionError, a
+UnicodeDecodeError or a locale-dependent decoding (files are always UTF-8).
 """
 import difflib
+import json
 import numbers
 import os
 
-from neurohand.firmware_bridge.errors import UsageError
+from neurohand.firmware_bridge.errors import ConfigError, UsageError
+
+#: Deepest nesting of arrays/objects accepted in a JSON file.  Our files nest
+#: at most about 6 levels; a deeper one is damage, and refusing it here keeps
+#: every later recursive walk (copy.deepcopy, np.array) far from Python's
+#: recursion limit.
+MAX_JSON_DEPTH = 64
 
 
 def check_option(name, value, allowed):
@@ -37,7 +49,12 @@ def check_number(name, value, minimum=None, maximum=None, exclusive_minimum=Fals
     """Return ``value`` as a finite float within the given bounds."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise UsageError("{} must be a number, but got {!r}".format(name, value))
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        # A JSON integer such as 10**400 is a valid int but no float holds it.
+        raise UsageError("{} must be a finite number, but got an integer of {} digits".format(
+            name, len(str(abs(int(value)))))) from None
     if value != value or value in (float("inf"), float("-inf")):
         raise UsageError("{} must be finite, but got {!r}".format(name, value))
     if exclusive_minimum and minimum is not None and value <= minimum:
@@ -78,3 +95,89 @@ def check_parent_writable(name, path):
     if not os.path.isdir(parent):
         raise UsageError("{} {!r}: directory {!r} does not exist".format(name, path, parent))
     return path
+
+
+def check_real_array(name, value):
+    """Return ``value`` (nested lists of numbers, or an ndarray) as a float64 ndarray.
+
+    Refuses what ``np.array(value, dtype=float)`` would silently accept or
+    crash on: booleans (``True`` would become 1.0), strings, None, integers too
+    large for a float (OverflowError) and ragged nesting.  The shape is for the
+    caller to check.
+    """
+    import numpy as np   # here, not at the top: the CLI imports this module without numpy
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif isinstance(item, np.ndarray):
+            if item.dtype.kind not in "fiu":
+                raise UsageError("{} must hold real numbers, but has dtype {}".format(name, item.dtype))
+        elif isinstance(item, bool) or not isinstance(item, numbers.Real):
+            raise UsageError("{} must hold only numbers, but holds {!r}".format(name, item))
+    try:
+        return np.array(value, dtype=np.float64)
+    except OverflowError:
+        raise UsageError("{} holds an integer too large for a float".format(name)) from None
+    except (TypeError, ValueError) as exc:
+        raise UsageError("{} must be a regular (not ragged) array of numbers: {}".format(name, exc)) from None
+
+
+def json_depth(value):
+    """Nesting depth of a parsed JSON value (a scalar is 0, ``[]`` is 1); iterative."""
+    deepest = 0
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            depth += 1
+            deepest = max(deepest, depth)
+            if depth <= MAX_JSON_DEPTH:
+                pending.extend((child, depth) for child in item)
+    return deepest
+
+
+def parse_json(data):
+    """Parse JSON text (str, or bytes as UTF-8); raise ValueError describing any problem.
+
+    ValueError covers invalid UTF-8, invalid JSON (json.JSONDecodeError),
+    integers with too many digits (Python 3.11+) and nesting deeper than
+    :data:`MAX_JSON_DEPTH` -- which the C parser would otherwise report as a
+    RecursionError, or accept for a later walk to crash on.
+    """
+    if isinstance(data, (bytes, bytearray)):
+        data = bytes(data).decode("utf-8")   # UnicodeDecodeError is a ValueError
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise ValueError("nested more than {} levels deep".format(MAX_JSON_DEPTH)) from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise ValueError("nested more than {} levels deep".format(MAX_JSON_DEPTH))
+    return value
+
+
+def load_json_file(path, what, error=ConfigError, require_object=True):
+    """Read the UTF-8 JSON file at ``path``; raise ``error`` naming ``what`` and the path.
+
+    what : str, e.g. "runtime config"; messages read "runtime config '/x.json' ..."
+    error : NeurohandError subclass to raise
+    require_object : bool, refuse anything but a JSON object (dict)
+    """
+    path = os.fspath(path)
+    try:
+        # Binary read + explicit UTF-8: open(path) would decode with the
+        # locale's encoding, ASCII under LANG=C (systemd on the Jetson).
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise error("{} {!r} cannot be read: {}".format(what, path, exc)) from exc
+    try:
+        value = parse_json(data)
+    except ValueError as exc:
+        raise error("{} {!r} is not valid JSON: {}".format(what, path, exc)) from None
+    if require_object and not isinstance(value, dict):
+        raise error("{} {!r} must hold a JSON object, not {}".format(what, path, type(value).__name__))
+    return value

@@ -58,6 +58,10 @@ LABEL_DTYPE = np.dtype("<f4")
 # Pending events beyond this are written even without new signal chunks, so
 # the writer's memory stays bounded when a caller only adds events.
 MAX_PENDING_EVENTS = 1024
+# Most signal channels (and label columns) a recording may have.  Far above any
+# electrode array (the chip link carries 64); a header listing more is damage,
+# and the cap bounds the per-channel work of opening one.
+MAX_CHANNELS = 65536
 INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
 
 
@@ -100,14 +104,16 @@ def _chunk_bytes(kind, payload):
 
 def _check_names(what, names):
     if isinstance(names, (str, bytes)) or not isinstance(names, collections.abc.Sequence):
-        raise UsageError("{} must be a list of strings, but got {!r}".format(what, names))
-    names = list(names)
+        raise UsageError("{} must be a list of strings, but got {!r}".format(what, _short(names)))
     if not names:
         raise UsageError("{} must not be empty".format(what))
+    if len(names) > MAX_CHANNELS:
+        raise UsageError("{} must be at most {} names, but there are {}".format(what, MAX_CHANNELS, len(names)))
+    names = list(names)
     for name in names:
         if not isinstance(name, str) or not name:
-            raise UsageError("{} must be non-empty strings, but got {!r}".format(what, name))
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+            raise UsageError("{} must be non-empty strings, but got {!r}".format(what, _short(name)))
+    duplicates = sorted(name for name, count in collections.Counter(names).items() if count > 1)
     if duplicates:
         raise UsageError("{} must be unique, but {} appear more than once".format(
             what, ", ".join(repr(d) for d in duplicates)))
@@ -122,10 +128,9 @@ def _check_scales(scale_uv, n_channels, dtype):
         return None
     if scale_uv is None:
         raise UsageError("scale_uv (microvolts per count, one per channel) is required for int16 signals")
-    try:
-        scales = np.asarray(scale_uv, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise UsageError("scale_uv must be a list of numbers, but got {!r}".format(scale_uv)) from exc
+    if isinstance(scale_uv, (str, bytes, dict)):
+        raise UsageError("scale_uv must be a list of numbers, but got {!r}".format(_short(scale_uv)))
+    scales = checks.check_real_array("scale_uv", scale_uv)
     if scales.shape != (n_channels,):
         raise UsageError("scale_uv must have one value per channel ({}), but has shape {}".format(
             n_channels, scales.shape))
@@ -167,6 +172,12 @@ def _check_metadata(metadata):
         raise UsageError("metadata must be JSON-able (str keys; str, int, float, bool, None, "
                          "lists and dicts; no NaN): {}".format(exc)) from exc
     return dict(metadata)
+
+
+def _short(value, limit=80):
+    """repr of ``value`` cut to ``limit`` characters, for messages about damaged input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _samples_per_interval(interval_s, rate):
@@ -597,9 +608,9 @@ class _Scanner(object):
         if kind != HEAD:
             raise _BadChunk("first chunk is {}, not HEAD".format(_kind_text(kind)))
         try:
-            header = json.loads(payload.decode("ascii"))
+            header = checks.parse_json(payload.decode("ascii"))
             self.result.header = _parse_header(header)
-        except (ValueError, KeyError, TypeError, UsageError) as exc:
+        except (ValueError, UsageError) as exc:
             raise _BadChunk("invalid header: {}".format(exc)) from None
         self.result.labels = [[] for _ in self.result.header["label_streams"]]
 
@@ -640,9 +651,11 @@ class _Scanner(object):
     def _take_events(self, payload_offset, payload):
         where = payload_offset - CHUNK_HEADER.size
         try:
-            events = json.loads(payload.decode("ascii"))
+            events = checks.parse_json(payload.decode("ascii"))
+            if not isinstance(events, list):
+                raise ValueError("expected a list of events, but got {}".format(type(events).__name__))
             parsed = [_parse_event(e) for e in events]
-        except (ValueError, TypeError) as exc:
+        except ValueError as exc:
             raise _BadChunk("EVNT chunk at byte {} is invalid: {}".format(where, exc)) from None
         self.result.events.extend(parsed)
 
@@ -652,7 +665,7 @@ class _Scanner(object):
                  "label_samples": {s["name"]: int(sum(len(a) for a in self.result.labels[i]))
                                    for i, s in enumerate(self.result.header["label_streams"])}}
         try:
-            totals = json.loads(payload.decode("ascii"))
+            totals = checks.parse_json(payload.decode("ascii"))
         except ValueError as exc:
             raise _BadChunk("DONE chunk at byte {} is invalid: {}".format(where, exc)) from None
         if totals != found:
@@ -668,20 +681,46 @@ def _kind_text(kind):
     return kind.decode("ascii", "backslashreplace")
 
 
+def _field(container, key, where):
+    """``container[key]`` of the HEAD JSON; ValueError naming the field if absent.
+
+    where : str, the JSON path of ``container`` ("" for the top level), e.g. "signal"
+    """
+    name = "{}.{}".format(where, key) if where else key
+    if not isinstance(container, dict):
+        raise ValueError("{} must be an object, but got {}".format(where or "the header", _short(container)))
+    if key not in container:
+        raise ValueError("field {!r} is missing".format(name))
+    return container[key]
+
+
 def _parse_header(header):
-    """Validate the HEAD JSON; return it with normalised types."""
+    """Validate the HEAD JSON; return it with normalised types.
+
+    Raises ValueError or UsageError whose message names the field.
+    """
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise ValueError("not a {} header".format(FORMAT_NAME))
-    signal = header["signal"]
-    rate = checks.check_number("signal rate", signal["rate"], minimum=0.0, exclusive_minimum=True)
-    dtype = checks.check_option("dtype", signal["dtype"], list(SIGNAL_DTYPES))
-    names = _check_names("channel names", signal["channel_names"])
-    scales = _check_scales(signal["scale_uv"], len(names), dtype)
-    streams = _check_label_streams(collections.OrderedDict(
-        (s["name"], {"rate": s["rate"], "names": s["names"]}) for s in header["label_streams"]))
-    if len(streams) != len(header["label_streams"]):
-        raise ValueError("label stream names are not unique")
-    metadata = header["metadata"]
+    signal = _field(header, "signal", "")
+    rate = checks.check_number("signal rate", _field(signal, "rate", "signal"), minimum=0.0,
+                               exclusive_minimum=True)
+    dtype = checks.check_option("dtype", _field(signal, "dtype", "signal"), list(SIGNAL_DTYPES))
+    names = _check_names("channel names", _field(signal, "channel_names", "signal"))
+    scales = _check_scales(_field(signal, "scale_uv", "signal"), len(names), dtype)
+    stored_streams = _field(header, "label_streams", "")
+    if not isinstance(stored_streams, list):
+        raise ValueError("label_streams must be a list, but got {}".format(_short(stored_streams)))
+    specs = collections.OrderedDict()
+    for index, stream in enumerate(stored_streams):
+        where = "label_streams[{}]".format(index)
+        name = _field(stream, "name", where)
+        if not isinstance(name, str):
+            raise ValueError("{}.name must be a string, but got {}".format(where, _short(name)))
+        if name in specs:
+            raise ValueError("label stream names are not unique ({!r} repeats)".format(name))
+        specs[name] = {"rate": _field(stream, "rate", where), "names": _field(stream, "names", where)}
+    streams = _check_label_streams(specs)
+    metadata = _field(header, "metadata", "")
     if not isinstance(metadata, dict):
         raise ValueError("metadata is not an object")
     return {"rate": rate, "dtype": dtype, "channel_names": names, "scale_uv": scales,

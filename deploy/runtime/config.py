@@ -13,7 +13,6 @@ JSON example (every key optional)::
      "recovery_windows": 5, "smoothing_tau_ms": [0, 30, 30, 30, 30],
      "max_slew_per_s": 10, "calibration": {"lo": [0.05, 0, 0, 0, 0], "hi": 0.9}}
 """
-import json
 import numbers
 
 from neurohand.firmware_bridge import checks
@@ -129,14 +128,7 @@ def load_runtime_config(path=None, overrides=None):
     settings = {}
     if path is not None:
         checks.check_file_exists("runtime config", path)
-        try:
-            with open(path) as handle:
-                settings = json.load(handle)
-        except (OSError, ValueError) as exc:
-            raise ConfigError("runtime config {!r} is not readable JSON: {}".format(path, exc)) from exc
-        if not isinstance(settings, dict):
-            raise ConfigError("runtime config {!r} must hold a JSON object, not {}".format(
-                path, type(settings).__name__))
+        settings = checks.load_json_file(path, "runtime config", error=ConfigError)
     settings.update(overrides or {})
     try:
         return RuntimeConfig(**settings)
