@@ -41,6 +41,8 @@ def write_report(path, truth, prediction, steps_per_s, label_names, r2, history,
         value = r2[k] if r2[k] is not None else float("nan")
         axis.set_title("{} (R2 {:.2f})".format(label_names[k], value), fontsize=8)
         axis.tick_params(labelsize=6)
+        if k // columns == rows - 1:
+            axis.set_xlabel("test split, s", fontsize=7)
         if k == 0:
             axis.legend(fontsize=6, loc="upper right")
     bars = figure.add_subplot(grid[rows, :])
@@ -68,5 +70,6 @@ def write_report(path, truth, prediction, steps_per_s, label_names, r2, history,
         r2_axis.set_ylabel("validation mean R2")
         r2_axis.legend(loc="upper right", fontsize=7)
     figure.suptitle(title)
+    figure.subplots_adjust(top=0.95, bottom=0.05)
     figure.savefig(path, dpi=80)
     plt.close(figure)

@@ -19,7 +19,9 @@ Two methods:
   the start of each later block so no window straddles two blocks' edges.
 
 ``"auto"`` picks ``"repetition"`` where the recording has repetition events
-with a non-zero value, else ``"time"``.
+and holds at least one of the test and one of the validation repetitions
+(and some left for training), else ``"time"`` (e.g. a short simulator
+recording of three repetitions).
 """
 import collections
 
@@ -129,13 +131,19 @@ def plan_split(n_samples, events, settings, guard_samples, source="recording"):
     method = settings["method"]
     runs = repetition_runs(n_samples, events)
     if method == "auto":
-        method = "repetition" if runs else "time"
+        method = "repetition" if _repetitions_suffice(runs, settings) else "time"
     if method == "repetition":
         if not runs:
             raise UsageError("{}: split method 'repetition' needs repetition events, and it has none; "
                              "use method 'time'".format(source))
         return method, _split_by_repetition(runs, settings, source)
     return method, _split_by_time(n_samples, settings, guard_samples, source)
+
+
+def _repetitions_suffice(runs, settings):
+    present = {run[2] for run in runs}
+    test, validation = set(settings["test_repetitions"]), set(settings["validation_repetitions"])
+    return bool(present & test) and bool(present & validation) and bool(present - test - validation)
 
 
 def _split_by_repetition(runs, settings, source):

@@ -52,18 +52,19 @@ FILES = {"config": "config.json", "checkpoint": "checkpoint.pt", "onnx": "model.
 ENVELOPE_BELOW_HZ = 1000.0
 
 TRAINING_DEFAULTS = {
-    "epochs": 60,              # upper bound; early stopping usually ends sooner
+    "epochs": 100,             # upper bound; early stopping usually ends sooner
     "learning_rate": 3e-3,
     "weight_decay": 1e-4,      # AdamW, decoupled
-    "batch_size": 16,          # pieces per batch
-    "sequence_s": 10.0,        # length of a training piece, seconds
-    "tbptt_steps": 100,        # decoder steps per back-propagation chunk
+    "batch_size": 8,           # pieces per batch
+    "sequence_s": 4.0,         # length of a training piece, seconds
+    "tbptt_steps": 50,         # decoder steps per back-propagation chunk
     "grad_clip": 1.0,          # max gradient norm
-    "patience": 6,             # epochs without validation improvement before stopping
+    "patience": 10,            # epochs without validation improvement before stopping
     "min_delta": 1e-3,         # improvement in validation mean R² that counts
-    "lr_patience": 2,          # epochs without improvement before halving the learning rate
+    "lr_patience": 3,          # epochs without improvement before halving the learning rate
     "lr_factor": 0.5,
     "label_smoothing_s": 0.0,  # centred moving average of training targets, seconds (0 = off)
+    "input_noise": 0.0,        # std of Gaussian noise added to training features (normalised units)
     "max_minutes": None,       # training time budget (None = no limit)
 }
 
@@ -74,18 +75,19 @@ MODE_DEFAULTS = {
     "envelope": {
         "pipeline": {"mode": "envelope", "window_s": 0.2, "stride_s": 0.02, "features": ["mean", "std"],
                      "log": True, "log_epsilon": 1e-3},
-        "model": {"cell": "gru", "hidden_size": 128, "num_layers": 2, "input_projection": 64, "dropout": 0.1},
-        "training": {},
+        "model": {"cell": "gru", "hidden_size": 128, "num_layers": 2, "input_projection": 64, "dropout": 0.2},
+        # Validation (repetition 4) ran ahead of test by ~0.1 R²; noise and dropout narrow the gap.
+        "training": {"input_noise": 0.2},
     },
     "raw": {
         "pipeline": {"mode": "raw"},
         "model": {"cell": "gru", "hidden_size": 64, "num_layers": 2, "input_projection": 64, "dropout": 0.0},
-        "training": {"sequence_s": 5.0, "batch_size": 8},
+        "training": {},
     },
 }
 SECTIONS = ("pipeline", "model", "training", "split", "labels", "baselines")
 LABEL_DEFAULTS = {"stream": None, "scaling": "auto"}
-BASELINE_DEFAULTS = {"wiener": {"lags": 10, "lag_step": 1}, "kalman": {}}
+BASELINE_DEFAULTS = {"wiener": {"lags": 10, "lag_step": 5}, "kalman": {}}
 
 
 # --- settings -----------------------------------------------------------------------
@@ -171,6 +173,7 @@ def check_training(training):
     t["lr_patience"] = checks.check_int("training lr_patience", t["lr_patience"], minimum=1)
     t["lr_factor"] = checks.check_number("training lr_factor", t["lr_factor"], minimum=0.0,
                                          exclusive_minimum=True, maximum=1.0)
+    t["input_noise"] = checks.check_number("training input_noise", t["input_noise"], minimum=0.0)
     t["label_smoothing_s"] = checks.check_number("training label_smoothing_s", t["label_smoothing_s"],
                                                  minimum=0.0)
     if t["max_minutes"] is not None:
@@ -241,11 +244,17 @@ def start_context(device_name, threads=1):
     return Context(device, dist.get_rank(), dist.get_world_size())
 
 
-def stop_context(context):
+def stop_context(context, finished):
+    """Leave the process group; after success wait for rank 0's files first.
+
+    After a failure there is no barrier: the other processes may be blocked
+    in a collective that will never complete, and torchrun ends them once
+    this one exits."""
     if context.distributed:
         import torch.distributed as dist
         if dist.is_initialized():
-            dist.barrier()
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -470,6 +479,7 @@ def train_run(recording_paths, run_dir, user_config=None, seed=0, device="auto",
     run_dir = os.fspath(run_dir)
     check_run_dir(run_dir, resume)
     context = start_context(device, threads)
+    finished = False
     try:
         make_deterministic(seed)
         prepared = prepare(recording_paths, user_config)
@@ -480,8 +490,9 @@ def train_run(recording_paths, run_dir, user_config=None, seed=0, device="auto",
         summary = None
         if context.is_main:
             summary = _write_outputs(prepared, run_dir, seed, context, result)
+        finished = True
     finally:
-        stop_context(context)
+        stop_context(context, finished)
     return summary
 
 
@@ -546,6 +557,9 @@ def _train(prepared, run_dir, seed, context, resume, digest, progress):
         for batch, n_steps in zip(mine, group_steps):
             x, y, mask = (t.to(context.device) for t in collate(sequences["train"], batch, n_steps,
                                                                 prepared.targets))
+            if settings["input_noise"] > 0:
+                # Drawn on the CPU from the epoch-seeded generator: the same on any device.
+                x = x + (settings["input_noise"] * torch.randn(x.shape)).to(context.device)
             hidden = None
             for start in range(0, n_steps, settings["tbptt_steps"]):
                 stop = start + settings["tbptt_steps"]

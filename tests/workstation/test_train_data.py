@@ -108,7 +108,7 @@ def test_split_settings_are_checked(settings, message):
 def test_repetition_split_needs_the_repetitions():
     events = repetition_events(n_repetitions=3)
     with pytest.raises(UsageError, match="none of the test repetitions"):
-        splits.plan_split(1000, events, splits.check_split_settings({"test_repetitions": [9]}), 20)
+        splits.plan_split(1000, events, splits.check_split_settings({"method": "repetition", "test_repetitions": [9]}), 20)
     with pytest.raises(UsageError, match="needs repetition events"):
         splits.plan_split(1000, [], splits.check_split_settings({"method": "repetition"}), 20)
 
@@ -155,3 +155,11 @@ def test_sequences_never_share_samples_across_splits(tmp_path):
     np.testing.assert_allclose(first.labels, recording.labels.data[first.ends - 1])
     train_features = np.concatenate([s.features for s in sequences["train"]])
     np.testing.assert_allclose(train_features.mean(axis=0), 0.0, atol=1e-4)
+
+
+def test_auto_falls_back_to_time_blocks_with_too_few_repetitions():
+    events = repetition_events(n_repetitions=3)       # no repetition 4 for validation, none 5 or 7
+    method, segments = splits.plan_split(1000, events, splits.check_split_settings({}), 20)
+    assert method == "time" and [s.split for s in segments] == ["train", "validation", "test"]
+    method, _ = splits.plan_split(1000, events, splits.check_split_settings({"validation_repetitions": [3]}), 20)
+    assert method == "repetition"
