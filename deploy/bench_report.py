@@ -4,6 +4,7 @@ The document (``results.json``)::
 
     {"format": "neurohand-bench-results", "version": 1,
      "command": "neurohand bench all", "quick": false, "complete": true,
+     "target_order": [names in the order they ran],
      "started_utc": "2026-11-28T16:30:00Z", "finished_utc": "..." | null,
      "machine": describe_machine(),
      "targets": {name: {"status": "ok" | "failed" | "pending",
@@ -23,6 +24,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -90,15 +92,17 @@ def package_version(name):
 
 def _package_version_36(name):
     # Python 3.6 (the Jetson): no importlib.metadata.  Importing torch there just for its
-    # version would cost seconds and memory, so only look for the distribution's metadata.
-    try:
-        import pkg_resources
-    except ImportError:
-        return "unknown (no importlib.metadata or pkg_resources)"
-    try:
-        return pkg_resources.get_distribution(name).version
-    except pkg_resources.DistributionNotFound:
-        return None
+    # version would cost seconds and memory, and pkg_resources warns about namespace
+    # packages, so read the version from the installed metadata folder's name.
+    prefix = name.lower().replace("-", "_") + "-"
+    for entry in sys.path:
+        if not os.path.isdir(entry):
+            continue
+        for folder in os.listdir(entry):
+            lowered = folder.lower()
+            if lowered.startswith(prefix) and lowered.endswith((".dist-info", ".egg-info")):
+                return folder[len(prefix):].rsplit(".", 1)[0].split("-")[0]
+    return None
 
 
 def _git_commit(directory):
@@ -162,6 +166,7 @@ def new_document(command, quick, names, machine):
     return {
         "format": RESULTS_FORMAT, "version": RESULTS_VERSION, "command": command, "quick": bool(quick),
         "complete": False, "started_utc": utc_now(), "finished_utc": None, "machine": machine,
+        "target_order": list(names),
         "targets": {name: {"status": "pending", "seconds": None} for name in names},
     }
 
@@ -396,8 +401,11 @@ def _decoding(result):
         lines.append("{}. Test split: {} steps, {:.0f} s.".format(entry.get("what", ""), entry.get("test_steps"),
                                                                   entry.get("test_seconds") or 0))
         lines.append("")
-        rows = [(decoder, _num(scores.get("mean_r2"), 3), _num(scores.get("mean_pearson_r"), 3),
-                 _num(scores.get("mean_rmse"), 3)) for decoder, scores in entry["scores"].items()]
+        # Ours first, then the classic decoders (JSON objects come back with sorted keys).
+        order = sorted(entry["scores"], key=lambda decoder: (decoder != "rnn", decoder != "wiener", decoder))
+        rows = [(decoder, _num(entry["scores"][decoder].get("mean_r2"), 3),
+                 _num(entry["scores"][decoder].get("mean_pearson_r"), 3),
+                 _num(entry["scores"][decoder].get("mean_rmse"), 3)) for decoder in order]
         lines += _table(["decoder", "mean R²", "mean r", "RMSE (0..1 labels)"], rows)
         training = entry.get("training", {})
         lines += ["", "Training: {} epochs (best {}, stopped by {}), {:.0f} s in the trainer, {:.0f} s wall-clock "
@@ -414,7 +422,7 @@ def _decoding(result):
                                  _num(rnn, 3), _num(other, 3),
                                  "RNN − {} = {:+.3f}".format(baseline, rnn - other)
                                  if rnn is not None and other is not None else "—"))
-        headline.append(("training time, {}".format(name), "{:.0f} s".format(training.get("train_seconds") or 0),
+        headline.append(("training time, {}".format(name), "{:.1f} s".format(training.get("train_seconds") or 0),
                          "—", "—"))
     if result.get("notes"):
         lines += ["Notes: {}".format(result["notes"])]
@@ -431,7 +439,7 @@ def _latency(result):
                   "BRAND < 8 ms", "—")], ["Not measured: {}.".format(reason), ""] + citations)
     latency = result["latency_us"]
     rows = [("p50", _num(latency.get("p50"), 0) + " µs"), ("p99", _num(latency.get("p99"), 0) + " µs"),
-            ("max", _num(latency.get("max"), 0) + " µs"), ("frames", _num(result.get("frames"), 0)),
+            ("max", _num(latency.get("max"), 0) + " µs"), ("frames", ", ".join("{} {}".format(key, value) for key, value in sorted((result.get("frames") or {}).items()))),
             ("replayed", "{:.0f} s".format(result.get("seconds") or 0)),
             ("mean R² of the replayed decoding", _num(result.get("mean_r2"), 3))]
     goal = result.get("goal", {})
@@ -540,7 +548,8 @@ def render_markdown(document):
                   "alternative / neurohand, so above 1× means neurohand is faster.", ""]
 
     headline, sections = [], []
-    for name in document.get("targets", {}):
+    # JSON objects are written with sorted keys: the run's order is kept in target_order.
+    for name in document.get("target_order") or sorted(document.get("targets", {})):
         entry = document["targets"][name]
         sections += ["## {}".format(name), ""]
         status = entry.get("status")

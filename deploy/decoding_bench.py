@@ -54,9 +54,9 @@ def neurohand_command(*arguments):
     return [sys.executable, "-m", "neurohand.deploy"] + [str(a) for a in arguments]
 
 
-def run_step(command, what):
+def run_step(command, what, target="decoding"):
     """Run one CLI step; returns (stdout, seconds).  A failure raises RuntimeError with its stderr tail."""
-    print("  decoding: {} ...".format(what), file=sys.stderr, flush=True)
+    print("  {}: {} ...".format(target, what), file=sys.stderr, flush=True)
     started = time.perf_counter()
     process = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
     seconds = time.perf_counter() - started

@@ -34,7 +34,7 @@ import shutil
 import sys
 import tempfile
 
-from neurohand.deploy.decoding_bench import neurohand_command, run_step
+from neurohand.deploy.decoding_bench import neurohand_command, run_step as _run_step
 
 REPLAY_SECONDS, QUICK_REPLAY_SECONDS = 600.0, 20.0
 # Real-time replay keeps 0.5 s of the recording in reserve (deploy/replay.py); 1.5 s is ample.
@@ -60,6 +60,10 @@ def replay_unavailable_reason():
     if missing:
         return "'neurohand replay' has no {}".format(", ".join(missing))
     return None
+
+
+def run_step(command, what):
+    return _run_step(command, what, target="latency")
 
 
 def _load():

@@ -1,0 +1,256 @@
+"""bench/results.md and results.json: rendering from a fixed document, the atomic writer, the CLI that writes them.
+
+Speed is never asserted; the figures in the fixed document are inputs, and
+the tests check the tables and ratios computed from them.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from neurohand.deploy import bench, bench_report, decoding_bench, features_bench
+from neurohand.deploy.cli import main
+from neurohand.firmware_bridge.errors import UsageError
+
+
+def timing(p50, p99, spread=(1.0, 2.0)):
+    return {"p50_us": p50, "p99_us": p99, "p50_us_spread": [p50 - spread[0], p50 + spread[1]],
+            "p99_us_spread": [p99 - 5.0, p99 + 5.0], "blocks": 500, "repeats": 7}
+
+
+def scores(mean_r2, r=0.5, rmse=0.1):
+    return {"mean_r2": mean_r2, "mean_pearson_r": r, "mean_rmse": rmse, "r2": [mean_r2]}
+
+
+LIBEMG_SPEED = {"repeats": 15,
+                "batch": {"what": "all 5 features of all 246 windows in one call", "ours_ms": 10.0,
+                          "ours_ms_spread": [9.0, 11.0], "libemg_ms": 25.0, "libemg_ms_spread": [24.0, 27.0],
+                          "libemg_over_ours": 2.5, "libemg_over_ours_spread": [2.2, 2.9]},
+                "per_window": {"what": "one window per call", "ours_ms": 0.1, "ours_ms_spread": [0.09, 0.12],
+                               "libemg_ms": 0.2, "libemg_ms_spread": [0.18, 0.25], "libemg_over_ours": 2.0,
+                               "libemg_over_ours_spread": [1.5, 2.5]}}
+
+
+def feature_diff(n_different=0):
+    return {"max_abs_diff": 0.0 if not n_different else 1.0, "max_rel_diff": 0.0, "n_values": 3936,
+            "n_different": n_different}
+
+
+@pytest.fixture
+def document():
+    machine = {"cpu_model": "Test CPU 3000", "logical_cpus": 2, "usable_cpus": 2, "memory_total_mib": 24106,
+               "memory_available_mib": 20000, "os": "Debian 12", "kernel": "6.1", "architecture": "x86_64",
+               "python": "CPython 3.11.7", "packages": {"numpy": "2.4.6", "torch": None}, "neurohand": "0.1.0",
+               "git_commit": "abc1234", "load_average": [2.5, 2.25, 2.0]}
+    doc = bench_report.new_document("neurohand bench all", False,
+                                    ["parser", "dsp", "features", "decoding", "latency", "simulate", "footprint",
+                                     "backends"], machine)
+    doc["targets"]["parser"] = {"status": "ok", "seconds": 12.0, "result": {
+        "realtime_multiple": 600.0, "realtime_multiple_min": 500.0, "realtime_multiple_max": 700.0,
+        "stream_bytes_per_s": 334000.0, "goal_realtime_multiple": 50, "repeats": 9, "meets_goal": True}}
+    doc["targets"]["dsp"] = {"status": "ok", "seconds": 3.0, "result": {
+        "workload": "500 blocks", "numpy_block": timing(50.0, 90.0), "scipy_block": timing(100.0, 400.0),
+        "per_sample_loop_one_block_us": 7000.0, "max_abs_diff_numpy_vs_scipy": 3.7e-10, "max_abs_output": 77.8}}
+    doc["targets"]["features"] = {"status": "ok", "seconds": 30.0, "result": {
+        "n_features_raw": 144, "raw_float64_numpy": timing(300.0, 500.0), "scipy_importable": True,
+        "libemg": {"libemg_importable": True, "libemg_version": "2.0.3", "ran_in": "separate venv /v",
+                   "workload": {"windows_shape": [246, 16, 1000]},
+                   "features": {name: feature_diff(3 if name == "ssc" else 0) for name in
+                                ("mav", "rms", "wl", "zc", "ssc")},
+                   "speed": LIBEMG_SPEED}}}
+    doc["targets"]["decoding"] = {"status": "ok", "seconds": 400.0, "result": {"datasets": {
+        "ninapro_db1_s2_e1": {"what": "NinaPro", "test_steps": 100, "test_seconds": 300.0,
+                              "scores": {"kalman": scores(0.1), "rnn": scores(0.6), "wiener": scores(0.45)},
+                              "training": {"epochs_run": 20, "best_epoch": 14, "stopped": "patience",
+                                           "train_seconds": 61.5, "wall_seconds": 70.0, "budget": "20 min"}},
+        "simulator_150s_seed1": {"skipped": "no simulator today"}}}}
+    doc["targets"]["latency"] = {"status": "ok", "seconds": 1.0, "result": {
+        "available": False, "reason": "'neurohand replay' does not exist in this build yet"}}
+    doc["targets"]["simulate"] = {"status": "ok", "seconds": 1.0, "result": {"realtime_factor": 82.5,
+                                                                              "nested": {"channels": 16}}}
+    doc["targets"]["footprint"] = {"status": "failed", "seconds": 4.0, "error": "RuntimeError: child died"}
+    return doc  # backends stays pending
+
+
+def section(markdown, name):
+    return markdown.split("## {}\n".format(name), 1)[1].split("\n## ", 1)[0]
+
+
+def test_render_headline_ratios_are_alternative_over_ours(document):
+    markdown = bench_report.render_markdown(document)
+    headline = section(markdown, "Side by side")
+    # dsp: scipy p50 100 µs / ours 50 µs.
+    assert "| dsp | filter chain, 20 ms block of 200 × 16 (p50); max abs difference 3.7e-10 µV | " \
+           "50.0 [49.0–52.0] µs | scipy.signal.sosfilt 100.0 [99.0–102.0] µs | 2.00× |" in headline
+    assert "| parser | chip-frame parsing, multiple of real time (default stream, 334,000 B/s) | " \
+           "600 [500–700]× | goal ≥ 50× | 12.0× the goal |" in headline
+    # LibEMG: 3 SSC values differ, so "equal" must not be claimed.
+    assert "3 values differ" in headline and "equal on all values" not in headline
+    assert "| 2.50 [2.20–2.90]× |" in headline
+    assert "| decoding | test mean R², ninapro_db1_s2_e1: RNN vs Wiener filter | 0.600 | 0.450 | " \
+           "RNN − wiener = +0.150 |" in headline
+    assert "RNN − kalman = +0.500" in headline
+    assert "| latency | end-to-end latency p99 (replay --realtime) | not available yet |" in headline
+
+
+def test_render_sections_machine_failures_and_pending(document):
+    markdown = bench_report.render_markdown(document)
+    machine = section(markdown, "Machine")
+    assert "| CPU | Test CPU 3000 |" in machine
+    assert "| load average at start (1, 5, 15 min) | 2.5, 2.25, 2.0 |" in machine
+    assert "numpy 2.4.6, torch absent" in machine
+    assert "**Incomplete run**" in markdown          # complete is still False
+    assert "**Failed** after 4 s: RuntimeError: child died" in section(markdown, "footprint")
+    assert "Pending" in section(markdown, "backends")
+    decoding = section(markdown, "decoding")
+    rows = [line for line in decoding.splitlines() if line.startswith("| rnn") or line.startswith("| wiener")
+            or line.startswith("| kalman")]
+    assert [row.split(" | ")[0] for row in rows] == ["| rnn", "| wiener", "| kalman"]   # ours first
+    assert "Not measured: no simulator today" in decoding
+    assert "budget 20 min" in decoding
+    features = section(markdown, "features")
+    assert "| SSC | 3936 | 3 | 1 | 0 |" in features
+    latency = section(markdown, "latency")
+    assert "doi:10.1088/1741-2552/ac2a8d" in latency and "doi:10.1088/1741-2552/ad3b3a" in latency
+    # A target without its own renderer: every scalar, nested keys dotted.
+    assert "| nested.channels | 16 |" in section(markdown, "simulate")
+
+
+def test_render_latency_when_measured(document):
+    document["targets"]["latency"]["result"] = {
+        "available": True, "what": "chip to hand", "seconds": 600.0, "mean_r2": 0.7,
+        "frames": {"received": 300000, "missing": 0, "corrupt": 0},
+        "latency_us": {"p50": 500.0, "p90": 800.0, "p99": 1000.0, "max": 4000.0, "count": 30000},
+        "goal": {"p99_ms": 2.0, "max_ms": 10.0, "met": True}}
+    latency_rows = [line for line in section(bench_report.render_markdown(document), "Side by side").splitlines()
+                    if line.startswith("| latency")]
+    # 50 ms / 1 ms and 120 ms / 1 ms; BRAND's 8 ms / our 4 ms max.
+    assert latency_rows == [
+        "| latency | end-to-end latency p99 over 600 s of replay --realtime | 1.00 ms | "
+        "Jetson Nano hand 50–120 ms (2021) | 50×–120× |",
+        "| latency | end-to-end latency max | 4.00 ms | BRAND < 8 ms (2024) | 2.0× |"]
+
+
+def test_render_libemg_absent_says_why(document):
+    document["targets"]["features"]["result"]["libemg"] = {
+        "libemg_importable": False, "libemg_unavailable_reason": "not installed: No module named 'libemg'",
+        "install_cost": features_bench.unavailable_cost("2.4.6")}
+    features = section(bench_report.render_markdown(document), "features")
+    assert "LibEMG was not measured: not installed: No module named 'libemg'." in features
+    assert "requires numpy<2.0, but this interpreter runs numpy 2.4.6" in features
+    assert "72 distributions, 1.03 GB" in features
+
+
+def test_write_results_round_trips_and_is_atomic(document, tmp_path, monkeypatch):
+    json_path, markdown_path = bench_report.write_results(str(tmp_path), document)
+    with open(json_path) as handle:
+        assert json.load(handle) == document
+    with open(markdown_path, encoding="utf-8") as handle:
+        assert handle.read() == bench_report.render_markdown(document)
+    before = sorted(os.listdir(str(tmp_path)))
+
+    def crash(source, target):
+        raise OSError("disk gone")
+    monkeypatch.setattr(bench_report.os, "replace", crash)
+    document["targets"]["parser"]["result"]["realtime_multiple"] = 1.0
+    with pytest.raises(OSError, match="disk gone"):
+        bench_report.write_results(str(tmp_path), document)
+    # The old file is intact and no temporary file is left behind.
+    with open(json_path) as handle:
+        assert json.load(handle)["targets"]["parser"]["result"]["realtime_multiple"] == 600.0
+    assert sorted(os.listdir(str(tmp_path))) == before
+
+
+def test_describe_machine_reports_this_machine():
+    import numpy
+    machine = bench_report.describe_machine()
+    assert machine["logical_cpus"] == os.cpu_count()
+    assert machine["packages"]["numpy"] == numpy.__version__
+    assert machine["memory_total_mib"] > 0 and machine["cpu_model"]
+    assert len(machine["load_average"]) == 3
+    code = ("import sys; from neurohand.deploy import bench_report; bench_report.describe_machine(); "
+            "print(sorted(m for m in ('torch', 'onnxruntime', 'scipy') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, universal_newlines=True,
+                            check=True).stdout.strip()
+    assert loaded == "[]"
+
+
+def test_cli_quick_subset_writes_both_files(tmp_path, capsys):
+    results = tmp_path / "results"
+    assert main(["bench", "parser", "dsp", "--quick", "--json", "--results-dir", str(results)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    with open(str(results / "results.json")) as handle:
+        written = json.load(handle)
+    assert written == printed
+    assert written["format"] == "neurohand-bench-results" and written["complete"] and written["quick"]
+    assert written["target_order"] == ["parser", "dsp"] and set(written["targets"]) == {"parser", "dsp"}
+    assert all(entry["status"] == "ok" for entry in written["targets"].values())
+    assert written["targets"]["parser"]["result"]["realtime_multiple"] > 0
+    markdown = (results / "results.md").read_text(encoding="utf-8")
+    assert markdown.index("## parser") < markdown.index("## dsp") and "QUICK RUN" in markdown
+    assert "| dsp | filter chain" in markdown
+
+
+def test_cli_failed_target_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    def broken(quick, options):
+        raise RuntimeError("sensor on fire")
+    monkeypatch.setitem(bench.TARGETS, "parser", broken)
+    assert main(["bench", "parser", "dsp", "--quick", "--json", "--results-dir", str(tmp_path)]) == 1
+    with open(str(tmp_path / "results.json")) as handle:
+        targets = json.load(handle)["targets"]
+    assert targets["parser"]["status"] == "failed" and "sensor on fire" in targets["parser"]["error"]
+    assert targets["dsp"]["status"] == "ok"
+    assert "sensor on fire" in capsys.readouterr().err
+
+
+def test_cli_all_needs_a_results_dir_outside_a_checkout(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(str(tmp_path))
+    assert main(["bench", "all"]) == 2
+    err = capsys.readouterr().err
+    assert "--results-dir" in err and len(err.strip().splitlines()) == 1
+    assert not os.listdir(str(tmp_path))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "parsre"], "did you mean 'parser'"),
+    (["bench", "all", "dsp"], "cannot be combined"),
+    (["bench", "dsp", "--train-minutes", "0"], "--train-minutes"),
+    (["bench", "dsp", "--libemg-python", "/no/such/python"], "not an executable file"),
+    (["bench", "dsp", "--results-dir", "/no/such/parent/dir"], "does not exist"),
+])
+def test_cli_mistakes_are_one_line_before_measuring(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "measuring" not in err
+
+
+def test_libemg_python_from_environment(monkeypatch):
+    monkeypatch.setenv(features_bench.LIBEMG_PYTHON_ENV, sys.executable)
+    assert features_bench.libemg_python_from(None) == sys.executable
+    monkeypatch.setenv(features_bench.LIBEMG_PYTHON_ENV, "/no/such/python")
+    with pytest.raises(UsageError, match="NEUROHAND_LIBEMG_PYTHON"):
+        features_bench.libemg_python_from(None)
+    monkeypatch.delenv(features_bench.LIBEMG_PYTHON_ENV)
+    assert features_bench.libemg_python_from(None) is None
+
+
+def test_decoding_summary_from_train_and_evaluate_output():
+    train = {"scores": {"validation": {"mean_r2": 0.55}}, "epochs_run": 12, "best_epoch": 6, "stopped": "patience",
+             "train_seconds": 42.123, "device": "cpu"}
+    evaluation = dict(scores(0.6), n_steps=900, label_names=["a"], decode={"us_per_step": 70.0},
+                      split={"test_seconds": 30.0, "method": "repetition"},
+                      baselines={"wiener": scores(0.4), "kalman": scores(0.2)})
+    entry = decoding_bench.summarise(train, evaluation, 50.04, "20 min")
+    assert entry["scores"]["rnn"]["mean_r2"] == 0.6
+    assert entry["scores"]["wiener"]["mean_r2"] == 0.4 and entry["scores"]["kalman"]["mean_r2"] == 0.2
+    assert entry["training"] == {"epochs_run": 12, "best_epoch": 6, "stopped": "patience", "train_seconds": 42.1,
+                                 "wall_seconds": 50.0, "budget": "20 min", "validation_mean_r2": 0.55,
+                                 "device": "cpu"}
+    assert entry["test_steps"] == 900 and entry["split_method"] == "repetition"
+
+
+def test_decoding_skips_a_missing_ninapro_file(tmp_path):
+    entry = decoding_bench.ninapro(str(tmp_path), True, None, str(tmp_path / "absent.mat"))
+    assert "absent.mat not found" in entry["skipped"]
