@@ -31,7 +31,7 @@ make a float32 recursion drift over a long session.
 """
 import numpy as np
 
-from neurohand.firmware_bridge.checks import check_int, check_option
+from neurohand.firmware_bridge.checks import check_int, check_option, check_real_array
 from neurohand.firmware_bridge.errors import ConfigError, UsageError
 
 BACKENDS = ("auto", "numpy", "scipy")
@@ -68,8 +68,9 @@ def validate_sos(sos, where="sos"):
     corrupt or hand-edited filter.
     """
     try:
-        array = np.array(sos, dtype=np.float64)
-    except (TypeError, ValueError) as error:
+        # check_real_array, not np.array: True would pass as 1.0 and 10**400 overflow.
+        array = check_real_array("sos", sos)
+    except UsageError as error:
         raise ConfigError("{}: filter coefficients must be a numeric array of shape (n_sections, 6): {}".format(
             where, error)) from error
     if array.size == 0:

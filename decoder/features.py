@@ -36,8 +36,11 @@ Band powers come from one FFT of the window rather than a filter bank: no
 extra state to carry, identical offline and streaming by construction, and
 one rfft of 1000 x 16 samples is cheaper than 4 more IIR banks per sample.
 """
+import numbers
+
 import numpy as np
 
+from neurohand.firmware_bridge.checks import check_number, check_real_array
 from neurohand.firmware_bridge.errors import ConfigError, UsageError
 
 
@@ -145,6 +148,25 @@ FEATURES = {
 MIN_WINDOW_SAMPLES = {"wl": 2, "zc": 2, "ssc": 3}
 
 
+def check_bands(bands_hz):
+    """Return ``bands_hz`` as a list of [low, high] float pairs, or raise UsageError.
+
+    Only the form is checked here (a list of pairs of numbers); whether each
+    band fits the sampling rate and window is :func:`band_bins`' job.
+    """
+    if not isinstance(bands_hz, (list, tuple)):
+        raise UsageError("bandpower_bands_hz must be a list of [low, high] pairs in Hz, but got {!r}".format(
+            bands_hz))
+    pairs = []
+    for band in bands_hz:
+        if (not isinstance(band, (list, tuple)) or len(band) != 2
+                or not all(isinstance(edge, numbers.Real) and not isinstance(edge, bool) for edge in band)):
+            raise UsageError("each band power band must be a pair [low, high] in Hz, but got {!r}".format(band))
+        pairs.append([check_number("bandpower_bands_hz[{}] low edge".format(len(pairs)), band[0]),
+                      check_number("bandpower_bands_hz[{}] high edge".format(len(pairs)), band[1])])
+    return pairs
+
+
 def band_bins(signal_rate, window_samples, bands_hz):
     """FFT bin ranges [low_bin, high_bin) holding frequencies lo <= f < hi for each band.
 
@@ -209,7 +231,8 @@ class WindowFeatures(object):
         self.threshold = float(threshold)
         self.log = bool(log)
         self.log_epsilon = float(log_epsilon)
-        self.bands_hz = [[float(low), float(high)] for low, high in bands_hz] if "bandpower" in names else []
+        bands_hz = check_bands(bands_hz)
+        self.bands_hz = bands_hz if "bandpower" in names else []
         self.band_bins = band_bins(signal_rate, window_samples, self.bands_hz) if self.bands_hz else []
         # Periodic Hann taper against leakage from strong low bands into weak high ones.
         self.taper = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(window_samples) / window_samples)
@@ -384,9 +407,9 @@ def fit_normalisation(features):
 def check_normalisation(mean, std, n_features, where):
     """Validate stored normalisation; returns float64 (mean, std) or raises ConfigError."""
     try:
-        mean = np.array(mean, dtype=np.float64)
-        std = np.array(std, dtype=np.float64)
-    except (TypeError, ValueError) as error:
+        mean = check_real_array("normalisation mean", mean)
+        std = check_real_array("normalisation std", std)
+    except UsageError as error:
         raise ConfigError("{}: normalisation is not numeric: {}".format(where, error)) from error
     if mean.shape != (n_features,) or std.shape != (n_features,):
         raise ConfigError("{}: normalisation must have {} means and stds (one per feature), but got {} and {}".format(

@@ -77,6 +77,16 @@ ENVELOPE_DEFAULTS = {
 }
 FILTER_KEYS = ("band_hz", "band_order", "notch_hz", "notch_harmonics", "notch_q")
 
+# Upper bounds on sizes, so a damaged or hand-edited config is refused at
+# start-up instead of allocating absurd buffers (a window of 10**12 samples
+# asked for 7 TiB).  Far above any real use: the chip link carries 64 channels,
+# and a 0.1 s window at 10 kHz is 1000 samples.
+MAX_CHANNELS = 4096
+MAX_WINDOW_SAMPLES = 1 << 20        # also the largest stride; 105 s at 10 kHz
+# One window, n_channels x window_samples values (32 MiB in float64): the
+# streaming path keeps a few such buffers.
+MAX_WINDOW_VALUES = 1 << 22
+
 
 def _resolve_settings(signal_rate, n_channels, settings):
     """Defaults overridden by ``settings``; unknown keys are refused, not skipped."""
@@ -158,7 +168,7 @@ class FeaturePipeline(object):
         Raises UsageError on any value that cannot work.
         """
         signal_rate = check_number("signal_rate", signal_rate, minimum=0.0, exclusive_minimum=True)
-        n_channels = check_int("n_channels", n_channels, minimum=1)
+        n_channels = check_int("n_channels", n_channels, minimum=1, maximum=MAX_CHANNELS)
         resolved = _resolve_settings(signal_rate, n_channels, settings)
         if resolved["mode"] == "raw":
             from neurohand.decoder.filter_design import design_chain
@@ -224,11 +234,16 @@ class FeaturePipeline(object):
     def _build(cls, config, where, error):
         try:
             signal_rate = check_number("signal_rate", config["signal_rate"], minimum=0.0, exclusive_minimum=True)
-            n_channels = check_int("n_channels", config["n_channels"], minimum=1)
+            n_channels = check_int("n_channels", config["n_channels"], minimum=1, maximum=MAX_CHANNELS)
             mode = check_option("mode", config["mode"], MODES)
             check_option("dtype", config["dtype"], DTYPES)
-            window_samples = check_int("window_samples", config["window_samples"], minimum=1)
-            check_int("stride_samples", config["stride_samples"], minimum=1)
+            window_samples = check_int("window_samples", config["window_samples"], minimum=1,
+                                       maximum=MAX_WINDOW_SAMPLES)
+            check_int("stride_samples", config["stride_samples"], minimum=1, maximum=MAX_WINDOW_SAMPLES)
+            if n_channels * window_samples > MAX_WINDOW_VALUES:
+                raise UsageError("window_samples x n_channels = {} x {} = {} values per window; at most {} "
+                                 "are supported".format(window_samples, n_channels, window_samples * n_channels,
+                                                        MAX_WINDOW_VALUES))
             if not isinstance(config["car"], bool) or not isinstance(config["log"], bool):
                 raise UsageError("car and log must be true or false")
             if not isinstance(config["features"], list) or not all(isinstance(f, str) for f in config["features"]):
@@ -369,18 +384,36 @@ class FeaturePipeline(object):
 
 
 def _check_filter_description(description, signal_rate):
-    """The human-readable design record must agree with the rate: a config edited for another rate is refused."""
+    """The human-readable design record must agree with the rate: a config edited for another rate is refused.
+
+    Its form is what :func:`design_chain` writes: band_hz null or [low, high],
+    notch_hz a list (empty without notches), band_order null or an integer,
+    notch_q null or a number.  A value of another type is refused, not ignored.
+    """
     if description is None:
         return
     if not isinstance(description, dict):
         raise UsageError("filter must be an object describing the design, but got {!r}".format(description))
     nyquist = signal_rate / 2.0
     band = description.get("band_hz")
-    edges = list(band) if isinstance(band, (list, tuple)) else []
-    edges += list(description.get("notch_hz") or [])
-    for edge in edges:
-        if not isinstance(edge, numbers.Real) or not 0.0 < edge < nyquist:
-            raise UsageError("filter cut-off {!r} Hz is not between 0 and Nyquist ({} Hz)".format(edge, nyquist))
+    if band is not None and (not isinstance(band, (list, tuple)) or len(band) != 2):
+        raise UsageError("filter.band_hz must be null or a pair [low, high] in Hz, but got {!r}".format(band))
+    notches = description.get("notch_hz")
+    if notches is not None and not isinstance(notches, (list, tuple)):
+        raise UsageError("filter.notch_hz must be a list of notch frequencies in Hz, but got {!r}".format(notches))
+    for key, edges in (("band_hz", band), ("notch_hz", notches)):
+        for edge in edges or []:
+            if isinstance(edge, bool) or not isinstance(edge, numbers.Real) or not 0.0 < edge < nyquist:
+                raise UsageError("filter.{} cut-off {!r} Hz is not between 0 and Nyquist ({} Hz)".format(
+                    key, edge, nyquist))
+    if band is not None and not band[0] < band[1]:
+        raise UsageError("filter.band_hz low edge must be below the high edge, but got {!r}".format(band))
+    order = description.get("band_order")
+    if order is not None:
+        check_int("filter.band_order", order, minimum=1)
+    quality = description.get("notch_q")
+    if quality is not None:
+        check_number("filter.notch_q", quality, minimum=0.0, exclusive_minimum=True)
 
 
 def _expand_gaps(n_received, gaps):

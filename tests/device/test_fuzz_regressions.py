@@ -22,6 +22,8 @@ import zlib
 
 import pytest
 
+from neurohand.decoder import pipeline as pipeline_module
+from neurohand.decoder.pipeline import FeaturePipeline
 from neurohand.firmware_bridge import checks
 from neurohand.firmware_bridge.errors import ConfigError, RecordingError, UsageError
 from neurohand.firmware_bridge.recording import (
@@ -183,3 +185,81 @@ def test_runtime_config_huge_number_or_deep_nesting_is_a_config_error(tmp_path, 
     path = write(tmp_path / "runtime.json", content)
     with pytest.raises(ConfigError, match="runtime config"):
         load_runtime_config(path)
+
+
+# --- feature pipeline configs ---------------------------------------------------------------
+
+with open(os.path.join(DATA, "pipelines.json"), encoding="utf-8") as _handle:
+    SMALL = json.load(_handle)["small_1k_4ch"]
+WHERE = "bundle/config.json"
+
+
+def small_with(change):
+    config = copy.deepcopy(SMALL)
+    change(config)
+    return config
+
+
+def _set(key, value):
+    return lambda c: c.__setitem__(key, value)
+
+
+def _set_filter(key, value):
+    return lambda c: c["filter"].__setitem__(key, value)
+
+
+@pytest.mark.parametrize("change, message", [
+    # Was: TypeError at pipeline.py _check_filter_description: list(50)
+    (_set_filter("notch_hz", 50), "filter.notch_hz must be a list"),
+    (_set_filter("notch_hz", True), "filter.notch_hz must be a list"),
+    (_set_filter("notch_hz", [True]), "filter.notch_hz cut-off True"),
+    # Was: silently ignored
+    (_set_filter("band_hz", "10-300"), "filter.band_hz must be null or a pair"),
+    (_set_filter("band_hz", [10.0]), "filter.band_hz must be null or a pair"),
+    (_set_filter("band_hz", [300.0, 10.0]), "filter.band_hz low edge must be below"),
+    (_set_filter("band_order", "2"), "filter.band_order must be an integer"),
+    (_set_filter("notch_q", [30]), "filter.notch_q must be a number"),
+    # Was: TypeError/ValueError at features.py WindowFeatures.__init__ (bands unpacked before band_bins checks them)
+    (_set("bandpower_bands_hz", None), "bandpower_bands_hz must be a list"),
+    (_set("bandpower_bands_hz", 5), "bandpower_bands_hz must be a list"),
+    (_set("bandpower_bands_hz", [[10.0, 20.0, 30.0]]), "each band power band must be a pair"),
+    (_set("bandpower_bands_hz", [[10.0]]), "each band power band must be a pair"),
+    (_set("bandpower_bands_hz", [None]), "each band power band must be a pair"),
+    (_set("bandpower_bands_hz", [["a", "b"]]), "each band power band must be a pair"),
+    (_set("bandpower_bands_hz", [[10.0, [20.0]]]), "each band power band must be a pair"),
+    (_set("bandpower_bands_hz", [[False, 20.0]]), "each band power band must be a pair"),
+    (_set("bandpower_bands_hz", [[10.0, 10 ** 400]]), r"bandpower_bands_hz\[0\] high edge must be a finite"),
+    # Was: MemoryError (np.arange of the window) and ZeroDivisionError (power scale) in WindowFeatures.__init__
+    (_set("window_samples", 10 ** 12), "window_samples must be at most"),
+    (_set("window_samples", 2 ** 63), "window_samples must be at most"),
+    # Was: accepted
+    (_set("n_channels", 10 ** 12), "n_channels must be at most"),
+    (_set("stride_samples", 10 ** 12), "stride_samples must be at most"),
+    (lambda c: c["sos"][0].__setitem__(0, True), "filter coefficients .* holds True"),
+    (lambda c: c["sos"][0].__setitem__(0, 10 ** 400), "filter coefficients .* too large"),
+    # Was: OverflowError in checks.check_number
+    (_set("signal_rate", 10 ** 400), "signal_rate must be a finite number"),
+    (_set("threshold_uv", 10 ** 400), "threshold_uv must be a finite number"),
+])
+def test_pipeline_config_finding(change, message):
+    with pytest.raises(ConfigError, match=WHERE + ": " + message):
+        FeaturePipeline.from_config(small_with(change), where=WHERE)
+
+
+@pytest.mark.parametrize("value", [True, 10 ** 400, "1"])
+def test_pipeline_normalisation_holding_non_numbers_is_refused(value):
+    config = copy.deepcopy(SMALL)
+    n_features = len(config["feature_names"])
+    config["normalisation"] = {"mean": [0.0] * n_features, "std": [1.0] * (n_features - 1) + [value]}
+    with pytest.raises(ConfigError, match="normalisation is not numeric"):
+        FeaturePipeline.from_config(config, where=WHERE)
+
+
+def test_pipeline_window_size_bounds():
+    # The largest window allowed on few channels builds; the same window on many channels is refused.
+    largest = pipeline_module.MAX_WINDOW_SAMPLES
+    config = small_with(lambda c: c.update(window_samples=largest, n_channels=pipeline_module.MAX_WINDOW_VALUES // largest))
+    assert FeaturePipeline.from_config(config, where=WHERE).window_samples == largest
+    config["n_channels"] += 1
+    with pytest.raises(ConfigError, match="values per window; at most {}".format(pipeline_module.MAX_WINDOW_VALUES)):
+        FeaturePipeline.from_config(config, where=WHERE)
