@@ -116,7 +116,7 @@ def _register_train(subparsers):
                         help="continue an interrupted run from RUN_DIR/checkpoint.pt")
     parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="torch threads per process (default: 1, fastest for this small RNN on a busy CPU)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
     parser.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
     parser.set_defaults(func=_run_train)
 
