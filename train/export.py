@@ -130,7 +130,10 @@ def _export_raw(model, config, path):
         # The TorchScript exporter is deprecated in favour of dynamo, but only it
         # writes opset 13 RNN nodes that TensorRT 8.2 parses; its warnings are expected.
         warnings.simplefilter("ignore")
-        torch.onnx.export(_StepGraph(model), args, path, dynamo=False, opset_version=OPSET,
+        # A fresh wrapper is in training mode, and the exporter restores that mode
+        # afterwards -- recursively, which would switch dropout back on for the
+        # parity check.  In eval mode there is nothing to restore.
+        torch.onnx.export(_StepGraph(model).eval(), args, path, dynamo=False, opset_version=OPSET,
                           input_names=inputs, output_names=outputs, do_constant_folding=True)
 
 

@@ -118,3 +118,17 @@ def test_committed_golden_vectors_are_torchs(cell):
         out, state = backend.step(row, state)
         outputs.append(out)
     assert np.max(np.abs(np.array(outputs) - positions)) <= 1e-6
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_model_with_dropout_exports_and_keeps_its_mode(tmp_path, cell):
+    config = ModelConfig(n_features=12, n_outputs=5, cell=cell, hidden_size=16, num_layers=2,
+                         input_projection=8, dropout=0.3)
+    model = build_model(config)
+    model.train()
+    report = export_onnx(model, config, str(tmp_path / "model.onnx"), check_steps=50)
+    assert report["max_abs_error"] <= 1e-5
+    assert model.training          # the caller's mode is restored
+    model.eval()
+    export_onnx(model, config, str(tmp_path / "again.onnx"), check_steps=20)
+    assert not model.training
