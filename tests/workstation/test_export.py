@@ -127,7 +127,7 @@ def test_model_with_dropout_exports_and_keeps_its_mode(tmp_path, cell):
     model = build_model(config)
     model.train()
     report = export_onnx(model, config, str(tmp_path / "model.onnx"), check_steps=50)
-    assert report["max_abs_error"] <= 1e-5
+    assert max(report["max_abs_error"].values()) <= 1e-5
     assert model.training          # the caller's mode is restored
     model.eval()
     export_onnx(model, config, str(tmp_path / "again.onnx"), check_steps=20)
