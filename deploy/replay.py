@@ -24,7 +24,9 @@ in force at that sample (the rule training uses for window ends).  Scored
 are the commands from the end of the warm-up -- :data:`WARMUP_S` of signal,
 or the runtime's ``ready`` event (``recovery_windows`` good windows) if that
 comes later -- to the end, leaving out the safe posture sent at shutdown
-(the last command the hand receives).  R² per output is
+(the last command the hand receives) and repeats: a command equal on every
+output (at the hand link's 16-bit resolution) to the one before it, as a
+keep-alive is, moves nothing and is not scored again.  R² per output is
 ``1 - SS_res / SS_tot`` over the scored commands (``nan`` -> null for an
 output whose truth is constant), the same definition as ``evaluate``.
 """
@@ -140,17 +142,40 @@ def ready_sample(document):
     return None
 
 
-def score_commands(truth, start_sample, samples, positions, score_from):
-    """Scores of commands at ``samples`` (since the replay start) from ``score_from`` on.
+def repeated_commands(wire_positions):
+    """Mask of commands equal, on every output, to the command before them (keep-alives), shape (n,).
 
-    Returns (r2 array per output, mask of scored commands).
+    wire_positions : int array (n, n_outputs), positions as the hand link
+    carries them (neurohand protocol: 16-bit, ``quantise``).  A keep-alive
+    re-sends the held position and moves nothing, so it is not a new sample
+    of the decoder; how many the writer sends depends on thread timing.
+    """
+    wire_positions = np.asarray(wire_positions)
+    repeated = np.zeros(len(wire_positions), dtype=bool)
+    if len(wire_positions) > 1:
+        repeated[1:] = np.all(wire_positions[1:] == wire_positions[:-1], axis=1)
+    return repeated
+
+
+def wire_positions(positions):
+    """Positions (n, n_outputs) 0..1 as the neurohand hand protocol quantises them (int64)."""
+    from neurohand.firmware_bridge.hands.neurohand_protocol import quantise
+    return np.array([quantise(row) for row in positions], dtype=np.int64).reshape(len(positions), -1)
+
+
+def score_commands(truth, start_sample, samples, positions, wire, score_from):
+    """Scores of commands at ``samples`` (since the replay start): those from ``score_from`` on
+    that are not repeats of the command before (see :func:`repeated_commands`).
+
+    Returns (r2 array per output, mask of scored commands, mask of repeats).
     """
     samples = np.asarray(samples, dtype=np.float64)
-    scored = samples >= score_from
+    repeated = repeated_commands(wire)
+    scored = (samples >= score_from) & ~repeated
     if not np.any(scored):
-        return np.full(len(truth.names), np.nan), scored
+        return np.full(len(truth.names), np.nan), scored, repeated
     expected = truth.at(start_sample + samples[scored])
-    return r2_scores(expected, np.asarray(positions, dtype=np.float64)[scored]), scored
+    return r2_scores(expected, np.asarray(positions, dtype=np.float64)[scored]), scored, repeated
 
 
 # --- the replay -----------------------------------------------------------------
@@ -254,7 +279,7 @@ def replay_fast(decoder, recording, replay_range, config, record_path=None, stat
     wall_s = time.perf_counter() - started
     positions = np.asarray(positions, dtype=np.float64).reshape(-1, decoder.backend.n_outputs)
     return _outcome("fast", decoder, recording, replay_range, truth, np.asarray(samples, dtype=np.float64),
-                    positions, document, wall_s, {"speed_x": document.get("speed_x"),
+                    positions, wire_positions(positions), document, wall_s, {"speed_x": document.get("speed_x"),
                                                   "block_samples": block})
 
 
@@ -306,17 +331,18 @@ def replay_realtime(decoder, recording, replay_range, config, faults=None, disco
     samples = np.array([(c.t_monotonic - chip.stream_started_s) * replay_range.rate for c in received],
                        dtype=np.float64)
     positions = np.array([c.positions for c in received], dtype=np.float64).reshape(-1, decoder.backend.n_outputs)
+    wire = np.array([c.raw for c in received], dtype=np.int64).reshape(-1, decoder.backend.n_outputs)
     # chip.summary(): what the chip sent, and the faults it injected (if any).
     extra = {"hand": dict(hand_side.counters), "hand_received": len(received) + 1, "chip": chip.summary()}
-    return _outcome("realtime", decoder, recording, replay_range, truth, samples, positions, document, wall_s,
+    return _outcome("realtime", decoder, recording, replay_range, truth, samples, positions, wire, document, wall_s,
                     extra)
 
 
-def _outcome(mode, decoder, recording, replay_range, truth, samples, positions, document, wall_s, extra):
+def _outcome(mode, decoder, recording, replay_range, truth, samples, positions, wire, document, wall_s, extra):
     rate = replay_range.rate
     ready = ready_sample(document)
     score_from = max(int(round(WARMUP_S * rate)), ready if ready is not None else replay_range.stop)
-    r2, scored = score_commands(truth, replay_range.start, samples, positions, score_from)
+    r2, scored, repeated = score_commands(truth, replay_range.start, samples, positions, wire, score_from)
     expected = truth.at(replay_range.start + samples) if len(samples) else np.zeros((0, len(truth.names)))
     latency = document.get("latency_us") or {}
     frames = document.get("frames") or {}
@@ -333,6 +359,7 @@ def _outcome(mode, decoder, recording, replay_range, truth, samples, positions, 
         "mean_r2": _finite_or_none(np.nanmean(r2)) if np.any(np.isfinite(r2)) else None,
         "commands": int(len(samples)),
         "scored_commands": int(np.count_nonzero(scored)),
+        "repeats_not_scored": int(np.count_nonzero(repeated)),
         "scored_from_s": round(score_from / rate, 4),
         "warmup_s": WARMUP_S,
         "latency_us": {key: latency.get(key) for key in ("p50", "p90", "p99", "max", "count")},

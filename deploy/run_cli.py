@@ -19,7 +19,7 @@ def register(subparsers):
         description="Decode nerve signals from the neural-interface chip and drive the prosthetic hand, until "
                     "SIGINT/SIGTERM (or --duration). Loads and verifies BUNDLE, refuses to start unless "
                     "'neurohand selftest' passed on this device with the chosen backend, reads the chip's "
-                    "configuration (channels, rate and its µV-per-count scale, which the decoder uses) and "
+                    "configuration (channels, rate and its microvolts-per-count scale, which the decoder uses) and "
                     "refuses a chip configured differently from the bundle. The hand is held open until the "
                     "decoder has produced a few good windows, and goes to its safe posture on any fault and "
                     "on exit. See docs/runtime.md.",
@@ -45,7 +45,7 @@ def register(subparsers):
     parser = subparsers.add_parser(
         "replay", help="replay a recording through the decoder and score it against its labels",
         description="Decode RECORDING with BUNDLE and score the hand commands against the recording's labels "
-                    "(R² per output, scaled as in training, so comparable with 'neurohand evaluate'). "
+                    "(R2 per output, scaled as in training, so comparable with 'neurohand evaluate'). "
                     "--fast (default) decodes in this process as fast as the CPU allows. --realtime streams the "
                     "recording through a virtual chip on a pseudo-terminal at its true rate, runs exactly the "
                     "loop of 'neurohand run' and drives a virtual hand on another pseudo-terminal; it also "
@@ -135,11 +135,15 @@ def _run(args):
     except BaseException:
         decoder.close()
         raise
-    if not args.quiet:
-        print("neurohand run: bundle {} on backend {}, chip {}, hand {}".format(
-            args.bundle, decoder.backend.name, args.chip, args.hand), file=sys.stderr)
+    def announce(chip_config):
+        if not args.quiet:
+            print("neurohand run: bundle {} (backend {}) <- chip {} ({} channels, {} Hz, {:.6g} uV per count) "
+                  "-> hand {}".format(args.bundle, decoder.backend.name, args.chip, chip_config.n_channels,
+                                      chip_config.sample_rate_hz, chip_config.scale_uv, args.hand),
+                  file=sys.stderr)
+
     document = run_on_chip(decoder, args.chip, args.hand, config, record_path=args.record,
-                           stats_path=args.stats_json, duration_s=duration, quiet=args.quiet)
+                           stats_path=args.stats_json, duration_s=duration, quiet=args.quiet, announce=announce)
     if not args.quiet:
         latency = document["latency_us"]
         print("neurohand run: stopped ({}); {} commands sent, latency p50 {} us p99 {} us, {} safety events, "

@@ -119,13 +119,13 @@ def chip_scale_uv(url, chip_config):
     """The chip's µV per count, checked (finite, > 0)."""
     scale = float(chip_config.scale_uv)
     if not (scale > 0.0 and scale != float("inf")):
-        raise ConfigError("chip at {} reports a scale of {!r} µV per count; it must be finite and positive".format(
+        raise ConfigError("chip at {} reports a scale of {!r} uV per count; it must be finite and positive".format(
             url, chip_config.scale_uv))
     return scale
 
 
 def run_on_chip(decoder, chip_url, hand_spec, config, record_path=None, stats_path=None, duration_s=None,
-                quiet=False, install_signals=True, metadata=None, baudrate=None):
+                quiet=False, install_signals=True, metadata=None, baudrate=None, announce=None):
     """Decode the chip at ``chip_url`` into the hand ``hand_spec`` until stopped; return the stats document.
 
     Reads the chip's configuration first (scale, channels, rate) and refuses a
@@ -133,6 +133,8 @@ def run_on_chip(decoder, chip_url, hand_spec, config, record_path=None, stats_pa
     ``hand_spec`` is a ``create_hand`` specification (``psyonic:PORT``,
     ``neurohand:PORT``, ``keys:MAPFILE``, ``none``).  The hand and the backend
     are closed on return, whatever happened (the hand after its safe posture).
+    ``announce(chip_config)``, if given, is called once the chip and the hand
+    have been checked and opened, right before decoding starts.
     """
     from neurohand.deploy.runtime import run_realtime
     from neurohand.deploy.runtime.chip import DEFAULT_BAUDRATE, _check_chip_config, chip_opener
@@ -152,6 +154,8 @@ def run_on_chip(decoder, chip_url, hand_spec, config, record_path=None, stats_pa
     info.update({"chip": chip_url, "chip_scale_uv": scale[0], "hand": hand_spec})
     info.update(metadata or {})
     open_chip = chip_opener(chip_url, pipeline.n_channels, pipeline.signal_rate, scale, baudrate=baudrate)
+    if announce is not None:
+        announce(chip_config)
     return run_realtime(pipeline, decoder.backend, hand, open_chip, scale, decoder.channel_names, config,
                         record_path=record_path, stats_path=stats_path, duration_s=duration_s, quiet=quiet,
                         metadata=info, install_signals=install_signals)

@@ -1,0 +1,261 @@
+"""`neurohand run` and `neurohand replay` end to end, on the device (no torch).
+
+The model is a small run trained on the workstation (tests/workstation/
+make_replay_fixture.py, committed under data/replay_run/); the recording is
+the held-out continuation of the same simulated session, made here with the
+numpy simulator.  Real pseudo-terminals throughout.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from neurohand.deploy import cli
+from neurohand.deploy.bundle import make_bundle
+from neurohand.deploy.demo import write_session_parts
+from neurohand.deploy.replay import (
+    LabelTruth, r2_scores, repeated_commands, scale_labels, wire_positions)
+from neurohand.firmware_bridge.recording import open_recording
+from neurohand.firmware_bridge.simulator import SimulatorConfig
+from neurohand.firmware_bridge.virtual_chip import ArraySource, RecordingSource, VirtualChip
+from neurohand.firmware_bridge.virtual_hand import VirtualHand
+
+RUN_DIR = os.path.join(os.path.dirname(__file__), "data", "replay_run")
+HELDOUT_S = 12.0
+REALTIME_S = 8.0
+
+
+def read_fixture_config():
+    with open(os.path.join(RUN_DIR, "config.json")) as handle:
+        return json.load(handle)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """(bundle path, held-out recording path); the bundle is self-tested on numpy here."""
+    folder = tmp_path_factory.mktemp("replay")
+    bundle = str(folder / "bundle")
+    make_bundle(RUN_DIR, bundle)
+    fixture = read_fixture_config()["fixture"]
+    recording = str(folder / "heldout.nhr")
+    start = fixture["train_s"]
+    write_session_parts(SimulatorConfig(**fixture["session"]), [(recording, start, start + HELDOUT_S)])
+    assert cli.main(["selftest", bundle, "--backend", "numpy"]) == 0
+    return bundle, recording
+
+
+def replay_json(capsys, *args):
+    capsys.readouterr()
+    assert cli.main(["replay"] + [str(a) for a in args] + ["--json", "--backend", "numpy", "--quiet"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def run_cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "neurohand.deploy"] + [str(a) for a in args],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, **kwargs)
+
+
+# --- scoring rules ------------------------------------------------------------------
+
+def test_r2_scores_follow_the_definition():
+    rng = np.random.RandomState(0)
+    truth = rng.uniform(size=(50, 3))
+    prediction = truth + rng.normal(scale=0.1, size=truth.shape)
+    expected = 1 - ((truth - prediction) ** 2).sum(0) / ((truth - truth.mean(0)) ** 2).sum(0)
+    assert np.allclose(r2_scores(truth, prediction), expected)
+    assert np.allclose(r2_scores(truth, truth), 1.0)
+    assert np.allclose(r2_scores(truth, np.tile(truth.mean(0), (50, 1))), 0.0)
+    constant = truth.copy()
+    constant[:, 1] = 0.5
+    assert np.isnan(r2_scores(constant, prediction)[1]) and np.isfinite(r2_scores(constant, prediction)[0])
+
+
+def test_labels_are_scaled_as_in_training_and_looked_up_causally(data):
+    scaling = {"kind": "minmax", "minimum": [0.0, -1.0], "maximum": [2.0, 1.0]}
+    assert np.allclose(scale_labels([[1.0, 0.0], [2.0, 1.0]], scaling), [[0.5, 0.5], [1.0, 1.0]])
+    assert np.array_equal(scale_labels([[0.3, 0.7]], {"kind": "none"}), [[0.3, 0.7]])
+    _, recording_path = data
+    with open_recording(recording_path) as recording:
+        truth = LabelTruth(recording, read_fixture_config()["labels"])
+        stream = recording.label_streams["fingers"]
+        per_row = int(recording.signal_rate / stream.rate)
+        # A window ending at sample e (exclusive) takes the row in force at sample e - 1.
+        assert np.array_equal(truth.at([per_row, per_row + 1, 3 * per_row]),
+                              stream.data[[0, 1, 2]].astype(np.float64))
+
+
+def test_keepalive_repeats_are_found_at_the_hand_links_resolution():
+    positions = np.array([[0.1, 0.2], [0.1, 0.2], [0.1, 0.2 + 1e-7], [0.3, 0.2], [0.1, 0.2]])
+    assert repeated_commands(wire_positions(positions)).tolist() == [False, True, True, False, False]
+
+
+# --- replay -------------------------------------------------------------------------
+
+def test_fast_replay_reports_scores_and_counts(data, capsys):
+    bundle, recording = data
+    result = replay_json(capsys, bundle, recording, "--fast")
+    for key in ("mean_r2", "r2", "latency_us", "frames", "safety_events", "skips", "commands", "seconds", "mode"):
+        assert key in result, key
+    assert result["mode"] == "fast" and result["seconds"] == HELDOUT_S
+    assert len(result["r2"]) == 5 and all(r is not None for r in result["r2"])
+    assert result["mean_r2"] > 0.2                               # the fixture model decodes something
+    assert result["frames"]["missing"] == 0 and result["safety_events"] == 0 and result["skips"] == 0
+    stride_s = 0.02
+    assert result["commands"] == pytest.approx((HELDOUT_S - 0.1) / stride_s + 1, abs=1)   # every window
+    assert result["scored_from_s"] == 1.0 and result["speed_x"] > 1
+
+
+def test_realtime_replay_matches_fast_replay(data, capsys, tmp_path):
+    bundle, recording = data
+    stats = tmp_path / "stats.json"
+    realtime = replay_json(capsys, bundle, recording, "--realtime", "--seconds", REALTIME_S, "--stats-json", stats)
+    fast = replay_json(capsys, bundle, recording, "--fast", "--seconds", REALTIME_S)
+    assert realtime["mode"] == "realtime"
+    assert realtime["frames"]["missing"] == 0 and realtime["frames"]["corrupt"] == 0
+    assert realtime["frames"]["received"] >= 0.95 * REALTIME_S * 2000 / 20
+    assert realtime["safety_events"] == 0
+    assert realtime["hand"]["bad_checksums"] == 0 and realtime["hand"]["timeouts"] == 0
+    latency = realtime["latency_us"]
+    assert latency["count"] > 0 and 0 < latency["p50"] <= latency["p99"] <= latency["max"]
+    # The same decoding through the serial path: the scores agree.
+    assert abs(realtime["mean_r2"] - fast["mean_r2"]) < 0.01, (realtime["r2"], fast["r2"])
+    assert realtime["scored_commands"] >= 0.9 * fast["scored_commands"]
+    with open(str(stats)) as handle:
+        assert json.load(handle)["mode"] == "realtime"
+
+
+def test_replay_faults_reach_the_counters(data, capsys):
+    bundle, recording = data
+    result = replay_json(capsys, bundle, recording, "--realtime", "--seconds", 3, "--drop-rate", 0.02,
+                         "--seed", 4)
+    dropped = result["chip"]["faults"]["frames_dropped"]
+    assert dropped > 0 and result["frames"]["missing"] > 0
+    assert result["frames"]["missing"] <= dropped
+
+
+# --- run ----------------------------------------------------------------------------
+
+@pytest.fixture
+def bench(data):
+    """A streaming virtual chip (held-out recording, looping) and a virtual hand."""
+    _, recording_path = data
+    recording = open_recording(recording_path)
+    chip = VirtualChip(RecordingSource(recording), loop=True)
+    chip_path = chip.open()
+    stop = threading.Event()
+    serving = threading.Thread(target=chip.serve, args=(stop,), daemon=True)
+    serving.start()
+    hand = VirtualHand("neurohand").start()
+    try:
+        yield chip_path, hand
+    finally:
+        stop.set()
+        serving.join(5.0)
+        chip.close()
+        hand.stop()
+        recording.close()
+
+
+def test_run_drives_the_hand_until_sigterm_then_leaves_it_open(data, bench, tmp_path):
+    bundle, _ = data
+    chip_path, hand = bench
+    stats = str(tmp_path / "stats.json")
+    process = subprocess.Popen([sys.executable, "-m", "neurohand.deploy", "run", "--bundle", bundle,
+                                "--chip", chip_path, "--hand", "neurohand:" + hand.slave_path, "--backend",
+                                "numpy", "--stats-json", stats, "--status-interval", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    try:
+        assert hand.wait_for(1, 30.0), "the run never sent a command"
+        time.sleep(2.0)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=20)
+    assert process.returncode == 0, err
+    assert "Traceback" not in err
+    with open(stats) as handle:
+        document = json.load(handle)
+    assert document["stop_reason"] == "SIGTERM"
+    assert document["frames"]["received"] > 100 and document["frames"]["missing"] == 0
+    assert document["safety_events"]["count"] == 0
+    assert hand.wait_for(document["commands_sent"], 2.0)
+    received = hand.received()
+    assert len(received) == document["commands_sent"] > 50
+    assert any(max(c.positions) > 0 for c in received)             # it followed the decoder
+    assert all(p == 0 for p in received[-1].positions)             # and ended in the safe posture (open)
+    assert hand.counters["bad_checksums"] == 0 and hand.counters["timeouts"] == 0
+
+
+def test_run_refuses_a_bundle_not_self_tested_here(data, tmp_path):
+    bundle, _ = data
+    fresh = str(tmp_path / "fresh")
+    shutil.copytree(bundle, fresh, ignore=shutil.ignore_patterns("selftest"))
+    result = run_cli("run", "--bundle", fresh, "--chip", "/dev/nonexistent-chip", "--hand", "none",
+                     "--backend", "numpy")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "has not been self-tested on this device" in result.stderr
+    assert "neurohand selftest" in result.stderr
+
+
+def test_run_skip_selftest_check_warns_loudly(data, tmp_path):
+    bundle, _ = data
+    fresh = str(tmp_path / "fresh")
+    shutil.copytree(bundle, fresh, ignore=shutil.ignore_patterns("selftest"))
+    result = run_cli("run", "--bundle", fresh, "--chip", "/dev/nonexistent-chip", "--hand", "none",
+                     "--backend", "numpy", "--skip-selftest-check")
+    assert result.returncode == 2                     # it got past the check, to the missing port
+    assert "WARNING" in result.stderr and "NOT been proven" in result.stderr
+    assert "cannot open serial port /dev/nonexistent-chip" in result.stderr
+
+
+def test_run_refuses_a_chip_configured_differently(data, tmp_path, capsys):
+    bundle, _ = data
+    samples = np.zeros((20000, 3), dtype=np.int16)
+    chip = VirtualChip(ArraySource(samples, 2000.0, 0.195))
+    chip_path = chip.open()
+    stop = threading.Event()
+    serving = threading.Thread(target=chip.serve, args=(stop,), daemon=True)
+    serving.start()
+    try:
+        capsys.readouterr()
+        status = cli.main(["run", "--bundle", bundle, "--chip", chip_path, "--hand", "none", "--backend", "numpy",
+                           "--duration", "1", "--quiet"])
+    finally:
+        stop.set()
+        serving.join(5.0)
+        chip.close()
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1
+    assert "configured for 3 channels, the decoder needs 4" in err
+    assert not chip.streaming
+
+
+@pytest.mark.parametrize("args, message", [
+    (["replay", "{missing}", "{recording}"], "is not a directory"),
+    (["replay", "{bundle}", "{missing}.nhr"], "does not exist"),
+    (["replay", "{bundle}", "{recording}", "--seconds", "500"], "has only 12.0 s"),
+    (["replay", "{bundle}", "{recording}", "--realtime", "--seconds", "12"], "kept in reserve"),
+    (["replay", "{bundle}", "{recording}", "--fast", "--drop-rate", "0.1"], "use them with --realtime"),
+    (["replay", "{bundle}", "{recording}", "--drop-rate", "2", "--realtime"], "--drop-rate must be at most 1"),
+    (["replay", "{bundle}", "{other}"], "4 channels at 2000 Hz"),
+    (["run", "--bundle", "{bundle}", "--chip", "/dev/nonexistent-chip", "--hand", "none", "--backend", "numpy"],
+     "cannot open serial port"),
+    (["run", "--bundle", "{bundle}", "--chip", "x", "--hand", "psyonc:/dev/x"], "did you mean"),
+    (["run", "--bundle", "{bundle}", "--chip", "x", "--hand", "none", "--duration", "0"], "--duration"),
+])
+def test_user_errors_are_one_line_with_exit_2(data, tmp_path, capsys, args, message):
+    bundle, recording = data
+    other = str(tmp_path / "other.nhr")
+    write_session_parts(SimulatorConfig(5.0, n_channels=2, rate=2000.0, seed=1), [(other, 0.0, 5.0)])
+    names = {"bundle": bundle, "recording": recording, "missing": str(tmp_path / "missing"), "other": other}
+    capsys.readouterr()
+    status = cli.main([a.format(**names) for a in args])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.count("\n") == 1 and message in err, err
