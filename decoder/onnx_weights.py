@@ -13,17 +13,44 @@ format (https://protobuf.dev/programming-guides/encoding/) to get:
 * ``ValueInfoProto`` -> ``TypeProto.tensor_type`` -> shape dims (for I/O shapes)
 
 Field numbers are from onnx/onnx.proto (IR version 8).  Every other field is
-skipped by its wire type, so newer files with extra fields still read.  There
-is one source of truth for the weights: the ONNX file itself.
+skipped by its wire type, so newer files with extra fields still read; a field
+we read that arrives with another wire type than onnx.proto gives it is damage
+(a flipped bit in a key) and is refused, as is text that is not UTF-8, packed
+numbers of a wrong length and impossible tensor shapes.  Whatever the bytes,
+reading gives an :class:`OnnxModel` or a ConfigError.  There is one source of
+truth for the weights: the ONNX file itself.
 """
 import struct
 
 import numpy as np
 
+from neurohand.firmware_bridge.checks import parse_json
 from neurohand.firmware_bridge.errors import ConfigError
 
 # Protobuf wire types.
 VARINT, FIXED64, LENGTH_DELIMITED, FIXED32 = 0, 1, 2, 5
+LD = (LENGTH_DELIMITED,)
+
+# The fields read, per message: field number -> wire types onnx.proto allows
+# (repeated numbers come packed (length-delimited) or one per field).
+MODEL_FIELDS = {1: (VARINT,), 7: LD, 8: LD, 14: LD}
+OPSET_FIELDS = {1: LD, 2: (VARINT,)}
+STRING_PAIR_FIELDS = {1: LD, 2: LD}
+GRAPH_FIELDS = {1: LD, 5: LD, 11: LD, 12: LD}
+NODE_FIELDS = {1: LD, 2: LD, 3: LD, 4: LD, 5: LD}
+ATTRIBUTE_FIELDS = {1: LD, 2: (FIXED32,), 3: (VARINT,), 4: LD, 5: LD, 7: (LENGTH_DELIMITED, FIXED32),
+                    8: (LENGTH_DELIMITED, VARINT)}
+TENSOR_FIELDS = {1: (LENGTH_DELIMITED, VARINT), 2: (VARINT,), 4: (LENGTH_DELIMITED, FIXED32),
+                 5: (LENGTH_DELIMITED, VARINT), 7: (LENGTH_DELIMITED, VARINT), 8: LD, 9: LD,
+                 10: (LENGTH_DELIMITED, FIXED64), 14: (VARINT,)}
+VALUE_INFO_FIELDS = {1: LD, 2: LD}
+TYPE_FIELDS = {1: LD}                       # TypeProto.tensor_type
+TENSOR_TYPE_FIELDS = {1: (VARINT,), 2: LD}  # elem_type, shape
+SHAPE_FIELDS = {1: LD}                      # TensorShapeProto.dim
+DIMENSION_FIELDS = {1: (VARINT,), 2: LD}    # dim_value, dim_param
+
+# numpy's own limit on array dimensions; more is damage, not a tensor.
+MAX_TENSOR_DIMS = 32
 
 # TensorProto.DataType values we can turn into arrays.
 TENSOR_DTYPES = {1: "<f4", 2: "<u1", 3: "<i1", 6: "<i4", 7: "<i8", 9: "<u1", 10: "<f2", 11: "<f8"}
@@ -83,23 +110,21 @@ def read_onnx(path):
 def parse_onnx(data):
     """Parse a serialized ``ModelProto`` (bytes) into an :class:`OnnxModel`."""
     ir_version, graph, opsets, metadata = 0, None, {}, {}
-    for number, wire, value in _fields(data):
-        if number == 1 and wire == VARINT:
+    for number, wire, value in _fields(data, MODEL_FIELDS, "ModelProto"):
+        if number == 1:
             ir_version = value
-        elif number == 7 and wire == LENGTH_DELIMITED:
+        elif number == 7:
             graph = value
-        elif number == 8 and wire == LENGTH_DELIMITED:
+        elif number == 8:
             domain, version = _opset(value)
             opsets[domain] = version
-        elif number == 14 and wire == LENGTH_DELIMITED:
+        elif number == 14:
             key, text = _string_pair(value)
             metadata[key] = text
     if graph is None:
         raise ConfigError("not an ONNX model (no graph found)")
     nodes, initializers, inputs, outputs = [], {}, [], []
-    for number, wire, value in _fields(graph):
-        if wire != LENGTH_DELIMITED:
-            continue
+    for number, wire, value in _fields(graph, GRAPH_FIELDS, "GraphProto"):
         if number == 1:
             nodes.append(_node(value))
         elif number == 5:
@@ -125,22 +150,33 @@ def _varint(data, pos):
         pos += 1
         result |= (byte & 0x7F) << shift
         if not byte & 0x80:
-            return result, pos
+            return result & 0xFFFFFFFFFFFFFFFF, pos   # protobuf keeps the low 64 bits
         shift += 7
         if shift > 63:
             raise ConfigError("varint longer than 10 bytes at byte {}".format(pos))
 
 
-def _fields(data):
+def _fields(data, expected, message):
     """Yield (field_number, wire_type, value) for each field of one message.
 
     ``value`` is an int for VARINT, bytes for the other wire types.
+    expected : dict, field number -> allowed wire types, for the fields the
+        caller reads; one of them with another wire type raises ConfigError
+        (fields not listed are skipped, whatever their wire type)
+    message : str, the message's name for errors, e.g. "TensorProto"
     """
     data = memoryview(data)
     pos, end = 0, len(data)
     while pos < end:
         key, pos = _varint(data, pos)
         number, wire = key >> 3, key & 7
+        if number == 0:
+            raise ConfigError("{} has a field numbered 0 at byte {} (damaged)".format(message, pos))
+        if wire not in (VARINT, FIXED64, LENGTH_DELIMITED, FIXED32):
+            raise ConfigError("unsupported protobuf wire type {} (field {})".format(wire, number))
+        if number in expected and wire not in expected[number]:
+            raise ConfigError("{} field {} has wire type {}, expected {} (damaged)".format(
+                message, number, wire, " or ".join(str(w) for w in expected[number])))
         if wire == VARINT:
             value, pos = _varint(data, pos)
         elif wire == LENGTH_DELIMITED:
@@ -150,10 +186,8 @@ def _fields(data):
             value, pos = bytes(data[pos:pos + size]), pos + size
         elif wire == FIXED32:
             value, pos = bytes(data[pos:pos + 4]), pos + 4
-        elif wire == FIXED64:
-            value, pos = bytes(data[pos:pos + 8]), pos + 8
         else:
-            raise ConfigError("unsupported protobuf wire type {} (field {})".format(wire, number))
+            value, pos = bytes(data[pos:pos + 8]), pos + 8
         if pos > end:
             raise ConfigError("field {} is truncated".format(number))
         yield number, wire, value
@@ -171,26 +205,37 @@ def _packed_varints(value):
     return out
 
 
-def _text(value):
-    return value.decode("utf-8")
+def _packed_reals(value, wire, code, what):
+    """Floats (code "f", 4 bytes) or doubles ("d", 8 bytes): packed, or one fixed-size field."""
+    size = struct.calcsize("<" + code)
+    if len(value) % size:
+        raise ConfigError("{}: {} bytes of packed {}-byte numbers".format(what, len(value), size))
+    return struct.unpack("<{}{}".format(len(value) // size, code), value)
+
+
+def _text(value, what):
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("{} is not UTF-8 text: {!r}".format(what, value[:40])) from None
 
 
 def _string_pair(data):
     key, text = "", ""
-    for number, wire, value in _fields(data):
-        if number == 1 and wire == LENGTH_DELIMITED:
-            key = _text(value)
-        elif number == 2 and wire == LENGTH_DELIMITED:
-            text = _text(value)
+    for number, wire, value in _fields(data, STRING_PAIR_FIELDS, "metadata entry"):
+        if number == 1:
+            key = _text(value, "metadata key")
+        elif number == 2:
+            text = _text(value, "metadata value")
     return key, text
 
 
 def _opset(data):
     domain, version = "", 0
-    for number, wire, value in _fields(data):
-        if number == 1 and wire == LENGTH_DELIMITED:
-            domain = _text(value)
-        elif number == 2 and wire == VARINT:
+    for number, wire, value in _fields(data, OPSET_FIELDS, "opset_import"):
+        if number == 1:
+            domain = _text(value, "opset domain")
+        elif number == 2:
             version = value
     return domain, version
 
@@ -199,17 +244,15 @@ def _opset(data):
 
 def _node(data):
     inputs, outputs, name, op_type, attributes = [], [], "", "", {}
-    for number, wire, value in _fields(data):
-        if wire != LENGTH_DELIMITED:
-            continue
+    for number, wire, value in _fields(data, NODE_FIELDS, "NodeProto"):
         if number == 1:
-            inputs.append(_text(value))
+            inputs.append(_text(value, "node input name"))
         elif number == 2:
-            outputs.append(_text(value))
+            outputs.append(_text(value, "node output name"))
         elif number == 3:
-            name = _text(value)
+            name = _text(value, "node name")
         elif number == 4:
-            op_type = _text(value)
+            op_type = _text(value, "node op_type")
         elif number == 5:
             key, item = _attribute(value)
             attributes[key] = item
@@ -219,22 +262,19 @@ def _node(data):
 def _attribute(data):
     """Return (name, value): int, float, str, ndarray, list of ints or floats."""
     name, value_out, ints, floats = "", None, [], []
-    for number, wire, value in _fields(data):
-        if number == 1 and wire == LENGTH_DELIMITED:
-            name = _text(value)
-        elif number == 2 and wire == FIXED32:
+    for number, wire, value in _fields(data, ATTRIBUTE_FIELDS, "AttributeProto"):
+        if number == 1:
+            name = _text(value, "attribute name")
+        elif number == 2:
             value_out = struct.unpack("<f", value)[0]
-        elif number == 3 and wire == VARINT:
+        elif number == 3:
             value_out = _signed64(value)
-        elif number == 4 and wire == LENGTH_DELIMITED:
-            value_out = _text(value)
-        elif number == 5 and wire == LENGTH_DELIMITED:
+        elif number == 4:
+            value_out = _text(value, "attribute {!r} string".format(name))
+        elif number == 5:
             value_out = _tensor(value)[1]
         elif number == 7:
-            if wire == LENGTH_DELIMITED:
-                floats.extend(struct.unpack("<{}f".format(len(value) // 4), value))
-            elif wire == FIXED32:
-                floats.append(struct.unpack("<f", value)[0])
+            floats.extend(_packed_reals(value, wire, "f", "attribute {!r} floats".format(name)))
         elif number == 8:
             if wire == LENGTH_DELIMITED:
                 ints.extend(_packed_varints(value))
@@ -249,26 +289,28 @@ def _tensor(data):
     """Return (name, ndarray) of one TensorProto."""
     dims, data_type, name, raw = [], None, "", None
     numbers = []
-    for number, wire, value in _fields(data):
+    for number, wire, value in _fields(data, TENSOR_FIELDS, "TensorProto"):
         if number == 1:
             dims.extend(_packed_varints(value) if wire == LENGTH_DELIMITED else [_signed64(value)])
-        elif number == 2 and wire == VARINT:
+        elif number == 2:
             data_type = value
-        elif number == 8 and wire == LENGTH_DELIMITED:
-            name = _text(value)
-        elif number == 9 and wire == LENGTH_DELIMITED:
+        elif number == 8:
+            name = _text(value, "tensor name")
+        elif number == 9:
             raw = value
         elif number == 4:      # float_data: packed floats, or one fixed32 each
-            numbers.extend(struct.unpack("<{}f".format(len(value) // 4), value))
+            numbers.extend(_packed_reals(value, wire, "f", "tensor {!r} float_data".format(name)))
         elif number in (5, 7):   # int32_data / int64_data: varints
             numbers.extend(_packed_varints(value) if wire == LENGTH_DELIMITED else [_signed64(value)])
         elif number == 10:     # double_data
-            numbers.extend(struct.unpack("<{}d".format(len(value) // 8), value))
-        elif number == 14 and wire == VARINT and value == 1:
+            numbers.extend(_packed_reals(value, wire, "d", "tensor {!r} double_data".format(name)))
+        elif number == 14 and value == 1:
             raise ConfigError("tensor {!r} keeps its data in an external file; "
                               "export with the weights inside the .onnx".format(name))
     if data_type not in TENSOR_DTYPES:
         raise ConfigError("tensor {!r} has unsupported data type {}".format(name, data_type))
+    if len(dims) > MAX_TENSOR_DIMS or any(dim < 0 for dim in dims):
+        raise ConfigError("tensor {!r} has an impossible shape {}".format(name, dims[:MAX_TENSOR_DIMS + 1]))
     dtype = np.dtype(TENSOR_DTYPES[data_type])
     count = 1
     for dim in dims:
@@ -280,33 +322,36 @@ def _tensor(data):
     else:
         if len(numbers) != count:
             raise ConfigError("tensor {!r}: {} values for shape {}".format(name, len(numbers), dims))
-        array = np.array(numbers, dtype=dtype.newbyteorder("="))
+        try:
+            array = np.array(numbers, dtype=dtype.newbyteorder("="))
+        except (OverflowError, ValueError) as exc:   # e.g. 300 in a uint8 tensor (numpy >= 2 refuses)
+            raise ConfigError("tensor {!r}: values do not fit its data type {}: {}".format(name, dtype, exc)) from None
     return name, array.reshape(dims)
 
 
 def _value_info(data):
     """Return (name, shape) of a ValueInfoProto; unknown dims are None."""
     name, shape = "", None
-    for number, wire, value in _fields(data):
-        if number == 1 and wire == LENGTH_DELIMITED:
-            name = _text(value)
-        elif number == 2 and wire == LENGTH_DELIMITED:
-            for t_number, t_wire, tensor_type in _fields(value):
-                if t_number == 1 and t_wire == LENGTH_DELIMITED:
+    for number, wire, value in _fields(data, VALUE_INFO_FIELDS, "ValueInfoProto"):
+        if number == 1:
+            name = _text(value, "graph input/output name")
+        elif number == 2:
+            for t_number, _, tensor_type in _fields(value, TYPE_FIELDS, "TypeProto"):
+                if t_number == 1:
                     shape = _tensor_shape(tensor_type)
     return name, shape
 
 
 def _tensor_shape(tensor_type):
-    for number, wire, value in _fields(tensor_type):
-        if number == 2 and wire == LENGTH_DELIMITED:
+    for number, _, value in _fields(tensor_type, TENSOR_TYPE_FIELDS, "TypeProto.Tensor"):
+        if number == 2:
             dims = []
-            for d_number, d_wire, dim in _fields(value):
-                if d_number != 1 or d_wire != LENGTH_DELIMITED:
+            for d_number, _, dim in _fields(value, SHAPE_FIELDS, "TensorShapeProto"):
+                if d_number != 1:
                     continue
                 size = None
-                for x_number, x_wire, x_value in _fields(dim):
-                    if x_number == 1 and x_wire == VARINT:
+                for x_number, _, x_value in _fields(dim, DIMENSION_FIELDS, "TensorShapeProto.Dimension"):
+                    if x_number == 1:
                         size = _signed64(x_value)
                 dims.append(size)
             return tuple(dims)
@@ -411,6 +456,27 @@ def _float32(model, name, shape):
     return np.ascontiguousarray(array)
 
 
+def _rows(model, name):
+    """Number of rows of a 2-d initializer (its shape is checked in full by :func:`_float32`)."""
+    array = model.initializers[name]
+    if array.ndim != 2:
+        raise ConfigError("initializer {!r} has shape {}, expected 2 dimensions".format(name, array.shape))
+    return array.shape[0]
+
+
+def _typed_attribute(node, key, default, kinds, what):
+    """``node.attributes[key]`` (or ``default``) if it is of ``kinds``, else ConfigError.
+
+    A damaged file can give any attribute any type (a tensor where an int
+    belongs); comparing it to the expected value must not be left to chance.
+    """
+    value = node.attributes.get(key, default)
+    if not isinstance(value, kinds):
+        raise ConfigError("{} attribute {!r} is {!r}, expected {}".format(
+            what, key, value, " or ".join(k.__name__ for k in kinds)))
+    return value
+
+
 def _io_shape(items, name):
     for item_name, shape in items:
         if item_name == name:
@@ -423,12 +489,35 @@ def _check_gemm(model, weight_name):
     nodes = [n for n in model.nodes if n.op_type == "Gemm" and weight_name in n.inputs]
     if len(nodes) != 1 or nodes[0].inputs[1:] != [weight_name, weight_name.replace("weight", "bias")]:
         raise ConfigError("expected one Gemm node using {!r} as B".format(weight_name))
-    attributes = nodes[0].attributes
-    if (attributes.get("transA", 0) != 0 or attributes.get("transB", 0) != 1
-            or attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0):
+    node = nodes[0]
+    what = "Gemm with {!r}".format(weight_name)
+    if (_typed_attribute(node, "transA", 0, (int,), what) != 0
+            or _typed_attribute(node, "transB", 0, (int,), what) != 1
+            or _typed_attribute(node, "alpha", 1.0, (float, int), what) != 1.0
+            or _typed_attribute(node, "beta", 1.0, (float, int), what) != 1.0):
         raise ConfigError("Gemm with {!r} has attributes {}, expected transB=1 only".format(
-            weight_name, attributes))
+            weight_name, node.attributes))
     return nodes[0]
+
+
+def _check_model_config(metadata):
+    """train/export.py always writes the model config; without it the file was cut short.
+
+    Protobuf has no end marker: a file cut between two top-level fields (or two
+    metadata entries) is a valid, shorter message.  metadata_props is the last
+    field the exporter writes and this is its last entry, so requiring it
+    refuses every such cut.
+    """
+    if CONFIG_METADATA_KEY not in metadata:
+        raise ConfigError("metadata {!r} is missing (the file is cut short, or was not exported by "
+                          "train/export.py)".format(CONFIG_METADATA_KEY))
+    try:
+        config = parse_json(metadata[CONFIG_METADATA_KEY])
+    except ValueError as exc:
+        raise ConfigError("metadata {!r} is not valid JSON: {}".format(CONFIG_METADATA_KEY, exc)) from None
+    if not isinstance(config, dict):
+        raise ConfigError("metadata {!r} must be a JSON object, not {}".format(
+            CONFIG_METADATA_KEY, type(config).__name__))
 
 
 def _rnn_weights(model):
@@ -446,13 +535,18 @@ def _rnn_weights(model):
         raise ConfigError("input {!r} has shape {}, expected (1, n_features)".format(
             INPUT_FEATURES, features_shape))
     n_features = features_shape[1]
-    hidden = rnn_nodes[0].attributes.get("hidden_size")
+    if n_features is None or n_features < 1:
+        raise ConfigError("input {!r} has shape {}, expected a known n_features >= 1".format(
+            INPUT_FEATURES, features_shape))
+    hidden = _typed_attribute(rnn_nodes[0], "hidden_size", None, (int,), "{} layer 0".format(rnn_nodes[0].op_type))
+    if hidden < 1:
+        raise ConfigError("{} layer 0 has hidden_size {}, expected at least 1".format(rnn_nodes[0].op_type, hidden))
     layers = []
     rnn_input = n_features
     projection = None
     if PROJECTION_WEIGHT in model.initializers:
         _check_gemm(model, PROJECTION_WEIGHT)
-        width = model.initializers[PROJECTION_WEIGHT].shape[0]
+        width = _rows(model, PROJECTION_WEIGHT)
         projection = (_float32(model, PROJECTION_WEIGHT, (width, n_features)),
                       _float32(model, PROJECTION_BIAS, (width,)))
         if sum(1 for n in model.nodes if n.op_type == "Relu") != 1:
@@ -460,16 +554,18 @@ def _rnn_weights(model):
         rnn_input = width
     for layer, node in enumerate(rnn_nodes):
         attributes = node.attributes
-        if attributes.get("hidden_size") != hidden:
+        what = "{} layer {}".format(node.op_type, layer)
+        if _typed_attribute(node, "hidden_size", None, (int,), what) != hidden:
             raise ConfigError("{} layer {} has hidden_size {}, layer 0 has {}".format(
                 node.op_type, layer, attributes.get("hidden_size"), hidden))
-        if cell == "gru" and attributes.get("linear_before_reset", 0) != 1:
+        if cell == "gru" and _typed_attribute(node, "linear_before_reset", 0, (int,), what) != 1:
             raise ConfigError("GRU layer {} lacks linear_before_reset=1 (PyTorch's GRU "
                               "equations); refusing to compute it differently".format(layer))
         for key in ("activations", "activation_alpha", "activation_beta", "clip"):
             if key in attributes:
                 raise ConfigError("{} layer {} sets {!r}, which is not supported".format(node.op_type, layer, key))
-        if attributes.get("direction", "forward") != "forward" or attributes.get("input_forget", 0) != 0:
+        if (_typed_attribute(node, "direction", "forward", (str,), what) != "forward"
+                or _typed_attribute(node, "input_forget", 0, (int,), what) != 0):
             raise ConfigError("{} layer {} must be forward-only without input_forget".format(node.op_type, layer))
         if cell == "lstm" and len(node.inputs) > 7 and node.inputs[7]:
             raise ConfigError("LSTM layer {} has peephole weights, which are not supported".format(layer))
@@ -484,7 +580,7 @@ def _rnn_weights(model):
                        b[:gates * hidden].copy(), b[gates * hidden:].copy()))
         rnn_input = hidden
     _check_gemm(model, HEAD_WEIGHT)
-    n_outputs = model.initializers[HEAD_WEIGHT].shape[0] if HEAD_WEIGHT in model.initializers else 0
+    n_outputs = _rows(model, HEAD_WEIGHT) if HEAD_WEIGHT in model.initializers else 0
     head = (_float32(model, HEAD_WEIGHT, (n_outputs, hidden)), _float32(model, HEAD_BIAS, (n_outputs,)))
     if sum(1 for n in model.nodes if n.op_type == "Sigmoid") != 1:
         raise ConfigError("expected one Sigmoid on the output")
@@ -501,4 +597,5 @@ def _rnn_weights(model):
     if _io_shape(model.outputs, OUTPUT_POSITIONS) != (1, n_outputs):
         raise ConfigError("output {!r} has shape {}, expected {}".format(
             OUTPUT_POSITIONS, _io_shape(model.outputs, OUTPUT_POSITIONS), (1, n_outputs)))
+    _check_model_config(model.metadata)
     return RnnWeights(cell, n_features, n_outputs, hidden, projection, layers, head, dict(model.metadata))

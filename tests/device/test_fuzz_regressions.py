@@ -23,6 +23,7 @@ import zlib
 import pytest
 
 from neurohand.decoder import pipeline as pipeline_module
+from neurohand.decoder.onnx_weights import CONFIG_METADATA_KEY, GRAPH_FORMAT_KEY, load_rnn_weights
 from neurohand.decoder.pipeline import FeaturePipeline
 from neurohand.firmware_bridge import checks
 from neurohand.firmware_bridge.errors import ConfigError, RecordingError, UsageError
@@ -263,3 +264,151 @@ def test_pipeline_window_size_bounds():
     config["n_channels"] += 1
     with pytest.raises(ConfigError, match="values per window; at most {}".format(pipeline_module.MAX_WINDOW_VALUES)):
         FeaturePipeline.from_config(config, where=WHERE)
+
+
+# --- ONNX ---------------------------------------------------------------------------------
+
+def pb_varint(value):
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def pb_field(number, wire, value):
+    key = pb_varint(number << 3 | wire)
+    if wire == 0:
+        return key + pb_varint(value)
+    if wire == 2:
+        return key + pb_varint(len(value)) + value
+    return key + value
+
+
+def pb_text(number, text):
+    return pb_field(number, 2, text if isinstance(text, bytes) else text.encode("utf-8"))
+
+
+def pb_model(graph):
+    metadata = pb_field(14, 2, pb_text(1, "neurohand.graph_format") + pb_text(2, "rnn-step-1"))
+    return pb_field(1, 0, 8) + pb_field(7, 2, graph) + metadata
+
+
+def pb_node(op_type, inputs=(), attributes=b""):
+    return b"".join(pb_text(1, name) for name in inputs) + pb_text(4, op_type) + attributes
+
+
+def pb_int_attribute(name, value):
+    return pb_field(5, 2, pb_text(1, name) + pb_field(3, 0, value))
+
+
+def pb_features_input(width):
+    shape = pb_field(1, 2, pb_field(1, 0, 1)) + pb_field(1, 2, pb_field(1, 0, width))
+    return pb_field(11, 2, pb_text(1, "features") + pb_field(2, 2, pb_field(1, 2, pb_field(1, 0, 1) + pb_field(2, 2, shape))))
+
+
+def pb_tensor(*fields):
+    return pb_field(5, 2, pb_text(8, "w") + pb_field(2, 0, 1) + b"".join(fields))
+
+
+ONNX_REPRODUCERS = [
+    # UnicodeDecodeError in _text: a node name that is not UTF-8 (most single bit flips in names)
+    ("node name not UTF-8", pb_model(pb_field(1, 2, pb_text(3, b"\xff\xfe"))), "node name is not UTF-8"),
+    ("opset domain not UTF-8", pb_field(8, 2, pb_text(1, b"\xc3")) + pb_model(b""), "opset domain is not UTF-8"),
+    # struct.error: packed floats whose length is not a multiple of 4 (8 for doubles)
+    ("attribute floats of 5 bytes", pb_model(pb_field(1, 2, pb_node("Gemm", attributes=pb_field(
+        5, 2, pb_text(1, "alpha") + pb_field(7, 2, b"\x00" * 5))))), "'alpha' floats: 5 bytes of packed 4-byte"),
+    ("tensor float_data of 6 bytes", pb_model(pb_tensor(pb_field(1, 0, 1), pb_field(4, 2, b"\x00" * 6))),
+     "float_data: 6 bytes"),
+    ("tensor double_data of 9 bytes", pb_model(pb_tensor(pb_field(1, 0, 1), pb_field(10, 2, b"\x00" * 9))),
+     "double_data: 9 bytes of packed 8-byte"),
+    # TypeError: a field with an unexpected wire type
+    ("tensor float_data as a varint", pb_model(pb_tensor(pb_field(1, 0, 1), pb_field(4, 0, 7))),
+     "TensorProto field 4 has wire type 0, expected 2 or 5"),
+    ("tensor dims as fixed32", pb_model(pb_tensor(pb_field(1, 5, b"\x01\x00\x00\x00"), pb_field(4, 5, b"\x00" * 4))),
+     "TensorProto field 1 has wire type 5"),
+    # ValueError from reshape
+    ("tensor dims -1, -1", pb_model(pb_tensor(pb_field(1, 0, 2 ** 64 - 1), pb_field(1, 0, 2 ** 64 - 1),
+                                              pb_field(4, 5, b"\x00" * 4))), r"impossible shape \[-1, -1\]"),
+    ("tensor with 70 dims", pb_model(pb_tensor(*([pb_field(1, 0, 1)] * 70 + [pb_field(4, 5, b"\x00" * 4)]))),
+     "impossible shape"),
+    # TypeError: gates * None when no layer declares hidden_size
+    ("GRU without hidden_size", pb_model(pb_field(1, 2, pb_node(
+        "GRU", ["features", "rnn.0.W", "rnn.0.R", "rnn.0.B"], pb_int_attribute("linear_before_reset", 1)))
+        + pb_features_input(4)), "GRU layer 0 attribute 'hidden_size' is None, expected int"),
+    # IndexError: shape[0] of a 0-d projection weight
+    ("0-d projection weight", pb_model(
+        pb_field(1, 2, pb_node("GRU", attributes=pb_int_attribute("hidden_size", 8)))
+        + pb_field(1, 2, pb_node("Gemm", ["features", "projection.weight", "projection.bias"],
+                                 pb_int_attribute("transB", 1)))
+        + pb_features_input(4)
+        + pb_field(5, 2, pb_text(8, "projection.weight") + pb_field(2, 0, 1) + pb_field(9, 2, b"\x00" * 4))),
+     r"'projection.weight' has shape \(\), expected 2 dimensions"),
+    # Added with the fix: attributes of the wrong type, a field numbered 0
+    ("Gemm transB as a string", pb_model(
+        pb_field(1, 2, pb_node("GRU", attributes=pb_int_attribute("hidden_size", 8)))
+        + pb_field(1, 2, pb_node("Gemm", ["features", "projection.weight", "projection.bias"],
+                                 pb_field(5, 2, pb_text(1, "transB") + pb_text(4, "1"))))
+        + pb_features_input(4)
+        + pb_field(5, 2, pb_text(8, "projection.weight") + pb_field(2, 0, 1) + pb_field(1, 0, 1)
+                   + pb_field(1, 0, 4) + pb_field(9, 2, b"\x00" * 16))),
+     "attribute 'transB' is '1', expected int"),
+    ("field number 0", pb_model(b"") + b"\x02\x00", "field numbered 0"),
+]
+
+
+@pytest.mark.parametrize("name, blob, message", ONNX_REPRODUCERS, ids=[n for n, _, _ in ONNX_REPRODUCERS])
+def test_onnx_malformed_protobuf_is_a_config_error(tmp_path, name, blob, message):
+    path = write(tmp_path / "model.onnx", blob)
+    with pytest.raises(ConfigError, match=r"model\.onnx'.*" + message):
+        load_rnn_weights(path)
+
+
+def test_onnx_random_bit_flips_are_config_errors(tmp_path):
+    # About 1 in 10 flips of golden_gru.onnx escaped (mostly UnicodeDecodeError).
+    with open(os.path.join(DATA, "golden_gru.onnx"), "rb") as handle:
+        data = handle.read()
+    rng = random.Random(20240613)
+    path = str(tmp_path / "flipped.onnx")
+    escaped = []
+    for trial in range(400):
+        damaged = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            damaged[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        write(path, bytes(damaged))
+        try:
+            load_rnn_weights(path)
+        except ConfigError:
+            pass
+        except Exception as exc:  # noqa: BLE001
+            escaped.append((trial, type(exc).__name__, str(exc)[:60]))
+    assert not escaped, "{} of 400 escaped, e.g. {}".format(len(escaped), escaped[:5])
+
+
+@pytest.mark.parametrize("name", ["golden_gru.onnx", "golden_lstm.onnx"])
+def test_onnx_cut_before_its_model_config_is_refused(tmp_path, name):
+    # Protobuf has no end marker: golden_lstm.onnx cut after its first metadata entry
+    # loaded, silently without neurohand.model_config.  (Every cut between top-level
+    # fields is fuzzed in test_fuzz_loaders.py.)
+    with open(os.path.join(DATA, name), "rb") as handle:
+        data = handle.read()
+    full = load_rnn_weights(data)
+    assert sorted(full.metadata) == [GRAPH_FORMAT_KEY, CONFIG_METADATA_KEY]
+    last_entry = pb_field(14, 2, pb_text(1, CONFIG_METADATA_KEY) + pb_text(2, full.metadata[CONFIG_METADATA_KEY]))
+    assert data.endswith(last_entry)
+    path = write(tmp_path / name, data[:-len(last_entry)])
+    with pytest.raises(ConfigError, match="'neurohand.model_config' is missing"):
+        load_rnn_weights(path)
+
+
+@pytest.mark.parametrize("config, message", [("{", "not valid JSON"), ("[1]", "must be a JSON object"),
+                                             ("[" * 100 + "]" * 100, "nested")])
+def test_onnx_model_config_that_is_not_a_json_object_is_refused(tmp_path, config, message):
+    with open(os.path.join(DATA, "golden_gru.onnx"), "rb") as handle:
+        data = handle.read()
+    stored = load_rnn_weights(data).metadata[CONFIG_METADATA_KEY]
+    last_entry = pb_field(14, 2, pb_text(1, CONFIG_METADATA_KEY) + pb_text(2, stored))
+    damaged = data[:-len(last_entry)] + pb_field(14, 2, pb_text(1, CONFIG_METADATA_KEY) + pb_text(2, config))
+    with pytest.raises(ConfigError, match=message):
+        load_rnn_weights(write(tmp_path / "model.onnx", damaged))
