@@ -99,8 +99,9 @@ def register(subparsers):
                         help="seed of the training recording; the held-out one uses K + 1 (default 1)")
     parser.add_argument("--max-minutes", type=float, default=2.0, metavar="MIN",
                         help="training time budget in minutes (default 2)")
-    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
-                        help="inference backend for the self-test and the replay (default auto)")
+    parser.add_argument("--backend", default="numpy", choices=BACKEND_CHOICES,
+                        help="inference backend for the self-test and the replay (default numpy, the reference "
+                             "that runs everywhere; auto = TensorRT, then ONNX Runtime, then numpy)")
     parser.add_argument("--no-baselines", action="store_true",
                         help="skip the Wiener and Kalman filter baselines of 'neurohand evaluate'")
     # Smaller settings for tests and slow machines; not part of the documented interface.

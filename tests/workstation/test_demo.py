@@ -1,0 +1,89 @@
+"""`neurohand demo` end to end with small settings: every stage, the report folder, the summary."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("matplotlib")
+
+from neurohand.deploy.demo import MARKER, hand_delays  # noqa: E402
+from neurohand.deploy.replay import r2_scores  # noqa: E402
+from neurohand.train import metrics  # noqa: E402
+
+SMALL = ["--train-seconds", "60", "--heldout-seconds", "8", "--replay-seconds", "6", "--channels", "4",
+         "--rate", "2000", "--epochs", "3", "--backend", "numpy"]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "neurohand.deploy"] + [str(a) for a in args],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("demo") / "demo-output")
+    result = run_cli("demo", "--out", out, *SMALL)
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def test_demo_writes_the_report_folder(demo):
+    out, _ = demo
+    for name in ("summary.json", "decoded.png", "latency.png", "training-report.png", "replay-stats.json",
+                 "train.nhr", "heldout.nhr", MARKER):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    for name in ("decoded.png", "latency.png", "training-report.png"):
+        with open(os.path.join(out, name), "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n", name
+    assert os.path.isfile(os.path.join(out, "bundle", "manifest.json"))
+    assert os.listdir(os.path.join(out, "bundle", "selftest"))          # the self-test result was recorded
+
+
+def test_demo_summary_holds_every_stage(demo):
+    out, result = demo
+    with open(os.path.join(out, "summary.json")) as handle:
+        summary = json.load(handle)
+    replay = summary["replay"]
+    assert replay["mode"] == "realtime" and replay["seconds"] == 6.0
+    assert len(replay["r2"]) == 5 and replay["label_names"][0] == "thumb"
+    assert replay["frames"]["received"] >= 0.9 * 6 * 2000 / 20 and replay["frames"]["missing"] == 0
+    assert replay["safety_events"] == 0
+    assert replay["latency_us"]["count"] > 0 and replay["latency_us"]["p50"] > 0
+    assert summary["training"]["epochs_run"] == 3
+    assert summary["selftest"]["passed"] and summary["selftest"]["backend"] == "numpy"
+    assert set(summary["evaluate"]["baselines"]) == {"wiener", "kalman"}
+    assert set(summary["stage_seconds"]) == {"simulate", "train", "bundle", "selftest", "evaluate", "replay"}
+    delay = summary["hand_delay_ms"]
+    assert 0 < delay["p50"] <= delay["p99"] <= delay["max"]
+    # Progress lines for each stage on stderr, the table on stdout.
+    for stage in range(1, 7):
+        assert "[{}/6]".format(stage) in result.stderr
+    assert "finger" in result.stdout and "latency" in result.stdout and "safety events" in result.stdout
+
+
+def test_demo_replaces_only_its_own_folder(demo, tmp_path):
+    out, _ = demo
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "data.txt").write_text("keep me")
+    result = run_cli("demo", "--out", str(precious), *SMALL)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "not an earlier demo's folder" in result.stderr
+    assert (precious / "data.txt").read_text() == "keep me"
+
+
+def test_replay_r2_is_the_training_metric():
+    rng = np.random.RandomState(1)
+    truth = rng.uniform(size=(40, 5))
+    prediction = truth + rng.normal(scale=0.2, size=truth.shape)
+    assert np.allclose(r2_scores(truth, prediction), metrics.r2_score(truth, prediction))
+
+
+def test_hand_delays_attribute_commands_to_the_window_they_answer():
+    # 2 kHz, stride 40, frames of 20: the window ending at 400 completes with frame 19, sent at sample 380.
+    samples = np.array([380.0 + 2.0, 380.0 + 19.0, 420.0 + 4.0])
+    assert np.allclose(hand_delays(samples, 2000.0, 40, 20), np.array([2.0, 19.0, 4.0]) / 2000.0)
