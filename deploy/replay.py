@@ -30,6 +30,9 @@ keep-alive is, moves nothing and is not scored again.  R² per output is
 ``1 - SS_res / SS_tot`` over the scored commands (``nan`` -> null for an
 output whose truth is constant), the same definition as ``evaluate``.
 """
+import os
+import shutil
+import tempfile
 import threading
 import time
 
@@ -296,17 +299,23 @@ def replay_realtime(decoder, recording, replay_range, config, faults=None, disco
     from neurohand.firmware_bridge.virtual_hand import VirtualHand
 
     truth = _prepare(decoder, recording)
+    # The run opens the chip through a symlink, as a udev name on the device: after a simulated
+    # unplug the chip comes back on a new pseudo-terminal and the link follows it.
+    port_dir = tempfile.mkdtemp(prefix="neurohand-replay-")
+    chip_path = os.path.join(port_dir, "chip")
     chip = StampedVirtualChip(RecordingSource(recording, start_sample=replay_range.start),
-                              start_sample=replay_range.start, faults=faults, disconnect_after_s=disconnect_after_s)
+                              start_sample=replay_range.start, faults=faults, disconnect_after_s=disconnect_after_s,
+                              link_path=chip_path)
     stop = threading.Event()
     serving = threading.Thread(target=chip.serve, args=(stop,), name="virtual-chip", daemon=True)
     hand_side = VirtualHand("neurohand")
     try:
-        chip_path = chip.open()
+        chip.open()
         serving.start()
         hand_side.start()
     except BaseException:
         chip.close()
+        shutil.rmtree(port_dir, ignore_errors=True)
         decoder.close()
         raise
     started = time.perf_counter()
@@ -323,6 +332,7 @@ def replay_realtime(decoder, recording, replay_range, config, faults=None, disco
             serving.join(5.0)
         chip.close()
         hand_side.stop()
+        shutil.rmtree(port_dir, ignore_errors=True)
     received = hand_side.received()
     if chip.stream_started_s is None:
         raise ConfigError("the virtual chip never started streaming (no START from the run)")

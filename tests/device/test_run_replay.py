@@ -110,6 +110,10 @@ def test_fast_replay_reports_scores_and_counts(data, capsys):
     stride_s = 0.02
     assert result["commands"] == pytest.approx((HELDOUT_S - 0.1) / stride_s + 1, abs=1)   # every window
     assert result["scored_from_s"] == 1.0 and result["speed_x"] > 1
+    later = replay_json(capsys, bundle, recording, "--fast", "--start", 2, "--seconds", 5)
+    assert later["start_s"] == 2.0 and later["seconds"] == 5.0
+    assert later["commands"] == pytest.approx((5 - 0.1) / stride_s + 1, abs=1)
+    assert later["mean_r2"] != result["mean_r2"]
 
 
 def test_realtime_replay_matches_fast_replay(data, capsys, tmp_path):
@@ -167,9 +171,10 @@ def test_run_drives_the_hand_until_sigterm_then_leaves_it_open(data, bench, tmp_
     bundle, _ = data
     chip_path, hand = bench
     stats = str(tmp_path / "stats.json")
+    record = str(tmp_path / "run.nhr")
     process = subprocess.Popen([sys.executable, "-m", "neurohand.deploy", "run", "--bundle", bundle,
                                 "--chip", chip_path, "--hand", "neurohand:" + hand.slave_path, "--backend",
-                                "numpy", "--stats-json", stats, "--status-interval", "0"],
+                                "numpy", "--stats-json", stats, "--status-interval", "0", "--record", record],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
     try:
         assert hand.wait_for(1, 30.0), "the run never sent a command"
@@ -190,6 +195,12 @@ def test_run_drives_the_hand_until_sigterm_then_leaves_it_open(data, bench, tmp_
     assert any(max(c.positions) > 0 for c in received)             # it followed the decoder
     assert all(p == 0 for p in received[-1].positions)             # and ended in the safe posture (open)
     assert hand.counters["bad_checksums"] == 0 and hand.counters["timeouts"] == 0
+    assert "<- chip {} (4 channels, 2000 Hz, 0.195 uV per count)".format(chip_path) in err
+    with open_recording(record) as recording:
+        assert recording.integrity["complete"]
+        assert recording.n_samples == 20 * document["frames"]["received"]
+        assert recording.metadata["chip_scale_uv"] == pytest.approx(0.195)
+        assert "command" in recording.label_streams
 
 
 def test_run_refuses_a_bundle_not_self_tested_here(data, tmp_path):
