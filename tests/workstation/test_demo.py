@@ -87,3 +87,38 @@ def test_hand_delays_attribute_commands_to_the_window_they_answer():
     # 2 kHz, stride 40, frames of 20: the window ending at 400 completes with frame 19, sent at sample 380.
     samples = np.array([380.0 + 2.0, 380.0 + 19.0, 420.0 + 4.0])
     assert np.allclose(hand_delays(samples, 2000.0, 40, 20), np.array([2.0, 19.0, 4.0]) / 2000.0)
+
+
+def test_fast_replay_scores_what_evaluate_decodes(demo):
+    """Same recording range, same causal decode: replay --fast (post-processing reduced to the 0..1 clamp)
+    gives evaluate's streaming outputs and the same R²."""
+    from neurohand.decoder.pipeline import FeaturePipeline
+    from neurohand.deploy import replay
+    from neurohand.deploy.runtime.config import RuntimeConfig
+    from neurohand.deploy.session import load_decoder
+    from neurohand.firmware_bridge.recording import open_recording
+    from neurohand.train import dataset, evaluate, splits
+
+    out, _ = demo
+    config, onnx_path = evaluate.load_run(os.path.join(out, "run"))
+    held_out = os.path.join(out, "heldout.nhr")
+    data = dataset.load_recording(held_out, "fingers")
+    seconds = 6.0
+    segment = splits.Segment(0, int(seconds * data.signal_rate), "test")
+    [(outputs, ends)] = evaluate.stream_decode(FeaturePipeline.from_config(config["pipeline"]), onnx_path, data,
+                                               [segment], 100)
+    with open_recording(held_out) as recording:
+        outcome = replay.replay_fast(load_decoder(os.path.join(out, "bundle"), "numpy"), recording,
+                                     replay.ReplayRange(recording, 0.0, seconds, "fast"),
+                                     RuntimeConfig(max_slew_per_s=None, status_interval_s=0))
+    assert np.array_equal(outcome.samples, ends)                  # every window, the same ends
+    assert np.allclose(outcome.positions, np.clip(outputs, 0.0, 1.0), atol=1e-6)
+    scaling = dataset.LabelScaling.from_config(config["labels"]["scaling"])
+    truth = scaling.apply(data.labels.data[dataset.label_rows(ends, data.signal_rate, data.labels.rate,
+                                                              len(data.labels.data))])
+    assert np.allclose(outcome.truth, truth)
+    scored = outcome.scored
+    expected = metrics.r2_score(truth[scored], np.clip(outputs, 0.0, 1.0)[scored])
+    reported = np.array([np.nan if v is None else v for v in outcome.summary["r2"]])
+    assert np.any(np.isfinite(expected))
+    assert np.allclose(reported, expected, atol=1e-6, equal_nan=True)
