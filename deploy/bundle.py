@@ -11,18 +11,24 @@ Layout of BUNDLE/::
 
 Every load verifies the manifest before anything is parsed; a modified,
 truncated or missing file is refused with a ``BundleError`` naming it.  Nothing
-here unpickles: ``golden.npz`` is read with ``allow_pickle=False``.
+here unpickles: ``golden.npz`` is read member by member as plain numeric .npy
+data, its sizes checked before anything is allocated.
 """
 import hashlib
+import io
 import json
 import os
 import platform
 import shutil
+import struct
 import tempfile
+import zipfile
+import zlib
 
 import numpy as np
 
 from neurohand.deploy.version import __version__
+from neurohand.firmware_bridge.checks import load_json_file
 from neurohand.firmware_bridge.errors import BundleError, UsageError
 
 BUNDLE_FORMAT = "neurohand-bundle"
@@ -37,6 +43,14 @@ BUNDLED_FILES = (MODEL, CONFIG, GOLDEN)
 GOLDEN_SEQUENCES = 3
 GOLDEN_STEPS = 100
 GOLDEN_SEED = 20261128
+# golden.npz holds 3 x 100 steps of features and outputs (tens of kB); a member
+# declaring more than this is damage, refused before it is read.
+MAX_GOLDEN_MEMBER_BYTES = 64 << 20
+# What reading a damaged zip can raise (zipfile reports most damage as
+# BadZipFile, but not all: an unknown compression method, a cut deflate stream,
+# an "encrypted" flag bit ...).
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, KeyError, ValueError, OSError, EOFError,
+               NotImplementedError, RuntimeError, struct.error, zlib.error)
 
 
 def sha256_of(path, chunk_bytes=1 << 20):
@@ -71,10 +85,10 @@ class Bundle(object):
     def engine_digest(self):
         """SHA-256 of the built engine as its metadata records it, or None without one."""
         try:
-            with open(self.engine_path + ".json") as handle:
-                return json.load(handle).get("engine_sha256")
-        except (OSError, ValueError):
+            metadata = load_json_file(self.engine_path + ".json", "engine metadata", error=BundleError)
+        except BundleError:
             return None
+        return metadata.get("engine_sha256")
 
     @property
     def selftest_dir(self):
@@ -89,25 +103,67 @@ class Bundle(object):
         """Return (features, outputs): float32 arrays (n_seq, n_steps, n_features|n_outputs)."""
         path = os.path.join(self.path, GOLDEN)
         try:
-            with np.load(path, allow_pickle=False) as data:
-                features = np.asarray(data["features"], dtype=np.float32)
-                outputs = np.asarray(data["outputs"], dtype=np.float32)
-        except (KeyError, ValueError, OSError) as exc:
-            raise BundleError("golden vectors {!r} cannot be read: {}".format(path, exc)) from exc
+            arrays = _read_npz(path, ("features", "outputs"))
+        except _ZIP_ERRORS as exc:
+            raise BundleError("golden vectors {!r} cannot be read: {}".format(
+                path, str(exc) or type(exc).__name__)) from exc
+        features = arrays["features"].astype(np.float32)
+        outputs = arrays["outputs"].astype(np.float32)
         if features.ndim != 3 or outputs.ndim != 3 or features.shape[:2] != outputs.shape[:2]:
             raise BundleError("golden vectors {!r} have inconsistent shapes {} and {}".format(
                 path, features.shape, outputs.shape))
         return features, outputs
 
 
-def _read_json(path, what):
+def _read_npz(path, names):
+    """Arrays ``names`` of the .npz archive at ``path``, as a dict name -> ndarray.
+
+    Not ``np.load``: on a damaged archive its NpzFile leaks the open file (and
+    numpy 1.19 prints an error from ``NpzFile.__del__``).  Each member is read
+    whole (the zip CRC is checked) and must be a numeric .npy whose header
+    shape matches its data size, so a damaged header cannot make us allocate.
+    Raises one of ``_ZIP_ERRORS`` (ValueError for anything found here).
+    """
+    arrays = {}
+    with open(path, "rb") as handle, zipfile.ZipFile(handle) as archive:
+        for name in names:
+            info = archive.getinfo(name + ".npy")
+            if info.file_size > MAX_GOLDEN_MEMBER_BYTES:
+                raise ValueError("{}.npy declares {} bytes (at most {})".format(
+                    name, info.file_size, MAX_GOLDEN_MEMBER_BYTES))
+            arrays[name] = _npy_from_bytes(archive.read(info), name)
+    return arrays
+
+
+def _npy_from_bytes(data, name):
+    """Parse a numeric .npy file held in ``data`` (bytes); ValueError if it is not one."""
+    stream = io.BytesIO(data)
     try:
-        with open(path) as handle:
-            return json.load(handle)
-    except ValueError as exc:
-        raise BundleError("{} {!r} is not valid JSON: {}".format(what, path, exc)) from exc
-    except OSError as exc:
-        raise BundleError("{} {!r} cannot be read: {}".format(what, path, exc)) from exc
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError("unsupported .npy version {}".format(version))
+    except (ValueError, TypeError, SyntaxError) as exc:
+        raise ValueError("{}.npy has no valid .npy header: {}".format(name, exc)) from None
+    if dtype.hasobject or dtype.kind not in "fiu":
+        raise ValueError("{}.npy holds {} data, not numbers".format(name, dtype))
+    count = 1
+    for size in shape:
+        count *= size
+    offset = stream.tell()
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError("{}.npy holds {} bytes of data for shape {} of {}".format(
+            name, len(data) - offset, shape, dtype))
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return array.reshape(shape, order="F" if fortran_order else "C")
+
+
+def _read_json(path, what):
+    """A JSON object from ``path``; BundleError naming ``what`` and the path otherwise."""
+    return load_json_file(path, what, error=BundleError)
 
 
 def verify_manifest(path):
@@ -120,7 +176,9 @@ def verify_manifest(path):
     manifest = _read_json(manifest_path, "bundle manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError("{!r} is not a neurohand bundle manifest".format(manifest_path))
-    if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
+    version = manifest.get("format_version")
+    # bool is an int in Python (True == 1), and 1.0 == 1: both are refused.
+    if type(version) is not int or version != BUNDLE_FORMAT_VERSION:
         raise BundleError("bundle {!r} has format version {!r}; this neurohand reads version {}".format(
             path, manifest.get("format_version"), BUNDLE_FORMAT_VERSION))
     files = manifest.get("files")
@@ -129,10 +187,14 @@ def verify_manifest(path):
     for name in BUNDLED_FILES:
         file_path = os.path.join(path, name)
         expected = files[name]
+        if not isinstance(expected, dict):
+            raise BundleError("bundle manifest {!r}: the entry of {} must be an object with sha256 and bytes, "
+                              "but got {!r}".format(manifest_path, name, expected))
         if not os.path.isfile(file_path):
             raise BundleError("bundle file {!r} is missing".format(file_path))
         size = os.path.getsize(file_path)
-        if size != expected.get("bytes"):
+        declared = expected.get("bytes")
+        if type(declared) is not int or size != declared:
             raise BundleError("bundle file {!r} has {} bytes, the manifest says {} (truncated or modified)".format(
                 file_path, size, expected.get("bytes")))
         if sha256_of(file_path) != expected.get("sha256"):
@@ -203,7 +265,7 @@ def make_bundle(run_dir, out):
         shutil.copyfile(os.path.join(run_dir, MODEL), os.path.join(staging, MODEL))
         features, outputs, io_spec = make_golden_vectors(os.path.join(staging, MODEL))
         config["io"] = io_spec
-        with open(os.path.join(staging, CONFIG), "w") as handle:
+        with open(os.path.join(staging, CONFIG), "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=1, sort_keys=True)
         with open(os.path.join(staging, GOLDEN), "wb") as handle:
             np.savez(handle, features=features, outputs=outputs)
@@ -216,7 +278,7 @@ def make_bundle(run_dir, out):
                              "bytes": os.path.getsize(os.path.join(staging, name))}
                       for name in BUNDLED_FILES},
         }
-        with open(os.path.join(staging, MANIFEST), "w") as handle:
+        with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=1, sort_keys=True)
         os.rename(staging, out)
     except BaseException:

@@ -70,8 +70,8 @@ def open_bundle_backend(bundle, backend_name):
     path = bundle.engine_path
     fp16 = False
     if os.path.isfile(path + ".json"):
-        with open(path + ".json") as handle:
-            fp16 = bool(json.load(handle).get("fp16"))
+        from neurohand.firmware_bridge.checks import load_json_file
+        fp16 = bool(load_json_file(path + ".json", "TensorRT engine metadata").get("fp16"))
     if backend_name in ("tensorrt", "auto"):
         return create_backend(backend_name, bundle.model_path, engine_path=path, fp16=fp16), fp16
     return create_backend(backend_name, bundle.model_path), False

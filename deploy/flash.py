@@ -56,9 +56,9 @@ def parse_usb_id(name, value):
 def read_inventory(path):
     """Hosts from an inventory file: one USER@HOST[:PORT] a line, '#' comments."""
     try:
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             lines = handle.read().splitlines()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:   # ValueError: not UTF-8
         raise UsageError("inventory {!r} cannot be read: {}".format(path, exc)) from exc
     hosts = [line.split("#", 1)[0].strip() for line in lines]
     hosts = [host for host in hosts if host]

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from neurohand.firmware_bridge.checks import load_json_file
 from neurohand.firmware_bridge.errors import BundleError
 
 # Tolerances on the max absolute output difference against the reference.
@@ -25,9 +26,9 @@ def device_id():
     """A stable name for this machine: systemd's machine-id, else the host name."""
     for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
         try:
-            with open(path) as handle:
+            with open(path, encoding="utf-8") as handle:
                 value = handle.read().strip()
-        except OSError:
+        except (OSError, ValueError):   # ValueError: not UTF-8 (never a real machine-id)
             continue
         if value:
             return value
@@ -82,7 +83,7 @@ def record_result(bundle, report):
     os.makedirs(bundle.selftest_dir, exist_ok=True)
     path = _record_path(bundle)
     temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
+    with open(temporary, "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=1, sort_keys=True)
         handle.flush()
         os.fsync(handle.fileno())
@@ -97,10 +98,9 @@ def require_passed_selftest(bundle, backend_name):
     if not os.path.isfile(path):
         raise BundleError("bundle {!r} has not been self-tested on this device; {}".format(bundle.path, hint))
     try:
-        with open(path) as handle:
-            report = json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise BundleError("self-test record {!r} is unreadable ({}); {}".format(path, exc, hint)) from exc
+        report = load_json_file(path, "self-test record", error=BundleError)
+    except BundleError as exc:
+        raise BundleError("{}; {}".format(exc, hint)) from exc
     if report.get("bundle_digest") != bundle.digest:
         raise BundleError("self-test record {!r} is for other bundle content; {}".format(path, hint))
     if report.get("backend") != backend_name:

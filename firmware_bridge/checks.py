@@ -173,7 +173,7 @@ def load_json_file(path, what, error=ConfigError, require_object=True):
         with open(path, "rb") as handle:
             data = handle.read()
     except OSError as exc:
-        raise error("{} {!r} cannot be read: {}".format(what, path, exc)) from exc
+        raise error("cannot read {} {!r}: {}".format(what, path, exc)) from exc
     try:
         value = parse_json(data)
     except ValueError as exc:

@@ -210,7 +210,7 @@ class VirtualHand(object):
             if self.link_path is not None:
                 self._make_link()
             if self.log_path is not None:
-                self._log = open(self.log_path, "a")
+                self._log = open(self.log_path, "a", encoding="utf-8")
         except Exception:
             self._close_fds()
             raise

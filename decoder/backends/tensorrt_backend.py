@@ -39,6 +39,7 @@ import numpy as np
 
 from neurohand.decoder import onnx_weights
 from neurohand.decoder.backends.base import Backend, BackendUnavailableError
+from neurohand.firmware_bridge.checks import load_json_file
 from neurohand.firmware_bridge.errors import ConfigError, UsageError
 
 ENGINE_METADATA_SUFFIX = ".json"
@@ -201,7 +202,7 @@ def _write_atomically(path, data, mode="wb"):
     directory = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
-        with os.fdopen(handle, mode) as stream:
+        with os.fdopen(handle, mode, encoding=None if "b" in mode else "utf-8") as stream:
             stream.write(data)
         umask = os.umask(0)      # mkstemp makes the file private (0600); use the usual mode
         os.umask(umask)
@@ -269,11 +270,10 @@ def _check_engine_metadata(trt, onnx_path, engine_path, fp16, gpu_name):
     """
     sidecar = engine_path + ENGINE_METADATA_SUFFIX
     try:
-        with open(sidecar) as handle:
-            metadata = json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise ConfigError("TensorRT engine {!r} has no readable metadata {!r} ({}); rebuild it with "
-                          "build_engine".format(engine_path, sidecar, exc)) from exc
+        metadata = load_json_file(sidecar, "TensorRT engine metadata")
+    except ConfigError as exc:
+        raise ConfigError("TensorRT engine {!r} has no readable metadata ({}); rebuild it with "
+                          "build_engine".format(engine_path, exc)) from exc
     problems = []
     if metadata.get("onnx_sha256") != _sha256_file(onnx_path):
         problems.append("it was built from a different model than {!r}".format(str(onnx_path)))

@@ -532,7 +532,7 @@ def _document(parts, frames, writer_counters, extra, duration_s):
 def write_stats_json(path, document):
     """Write ``document`` to ``path`` atomically (temporary file, then rename)."""
     temporary = "{}.tmp{}".format(path, os.getpid())
-    with open(temporary, "w") as handle:
+    with open(temporary, "w", encoding="utf-8") as handle:
         json.dump(document, handle, indent=1, sort_keys=True, allow_nan=False)
         handle.write("\n")
     os.replace(temporary, path)

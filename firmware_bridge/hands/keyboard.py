@@ -9,10 +9,10 @@ below ``on``, and the key to hold.  Key events go to a *sink*:
 :class:`UinputKeySink` (Linux uinput through python-evdev, imported only
 when used) or :class:`RecordingKeySink` (records events; tests, dry runs).
 """
-import json
 import re
 import time
 
+from neurohand.firmware_bridge.checks import load_json_file
 from neurohand.firmware_bridge.errors import ConfigError
 from neurohand.firmware_bridge.hands.base import HandDriver, HandError, finger_names
 
@@ -112,13 +112,7 @@ def parse_mapping(document, n_outputs, source="<mapping>"):
 
 def load_mapping(path, n_outputs):
     """Read and validate the mapping file at ``path``; returns a list of Binding."""
-    try:
-        with open(path) as handle:
-            document = json.load(handle)
-    except (OSError, IOError) as exc:
-        raise ConfigError("cannot read keyboard mapping {!r}: {}".format(path, exc)) from exc
-    except ValueError as exc:
-        raise ConfigError("keyboard mapping {!r} is not valid JSON: {}".format(path, exc)) from exc
+    document = load_json_file(path, "keyboard mapping", require_object=False)
     return parse_mapping(document, n_outputs, repr(path))
 
 

@@ -16,7 +16,7 @@ _FENCE = re.compile(r"^```([A-Za-z0-9_-]+)[ \t]*\n(.*?)^```[ \t]*$", re.MULTILIN
 
 def read_blocks(path, kind):
     """Return the JSON values of every ```kind block in the markdown file ``path``, in order."""
-    with open(path) as handle:
+    with open(path, encoding="utf-8") as handle:
         text = handle.read()
     values = []
     for match in _FENCE.finditer(text):

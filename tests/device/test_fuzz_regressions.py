@@ -26,7 +26,8 @@ from neurohand.decoder import pipeline as pipeline_module
 from neurohand.decoder.onnx_weights import CONFIG_METADATA_KEY, GRAPH_FORMAT_KEY, load_rnn_weights
 from neurohand.decoder.pipeline import FeaturePipeline
 from neurohand.firmware_bridge import checks
-from neurohand.firmware_bridge.errors import ConfigError, RecordingError, UsageError
+from neurohand.deploy.bundle import load_bundle, make_bundle
+from neurohand.firmware_bridge.errors import BundleError, ConfigError, RecordingError, UsageError
 from neurohand.firmware_bridge.recording import (
     MAX_CHANNELS, RecordingTruncatedWarning, RecordingWriter, open_recording)
 from neurohand.deploy.runtime.config import load_runtime_config
@@ -88,7 +89,7 @@ def test_load_json_file_names_the_file_and_refuses_non_objects(tmp_path):
     with pytest.raises(ConfigError, match=r"thing '.*x\.json' must hold a JSON object, not list"):
         checks.load_json_file(path, "thing")
     assert checks.load_json_file(path, "thing", require_object=False) == [1, 2]
-    with pytest.raises(ConfigError, match="thing '.*missing.json' cannot be read"):
+    with pytest.raises(ConfigError, match="cannot read thing '.*missing.json'"):
         checks.load_json_file(str(tmp_path / "missing.json"), "thing")
 
 
@@ -412,3 +413,192 @@ def test_onnx_model_config_that_is_not_a_json_object_is_refused(tmp_path, config
     damaged = data[:-len(last_entry)] + pb_field(14, 2, pb_text(1, CONFIG_METADATA_KEY) + pb_text(2, config))
     with pytest.raises(ConfigError, match=message):
         load_rnn_weights(write(tmp_path / "model.onnx", damaged))
+
+
+# --- bundles ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pristine_bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("regression_bundle")
+    run = root / "run"
+    run.mkdir()
+    shutil.copyfile(os.path.join(DATA, "golden_gru.onnx"), str(run / "model.onnx"))
+    write(run / "config.json", json.dumps({"pipeline": {}, "model": {}}).encode("ascii"))
+    make_bundle(str(run), str(root / "bundle"))
+    return root / "bundle"
+
+
+@pytest.fixture
+def bundle(pristine_bundle, tmp_path):
+    path = tmp_path / "bundle"
+    shutil.copytree(str(pristine_bundle), str(path))
+    return path
+
+
+def rewrite(bundle_path, change):
+    with open(str(bundle_path / "manifest.json"), encoding="utf-8") as handle:
+        manifest = json.load(handle)
+    change(manifest)
+    write(bundle_path / "manifest.json", json.dumps(manifest).encode("utf-8"))
+
+
+def rehash(bundle_path, name, content):
+    """Replace bundle file ``name`` by ``content`` and make the manifest match it."""
+    write(bundle_path / name, content)
+
+    def change(manifest):
+        manifest["files"][name] = {"sha256": hashlib.sha256(content).hexdigest(), "bytes": len(content)}
+    rewrite(bundle_path, change)
+
+
+@pytest.mark.parametrize("entry", ["abc", [1], None, 5])
+def test_bundle_manifest_file_entry_that_is_not_an_object(bundle, entry):
+    # Was: AttributeError: 'str' object has no attribute 'get' (bundle.py verify_manifest).
+    rewrite(bundle, lambda m: m["files"].__setitem__("model.onnx", entry))
+    with pytest.raises(BundleError, match="the entry of model.onnx must be an object"):
+        load_bundle(str(bundle))
+
+
+@pytest.mark.parametrize("version", [True, 1.0])
+def test_bundle_format_version_must_be_the_integer_1(bundle, version):
+    # Was: accepted (True == 1 == 1.0 in Python).
+    rewrite(bundle, lambda m: m.__setitem__("format_version", version))
+    with pytest.raises(BundleError, match="has format version {!r}".format(version)):
+        load_bundle(str(bundle))
+
+
+def test_bundle_file_size_must_be_an_integer(bundle, pristine_bundle):
+    rewrite(bundle, lambda m: m["files"]["model.onnx"].__setitem__("bytes", float(m["files"]["model.onnx"]["bytes"])))
+    with pytest.raises(BundleError, match="model.onnx' has"):
+        load_bundle(str(bundle))
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b'"config"', b"null"])
+def test_bundle_config_that_is_not_a_json_object(bundle, content):
+    rehash(bundle, "config.json", content)
+    with pytest.raises(BundleError, match="config.json' must hold a JSON object"):
+        load_bundle(str(bundle))
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "config.json"])
+def test_bundle_json_nested_too_deep(bundle, name):
+    # Was: RecursionError from json.load in bundle._read_json.
+    if name == "manifest.json":
+        write(bundle / name, DEEP_JSON)
+    else:
+        rehash(bundle, name, DEEP_JSON)
+    with pytest.raises(BundleError, match=name + "' is not valid JSON: nested more than"):
+        load_bundle(str(bundle))
+
+
+def _npy(header, data):
+    import io
+    import numpy as np
+    stream = io.BytesIO()
+    np.lib.format.write_array_header_1_0(stream, header)
+    return stream.getvalue() + data
+
+
+def _npz(members):
+    import io
+    import zipfile
+    stream = io.BytesIO()
+    with zipfile.ZipFile(stream, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return stream.getvalue()
+
+
+def _golden_damaged(bundle, damage):
+    with open(str(bundle / "golden.npz"), "rb") as handle:
+        golden = bytearray(handle.read())
+    if damage == "truncated":
+        return bytes(golden[:len(golden) // 2])
+    if damage == "bad zip crc":
+        golden[200] ^= 0xFF      # inside features.npy's data
+        return bytes(golden)
+    if damage == "not a zip":
+        golden[:4] = b"PK\x05\x06"
+        return bytes(golden)
+    outputs = _npy({"descr": "<f4", "fortran_order": False, "shape": (1, 1, 1)}, b"\x00" * 4)
+    features = {
+        # A header promising 4 TB: refused before anything is allocated.
+        "huge shape": _npy({"descr": "<f4", "fortran_order": False, "shape": (10 ** 12,)}, b"\x00" * 8),
+        "object array": _npy({"descr": "|O", "fortran_order": False, "shape": (1,)}, b"\x00" * 8),
+        "no npy header": b"plain bytes",
+    }[damage]
+    return _npz({"features.npy": features, "outputs.npy": outputs})
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", "not a zip file"), ("bad zip crc", "Bad CRC-32"), ("not a zip", "golden"),
+    ("huge shape", r"holds 8 bytes of data for shape \(1000000000000,\)"), ("object array", "not numbers"),
+    ("no npy header", "no valid .npy header"),
+])
+def test_bundle_golden_vectors_damaged_under_a_matching_manifest(bundle, damage, message):
+    # Was: zipfile.BadZipFile escaped Bundle.golden_vectors (it caught KeyError,
+    # ValueError and OSError only).  The manifest hash normally catches damage first;
+    # this is a bundle whose manifest was made for the damaged file.
+    rehash(bundle, "golden.npz", _golden_damaged(bundle, damage))
+    loaded = load_bundle(str(bundle))
+    with pytest.raises(BundleError, match="golden vectors .*" + message):
+        loaded.golden_vectors()
+
+
+def test_bundle_golden_vectors_damaged_leave_no_open_file_behind(bundle):
+    # np.load left its file open on a damaged archive (numpy 1.19 also printed an
+    # error from NpzFile.__del__): run in a fresh interpreter where an unclosed
+    # file is an error that lands on stderr.
+    rehash(bundle, "golden.npz", _golden_damaged(bundle, "truncated"))
+    code = ("import gc, sys\n"
+            "from neurohand.deploy.bundle import load_bundle\n"
+            "from neurohand.firmware_bridge.errors import BundleError\n"
+            "try:\n"
+            "    load_bundle(sys.argv[1]).golden_vectors()\n"
+            "except BundleError as exc:\n"
+            "    print('refused:', exc)\n"
+            "gc.collect()\n")
+    process = subprocess.Popen([sys.executable, "-X", "dev", "-W", "error::ResourceWarning", "-c", code, str(bundle)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0 and out.startswith("refused: golden vectors"), (out, err)
+    assert err == "", err
+
+
+def test_bundle_golden_vectors_still_read(pristine_bundle):
+    features, outputs = load_bundle(str(pristine_bundle)).golden_vectors()
+    assert features.shape[:2] == outputs.shape[:2] == (3, 100) and features.dtype == outputs.dtype == "float32"
+
+
+# --- text files are UTF-8 whatever the locale -----------------------------------------------
+
+def test_loaders_read_utf8_under_the_c_locale(bundle, tmp_path):
+    # Under systemd on the Jetson LANG is often unset: Python 3.6 then decodes
+    # open(path) as ASCII and refused a valid UTF-8 config.json.  Locale coercion
+    # and UTF-8 mode (Python 3.7+) are switched off so the test means the same
+    # under every Python.
+    config = {"pipeline": {}, "model": {}, "note": "caf\u00e9 \u00b5V"}
+    rehash(bundle, "config.json", json.dumps(config, ensure_ascii=False).encode("utf-8"))
+    runtime = write(tmp_path / "runtime.json", '{"safe_posture": "hold", "d\u00e9lai": 5}'.encode("utf-8"))
+    code = ("import sys\n"
+            "from neurohand.deploy.bundle import load_bundle\n"
+            "from neurohand.deploy.runtime.config import load_runtime_config\n"
+            "from neurohand.firmware_bridge.errors import ConfigError\n"
+            "import locale\n"
+            "print(locale.getpreferredencoding(False))\n"
+            "print(ascii(load_bundle(sys.argv[1]).config['note']))\n"
+            "try:\n"
+            "    load_runtime_config(sys.argv[2])\n"
+            "except ConfigError as exc:\n"
+            "    print(ascii(str(exc)))\n")
+    environment = dict(os.environ, LANG="C", LC_ALL="C", PYTHONCOERCECLOCALE="0", PYTHONUTF8="0")
+    environment.pop("PYTHONIOENCODING", None)
+    process = subprocess.Popen([sys.executable, "-c", code, str(bundle), runtime], env=environment,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err.decode("utf-8", "replace")
+    lines = out.decode("ascii").splitlines()
+    assert lines[0] in ("ANSI_X3.4-1968", "ascii", "US-ASCII"), lines   # open(path) would decode ASCII
+    assert lines[1] == ascii("caf\u00e9 \u00b5V"), lines
+    # The runtime config is read: the refusal is about the unknown key, not the bytes.
+    assert "runtime setting must be one of" in lines[2] and "d\\xe9lai" in lines[2], lines
