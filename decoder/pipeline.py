@@ -209,7 +209,10 @@ class FeaturePipeline(object):
 
         expected_channels : int or None; when given, a config for another
         channel count is refused (the chip and the model must agree).
-        Raises ConfigError naming ``where`` on anything inconsistent.
+        Raises ConfigError naming ``where`` on anything inconsistent, on a
+        value of the wrong type (never ignored) and on sizes beyond
+        :data:`MAX_CHANNELS`, :data:`MAX_WINDOW_SAMPLES` (window and stride)
+        and :data:`MAX_WINDOW_VALUES` (n_channels x window_samples).
         """
         if not isinstance(config, dict):
             raise ConfigError("{}: expected a JSON object, but got {}".format(where, type(config).__name__))

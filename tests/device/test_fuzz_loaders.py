@@ -931,7 +931,7 @@ RUNTIME_EXAMPLE = {"safe_posture": "open", "data_timeout_ms": 100, "writer_perio
                                                           "status_interval_s"])
 def test_runtime_config_wrong_types_are_refused_naming_file_and_key(tmp_path, key):
     path = str(tmp_path / "runtime.json")
-    for value in ["x", [[1]], {"a": 1}, True, -5, NAN, INF, [], ["a"], [None]]:
+    for value in ["x", [[1]], {"a": 1}, True, -5, NAN, INF, 10 ** 400, [10 ** 400], [], ["a"], [None]]:
         settings = dict(RUNTIME_EXAMPLE)
         settings[key] = value
         with open(path, "w") as handle:
