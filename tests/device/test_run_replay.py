@@ -270,3 +270,18 @@ def test_user_errors_are_one_line_with_exit_2(data, tmp_path, capsys, args, mess
     err = capsys.readouterr().err
     assert status == 2
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_run_names_a_port_where_no_chip_answers(data, capsys):
+    bundle, _ = data
+    master, slave = os.openpty()
+    port = os.ttyname(slave)
+    try:
+        capsys.readouterr()
+        status = cli.main(["run", "--bundle", bundle, "--chip", port, "--hand", "none", "--backend", "numpy"])
+    finally:
+        os.close(master)
+        os.close(slave)
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1
+    assert "chip at {}: chip did not answer the get-config command".format(port) in err
