@@ -281,9 +281,9 @@ def replay_fast(decoder, recording, replay_range, config, record_path=None, stat
                                stats_path=stats_path, metadata=decoder.metadata(), on_command=on_command)
     wall_s = time.perf_counter() - started
     positions = np.asarray(positions, dtype=np.float64).reshape(-1, decoder.backend.n_outputs)
+    extra = {"speed_x": document.get("speed_x"), "block_samples": block}
     return _outcome("fast", decoder, recording, replay_range, truth, np.asarray(samples, dtype=np.float64),
-                    positions, wire_positions(positions), document, wall_s, {"speed_x": document.get("speed_x"),
-                                                  "block_samples": block})
+                    positions, wire_positions(positions), document, wall_s, extra)
 
 
 def replay_realtime(decoder, recording, replay_range, config, faults=None, disconnect_after_s=None,
@@ -333,17 +333,18 @@ def replay_realtime(decoder, recording, replay_range, config, faults=None, disco
         chip.close()
         hand_side.stop()
         shutil.rmtree(port_dir, ignore_errors=True)
-    received = hand_side.received()
+    everything = hand_side.received()
     if chip.stream_started_s is None:
-        raise ConfigError("the virtual chip never started streaming (no START from the run)")
+        raise RuntimeError("the run returned but the virtual chip never started streaming")
     # The last command is the safe posture of the shutdown, sent after the run stopped.
-    received = received[:-1]
+    received = everything[:-1]
     samples = np.array([(c.t_monotonic - chip.stream_started_s) * replay_range.rate for c in received],
                        dtype=np.float64)
     positions = np.array([c.positions for c in received], dtype=np.float64).reshape(-1, decoder.backend.n_outputs)
     wire = np.array([c.raw for c in received], dtype=np.int64).reshape(-1, decoder.backend.n_outputs)
     # chip.summary(): what the chip sent, and the faults it injected (if any).
-    extra = {"hand": dict(hand_side.counters), "hand_received": len(received) + 1, "chip": chip.summary()}
+    extra = {"hand": dict(hand_side.counters), "hand_received": len(everything),
+             "commands_sent": document["commands_sent"], "chip": chip.summary()}
     return _outcome("realtime", decoder, recording, replay_range, truth, samples, positions, wire, document, wall_s,
                     extra)
 

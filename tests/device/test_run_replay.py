@@ -126,6 +126,7 @@ def test_realtime_replay_matches_fast_replay(data, capsys, tmp_path):
     assert realtime["frames"]["received"] >= 0.95 * REALTIME_S * 2000 / 20
     assert realtime["safety_events"] == 0
     assert realtime["hand"]["bad_checksums"] == 0 and realtime["hand"]["timeouts"] == 0
+    assert realtime["hand_received"] == realtime["commands_sent"]
     latency = realtime["latency_us"]
     assert latency["count"] > 0 and 0 < latency["p50"] <= latency["p99"] <= latency["max"]
     # The same decoding through the serial path: the scores agree.
