@@ -7,7 +7,6 @@ BadZipFile ...), plus the checks added with the fixes: the shared JSON reader
 (nesting limit, UTF-8 whatever the locale), bounds on sizes, field names in
 recording header errors.
 """
-import collections
 import copy
 import hashlib
 import json
@@ -17,7 +16,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import warnings
 import zlib
 
 import pytest
@@ -25,12 +23,12 @@ import pytest
 from neurohand.decoder import pipeline as pipeline_module
 from neurohand.decoder.onnx_weights import CONFIG_METADATA_KEY, GRAPH_FORMAT_KEY, load_rnn_weights
 from neurohand.decoder.pipeline import FeaturePipeline
-from neurohand.firmware_bridge import checks
 from neurohand.deploy.bundle import load_bundle, make_bundle
+from neurohand.deploy.runtime.config import load_runtime_config
+from neurohand.firmware_bridge import checks
 from neurohand.firmware_bridge.errors import BundleError, ConfigError, RecordingError, UsageError
 from neurohand.firmware_bridge.recording import (
     MAX_CHANNELS, RecordingTruncatedWarning, RecordingWriter, open_recording)
-from neurohand.deploy.runtime.config import load_runtime_config
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 DEEP_JSON = b"[" * 100000 + b"]" * 100000          # valid JSON, nested deeper than the recursion limit
