@@ -255,13 +255,18 @@ def _prepare(decoder, recording):
         raise
 
 
+# Seconds of signal per item in fast replay: long enough to vectorise the
+# features over ~25 windows, short enough to keep memory small.
+FAST_BLOCK_S = 0.5
+
+
 def replay_fast(decoder, recording, replay_range, config, record_path=None, stats_path=None):
     """Decode ``replay_range`` of ``recording`` in process, as fast as possible; return a ReplayOutcome.
 
-    Items are one decoder stride of samples each: the decoded windows do not
-    depend on the block size, and a block must stay well under the data
-    timeout, because the writer's watchdog sees each block arrive at the
-    time of its last sample.
+    Items are blocks of FAST_BLOCK_S (a whole number of strides): the DSP and
+    features run vectorised over many windows at once, and the decoded
+    windows do not depend on the block size.  run_fast hands each window to
+    the writer at its own end time, so the watchdog sees the real timeline.
     """
     from neurohand.deploy.runtime import replay_fast as run_fast_replay
     from neurohand.deploy.runtime.replay import recording_items
@@ -273,7 +278,8 @@ def replay_fast(decoder, recording, replay_range, config, record_path=None, stat
         samples.append(command.sample)
         positions.append(command.positions.copy())
 
-    block = decoder.pipeline.stride_samples
+    stride = decoder.pipeline.stride_samples
+    block = stride * max(1, int(round(FAST_BLOCK_S * recording.signal_rate / stride)))
     started = time.perf_counter()
     document = run_fast_replay(decoder.pipeline, decoder.backend,
                                recording_items(recording, block, replay_range.start, replay_range.stop),
@@ -406,7 +412,7 @@ def format_summary(summary):
     frames = summary["frames"]
     lines.append("frames         received {}  missing {}  corrupt {}{}".format(
         frames["received"], frames["missing"], frames["corrupt"],
-        "  (fast replay: one frame = one decoder stride)" if summary["mode"] == "fast" else ""))
+        "  (fast replay: one frame = {} samples)".format(summary.get("block_samples")) if summary["mode"] == "fast" else ""))
     lines.append("skips {}   safety events {}{}".format(
         summary["skips"], summary["safety_events"],
         " ({})".format(", ".join("{} {}".format(k, v) for k, v in sorted(summary["safety_by_kind"].items())))

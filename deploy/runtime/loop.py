@@ -569,40 +569,64 @@ class VirtualClock(object):
 def run_fast(parts, items, clock, on_command=None):
     """Fast replay: push ``(event, t_s)`` items through the stages in this thread.
 
-    ``t_s`` is the virtual arrival time of each event (e.g. the time of its
-    last sample); ``clock`` is the :class:`VirtualClock` the parts were built
-    with.  Between events the writer is stepped at its period, as its thread
-    would be (watchdog, keep-alive), so safety behaves as in real time.
+    ``t_s`` is the virtual arrival time of each event (the time of its last
+    sample, counted from the first replayed sample, as
+    :func:`~neurohand.deploy.runtime.replay.recording_items` yields);
+    ``clock`` is the :class:`VirtualClock` the parts were built with.
+
+    Items may be large (many windows each): the DSP and features then run
+    vectorised over the whole block, which is what makes replay fast, while
+    the writer still sees the real-time timeline -- each decoded window is
+    handed over at its own end time, and between windows the writer is
+    stepped at its period (watchdog, keep-alive), as its thread would be.
+    So a block is not mistaken for a pause in the data, and a real gap is.
     ``on_command(command)``, if given, sees every DecodedCommand.
     Returns the stats document (latency is not measured: time is virtual).
     """
     decode = parts.decode
     writer = parts.writer
     period = parts.writer_period_s
+    rate = float(decode.sample_rate)
     batch = [None]
     ready = []
     emit = ready.append
-    next_tick = None
+    state = {"next_tick": None, "last_s": float("-inf")}
+
+    def tick_until(t):
+        while state["next_tick"] <= t:
+            clock.now = state["next_tick"]
+            writer.step(None, clock.now)
+            state["next_tick"] += period
+
     first_s = None
     started = time.perf_counter()
     for item in items:
         t = item[1]
-        if next_tick is None:
-            next_tick = first_s = t
-        while next_tick <= t:
-            clock.now = next_tick
-            writer.step(None, next_tick)
-            next_tick += period
+        if first_s is None:
+            first_s = t
+            state["next_tick"] = t
+        # The block's samples arrive over its own duration: up to its first
+        # sample the writer runs on what it had (a pause in the data shows).
+        event = item[0]
+        lead = event.samples.shape[0] / rate if isinstance(event, SampleFrame) else 0.0
+        tick_until(t - lead)
         clock.now = t
         batch[0] = item
         decode.process(batch, emit)
-        if ready:
-            for command in ready:
-                writer.step(command, t)
-                if on_command is not None:
-                    on_command(command)
-            del ready[:]
-            next_tick = t + period
+        for command in ready:
+            # The window's own end time: its last sample arrived this many
+            # samples before the item's last one (never before the previous window).
+            window_s = max(t - (decode.samples_seen - command.sample) / rate, state["last_s"])
+            state["last_s"] = window_s
+            tick_until(window_s)
+            clock.now = window_s
+            writer.step(command, window_s)
+            state["next_tick"] = window_s + period
+            if on_command is not None:
+                on_command(command)
+        del ready[:]
+        tick_until(t)
+        clock.now = t
     parts.supervisor.note("shutdown", clock.now, "end of replay")
     writer.send_safe_posture(clock.now)
     elapsed = time.perf_counter() - started
