@@ -225,6 +225,18 @@ def _spread(median, low_high, digits=1, unit=""):
     return text + unit
 
 
+def _ms(value):
+    """Milliseconds with about three significant digits (LibEMG timings span 0.1 to 100 ms)."""
+    if value is None:
+        return "—"
+    digits = 1 if abs(value) >= 10 else 2 if abs(value) >= 1 else 3 if abs(value) >= 0.1 else 4
+    return "{:.{}f}".format(value, digits)
+
+
+def _ms_spread(median, low_high):
+    return "{} [{}–{}] ms".format(_ms(median), _ms(low_high[0]), _ms(low_high[1]))
+
+
 def _ratio(numerator, denominator, digits=2):
     if not numerator or not denominator:
         return "—"
@@ -262,7 +274,8 @@ def _parser(result):
     figure = _spread(result.get("realtime_multiple"), [result.get("realtime_multiple_min"),
                                                         result.get("realtime_multiple_max")], 0, "×")
     headline = [("chip-frame parsing, multiple of real time (default stream, {} B/s)".format(
-        _num(result.get("stream_bytes_per_s"), 0)), figure, "goal ≥ {}×".format(result.get("goal_realtime_multiple")),
+        _num(result.get("stream_bytes_per_s"), 0)), figure,
+        "goal ≥ {}×".format(result.get("goal_realtime_multiple")),
         _ratio(result.get("realtime_multiple"), result.get("goal_realtime_multiple"), 1) + " the goal")]
     rows = [("real-time multiple, median [min–max] over {} repeats".format(result.get("repeats")), figure),
             ("bytes per second", _num(result.get("bytes_per_s"), 0)),
@@ -290,8 +303,8 @@ def _dsp(result):
     headline = []
     if scipy:
         ratio = _ratio(scipy["p50_us"], ours["p50_us"])
-        lines += ["", "sosfilt / ours (p50): {}; max |ours − sosfilt| = {:.3g} µV on outputs up to {:.3g} µV.".format(
-            ratio, result["max_abs_diff_numpy_vs_scipy"], result["max_abs_output"])]
+        lines += ["", "sosfilt / ours (p50): {}; max |ours − sosfilt| = {:.3g} µV on outputs up to {:.3g} "
+                      "µV.".format(ratio, result["max_abs_diff_numpy_vs_scipy"], result["max_abs_output"])]
         headline.append(("filter chain, 20 ms block of 200 × 16 (p50); max abs difference {:.1e} µV".format(
             result["max_abs_diff_numpy_vs_scipy"]), _block(ours), "scipy.signal.sosfilt " + _block(scipy), ratio))
     else:
@@ -322,16 +335,15 @@ def _libemg_lines(libemg):
     speed_rows = []
     for key in ("batch", "per_window"):
         entry = speed[key]
-        speed_rows.append((entry["what"], _spread(entry["ours_ms"], entry["ours_ms_spread"], 4, " ms"),
-                           _spread(entry["libemg_ms"], entry["libemg_ms_spread"], 4, " ms"),
+        speed_rows.append((entry["what"], _ms_spread(entry["ours_ms"], entry["ours_ms_spread"]),
+                           _ms_spread(entry["libemg_ms"], entry["libemg_ms_spread"]),
                            _spread(entry["libemg_over_ours"], entry["libemg_over_ours_spread"], 2, "×")))
     lines += _table(["case ({} repeats, alternating)".format(speed["repeats"]), "neurohand", "LibEMG",
                      "LibEMG / neurohand"], speed_rows)
     different = sum(libemg["features"][name]["n_different"] for name in libemg["features"])
     equal = "equal on all values" if different == 0 else "{} values differ".format(different)
     headline = [("MAV, RMS, WL, ZC, SSC, {} ({})".format(speed[key]["what"], equal),
-                 _spread(speed[key]["ours_ms"], None, 4, " ms"),
-                 "LibEMG " + _spread(speed[key]["libemg_ms"], None, 4, " ms"),
+                 _ms(speed[key]["ours_ms"]) + " ms", "LibEMG {} ms".format(_ms(speed[key]["libemg_ms"])),
                  _spread(speed[key]["libemg_over_ours"], speed[key]["libemg_over_ours_spread"], 2, "×"))
                 for key in ("batch", "per_window")]
     return headline, lines
@@ -363,7 +375,8 @@ def _backends(result):
     for step in ("rnn_step", "decode_step"):
         for name, entry in sorted((result.get(step) or {}).items()):
             rows.append((step, name, _num(entry["p50_us"]) + " µs",
-                         _spread(entry["p99_us"], entry.get("p99_us_range"), 1, " µs"), _num(entry["max_us"]) + " µs"))
+                         _spread(entry["p99_us"], entry.get("p99_us_range"), 1, " µs"),
+                         _num(entry["max_us"]) + " µs"))
     lines = []
     model = result.get("model")
     if model:
@@ -379,7 +392,8 @@ def _backends(result):
     if "numpy" in rnn:
         for other in ("torch", "onnxruntime"):
             if other in rnn:
-                headline.append(("RNN step (p50), numpy backend vs {}".format(other), _num(rnn["numpy"]["p50_us"]) + " µs",
+                headline.append(("RNN step (p50), numpy backend vs {}".format(other),
+                                 _num(rnn["numpy"]["p50_us"]) + " µs",
                                  "{} {} µs".format(other, _num(rnn[other]["p50_us"])),
                                  _ratio(rnn[other]["p50_us"], rnn["numpy"]["p50_us"])))
     decode = result.get("decode_step") or {}
@@ -439,7 +453,9 @@ def _latency(result):
                   "BRAND < 8 ms", "—")], ["Not measured: {}.".format(reason), ""] + citations)
     latency = result["latency_us"]
     rows = [("p50", _num(latency.get("p50"), 0) + " µs"), ("p99", _num(latency.get("p99"), 0) + " µs"),
-            ("max", _num(latency.get("max"), 0) + " µs"), ("frames", ", ".join("{} {}".format(key, value) for key, value in sorted((result.get("frames") or {}).items()))),
+            ("max", _num(latency.get("max"), 0) + " µs"),
+            ("frames", ", ".join("{} {}".format(key, value)
+                                 for key, value in sorted((result.get("frames") or {}).items()))),
             ("replayed", "{:.0f} s".format(result.get("seconds") or 0)),
             ("mean R² of the replayed decoding", _num(result.get("mean_r2"), 3))]
     goal = result.get("goal", {})
@@ -492,8 +508,10 @@ def _footprint(result):
                          "python -c 'import numpy' {} MiB".format(
                              _num(scenarios["import_numpy"]["peak_rss_mib"]["median"])),
                          "{}× numpy".format(_num(ratios.get("peak_rss_vs_import_numpy"), 2))))
-        headline.append(("device runtime start-up to first decode step (wall)", _num(step["wall_ms"]["median"], 0) + " ms",
-                         "python -c 'import numpy' {} ms".format(_num(scenarios["import_numpy"]["wall_ms"]["median"], 0)),
+        headline.append(("device runtime start-up to first decode step (wall)",
+                         _num(step["wall_ms"]["median"], 0) + " ms",
+                         "python -c 'import numpy' {} ms".format(
+                             _num(scenarios["import_numpy"]["wall_ms"]["median"], 0)),
                          "{}× numpy".format(_num(ratios.get("wall_vs_import_numpy"), 2))))
     if "total_bytes" in default:
         headline.append(("default-size bundle (GRU 2 × 128)", "{} kB".format(_num(default["total_bytes"] / 1000.0, 0)),

@@ -139,7 +139,7 @@ def prepare_out_dir(out):
     if not os.path.isdir(parent):
         raise UsageError("--out {!r}: directory {!r} does not exist".format(out, parent))
     os.makedirs(out)
-    with open(os.path.join(out, MARKER), "w") as handle:
+    with open(os.path.join(out, MARKER), "w", encoding="utf-8") as handle:
         handle.write("written by 'neurohand demo'; the next demo with this --out replaces the folder\n")
     return out
 
@@ -279,7 +279,7 @@ def run_demo(out, settings, stream=sys.stderr):
         "files": sorted(os.listdir(out)),
     }
     summary["files"] = sorted(set(summary["files"]) | {SUMMARY_JSON})
-    with open(os.path.join(out, SUMMARY_JSON), "w") as handle:
+    with open(os.path.join(out, SUMMARY_JSON), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=1, sort_keys=True, allow_nan=False)
         handle.write("\n")
     return summary

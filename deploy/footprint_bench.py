@@ -216,7 +216,7 @@ def bundle_size(onnx_path, pipeline_config, directory, model_note):
     run_dir = os.path.join(directory, "run")
     os.makedirs(run_dir)
     shutil.copyfile(onnx_path, os.path.join(run_dir, "model.onnx"))
-    with open(os.path.join(run_dir, "config.json"), "w") as handle:
+    with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as handle:
         json.dump({"pipeline": pipeline_config, "model": {"source": model_note}}, handle)
     out = os.path.join(directory, "bundle")
     make_bundle(run_dir, out)
@@ -235,7 +235,7 @@ def trained_pipeline_config(data_dir):
     The stored reference config has none (it is fitted on training data); a
     bundle's config always has one, and the stream needs it.
     """
-    with open(os.path.join(data_dir, "pipelines.json")) as handle:
+    with open(os.path.join(data_dir, "pipelines.json"), encoding="utf-8") as handle:
         config = json.load(handle)[PIPELINE_KEY]
     n_features = len(config["feature_names"])
     config["normalisation"] = {"mean": [0.0] * n_features, "std": [1.0] * n_features}

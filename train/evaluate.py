@@ -33,7 +33,7 @@ def load_run(run_dir):
             raise UsageError("{!r} is not a finished training run: {} is missing".format(
                 run_dir, os.path.basename(required)))
     try:
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             config = json.load(handle)
     except ValueError as exc:
         raise ConfigError("{}: not valid JSON: {}".format(path, exc)) from exc

@@ -96,7 +96,7 @@ def read_config_file(path):
     """User overrides from a JSON file: a dict with some of the sections in SECTIONS."""
     path = checks.check_file_exists("--config", path)
     try:
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             config = json.load(handle)
     except ValueError as exc:
         raise UsageError("--config {!r} is not valid JSON: {}".format(path, exc)) from exc
@@ -403,7 +403,7 @@ def write_json_atomic(path, value):
     directory = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
     try:
-        with os.fdopen(handle, "w") as out:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
             json.dump(metrics.json_ready(value), out, indent=1, sort_keys=True)
             out.write("\n")
         os.replace(temporary, path)
