@@ -287,6 +287,9 @@ def _bundle_archive(bundle, destination):
 def flash(bundle_path, hosts, settings, identity=None, known_hosts=None, dry_run=False, jobs=4,
           package=None, out=sys.stdout):
     """Flash every host (in parallel); return the list of DeviceOutcome (empty for a dry run)."""
+    if settings.service_user.strip() in ("root", "0"):
+        raise UsageError("--service-user {!r}: the service must run as an unprivileged user (default "
+                         "neurohand); it needs only the dialout and video groups".format(settings.service_user))
     bundle = load_bundle(bundle_path)
     if identity is not None and not os.path.isfile(identity):
         raise UsageError("identity file {!r} does not exist".format(identity))

@@ -275,6 +275,11 @@ def _check_engine_metadata(trt, onnx_path, engine_path, fp16, gpu_name):
         raise ConfigError("TensorRT engine {!r} has no readable metadata ({}); rebuild it with "
                           "build_engine".format(engine_path, exc)) from exc
     problems = []
+    # The engine is not in the bundle manifest (it is built on the device): its own digest is
+    # what proves the file is the one built (and self-tested), not a damaged or replaced one.
+    if metadata.get("engine_sha256") != _sha256_file(engine_path):
+        problems.append("the engine file does not match the digest recorded when it was built (damaged or "
+                        "replaced)")
     if metadata.get("onnx_sha256") != _sha256_file(onnx_path):
         problems.append("it was built from a different model than {!r}".format(str(onnx_path)))
     if metadata.get("tensorrt_version") != str(trt.__version__):
