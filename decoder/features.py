@@ -47,105 +47,185 @@ from neurohand.firmware_bridge.errors import ConfigError, UsageError
 class FeatureKind(object):
     """One registry entry: how to compute a feature and how to name/log it.
 
-    function(windows, plan, shared) -> ndarray (n_windows, n_outputs, n_channels);
-    windows (n_windows, n_channels, window_samples), shared: intermediates (_Shared)
+    A *block* kind is a sum over the window that splits into sums over its
+    blocks (see :class:`WindowFeatures`):
+    ``blocks(parts, plan, inner, closed)`` fills ``inner`` and ``closed``,
+    ndarrays (n_outputs, n_rows, n_blocks), and ``finish(total, plan)`` turns
+    the window's total (any shape) into the feature.  A *window* kind needs
+    the whole window: ``window(windows, plan)`` -> (n_windows, n_outputs, n_channels),
+    windows (n_windows, n_channels, window_samples).
     amplitude: True when log compression applies (amplitudes and powers, not counts).
+    per_band: one output per band power band.
     """
 
-    def __init__(self, function, amplitude, per_band=False):
-        self.function = function
+    def __init__(self, amplitude, blocks=None, finish=None, window=None, per_band=False):
         self.amplitude = amplitude
+        self.blocks = blocks
+        self.finish = finish
+        self.window = window
         self.per_band = per_band
 
 
-def _mav(windows, plan, shared):
-    return np.mean(np.abs(windows), axis=2)[:, None, :]
+# ---------------------------------------------------------------- block kinds
+# Each fills inner[o] (the sum over a block's own samples, pairs or triples)
+# and closed[o] (inner plus the terms linking the block to the one before).
+# A window of blocks A .. A+m-1 totals inner[A] + closed[A+1] + ... + closed[A+m-1].
+
+def _mav_blocks(parts, plan, inner, closed):
+    np.sum(parts.blocked(np.abs(parts.samples())), axis=2, out=inner[0])
+    closed[0] = inner[0]
 
 
-def _rms(windows, plan, shared):
-    return np.sqrt(np.mean(windows * windows, axis=2))[:, None, :]
+def _rms_blocks(parts, plan, inner, closed):
+    samples = parts.samples()
+    np.sum(parts.blocked(samples * samples), axis=2, out=inner[0])
+    closed[0] = inner[0]
 
 
-def _wl(windows, plan, shared):
-    return np.sum(shared.abs_steps(), axis=2)[:, None, :]
+def _wl_blocks(parts, plan, inner, closed):
+    # abs_steps[t] = |x[t] - x[t-1]|: position 0 of a block is the pair reaching into the block before.
+    steps = parts.blocked(parts.abs_steps())
+    np.sum(steps[:, :, 1:], axis=2, out=inner[0])
+    np.add(inner[0], steps[:, :, 0], out=closed[0])
 
 
-def _zc(windows, plan, shared):
-    crossing = (windows[:, :, :-1] * windows[:, :, 1:] < 0) & (shared.abs_steps() >= plan.threshold)
-    return np.sum(crossing, axis=2, dtype=windows.dtype)[:, None, :]
+def _zc_blocks(parts, plan, inner, closed):
+    span = parts.span
+    crossing = span[:, 1:-1] * span[:, 2:] < 0           # x[t-1] x[t] < 0
+    if plan.threshold > 0.0:
+        crossing &= parts.abs_steps() >= plan.threshold
+    crossing = parts.blocked(crossing)
+    np.sum(crossing[:, :, 1:], axis=2, dtype=inner.dtype, out=inner[0])
+    np.add(inner[0], crossing[:, :, 0], out=closed[0])
 
 
-def _ssc(windows, plan, shared):
-    steps = shared.steps()
-    # (x[i] - x[i-1]) (x[i] - x[i+1]) = -step[i-1] step[i]
-    product = steps[:, :, :-1] * steps[:, :, 1:]
-    np.negative(product, out=product)
-    change = (product > 0) & (product >= plan.threshold * plan.threshold)
-    return np.sum(change, axis=2, dtype=windows.dtype)[:, None, :]
+def _ssc_blocks(parts, plan, inner, closed):
+    steps = parts.steps()
+    # (x[t-1] - x[t-2]) (x[t] - x[t-1]) = -(x[t-1] - x[t-2]) (x[t-1] - x[t]): the slope
+    # change at t-1 is this product < 0 (and <= -T^2); positions 0 and 1 of a
+    # block need samples of the block before.
+    product = steps[:, :-1] * steps[:, 1:]
+    if plan.threshold > 0.0:
+        change = product <= -(plan.threshold * plan.threshold)
+    else:
+        change = product < 0
+    change = parts.blocked(change)
+    np.sum(change[:, :, 2:], axis=2, dtype=inner.dtype, out=inner[0])
+    np.add(inner[0], change[:, :, 0], out=closed[0])
+    closed[0] += change[:, :, 1]
 
 
-def _bandpower(windows, plan, shared):
+def _bandpower_welch_blocks(parts, plan, inner, closed):
+    spectrum = np.fft.rfft(parts.blocked(parts.samples()) * plan.block_taper, axis=2)
+    low, high = plan.block_bin_span
+    spectrum = spectrum[:, :, low:high]
+    power = spectrum.real ** 2
+    power += spectrum.imag ** 2
+    for index, (low_bin, high_bin) in enumerate(plan.block_band_bins):
+        np.sum(power[:, :, low_bin - low:high_bin - low], axis=2, out=inner[index])
+    closed[...] = inner
+
+
+def _mean_of_window(total, plan):
+    return total / plan.window_samples
+
+
+def _root_mean_of_window(total, plan):
+    return np.sqrt(total / plan.window_samples)
+
+
+def _as_is(total, plan):
+    return total
+
+
+def _mean_block_power(total, plan):
+    return total * plan.block_power_scale
+
+
+# ---------------------------------------------------------------- window kinds
+
+def _bandpower(windows, plan):
     spectrum = np.fft.rfft(windows * plan.taper, axis=2)
-    power = spectrum.real ** 2 + spectrum.imag ** 2
+    low, high = plan.bin_span       # only the bins some band sums
+    spectrum = spectrum[:, :, low:high]
+    power = spectrum.real ** 2
+    power += spectrum.imag ** 2
     out = np.empty((len(windows), len(plan.band_bins), windows.shape[1]))
     for index, (low_bin, high_bin) in enumerate(plan.band_bins):
-        np.sum(power[:, :, low_bin:high_bin], axis=2, out=out[:, index])
+        np.sum(power[:, :, low_bin - low:high_bin - low], axis=2, out=out[:, index])
     out *= plan.power_scale
     return out
 
 
-def _mean(windows, plan, shared):
+def _mean(windows, plan):
     return np.mean(windows, axis=2)[:, None, :]
 
 
-def _std(windows, plan, shared):
+def _std(windows, plan):
     return np.std(windows, axis=2)[:, None, :]
 
 
-def _max(windows, plan, shared):
+def _max(windows, plan):
     return np.max(windows, axis=2)[:, None, :]
 
 
-def _min(windows, plan, shared):
+def _min(windows, plan):
     return np.min(windows, axis=2)[:, None, :]
 
 
-class _Shared(object):
-    """Intermediates several features use, computed at most once per batch."""
+class _BlockParts(object):
+    """Intermediates of one span of blocks, computed at most once.
 
-    def __init__(self, windows):
-        self._windows = windows
+    span : ndarray (n_rows, 2 + n_blocks * B): the two samples before the
+    first block (whatever they are; only terms no window uses read them), then the blocks.
+    """
+
+    def __init__(self, span, n_blocks, block_samples):
+        self.span = span
+        self.shape = (span.shape[0], n_blocks, block_samples)
         self._steps = None
         self._abs_steps = None
 
+    def samples(self):
+        """The blocks' samples, (n_rows, n_blocks * B)."""
+        return self.span[:, 2:]
+
+    def blocked(self, values):
+        """(n_rows, n_blocks * B) -> (n_rows, n_blocks, B), a view."""
+        return values.reshape(self.shape)
+
     def steps(self):
-        """x[i+1] - x[i], shape (n_windows, n_channels, W - 1)."""
+        """x[t] - x[t-1] for t = -1 .. n_blocks * B - 1, shape (n_rows, 1 + n_blocks * B)."""
         if self._steps is None:
-            self._steps = self._windows[:, :, 1:] - self._windows[:, :, :-1]
+            self._steps = self.span[:, 1:] - self.span[:, :-1]
         return self._steps
 
     def abs_steps(self):
+        """|x[t] - x[t-1]| for t = 0 .. n_blocks * B - 1, shape (n_rows, n_blocks * B)."""
         if self._abs_steps is None:
-            self._abs_steps = np.abs(self.steps())
+            self._abs_steps = np.abs(self.steps()[:, 1:])
         return self._abs_steps
 
 
 # Explicit registry: feature name -> kind.  Order within a pipeline follows the
 # user's list, not this dict.
 FEATURES = {
-    "mav": FeatureKind(_mav, amplitude=True),
-    "rms": FeatureKind(_rms, amplitude=True),
-    "wl": FeatureKind(_wl, amplitude=True),
-    "zc": FeatureKind(_zc, amplitude=False),
-    "ssc": FeatureKind(_ssc, amplitude=False),
-    "bandpower": FeatureKind(_bandpower, amplitude=True, per_band=True),
-    "mean": FeatureKind(_mean, amplitude=True),
-    "std": FeatureKind(_std, amplitude=True),
-    "max": FeatureKind(_max, amplitude=True),
-    "min": FeatureKind(_min, amplitude=True),
+    "mav": FeatureKind(True, blocks=_mav_blocks, finish=_mean_of_window),
+    "rms": FeatureKind(True, blocks=_rms_blocks, finish=_root_mean_of_window),
+    "wl": FeatureKind(True, blocks=_wl_blocks, finish=_as_is),
+    "zc": FeatureKind(False, blocks=_zc_blocks, finish=_as_is),
+    "ssc": FeatureKind(False, blocks=_ssc_blocks, finish=_as_is),
+    "bandpower": FeatureKind(True, window=_bandpower, per_band=True),
+    "bandpower_welch": FeatureKind(True, blocks=_bandpower_welch_blocks, finish=_mean_block_power, per_band=True),
+    "mean": FeatureKind(True, window=_mean),
+    "std": FeatureKind(True, window=_std),
+    "max": FeatureKind(True, window=_max),
+    "min": FeatureKind(True, window=_min),
 }
 # Fewest samples a window needs for each feature to be defined.
 MIN_WINDOW_SAMPLES = {"wl": 2, "zc": 2, "ssc": 3}
+# Features whose definition is per stride-long block: they need the window to be whole blocks.
+BLOCK_DEFINED = ("bandpower_welch",)
 
 
 def check_bands(bands_hz):
@@ -167,11 +247,11 @@ def check_bands(bands_hz):
     return pairs
 
 
-def band_bins(signal_rate, window_samples, bands_hz):
+def band_bins(signal_rate, window_samples, bands_hz, what="window"):
     """FFT bin ranges [low_bin, high_bin) holding frequencies lo <= f < hi for each band.
 
     Raises UsageError for a band outside (0, Nyquist] or one that no bin of a
-    ``window_samples``-long FFT falls in (the window is too short for it).
+    ``window_samples``-long FFT falls in (the ``what`` -- window or block -- is too short for it).
     """
     nyquist = signal_rate / 2.0
     resolution = signal_rate / window_samples
@@ -188,10 +268,16 @@ def band_bins(signal_rate, window_samples, bands_hz):
         low_bin = int(np.ceil(low / resolution - 1e-9))
         high_bin = int(np.ceil(high / resolution - 1e-9))
         if high_bin <= low_bin:
-            raise UsageError("band power band {!r} holds no FFT bin of a {}-sample window ({} Hz apart); "
-                             "use a longer window or a wider band".format([low, high], window_samples, resolution))
+            raise UsageError("band power band {!r} holds no FFT bin of a {}-sample {} ({} Hz apart); "
+                             "use a longer {} or a wider band".format([low, high], window_samples, what,
+                                                                      resolution, what))
         bins.append((low_bin, high_bin))
     return bins
+
+
+def _hann(n_samples):
+    """Periodic Hann taper, against leakage from strong low bands into weak high ones."""
+    return 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_samples) / n_samples)
 
 
 class WindowFeatures(object):
@@ -203,15 +289,27 @@ class WindowFeatures(object):
     signal_rate : float, Hz (of the samples in the windows)
     window_samples : int
     n_channels : int
-    bands_hz : list of [low, high] Hz, for "bandpower"
+    bands_hz : list of [low, high] Hz, for "bandpower" and "bandpower_welch"
     threshold : float, µV, for "zc" and "ssc"
     log : bool, log-compress amplitude features
     log_epsilon : float, added before the log so silent channels stay finite
     dtype : numpy dtype of windows and output
+    stride_samples : int or None, the hop between windows
+
+    Block sums.  mav, rms, wl, zc, ssc and bandpower_welch are sums over the
+    window that split into sums over blocks of ``block_samples`` (B): the
+    stride when the window is a whole number ``blocks_per_window`` (m) of
+    strides of at least 2 samples (``aligned``), else the whole window (m = 1).
+    Aligned, consecutive windows share m - 1 blocks, so each block's sums are
+    computed once (:meth:`block_sums`) and a window adds up its m blocks
+    (:meth:`compute_from_blocks`) -- every sample is processed once instead
+    of m times.  :meth:`compute` does the same for any batch of windows,
+    block by block within each window, so all paths add the same numbers in
+    the same order.  The mode is chosen here, once.
     """
 
     def __init__(self, names, signal_rate, window_samples, n_channels, bands_hz, threshold, log, log_epsilon,
-                 dtype):
+                 dtype, stride_samples=None):
         unknown = [name for name in names if name not in FEATURES]
         if unknown:
             from neurohand.firmware_bridge.checks import check_option
@@ -231,20 +329,51 @@ class WindowFeatures(object):
         self.threshold = float(threshold)
         self.log = bool(log)
         self.log_epsilon = float(log_epsilon)
+        self.aligned = (stride_samples is not None and stride_samples >= 2
+                        and window_samples % stride_samples == 0)
+        self.block_samples = stride_samples if self.aligned else window_samples
+        self.blocks_per_window = window_samples // self.block_samples
+        for name in names:
+            if name in BLOCK_DEFINED and not self.aligned:
+                raise UsageError("feature {!r} averages over stride-long blocks, so the window must be a whole "
+                                 "number of strides of at least 2 samples, but got window {} and stride {} "
+                                 "samples; use 'bandpower' for one periodogram of the window".format(
+                                     name, window_samples, stride_samples))
         bands_hz = check_bands(bands_hz)
-        self.bands_hz = bands_hz if "bandpower" in names else []
-        self.band_bins = band_bins(signal_rate, window_samples, self.bands_hz) if self.bands_hz else []
-        # Periodic Hann taper against leakage from strong low bands into weak high ones.
-        self.taper = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(window_samples) / window_samples)
+        per_band = any(FEATURES[name].per_band for name in names)
+        self.bands_hz = bands_hz if per_band else []
+        self.band_bins = []
+        self.bin_span = (0, 0)
+        if "bandpower" in names:
+            self.band_bins = band_bins(signal_rate, window_samples, self.bands_hz)
+            self.bin_span = (min(low for low, _ in self.band_bins), max(high for _, high in self.band_bins))
+        self.taper = _hann(window_samples)
         self.power_scale = 2.0 / (window_samples * float(np.sum(self.taper ** 2)))
-        self._layout = []          # (kind, first column, n_outputs)
+        self.block_band_bins = []
+        self.block_bin_span = (0, 0)
+        if "bandpower_welch" in names:
+            self.block_band_bins = band_bins(signal_rate, self.block_samples, self.bands_hz, what="block")
+            self.block_bin_span = (min(low for low, _ in self.block_band_bins),
+                                   max(high for _, high in self.block_band_bins))
+        self.block_taper = _hann(self.block_samples)
+        # Mean over the window's blocks of each block's periodogram.
+        self.block_power_scale = 2.0 / (self.block_samples * float(np.sum(self.block_taper ** 2))
+                                        * self.blocks_per_window)
+        self._layout = []          # (kind, first column, n_outputs, first block-sum row or None)
         column = 0
+        n_sums = 0
         for name in self.names:
             kind = FEATURES[name]
             n_outputs = len(self.bands_hz) if kind.per_band else 1
-            self._layout.append((kind, column, n_outputs))
+            if kind.blocks is not None:
+                self._layout.append((kind, column, n_outputs, n_sums))
+                n_sums += n_outputs
+            else:
+                self._layout.append((kind, column, n_outputs, None))
             column += n_outputs * n_channels
         self.n_features = column
+        self.n_block_sums = n_sums
+        self.needs_windows = any(kind.window is not None for kind in (FEATURES[name] for name in self.names))
 
     @property
     def feature_names(self):
@@ -258,22 +387,78 @@ class WindowFeatures(object):
                 names.extend("{}_ch{}".format(name, c) for c in range(self.n_channels))
         return names
 
+    def block_sums(self, span, n_blocks, inner=None, closed=None):
+        """Per-block sums of the block features over a run of consecutive blocks.
+
+        span : ndarray (n_rows, 2 + n_blocks * block_samples), ``dtype``, µV: the
+            two samples before the first block, then the blocks; rows contiguous
+        inner, closed : optional ndarrays (n_block_sums, n_rows, n_blocks) to fill
+        Returns (inner, closed): each block's sums over its own samples, and
+        those plus the terms linking it to the block before (read only for
+        blocks that are not the first of a window, so the two leading samples
+        of ``span`` matter only there).
+        """
+        shape = (self.n_block_sums, span.shape[0], n_blocks)
+        if inner is None:
+            inner = np.empty(shape, dtype=self.dtype)
+        if closed is None:
+            closed = np.empty(shape, dtype=self.dtype)
+        parts = _BlockParts(span, n_blocks, self.block_samples)
+        for kind, _, n_outputs, row in self._layout:
+            if row is not None:
+                kind.blocks(parts, self, inner[row:row + n_outputs], closed[row:row + n_outputs])
+        return inner, closed
+
+    def _window_totals(self, inner, closed, starts):
+        """(n_block_sums, n_rows, n_windows): inner[first] + closed[first + 1] + ..., always in that order."""
+        total = inner[:, :, starts]
+        for offset in range(1, self.blocks_per_window):
+            total += closed[:, :, starts + offset]
+        return total
+
+    def compute_from_blocks(self, inner, closed, starts, windows, out):
+        """Features of windows made of consecutive blocks whose sums are known.
+
+        inner, closed : from :meth:`block_sums` over n_channels rows (or kept from several calls)
+        starts : int ndarray (n_windows,), the block index (last axis of inner)
+            where each window starts; it covers blocks starts .. starts + m - 1
+        windows : ndarray (n_windows, n_channels, W) for window kinds, else may be None
+        out : ndarray (n_windows, n_features) to fill; returned
+        """
+        totals = self._window_totals(inner, closed, np.asarray(starts, dtype=np.intp))
+        return self._finish(totals.transpose(2, 0, 1), windows, out)
+
     def compute(self, windows, out=None):
         """Features of a batch of windows.
 
-        windows : ndarray, shape (n_windows, n_channels, window_samples), ``dtype``, µV;
-            each channel's samples contiguous (last axis stride = itemsize)
+        windows : ndarray, shape (n_windows, n_channels, window_samples), ``dtype``, µV
         out : optional ndarray (n_windows, n_features) to fill
         Returns ndarray, shape (n_windows, n_features), ``dtype``; raw (not normalised).
         """
+        n_windows = len(windows)
         if out is None:
-            out = np.empty((len(windows), self.n_features), dtype=self.dtype)
-        shared = _Shared(windows)
-        for kind, column, n_outputs in self._layout:
-            values = kind.function(windows, self, shared)  # (n_windows, n_outputs, n_channels)
+            out = np.empty((n_windows, self.n_features), dtype=self.dtype)
+        totals = np.zeros((n_windows, self.n_block_sums, self.n_channels), dtype=self.dtype)
+        if self.n_block_sums and n_windows:
+            # Each window is its own run of m blocks (its first block's link terms are unused).
+            span = np.zeros((n_windows * self.n_channels, 2 + self.window_samples), dtype=self.dtype)
+            span[:, 2:] = windows.reshape(n_windows * self.n_channels, self.window_samples)
+            inner, closed = self.block_sums(span, self.blocks_per_window)
+            totals = self._window_totals(inner, closed, np.zeros(1, dtype=np.intp))
+            totals = totals.reshape(self.n_block_sums, n_windows, self.n_channels).transpose(1, 0, 2)
+        return self._finish(totals, windows, out)
+
+    def _finish(self, totals, windows, out):
+        """totals (n_windows, n_block_sums, n_channels) (+ windows for window kinds) -> out (n_windows, n_features)."""
+        n_windows = len(out)
+        for kind, column, n_outputs, row in self._layout:
+            if row is not None:
+                values = kind.finish(totals[:, row:row + n_outputs], self)
+            else:
+                values = kind.window(windows, self)   # (n_windows, n_outputs, n_channels)
             if self.log and kind.amplitude:
                 values = np.log(values + self.log_epsilon)
-            out[:, column:column + n_outputs * self.n_channels] = values.reshape(len(windows), -1)
+            out[:, column:column + n_outputs * self.n_channels] = values.reshape(n_windows, -1)
         return out
 
 
@@ -285,11 +470,14 @@ def window_ends(n_samples, window_samples, stride_samples):
 
 
 def offline_windows(channels, window_samples, stride_samples):
-    """Read-only strided view of every window of ``channels`` (n_channels, n_samples), C-contiguous.
+    """Read-only strided view of every window of ``channels`` (n_channels, n_samples).
 
+    Each channel's samples must be contiguous (copied here if they are not).
     Returns (windows (n_windows, n_channels, window_samples), ends (n_windows,)).
     """
-    channels = np.ascontiguousarray(channels)
+    channels = np.asarray(channels)
+    if channels.strides[1] != channels.itemsize:
+        channels = np.ascontiguousarray(channels)
     ends = window_ends(channels.shape[1], window_samples, stride_samples)
     row, column = channels.strides
     windows = np.lib.stride_tricks.as_strided(
@@ -382,6 +570,132 @@ class WindowRing(object):
             self.next_end += lost * self.stride_samples
         self.samples_seen = gap_end
         self.valid_from = gap_end
+
+
+class BlockRing(object):
+    """Streaming state when windows are whole blocks (:attr:`WindowFeatures.aligned`).
+
+    Keeps, channels-first, the two samples before the oldest kept block, the
+    last m - 1 complete blocks and the unfinished one, plus the block sums of
+    the complete blocks.  Each block's sums are computed once, when it
+    completes, by the same :meth:`WindowFeatures.block_sums` the offline path
+    uses; a window adds up its m blocks.  Window kinds read windows as views
+    of the kept samples.  Sample indices, the window schedule and the gap
+    policy are those of :class:`WindowRing`.
+    """
+
+    def __init__(self, features, stride_samples, n_channels, dtype):
+        if not features.aligned or features.block_samples != stride_samples:
+            raise ValueError("BlockRing needs features aligned on the stride")
+        self._features = features
+        self.window_samples = features.window_samples
+        self.stride_samples = stride_samples
+        self._n_channels = n_channels
+        self._dtype = np.dtype(dtype)
+        self._buffer = np.zeros((n_channels, 0), dtype=dtype)
+        self._inner = np.zeros((features.n_block_sums, n_channels, 0), dtype=dtype)
+        self._closed = np.zeros_like(self._inner)
+        self._first_block = 0        # absolute index of the block at buffer column 2
+        self._filled = 0             # samples kept after the two leading ones
+        self._summed = 0             # kept blocks whose sums are known
+        self.samples_seen = 0
+        self.next_end = self.window_samples
+        self.valid_from = 0
+        self.dropped = 0
+        self._reserve(stride_samples)
+
+    def _reserve(self, n_samples):
+        # Grows only when a block larger than any before arrives.
+        width = self.stride_samples
+        columns = 2 + self.window_samples + n_samples
+        if columns > self._buffer.shape[1]:
+            buffer = np.zeros((self._n_channels, columns), dtype=self._dtype)
+            kept = min(self._buffer.shape[1], 2 + self._filled)
+            buffer[:, :kept] = self._buffer[:, :kept]
+            self._buffer = buffer
+            blocks = columns // width + 1
+            for name in ("_inner", "_closed"):
+                old = getattr(self, name)
+                new = np.zeros(old.shape[:2] + (blocks,), dtype=self._dtype)
+                new[:, :, :self._summed] = old[:, :, :self._summed]
+                setattr(self, name, new)
+
+    def max_windows(self, n_samples):
+        """Most windows ``n_samples`` more samples can complete."""
+        return (n_samples + self.stride_samples - 1) // self.stride_samples + 1
+
+    def feed(self, samples, out, ends_out):
+        """Append ``samples`` (n, n_channels) µV; compute each complete valid window's features.
+
+        out : ndarray (capacity, n_features); ends_out : int ndarray (capacity,);
+        capacity at least ``max_windows(n)``.  Returns the number of windows written (raw features).
+        """
+        width = self.stride_samples
+        n_new = len(samples)
+        self._reserve(n_new)
+        buffer = self._buffer
+        buffer[:, 2 + self._filled:2 + self._filled + n_new] = samples.T
+        self._filled += n_new
+        self.samples_seen += n_new
+        complete = self._filled // width
+        if complete > self._summed:
+            self._features.block_sums(buffer[:, self._summed * width:2 + complete * width], complete - self._summed,
+                                      self._inner[:, :, self._summed:complete],
+                                      self._closed[:, :, self._summed:complete])
+            self._summed = complete
+        count = 0
+        if self.next_end <= self.samples_seen:
+            due = (self.samples_seen - self.next_end) // width + 1
+            ends = self.next_end + width * np.arange(due, dtype=np.int64)
+            self.next_end += due * width
+            valid = ends - self.window_samples >= self.valid_from
+            ends = ends[valid]
+            count = len(ends)
+            self.dropped += due - count
+            if count:
+                starts = (ends - self.window_samples) // width - self._first_block
+                windows = None
+                if self._features.needs_windows:
+                    all_windows, _ = offline_windows(buffer[:, 2:2 + self._filled], self.window_samples, width)
+                    # Consecutive windows (no gap in this block) stay a view: no copy.
+                    if starts[-1] - starts[0] == count - 1:
+                        windows = all_windows[starts[0]:starts[-1] + 1]
+                    else:
+                        windows = all_windows[starts]
+                ends_out[:count] = ends
+                self._features.compute_from_blocks(self._inner, self._closed, starts, windows, out[:count])
+        self._forget(max(0, complete - (self._features.blocks_per_window - 1)))
+        return count
+
+    def _forget(self, n_blocks):
+        """Drop the oldest ``n_blocks`` kept blocks (no window still to come reads them)."""
+        if n_blocks <= 0:
+            return
+        shift = n_blocks * self.stride_samples
+        buffer = self._buffer
+        buffer[:, :2 + self._filled - shift] = buffer[:, shift:2 + self._filled].copy()
+        self._filled -= shift
+        kept = self._summed - n_blocks
+        self._inner[:, :, :kept] = self._inner[:, :, n_blocks:self._summed].copy()
+        self._closed[:, :, :kept] = self._closed[:, :, n_blocks:self._summed].copy()
+        self._summed = kept
+        self._first_block += n_blocks
+
+    def skip(self, n_missing):
+        """Account for ``n_missing`` samples that never arrived; windows ending in them are dropped."""
+        gap_end = self.samples_seen + n_missing
+        if self.next_end <= gap_end:
+            lost = (gap_end - self.next_end) // self.stride_samples + 1
+            self.dropped += lost
+            self.next_end += lost * self.stride_samples
+        self.samples_seen = gap_end
+        self.valid_from = gap_end
+        # Start over at the block holding gap_end: every earlier block is in no
+        # window still to come, and the samples of that block before gap_end
+        # (left as they are) only reach windows that are dropped.
+        self._first_block = gap_end // self.stride_samples
+        self._filled = gap_end - self._first_block * self.stride_samples
+        self._summed = 0
 
 
 def fit_normalisation(features):

@@ -33,7 +33,7 @@ import numpy as np
 
 from neurohand.decoder.dsp import FilterChain, validate_sos
 from neurohand.decoder.features import (
-    FEATURES, WindowFeatures, WindowRing, check_normalisation, fit_normalisation, offline_windows,
+    FEATURES, BlockRing, WindowFeatures, WindowRing, check_normalisation, fit_normalisation, offline_windows,
     windows_touching_missing)
 from neurohand.firmware_bridge.checks import check_int, check_number, check_option
 from neurohand.firmware_bridge.errors import ConfigError, NeurohandError, UsageError
@@ -57,7 +57,7 @@ RAW_DEFAULTS = {
     "notch_q": 30.0,
     "car": False,
     "features": ["mav", "rms", "wl", "zc", "ssc", "bandpower"],
-    # Absent: 4 log-spaced bands spanning the band-pass (or 0.05 x .. 0.45 x the rate without one).
+    # Absent: 4 log-spaced bands spanning the band-pass (see _resolve_band_power).
     "bandpower_bands_hz": None,
     "threshold_uv": 0.5,
     "log": True,
@@ -107,7 +107,8 @@ def _resolve_settings(signal_rate, n_channels, settings):
     check_option("dtype", resolved["dtype"], DTYPES)
     if not isinstance(resolved["features"], (list, tuple)):
         raise UsageError("features must be a list of names, but got {!r}".format(resolved["features"]))
-    if resolved["bandpower_bands_hz"] is None and "bandpower" in resolved["features"]:
+    if resolved["bandpower_bands_hz"] is None and any(name in resolved["features"]
+                                                      for name in ("bandpower", "bandpower_welch")):
         band = resolved.get("band_hz") or [0.05 * signal_rate, 0.45 * signal_rate]
         edges = np.geomspace(band[0], band[1], 5)
         resolved["bandpower_bands_hz"] = [[round(float(low), 1), round(float(high), 1)]
@@ -261,7 +262,7 @@ class FeaturePipeline(object):
                 config["features"], signal_rate, window_samples, n_channels, config["bandpower_bands_hz"],
                 check_number("threshold_uv", config["threshold_uv"], minimum=0.0), config["log"],
                 check_number("log_epsilon", config["log_epsilon"], minimum=0.0, exclusive_minimum=True),
-                config["dtype"])
+                config["dtype"], stride_samples=config["stride_samples"])
             normalisation = None
             if config["normalisation"] is not None:
                 stored = config["normalisation"]
@@ -284,7 +285,7 @@ class FeaturePipeline(object):
         return config
 
     # ------------------------------------------------------------------ offline
-    def transform(self, signals, missing=None, gaps=None, backend="auto", batch_windows=64):
+    def transform(self, signals, missing=None, gaps=None, backend="auto", batch_windows=None):
         """Raw (un-normalised) features of a whole recording.
 
         Parameters
@@ -296,6 +297,8 @@ class FeaturePipeline(object):
             lost just before row ``index`` of ``signals`` (rows are received
             samples only); what a recording of the chip's SampleGap events gives
         backend : filter engine, see :class:`FilterChain`
+        batch_windows : windows computed per batch (memory); None: 512 when
+            the windows are whole strides (block sums), else 64
 
         Returns
         -------
@@ -322,12 +325,15 @@ class FeaturePipeline(object):
         chain = FilterChain(self.sos, self.n_channels, self.car, backend=backend)
         filtered = chain.process(signals)
         # Channels-first and contiguous, the layout WindowFeatures works in.
+        # Two leading columns: the "samples before the first block" that block sums read
+        # (only for terms no window uses); missing samples stay 0 (no window uses them either).
+        n_total = len(missing) if received is not None else len(filtered)
+        full = np.zeros((self.n_channels, 2 + n_total), dtype=self.dtype)
         if received is not None:
-            full = np.zeros((self.n_channels, len(missing)), dtype=self.dtype)
-            full[:, received] = filtered.T
+            full[:, 2 + received] = filtered.T
         else:
-            full = np.ascontiguousarray(filtered.T, dtype=self.dtype)
-        windows, ends = offline_windows(full, self.window_samples, self.stride_samples)
+            full[:, 2:] = filtered.T
+        windows, ends = offline_windows(full[:, 2:], self.window_samples, self.stride_samples)
         if received is not None:
             keep = ~windows_touching_missing(missing, ends, self.window_samples)
             selected = np.flatnonzero(keep)
@@ -335,14 +341,28 @@ class FeaturePipeline(object):
         else:
             selected = np.arange(len(ends))
         features = np.empty((len(selected), self.n_features), dtype=self.dtype)
-        for start in range(0, len(selected), batch_windows):
-            batch = selected[start:start + batch_windows]
-            # A contiguous run of windows stays a strided view (no copy); gaps force fancy indexing.
-            if len(batch) and batch[-1] - batch[0] == len(batch) - 1:
+        computer = self._features
+        if batch_windows is None:
+            # Block sums are small; a batch of whole windows is n_channels x W values each.
+            batch_windows = 512 if computer.aligned else 64
+        # Batches of consecutive windows: a contiguous run stays a strided view (no copy) and
+        # shares its blocks; a gap starts a new batch.
+        breaks = np.flatnonzero(np.diff(selected) != 1) + 1
+        position = 0
+        for run in np.split(selected, breaks):
+            for start in range(0, len(run), batch_windows):
+                batch = run[start:start + batch_windows]
                 chunk = windows[batch[0]:batch[-1] + 1]
-            else:
-                chunk = windows[batch]
-            self._features.compute(chunk, out=features[start:start + len(batch)])
+                target = features[position:position + len(batch)]
+                position += len(batch)
+                if computer.aligned:
+                    # Window i starts at block i (its start, i * stride, is a block boundary).
+                    first, stop = batch[0], batch[-1] + computer.blocks_per_window
+                    width = computer.block_samples
+                    inner, closed = computer.block_sums(full[:, first * width:2 + stop * width], stop - first)
+                    computer.compute_from_blocks(inner, closed, batch - first, chunk, target)
+                else:
+                    computer.compute(chunk, out=target)
         return features, ends
 
     def fit_normalisation(self, features):
@@ -456,8 +476,11 @@ class FeatureStream(object):
         self._normalised = normalised
         self._chain = FilterChain(pipeline.sos, pipeline.n_channels, pipeline.car, backend=backend)
         self.backend = self._chain.backend
-        self._ring = WindowRing(pipeline.window_samples, pipeline.stride_samples, pipeline.n_channels,
-                                pipeline.dtype)
+        if self._features.aligned:
+            self._ring = BlockRing(self._features, pipeline.stride_samples, pipeline.n_channels, pipeline.dtype)
+        else:
+            self._ring = WindowRing(pipeline.window_samples, pipeline.stride_samples, pipeline.n_channels,
+                                    pipeline.dtype)
         if normalised:
             self._mean = pipeline.normalisation[0].astype(pipeline.dtype)
             self._std = pipeline.normalisation[1].astype(pipeline.dtype)
@@ -469,7 +492,9 @@ class FeatureStream(object):
     def _reserve(self, n_windows):
         if n_windows > self._capacity:
             pipeline = self._pipeline
-            self._windows = np.zeros((n_windows, pipeline.n_channels, pipeline.window_samples), dtype=pipeline.dtype)
+            if not self._features.aligned:    # a BlockRing keeps no window copies
+                self._windows = np.zeros((n_windows, pipeline.n_channels, pipeline.window_samples),
+                                         dtype=pipeline.dtype)
             self._ends = np.zeros(n_windows, dtype=np.int64)
             self._out = np.zeros((n_windows, pipeline.n_features), dtype=pipeline.dtype)
             self._capacity = n_windows
@@ -491,10 +516,15 @@ class FeatureStream(object):
         filtered = self._chain.process(block)
         self._reserve(self._ring.max_windows(len(block)))
         dropped_before = self._ring.dropped
-        count = self._ring.feed(filtered, self._windows, self._ends)
-        out = self._out[:count]
+        if self._features.aligned:
+            count = self._ring.feed(filtered, self._out, self._ends)
+            out = self._out[:count]
+        else:
+            count = self._ring.feed(filtered, self._windows, self._ends)
+            out = self._out[:count]
+            if count:
+                self._features.compute(self._windows[:count], out=out)
         if count:
-            self._features.compute(self._windows[:count], out=out)
             if self._normalised:
                 out -= self._mean
                 out /= self._std

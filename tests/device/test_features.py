@@ -12,8 +12,9 @@ from neurohand.firmware_bridge.errors import UsageError
 ALL_PLAIN = ["mav", "rms", "wl", "zc", "ssc", "mean", "std", "max", "min"]
 
 
-def plan(names, window, n_channels=1, rate=1000.0, bands=(), threshold=0.5, log=False, dtype="float64"):
-    return WindowFeatures(names, rate, window, n_channels, [list(b) for b in bands], threshold, log, 1e-6, dtype)
+def plan(names, window, n_channels=1, rate=1000.0, bands=(), threshold=0.5, log=False, dtype="float64", stride=None):
+    return WindowFeatures(names, rate, window, n_channels, [list(b) for b in bands], threshold, log, 1e-6, dtype,
+                          stride_samples=stride)
 
 
 def one_window(values):
@@ -81,18 +82,72 @@ def test_zero_samples_are_not_crossings():
     assert got.tolist() == [0.0]
 
 
-def test_every_feature_matches_loop_reference_on_random_windows():
+@pytest.mark.parametrize("window, stride, blocks", [(24, None, 1), (24, 7, 1), (24, 1, 1), (24, 2, 12), (24, 3, 8),
+                                                    (24, 8, 3), (24, 24, 1)])
+@pytest.mark.parametrize("threshold", [0.0, 0.7])
+def test_every_feature_matches_loop_reference_on_random_windows(window, stride, blocks, threshold):
+    # Block sums split each window at every stride (aligned) or not at all: a window's value is
+    # the same whatever the split, including crossings, steps and slope changes at block edges.
     random = np.random.RandomState(11)
-    windows = random.normal(0.0, 3.0, (3, 2, 25))
-    windows[0, 1, 5:9] = 0.0                     # flat run and exact zeros
-    features = plan(ALL_PLAIN, 25, n_channels=2, threshold=0.7)
+    windows = random.normal(0.0, 3.0, (3, 2, window))
+    windows[0, 1, 5:9] = 0.0                     # flat run and exact zeros, across a block edge
+    windows[1, 0, 7:10] = [1.0, -1.0, 1.0]       # crossings and slope changes around sample 8
+    features = plan(ALL_PLAIN, window, n_channels=2, threshold=threshold, stride=stride)
+    assert (features.blocks_per_window, features.aligned) == (blocks, blocks > 1 or stride == window)
     got = features.compute(windows)
     names = features.feature_names
     for w in range(3):
         for column, label in enumerate(names):
             name, channel = label.rsplit("_ch", 1)
-            expected = loop_reference(name, windows[w, int(channel)].tolist(), 0.7)
+            expected = loop_reference(name, windows[w, int(channel)].tolist(), threshold)
             assert abs(got[w, column] - expected) < 1e-12, (w, label)
+
+
+def test_shared_block_sums_equal_each_window_alone():
+    # Offline, consecutive windows share their blocks' sums; the value must be exactly what
+    # compute() gives for each window on its own (same numbers, same order of additions).
+    random = np.random.RandomState(3)
+    channels = random.normal(0.0, 4.0, (3, 2 + 400))
+    channels[:, :2] = 99.0                       # before the first block: no window may read it
+    features = plan(ALL_PLAIN[:5] + ["bandpower_welch"], 100, n_channels=3, bands=[(50.0, 200.0), (200.0, 500.0)],
+                    log=True, stride=20)
+    inner, closed = features.block_sums(channels, 20)
+    starts = np.array([0, 1, 7, 15])
+    shared = features.compute_from_blocks(inner, closed, starts, None, np.empty((4, features.n_features)))
+    windows = np.stack([channels[:, 2 + 20 * s:2 + 20 * s + 100] for s in starts])
+    np.testing.assert_array_equal(shared, features.compute(windows))
+
+
+def loop_block_band_power(x, rate, block, low, high):
+    """bandpower_welch by definition: the mean over the window's blocks of each block's periodogram band sum."""
+    return sum(loop_band_power(x[i:i + block], rate, low, high) for i in range(0, len(x), block)) / (len(x) // block)
+
+
+def test_welch_band_power_matches_explicit_dft_loop_per_block():
+    random = np.random.RandomState(5)
+    x = random.normal(0.0, 5.0, (2, 2, 40))
+    bands = [(100.0, 300.0), (300.0, 500.0)]
+    features = plan(["bandpower_welch"], 40, n_channels=2, rate=1000.0, bands=bands, stride=10)
+    got = features.compute(x)
+    for w in range(2):
+        expected = [loop_block_band_power(x[w, c].tolist(), 1000.0, 10, low, high) for low, high in bands
+                    for c in range(2)]
+        np.testing.assert_allclose(got[w], expected, rtol=1e-12, atol=0)
+    assert features.feature_names[:2] == ["bandpower_welch_100-300Hz_ch0", "bandpower_welch_100-300Hz_ch1"]
+    # A sine on a block bin: A^2 / 2, as the whole-window band power gives.
+    sine = 3.0 * np.sin(2 * np.pi * 200.0 * np.arange(40) / 1000.0 + 0.3)
+    one = plan(["bandpower_welch"], 40, rate=1000.0, bands=[(100.0, 400.0), (400.0, 500.0)], stride=10).compute(
+        one_window(sine))[0]
+    assert abs(one[0] - 4.5) < 1e-9 and one[1] < 1e-20
+
+
+def test_welch_band_power_needs_whole_blocks_that_resolve_the_bands():
+    with pytest.raises(UsageError, match="whole number of strides"):
+        plan(["bandpower_welch"], 40, bands=[(100.0, 300.0)], stride=15)
+    with pytest.raises(UsageError, match="whole number of strides"):
+        plan(["bandpower_welch"], 40, bands=[(100.0, 300.0)])
+    with pytest.raises(UsageError, match="no FFT bin of a 10-sample block"):
+        plan(["bandpower_welch"], 40, bands=[(20.0, 90.0)], stride=10)
 
 
 def test_band_power_of_a_sine_is_half_its_squared_amplitude():
@@ -126,9 +181,9 @@ def test_log_compression_applies_to_amplitudes_only():
 
 def test_float32_features_follow_float64_closely():
     windows = np.random.RandomState(8).normal(0.0, 10.0, (4, 3, 50))
-    names = ["mav", "rms", "wl", "zc", "ssc", "bandpower"]
-    f64 = plan(names, 50, n_channels=3, bands=[(40.0, 200.0)], log=True).compute(windows)
-    f32 = plan(names, 50, n_channels=3, bands=[(40.0, 200.0)], log=True, dtype="float32").compute(
+    names = ["mav", "rms", "wl", "zc", "ssc", "bandpower", "bandpower_welch"]
+    f64 = plan(names, 50, n_channels=3, bands=[(100.0, 400.0)], log=True, stride=10).compute(windows)
+    f32 = plan(names, 50, n_channels=3, bands=[(100.0, 400.0)], log=True, dtype="float32", stride=10).compute(
         windows.astype(np.float32))
     assert f32.dtype == np.float32
     np.testing.assert_allclose(f32, f64, rtol=1e-5, atol=1e-5)
@@ -146,7 +201,7 @@ def test_feature_settings_are_checked():
     with pytest.raises(UsageError, match="no FFT bin"):
         band_bins(1000.0, 10, [[110.0, 150.0]])
     assert band_bins(1000.0, 10, [[100.0, 300.0], [300.0, 500.0]]) == [(1, 3), (3, 5)]
-    assert set(ALL_PLAIN + ["bandpower"]) == set(FEATURES)
+    assert set(ALL_PLAIN + ["bandpower", "bandpower_welch"]) == set(FEATURES)
 
 
 def test_offline_windows_and_ends():

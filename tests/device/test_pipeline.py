@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from neurohand.decoder.dsp import FilterChain
-from neurohand.decoder.pipeline import FeaturePipeline
+from neurohand.decoder.pipeline import FeaturePipeline, _resolve_settings
 from neurohand.firmware_bridge.errors import ConfigError, UsageError
 
 with open(os.path.join(os.path.dirname(__file__), "data", "pipelines.json")) as _handle:
@@ -23,9 +23,22 @@ SIGNALS = np.random.RandomState(7).normal(0.0, 25.0, (700, 4)) + 40.0 * np.sin(n
 TOLERANCE = {"float64": 1e-9, "float32": 1e-5}
 
 
-def small(dtype="float64", **changes):
+# The small pipeline in three feature modes (decoder/features.py WindowFeatures):
+#   window: as stored, bandpower from one FFT of each window, block sums over 10-sample strides;
+#   welch:  bandpower_welch, whose block periodograms are shared between windows (BlockRing);
+#   direct: stride 15 does not divide the 50-sample window: whole windows, WindowRing.
+VARIANTS = {
+    "window": {},
+    "welch": {"features": ["mav", "rms", "wl", "zc", "ssc", "bandpower_welch"],
+              "bandpower_bands_hz": [[100.0, 300.0], [300.0, 500.0]]},
+    "direct": {"stride_samples": 15},
+}
+
+
+def small(dtype="float64", variant="window", **changes):
     config = copy.deepcopy(SMALL)
     config["dtype"] = dtype
+    config.update(copy.deepcopy(VARIANTS[variant]))
     config.update(changes)
     return FeaturePipeline.from_config(config)
 
@@ -70,13 +83,15 @@ def backend_or_skip(backend):
     return backend
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=12, deadline=None)
 @given(sizes=st.lists(st.integers(min_value=1, max_value=130), min_size=1, max_size=6))
-def test_stream_equals_offline_for_any_chunking(dtype, backend, sizes):
+def test_stream_equals_offline_for_any_chunking(variant, dtype, backend, sizes):
     backend_or_skip(backend)
-    pipeline = fitted(small(dtype))
+    pipeline = fitted(small(dtype, variant))
+    assert pipeline.window_features.aligned == (variant != "direct")
     offline, offline_ends = pipeline.transform(SIGNALS, backend=backend)
     expected = pipeline.normalise(offline)
     streamed, ends = run_stream(pipeline.stream(backend=backend), SIGNALS, sizes)
@@ -109,14 +124,16 @@ def test_stream_counts_and_needs_normalisation():
     assert raw_stream.counters["blocks"] == 22
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=12, deadline=None)
 @given(gap_rows=st.lists(st.integers(min_value=1, max_value=699), min_size=1, max_size=3, unique=True),
        lengths=st.lists(st.integers(min_value=1, max_value=80), min_size=3, max_size=3),
        sizes=st.lists(st.integers(min_value=1, max_value=90), min_size=1, max_size=4))
-def test_gaps_stream_equals_offline_gap_list_and_mask(backend, gap_rows, lengths, sizes):
+def test_gaps_stream_equals_offline_gap_list_and_mask(variant, backend, gap_rows, lengths, sizes):
     backend_or_skip(backend)
-    pipeline = fitted(small())
+    pipeline = fitted(small(variant=variant))
+    stride = pipeline.stride_samples
     gaps = {row: lengths[i] for i, row in enumerate(sorted(gap_rows))}
     stream = pipeline.stream(backend=backend)
     streamed, ends = run_stream(stream, SIGNALS, sizes, gaps)
@@ -139,7 +156,7 @@ def test_gaps_stream_equals_offline_gap_list_and_mask(backend, gap_rows, lengths
     np.testing.assert_array_equal(masked, offline)
 
     # Every window on the full axis is either emitted or counted as dropped; none ever overlaps a gap.
-    n_windows = (total - 50) // 10 + 1
+    n_windows = (total - 50) // stride + 1
     assert stream.counters["windows_emitted"] + stream.counters["windows_dropped_for_gaps"] == n_windows
     assert stream.counters["samples_missing"] == sum(gaps.values())
     assert stream.counters["gaps"] == len(gaps)
@@ -170,6 +187,27 @@ def test_gap_policy_by_hand():
     restarted.push_gap(5)
     after_gap, _ = restarted.push(SIGNALS[100:155])
     assert_close(after_gap, expected, "float64")
+
+
+def test_stream_matches_each_window_computed_alone():
+    # The BlockRing's shared block sums against WindowFeatures.compute on copies of the filtered
+    # windows, one at a time: the same numbers added in the same order.
+    pipeline = small(variant="welch")
+    signals = SIGNALS[:300]
+    streamed, ends = run_stream(pipeline.stream(normalised=False, backend="numpy"), signals, [7, 64, 1, 23])
+    filtered = FilterChain(pipeline.sos, 4, car=True, backend="numpy").process(signals)
+    alone = np.concatenate([pipeline.window_features.compute(np.ascontiguousarray(filtered[end - 50:end].T)[None])
+                            for end in ends])
+    assert_close(streamed, alone, "float64")
+    assert len(ends) == (300 - 50) // 10 + 1
+
+
+def test_welch_band_power_gets_default_bands_and_needs_whole_strides():
+    bands = _resolve_settings(10000.0, 16, {"features": ["mav", "bandpower_welch"]})["bandpower_bands_hz"]
+    assert bands == [[20.0, 70.0], [70.0, 244.9], [244.9, 857.2], [857.2, 3000.0]]
+    assert _resolve_settings(10000.0, 16, {"features": ["mav"]})["bandpower_bands_hz"] is None
+    with pytest.raises(ConfigError, match="whole number of strides"):
+        small(variant="welch", stride_samples=15)
 
 
 def test_bad_blocks_refused_without_poisoning_state():
