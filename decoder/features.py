@@ -575,9 +575,9 @@ class WindowRing(object):
 class BlockRing(object):
     """Streaming state when windows are whole blocks (:attr:`WindowFeatures.aligned`).
 
-    Keeps, channels-first, the two samples before the oldest kept block, the
-    last m - 1 complete blocks and the unfinished one, plus the block sums of
-    the complete blocks.  Each block's sums are computed once, when it
+    Keeps, channels-first, the two samples before the oldest kept block, at
+    least the last m - 1 complete blocks and the unfinished one, plus the
+    block sums of the complete blocks.  Each block's sums are computed once, when it
     completes, by the same :meth:`WindowFeatures.block_sums` the offline path
     uses; a window adds up its m blocks.  Window kinds read windows as views
     of the kept samples.  Sample indices, the window schedule and the gap
@@ -604,10 +604,22 @@ class BlockRing(object):
         self.dropped = 0
         self._reserve(stride_samples)
 
+    ROOM_STRIDES = 16
+
+    def _make_room(self, n_samples):
+        """Room for ``n_samples`` more: forget blocks no window still needs, grow if that is not enough."""
+        if 2 + self._filled + n_samples <= self._buffer.shape[1]:
+            return
+        complete = self._filled // self.stride_samples
+        self._forget(complete - (self._features.blocks_per_window - 1))
+        self._reserve(n_samples)
+
     def _reserve(self, n_samples):
-        # Grows only when a block larger than any before arrives.
+        # Grows only when a block larger than any before arrives.  Room for
+        # ROOM_STRIDES strides beyond the window, so moving the kept samples
+        # to the front (_forget) happens once every so many blocks, not every block.
         width = self.stride_samples
-        columns = 2 + self.window_samples + n_samples
+        columns = 2 + self.window_samples + max(n_samples, self.ROOM_STRIDES * width)
         if columns > self._buffer.shape[1]:
             buffer = np.zeros((self._n_channels, columns), dtype=self._dtype)
             kept = min(self._buffer.shape[1], 2 + self._filled)
@@ -632,7 +644,7 @@ class BlockRing(object):
         """
         width = self.stride_samples
         n_new = len(samples)
-        self._reserve(n_new)
+        self._make_room(n_new)
         buffer = self._buffer
         buffer[:, 2 + self._filled:2 + self._filled + n_new] = samples.T
         self._filled += n_new
@@ -656,21 +668,21 @@ class BlockRing(object):
                 starts = (ends - self.window_samples) // width - self._first_block
                 windows = None
                 if self._features.needs_windows:
-                    all_windows, _ = offline_windows(buffer[:, 2:2 + self._filled], self.window_samples, width)
-                    # Consecutive windows (no gap in this block) stay a view: no copy.
-                    if starts[-1] - starts[0] == count - 1:
-                        windows = all_windows[starts[0]:starts[-1] + 1]
+                    if count == 1:      # the usual real-time case: a slice, no strided view to build
+                        first = 2 + int(starts[0]) * width
+                        windows = buffer[None, :, first:first + self.window_samples]
                     else:
+                        all_windows, _ = offline_windows(buffer[:, 2:2 + self._filled], self.window_samples, width)
                         windows = all_windows[starts]
                 ends_out[:count] = ends
                 self._features.compute_from_blocks(self._inner, self._closed, starts, windows, out[:count])
-        self._forget(max(0, complete - (self._features.blocks_per_window - 1)))
         return count
 
     def _forget(self, n_blocks):
         """Drop the oldest ``n_blocks`` kept blocks (no window still to come reads them)."""
         if n_blocks <= 0:
             return
+        n_blocks = min(n_blocks, self._summed)
         shift = n_blocks * self.stride_samples
         buffer = self._buffer
         buffer[:, :2 + self._filled - shift] = buffer[:, shift:2 + self._filled].copy()
