@@ -5,7 +5,8 @@
 The offline path calls it on strided views of a whole filtered recording
 (:func:`offline_windows`); the streaming path keeps the last window of
 filtered samples in a :class:`WindowRing` and calls the very same method on
-the windows a block completes.  Windows are channels-first with each
+the windows a block completes -- or, when windows are whole strides, both
+paths share per-block sums (:meth:`WindowFeatures.block_sums`, :class:`BlockRing`).  Windows are channels-first with each
 channel's samples contiguous in memory in both paths: reductions and FFTs
 then run along contiguous rows (several times faster than along a strided
 axis) and numpy sums each row in the same order whichever path built it.
@@ -22,6 +23,8 @@ zc          zero crossings: x[i] x[i+1] < 0 and |x[i] - x[i+1]| >= T        no
 ssc         slope-sign changes: p = (x[i]-x[i-1])(x[i]-x[i+1]) > 0, p >= T^2 no
 bandpower   power in each band (µV^2), Hann-tapered periodogram of the      yes
             window: 2 sum_k |X_k|^2 / (W sum w^2) over bins lo <= f_k < hi
+bandpower_  mean over the window's stride-long blocks of the same per-block  yes
+  welch     periodogram band sums (needs the window to be whole strides)
 mean        mean x (envelope mode)                                          yes
 std         standard deviation of x (ddof 0) (envelope mode)                yes
 max / min   largest / smallest x (envelope mode)                            yes
@@ -35,6 +38,10 @@ columns are feature-major: for each feature (and band), every channel.
 Band powers come from one FFT of the window rather than a filter bank: no
 extra state to carry, identical offline and streaming by construction, and
 one rfft of 1000 x 16 samples is cheaper than 4 more IIR banks per sample.
+
+The sums (mav, rms, wl, zc, ssc, bandpower_welch) are computed per
+stride-long block and shared by the overlapping windows: see
+:class:`WindowFeatures` and :class:`BlockRing`, and docs/dsp.md.
 """
 import numbers
 

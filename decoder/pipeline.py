@@ -5,7 +5,8 @@ Stages (data contracts between them)::
     samples (n, n_channels) µV
       -> FilterChain    (optional CAR, band-pass, mains notches; causal, carried state; float64)
       -> windows        (n_windows, n_channels, window_samples) every stride_samples;
-                        offline: strided views, streaming: WindowRing
+                        offline: strided views, streaming: WindowRing, or per-block
+                        sums shared by overlapping windows (BlockRing) when windows are whole strides
       -> WindowFeatures (n_windows, n_features), log-compressed amplitude features
       -> normalisation  (per-feature mean/std fitted on training features)
 
