@@ -69,10 +69,10 @@ def measure_step(step, steps, repeats, warmup=50):
             "steps": steps, "repeats": repeats}
 
 
-def measure_backends(onnx_path, names=None, steps=2000, repeats=5, engine_path=None):
-    """Per-step latency of each backend in ``names`` (default: all available) on ``onnx_path``.
+def _measure_each_backend(names, onnx_path, engine_path, make_step, steps, repeats):
+    """measure_step(make_step(backend)) for every backend in ``names`` that is available.
 
-    Returns (results {name: measure_step figures}, skipped {name: reason}).
+    Returns (results {name: figures}, skipped {name: reason}).
     """
     from neurohand.decoder.backends import BACKENDS, create_backend
 
@@ -84,15 +84,26 @@ def measure_backends(onnx_path, names=None, steps=2000, repeats=5, engine_path=N
             continue
         backend = create_backend(name, onnx_path, engine_path=engine_path)
         try:
-            features = np.random.RandomState(0).standard_normal(backend.n_features).astype(np.float32)
-            holder = [backend.initial_state()]
-
-            def step():
-                holder[0] = backend.step(features, holder[0])[1]
-            results[name] = measure_step(step, steps, repeats)
+            results[name] = measure_step(make_step(backend), steps, repeats)
         finally:
             backend.close()
     return results, skipped
+
+
+def measure_backends(onnx_path, names=None, steps=2000, repeats=5, engine_path=None):
+    """Per-step latency of each backend in ``names`` (default: all available) on ``onnx_path``.
+
+    Returns (results {name: measure_step figures}, skipped {name: reason}).
+    """
+    def make_step(backend):
+        features = np.random.RandomState(0).standard_normal(backend.n_features).astype(np.float32)
+        holder = [backend.initial_state()]
+
+        def step():
+            holder[0] = backend.step(features, holder[0])[1]
+        return step
+
+    return _measure_each_backend(names, onnx_path, engine_path, make_step, steps, repeats)
 
 
 def measure_decode_steps(onnx_path, pipeline, signals_uv, names, steps=2000, repeats=5, engine_path=None):
@@ -102,31 +113,22 @@ def measure_decode_steps(onnx_path, pipeline, signals_uv, names, steps=2000, rep
     the filter state evolves as on real data.  Returns (results, skipped) as
     :func:`measure_backends`.
     """
-    from neurohand.decoder.backends import BACKENDS, create_backend
-
     stride = pipeline.stride_samples
     n_blocks = len(signals_uv) // stride
     blocks = [np.ascontiguousarray(signals_uv[i * stride:(i + 1) * stride]) for i in range(n_blocks)]
-    results, skipped = {}, {}
-    for name in names or list(BACKENDS):
-        reason = BACKENDS[name].unavailable_reason()
-        if reason is not None:
-            skipped[name] = reason
-            continue
-        backend = create_backend(name, onnx_path, engine_path=engine_path)
-        try:
-            stream = pipeline.stream()
-            holder = {"state": backend.initial_state(), "block": 0}
 
-            def step():
-                features, _ = stream.push(blocks[holder["block"] % n_blocks])
-                holder["block"] += 1
-                for row in features:
-                    holder["state"] = backend.step(row, holder["state"])[1]
-            results[name] = measure_step(step, steps, repeats)
-        finally:
-            backend.close()
-    return results, skipped
+    def make_step(backend):
+        stream = pipeline.stream()
+        holder = {"state": backend.initial_state(), "block": 0}
+
+        def step():
+            features, _ = stream.push(blocks[holder["block"] % n_blocks])
+            holder["block"] += 1
+            for row in features:
+                holder["state"] = backend.step(row, holder["state"])[1]
+        return step
+
+    return _measure_each_backend(names, onnx_path, engine_path, make_step, steps, repeats)
 
 
 def _default_pipeline_and_signals(seconds):
