@@ -457,7 +457,14 @@ def _latency(result):
             ("frames", ", ".join("{} {}".format(key, value)
                                  for key, value in sorted((result.get("frames") or {}).items()))),
             ("replayed", "{:.0f} s".format(result.get("seconds") or 0)),
-            ("mean R² of the replayed decoding", _num(result.get("mean_r2"), 3))]
+            ("mean R² of the replayed decoding", _num(result.get("mean_r2"), 3)),
+            # Skips (older windows dropped when the loop fell behind) and safety events (e.g. data
+            # timeouts) show how much the machine's load reached the loop.
+            ("decoder skips, safety events", "{}, {}".format(_num(result.get("skips")),
+                                                             _num(result.get("safety_events")))),
+            ("load average before, after the replay", "{}; {}".format(
+                ", ".join(str(v) for v in result.get("load_average_before") or []) or "—",
+                ", ".join(str(v) for v in result.get("load_average_after") or []) or "—"))]
     goal = result.get("goal", {})
     rows.append(("goal", "p99 ≤ {} ms and max ≤ {} ms: {}".format(goal.get("p99_ms"), goal.get("max_ms"),
                                                                   "met" if goal.get("met") else "NOT met")))

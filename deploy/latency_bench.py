@@ -139,6 +139,7 @@ def run(quick, max_minutes=None, replay_seconds=None):
         "latency_us": latency, "frames": summary.get("frames"), "mean_r2": summary.get("mean_r2"),
         "seconds": summary.get("seconds"), "commands": summary.get("commands"), "backend": summary.get("backend"),
         "safety_events": summary.get("safety_events"), "skips": summary.get("skips"),
+        "safety_by_kind": summary.get("safety_by_kind"),
         "stop_reason": summary.get("stop_reason"), "replay_wall_s": round(wall, 1),
         "selftest_backend": _json(selftest, "neurohand selftest").get("backend"),
         "train_budget": "1 epoch (quick)" if quick else (

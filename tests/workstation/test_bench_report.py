@@ -123,7 +123,12 @@ def test_render_latency_when_measured(document):
         "available": True, "what": "chip to hand", "seconds": 600.0, "mean_r2": 0.7,
         "frames": {"received": 300000, "missing": 0, "corrupt": 0},
         "latency_us": {"p50": 500.0, "p90": 800.0, "p99": 1000.0, "max": 4000.0, "count": 30000},
-        "goal": {"p99_ms": 2.0, "max_ms": 10.0, "met": True}}
+        "goal": {"p99_ms": 2.0, "max_ms": 10.0, "met": True}, "skips": 3, "safety_events": 1,
+        "load_average_before": [1.5, 1.25, 1.0], "load_average_after": [2.0, 1.5, 1.0]}
+    latency = section(bench_report.render_markdown(document), "latency")
+    assert "| decoder skips, safety events | 3, 1 |" in latency
+    assert "| load average before, after the replay | 1.5, 1.25, 1.0; 2.0, 1.5, 1.0 |" in latency
+    assert "| goal | p99 ≤ 2.0 ms and max ≤ 10.0 ms: met |" in latency
     latency_rows = [line for line in section(bench_report.render_markdown(document), "Side by side").splitlines()
                     if line.startswith("| latency")]
     # 50 ms / 1 ms and 120 ms / 1 ms; BRAND's 8 ms / our 4 ms max.
