@@ -282,6 +282,13 @@ def band_bins(signal_rate, window_samples, bands_hz, what="window"):
     return bins
 
 
+def _bin_span(bins):
+    """The bins some band sums, [lowest low, highest high); (0, 0) without bands (no outputs)."""
+    if not bins:
+        return (0, 0)
+    return (min(low for low, _ in bins), max(high for _, high in bins))
+
+
 def _hann(n_samples):
     """Periodic Hann taper, against leakage from strong low bands into weak high ones."""
     return 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_samples) / n_samples)
@@ -353,15 +360,14 @@ class WindowFeatures(object):
         self.bin_span = (0, 0)
         if "bandpower" in names:
             self.band_bins = band_bins(signal_rate, window_samples, self.bands_hz)
-            self.bin_span = (min(low for low, _ in self.band_bins), max(high for _, high in self.band_bins))
+            self.bin_span = _bin_span(self.band_bins)
         self.taper = _hann(window_samples)
         self.power_scale = 2.0 / (window_samples * float(np.sum(self.taper ** 2)))
         self.block_band_bins = []
         self.block_bin_span = (0, 0)
         if "bandpower_welch" in names:
             self.block_band_bins = band_bins(signal_rate, self.block_samples, self.bands_hz, what="block")
-            self.block_bin_span = (min(low for low, _ in self.block_band_bins),
-                                   max(high for _, high in self.block_band_bins))
+            self.block_bin_span = _bin_span(self.block_band_bins)
         self.block_taper = _hann(self.block_samples)
         # Mean over the window's blocks of each block's periodogram.
         self.block_power_scale = 2.0 / (self.block_samples * float(np.sum(self.block_taper ** 2))

@@ -141,6 +141,14 @@ def test_welch_band_power_matches_explicit_dft_loop_per_block():
     assert abs(one[0] - 4.5) < 1e-9 and one[1] < 1e-20
 
 
+@pytest.mark.parametrize("name", ["bandpower", "bandpower_welch"])
+def test_band_power_without_bands_has_no_columns(name):
+    features = plan(["mav", name], 40, n_channels=2, stride=10)
+    assert features.n_features == 2
+    got = features.compute(np.ones((3, 2, 40)))
+    np.testing.assert_array_equal(got, np.ones((3, 2)))
+
+
 def test_welch_band_power_needs_whole_blocks_that_resolve_the_bands():
     with pytest.raises(UsageError, match="whole number of strides"):
         plan(["bandpower_welch"], 40, bands=[(100.0, 300.0)], stride=15)
