@@ -275,6 +275,13 @@ class VirtualChip:
     faults: a FaultInjector or None.  disconnect_after_s: close the pty once after
     this many seconds, reopen a new one after ``reconnect_pause_s`` (the symlink
     ``link_path`` follows).  on_port(path) is called with each new slave path.
+    reset_on_unplug: the unplug powers the chip down, as a bus-powered chip:
+    after the replug it waits for START again (unless ``autostart``), and the
+    new stream starts at sequence 0 with STREAM_START.  The recording goes on
+    in real time meanwhile (the nerve does not pause), so the samples due while
+    unplugged or waiting for START are skipped (``frames_lost_unplugged``).
+    False: a self-powered chip that keeps streaming across the unplug (its
+    sequence numbers go on, so the host can count what it missed).
 
     The constructor only stores configuration; :meth:`open` creates the pty and
     :meth:`serve` runs the loop (in the caller's thread).
@@ -282,7 +289,7 @@ class VirtualChip:
 
     def __init__(self, source, samples_per_frame=cp.DEFAULT_SAMPLES_PER_FRAME, speed=1.0, loop=False,
                  start_sample=0, autostart=False, faults=None, disconnect_after_s=None, reconnect_pause_s=1.0,
-                 link_path=None, on_port=None, clock=time.monotonic, firmware=(0, 0, 0)):
+                 link_path=None, on_port=None, clock=time.monotonic, firmware=(0, 0, 0), reset_on_unplug=True):
         if source.n_channels > cp.MAX_CHANNELS:
             raise UsageError("the chip carries at most {} channels, the recording has {}".format(
                 cp.MAX_CHANNELS, source.n_channels))
@@ -298,6 +305,7 @@ class VirtualChip:
         self.link_path = link_path
         self.on_port = on_port
         self.firmware = firmware
+        self.reset_on_unplug = bool(reset_on_unplug)
         self._clock = clock
         self.counters = ChipCounters()
         self.n_channels = source.n_channels
@@ -314,6 +322,7 @@ class VirtualChip:
         self._connected_at = None
         self._replug_at = None
         self._unplugged_once = False
+        self._powered_down = False      # reset by an unplug: the signal goes on, nothing is streamed
 
     # -- pty ------------------------------------------------------------------
     def open(self):
@@ -338,7 +347,7 @@ class VirtualChip:
         self._connected_at = self._clock()
         self._commands = ChipParser()
         if self.autostart and not self.streaming and not self.finished:
-            self._start_stream()
+            self._begin_stream()
         if self.on_port is not None:
             self.on_port(self.slave_path)
         return self.slave_path
@@ -374,6 +383,31 @@ class VirtualChip:
     @property
     def frame_period_s(self):
         return self.samples_per_frame / (self.source.sample_rate_hz * self.speed)
+
+    def _begin_stream(self):
+        """START (or autostart): a new stream, or the first one after a reset by an unplug."""
+        if self._powered_down:
+            self._restart_stream()
+        else:
+            self._start_stream()
+
+    def _restart_stream(self):
+        # Same pacing (the recording went on in real time while the chip was off);
+        # a fresh stream on the wire.
+        self._powered_down = False
+        self.streaming = True
+        self._sequence = 0
+        self._stream_samples = 0
+        if self.faults is not None:
+            self.faults.stream_restarted()
+
+    def _skip_due_frames(self):
+        """Powered down: the samples due now pass unseen (as a nerve's signal does)."""
+        for _ in range(self._scheduler.take_due()):
+            if self._read_frame_samples() is None:
+                self.finished = True
+                return
+            self.counters.frames_lost_unplugged += 1
 
     def _start_stream(self):
         self.streaming = True
@@ -430,7 +464,7 @@ class VirtualChip:
         code, token = command.command, command.token
         if code == cp.CMD_START:
             if not self.streaming and not self.finished:
-                self._start_stream()
+                self._begin_stream()
             return cp.encode_ack(code, token)
         if code == cp.CMD_STOP:
             self.streaming = False
@@ -479,6 +513,8 @@ class VirtualChip:
                     self._emit_frame()
                     if not self.streaming:
                         break
+            elif self._powered_down and not self.finished:
+                self._skip_due_frames()
             if self.finished:
                 if finished_at is None:
                     finished_at = now
@@ -492,7 +528,7 @@ class VirtualChip:
                         or now - finished_at > drain_timeout_s:
                     return
             timeout = 0.05
-            if self.streaming:
+            if self.streaming or (self._powered_down and not self.finished):
                 timeout = min(timeout, max(0.0, self._scheduler.seconds_until_next()))
             if not self.connected:
                 if self._replug_at is not None:
@@ -515,6 +551,10 @@ class VirtualChip:
             self._unplugged_once = True
             self.counters.disconnects += 1
             self._out = bytearray()       # unsent bytes die with the link
+            if self.reset_on_unplug and self.streaming:
+                self.streaming = False
+                self._powered_down = True
+                self._commands = ChipParser()
             self._close_pty()
             self._replug_at = now + self.reconnect_pause_s
 

@@ -159,7 +159,10 @@ class VirtualHand(object):
         Send telemetry/replies after each valid command.
 
     Counters: valid_frames, bad_checksums, framing_errors, timeouts,
-    replies_sent, replies_dropped, bytes_received (wrong_address for PSYONIC).
+    replies_sent, replies_dropped, bytes_received, unplugs (wrong_address for PSYONIC).
+
+    :meth:`unplug` and :meth:`replug` simulate a cable glitch: the terminal
+    vanishes, then a new one appears behind the same ``link_path``.
     """
 
     def __init__(self, protocol, link_path=None, log_path=None,
@@ -178,7 +181,7 @@ class VirtualHand(object):
         self.address = address
         self.reply = reply
         self.counters = {"valid_frames": 0, "bad_checksums": 0, "framing_errors": 0, "timeouts": 0,
-                         "replies_sent": 0, "replies_dropped": 0, "bytes_received": 0}
+                         "replies_sent": 0, "replies_dropped": 0, "bytes_received": 0, "unplugs": 0}
         self.slave_path = None
         self._commands = []
         self._condition = threading.Condition()
@@ -188,6 +191,7 @@ class VirtualHand(object):
         self._stop = threading.Event()
         self._log = None
         self._linked = False
+        self._receiver = None
 
     # -- life cycle -------------------------------------------------------
     def start(self):
@@ -195,10 +199,53 @@ class VirtualHand(object):
         if self._thread is not None:
             raise UsageError("virtual hand already started")
         if self.protocol == "psyonic":
-            receiver = _PsyonicReceiver(self.counters, self.stuffing, self.address)
             self.counters["wrong_address"] = 0
+        try:
+            if self.log_path is not None:
+                self._log = open(self.log_path, "a", encoding="utf-8")
+            self._plug()
+        except Exception:
+            self._close_fds()
+            raise
+        self._write_log({"event": "start", "protocol": self.protocol, "port": self.slave_path,
+                         "link": self.link_path, "keepalive_timeout_s": self.keepalive_timeout_s,
+                         "t_monotonic": time.monotonic(), "t_wall": time.time()})
+        return self
+
+    def stop(self):
+        """Stop serving, close the terminal (a connected driver sees its port vanish)."""
+        if self._thread is None and self._master is None:
+            return
+        self._unplug()
+        self._write_log({"event": "stop", "counters": dict(self.counters),
+                         "t_monotonic": time.monotonic(), "t_wall": time.time()})
+        self._close_fds()
+
+    def unplug(self):
+        """Pull the cable: the terminal and its symlink vanish (a connected driver's
+        writes fail).  What was received so far and the counters are kept."""
+        if self._thread is None:
+            raise UsageError("virtual hand is not plugged in")
+        self._unplug()
+        self.counters["unplugs"] += 1
+        self._write_log({"event": "unplug", "t_monotonic": time.monotonic(), "t_wall": time.time()})
+
+    def replug(self):
+        """Plug the cable back: a new pseudo-terminal, the same ``link_path`` symlink
+        (as a udev name), so a driver reopening that path reaches the hand again.
+        The keep-alive clock starts again with the first valid command."""
+        if self._thread is not None:
+            raise UsageError("virtual hand is already plugged in")
+        self._plug()
+        self._write_log({"event": "replug", "port": self.slave_path, "t_monotonic": time.monotonic(),
+                         "t_wall": time.time()})
+
+    def _plug(self):
+        # A fresh receiver: a frame cut by the unplug must not be glued to the next one.
+        if self.protocol == "psyonic":
+            self._receiver = _PsyonicReceiver(self.counters, self.stuffing, self.address)
         else:
-            receiver = _NeurohandReceiver(self.counters)
+            self._receiver = _NeurohandReceiver(self.counters)
         self._master, self._slave = os.openpty()
         # Raw mode before anyone connects: no echo, no line editing of binary frames.
         tty.setraw(self._slave)
@@ -206,33 +253,25 @@ class VirtualHand(object):
         fcntl.fcntl(self._master, fcntl.F_SETFL, flags | os.O_NONBLOCK)
         self.slave_path = os.ttyname(self._slave)
         self._wake_r, self._wake_w = os.pipe()
-        try:
-            if self.link_path is not None:
-                self._make_link()
-            if self.log_path is not None:
-                self._log = open(self.log_path, "a", encoding="utf-8")
-        except Exception:
-            self._close_fds()
-            raise
-        self._write_log({"event": "start", "protocol": self.protocol, "port": self.slave_path,
-                         "link": self.link_path, "keepalive_timeout_s": self.keepalive_timeout_s,
-                         "t_monotonic": time.monotonic(), "t_wall": time.time()})
-        self._thread = threading.Thread(target=self._serve, args=(receiver,),
+        if self.link_path is not None:
+            self._make_link()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._serve, args=(self._receiver,),
                                         name="virtual-hand", daemon=True)
         self._thread.start()
-        return self
 
-    def stop(self):
-        """Stop serving, close the terminal (a connected driver sees its port vanish)."""
-        if self._thread is None:
-            return
-        self._stop.set()
-        os.write(self._wake_w, b"x")
-        self._thread.join()
-        self._thread = None
-        self._write_log({"event": "stop", "counters": dict(self.counters),
-                         "t_monotonic": time.monotonic(), "t_wall": time.time()})
-        self._close_fds()
+    def _unplug(self):
+        if self._thread is not None:
+            self._stop.set()
+            os.write(self._wake_w, b"x")
+            self._thread.join()
+            self._thread = None
+        # The symlink goes first, as a device node vanishes on unplug.
+        self._remove_link()
+        for fd in (self._master, self._slave, self._wake_r, self._wake_w):
+            if fd is not None:
+                os.close(fd)
+        self._master = self._slave = self._wake_r = self._wake_w = None
 
     def __enter__(self):
         return self.start()
@@ -252,17 +291,20 @@ class VirtualHand(object):
         os.symlink(self.slave_path, path)
         self._linked = True
 
-    def _close_fds(self):
-        for fd in (self._master, self._slave, self._wake_r, self._wake_w):
-            if fd is not None:
-                os.close(fd)
-        self._master = self._slave = self._wake_r = self._wake_w = None
+    def _remove_link(self):
         if self._linked:
             try:
                 os.remove(self.link_path)
             except OSError:
                 pass  # someone removed it already; nothing left to clean
             self._linked = False
+
+    def _close_fds(self):
+        for fd in (self._master, self._slave, self._wake_r, self._wake_w):
+            if fd is not None:
+                os.close(fd)
+        self._master = self._slave = self._wake_r = self._wake_w = None
+        self._remove_link()
         if self._log is not None:
             self._log.close()
             self._log = None

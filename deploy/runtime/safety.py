@@ -10,7 +10,13 @@ by the writer every time it wakes, i.e. at least once per writer period),
 ``decoder_error`` (the backend raised), ``non_finite_output`` (NaN/inf from
 the backend), ``invalid_command`` (the writer's last check found a
 non-finite or out-of-range position), ``hand_error`` (the hand link failed;
-logged, the posture is unchanged because the hand cannot be told anything).
+logged, the posture is unchanged because the hand cannot be told anything),
+``chip_config`` (the chip came back from a reconnect configured differently
+from the bundle: its frames are no longer decoded).
+
+:meth:`require_recovery` is for events that are not faults but after which
+the hand must start again from its safe posture (``hand_reconnected``: the
+hand's port came back after an outage).
 
 Recovery rule: ``recovery_windows`` consecutive decoded windows with finite
 outputs and fresh data after the last fault; any fault restarts the count.
@@ -38,7 +44,8 @@ OK = "ok"
 SAFE = "safe"
 
 #: Kinds of fault events (counted in ``count``).
-FAULT_KINDS = ("data_timeout", "decoder_error", "non_finite_output", "invalid_command", "hand_error")
+FAULT_KINDS = ("data_timeout", "decoder_error", "non_finite_output", "invalid_command", "hand_error",
+               "chip_config")
 #: Events kept in the log; later ones are only counted.
 MAX_LOGGED_EVENTS = 1000
 
@@ -126,6 +133,22 @@ class SafetySupervisor(object):
                     self.state = SAFE
                     self._fault_kind = kind
                 self._good_windows = 0
+        self._notify(event)
+
+    def require_recovery(self, kind, now_s, reason):
+        """Log ``kind`` (not a fault) and hold the safe posture until the recovery rule is met again.
+
+        For a hand whose port came back: it was told nothing during the outage,
+        so it gets the safe posture first and decoded commands only after
+        ``recovery_windows`` good windows (from the posture at the slew limit,
+        as after any fault).
+        """
+        with self._lock:
+            event = self._log(kind, now_s, reason)
+            if self.state != STARTING:
+                self.state = SAFE
+                self._fault_kind = kind
+            self._good_windows = 0
         self._notify(event)
 
     def note(self, kind, now_s, reason):

@@ -15,8 +15,26 @@ Per call::
 
 The check right before ``hand.send`` is the one that guarantees a NaN or an
 out-of-range value never reaches the hand, whatever happened upstream.
+
+A vanished hand port (``hand.send`` raised LinkError: cable or USB glitch)
+starts an outage, logged once (``hand_error``).  During it nothing is
+written; each command that could not be delivered is counted in
+``hand_errors``, and ``hand.reopen()`` is tried with bounded exponential
+backoff (``reopen_initial_s`` doubling to ``reopen_max_s``), from this stage,
+i.e. from the writer thread: a failed open of a missing port takes
+microseconds and the decode thread never waits on it.  Once the port is back
+the first thing written is the safe posture; the outage ends when that write
+succeeded (``hand_reconnects``, event ``hand_reconnected``), and decoded
+commands follow only after the recovery rule is met again
+(``SafetySupervisor.require_recovery``).
 """
 import numpy as np
+
+from neurohand.firmware_bridge.errors import LinkError
+
+#: First wait before reopening a vanished hand port, and the longest (seconds).
+REOPEN_INITIAL_S = 0.05
+REOPEN_MAX_S = 1.0
 
 
 class HandWriterStage(object):
@@ -35,9 +53,14 @@ class HandWriterStage(object):
     n_outputs : int
     measure_latency : bool
         False in fast replay, where arrival times are virtual.
+    reopen_initial_s, reopen_max_s : float
+        Backoff of ``hand.reopen()`` after the hand's port vanished: the
+        first attempt after ``reopen_initial_s``, then doubling up to
+        ``reopen_max_s`` between attempts.
     """
 
-    def __init__(self, hand, supervisor, stats, timer, n_outputs, measure_latency=True):
+    def __init__(self, hand, supervisor, stats, timer, n_outputs, measure_latency=True,
+                 reopen_initial_s=REOPEN_INITIAL_S, reopen_max_s=REOPEN_MAX_S):
         self._hand = hand
         self._supervisor = supervisor
         self._write_timer = stats.stages["write"]
@@ -48,10 +71,16 @@ class HandWriterStage(object):
         self._open = np.zeros(self.n_outputs)
         self._last_sent = None
         self._hand_failing = False
+        self._reopen_initial_s = float(reopen_initial_s)
+        self._reopen_max_s = float(reopen_max_s)
+        self._port_down = False         # LinkError seen: write nothing until hand.reopen() worked
+        self._reopened = False          # reopened; the outage ends when a write succeeds
+        self._reopen_at = 0.0
+        self._reopen_wait = self._reopen_initial_s
         self.last_telemetry = None
         self.counters = {"commands_sent": 0, "new_commands_sent": 0, "keepalives_sent": 0,
                          "safe_posture_sent": 0, "invalid_blocked": 0, "hand_errors": 0,
-                         "commands_superseded": 0}
+                         "commands_superseded": 0, "hand_reconnects": 0, "hand_reopen_failures": 0}
 
     def step(self, command, now_s):
         """Send what the hand should do now.
@@ -70,6 +99,12 @@ class HandWriterStage(object):
         """
         supervisor = self._supervisor
         may_send = supervisor.check(now_s)
+        if self._port_down:
+            if not self._reopen(now_s):
+                self.counters["hand_errors"] += 1       # not delivered: the port is still gone
+                return None
+            # The hand heard nothing during the outage: the safe posture comes first.
+            return self.send_safe_posture(now_s)
         fresh = False
         if not may_send:
             positions = supervisor.safe_posture()
@@ -114,18 +149,50 @@ class HandWriterStage(object):
                 return False
         return True
 
+    def _reopen(self, now_s):
+        """Try ``hand.reopen()`` if the backoff allows; True once the port is open again."""
+        if now_s < self._reopen_at:
+            return False
+        try:
+            self._hand.reopen()
+        except Exception:  # still gone (LinkError) or a driver that cannot reopen: try again later
+            self.counters["hand_reopen_failures"] += 1
+            self._reopen_at = now_s + self._reopen_wait
+            self._reopen_wait = min(2.0 * self._reopen_wait, self._reopen_max_s)
+            return False
+        self._port_down = False
+        self._reopened = True
+        return True
+
     def _send(self, positions, kind, command, now_s):
+        if self._port_down:
+            self.counters["hand_errors"] += 1
+            return None
         start = self._clock()
         try:
             self._hand.send(positions)
         except Exception as exc:  # link down or driver refusal: keep trying, never die
             self.counters["hand_errors"] += 1
+            if isinstance(exc, LinkError):
+                # The port vanished: reopen it with backoff.  The backoff is reset only
+                # by a successful write, so a port that opens but cannot be written
+                # (or a flapping cable) is not reopened faster than reopen_max_s.
+                self._port_down = True
+                self._reopened = False
+                self._reopen_at = now_s + self._reopen_wait
+                self._reopen_wait = min(2.0 * self._reopen_wait, self._reopen_max_s)
             if not self._hand_failing:
                 self._hand_failing = True
                 self._supervisor.on_fault("hand_error", now_s, "hand.send failed: {!r}".format(exc))
             return None
         sent = self._clock()
         self._hand_failing = False
+        if self._reopened:
+            self._reopened = False
+            self._reopen_wait = self._reopen_initial_s
+            self.counters["hand_reconnects"] += 1
+            self._supervisor.require_recovery("hand_reconnected", now_s,
+                                              "hand port reopened; safe posture until recovery")
         self._write_timer.add(sent - start)
         self._last_sent = positions
         self.counters["commands_sent"] += 1

@@ -5,6 +5,7 @@ The runtime's writer thread owns a driver and calls, at a fixed rate::
     hand.send(positions)        # ndarray (n_outputs,), float, 0 = open .. 1 = flexed
     hand.poll_telemetry()       # latest acknowledgement/telemetry since the last poll, or None
     hand.counters               # frames_sent, write_errors, acks, ...
+    hand.reopen()               # after a LinkError: the port again (LinkError while still gone)
     hand.close()
 
 ``send`` is the last line of defence before the motors: a value that is not
@@ -142,6 +143,18 @@ class HandDriver(object):
         """
         if self._last_positions is not None:
             self.send(self._last_positions)
+
+    def reopen(self):
+        """Close the link to the hand and open it again (same port, e.g. a udev symlink).
+
+        The writer calls this after ``send`` raised LinkError (the port
+        vanished: a cable or USB glitch).  Raises LinkError while the port is
+        still missing.  The driver's validation is unchanged: ``send`` still
+        refuses non-finite or out-of-range values.  Default: ``close`` then
+        ``open``, which suits drivers whose ``open`` builds a fresh link.
+        """
+        self.close()
+        return self.open()
 
     def _write_positions(self, positions):
         raise NotImplementedError
