@@ -42,6 +42,9 @@ from neurohand.firmware_bridge.errors import ConfigError
 WAKE_S = 0.1
 #: How long shutdown waits for each thread.
 JOIN_TIMEOUT_S = 2.0
+#: The chip's frame counter is uint32 (docs/chip-protocol.md): "backwards" is less than half a turn back.
+_SEQUENCE_MASK = 0xFFFFFFFF
+_HALF_SEQUENCE = 1 << 31
 
 
 class BatchQueue(object):
@@ -146,7 +149,9 @@ class ChipReceiver(object):
     decoder as a gap) until :meth:`release_frames`: the chip's configuration
     is checked again first, by another thread (``on_reconnect`` must return
     at once).  A chip that reset starts a new stream (STREAM_START, sequence
-    0), so the samples it missed cannot be counted from sequence numbers; with
+    0; or, if those first frames were flushed when the port reopened, a
+    sequence that went backwards), so the samples it missed cannot be
+    counted from sequence numbers; with
     ``sample_rate`` given, the receiver tells the decoder a gap estimated from
     the arrival clock (``stream_restarts``, ``restart_gap_samples``), so the
     DSP's time axis stays right.  ``on_fault(kind, reason)`` (set by the
@@ -168,6 +173,7 @@ class ChipReceiver(object):
         self._lost_first = None
         self._holding = False
         self._last_queued_s = None      # arrival of the last frame handed to the decoder
+        self._last_sequence = None
         self.counters = {"chunks": 0, "bytes": 0, "frames_dropped_queue_full": 0,
                          "link_opens": 0, "link_losses": 0, "replies": 0,
                          "frames_held_after_reconnect": 0, "stream_restarts": 0, "restart_gap_samples": 0}
@@ -184,10 +190,15 @@ class ChipReceiver(object):
             kind = type(event)
             if kind is SampleFrame:
                 if self._holding:
+                    self._last_sequence = event.sequence
                     self.counters["frames_held_after_reconnect"] += 1
                     self._lose(event, counter=None)
                     continue
-                if event.stream_start and self._last_queued_s is not None:
+                last, self._last_sequence = self._last_sequence, event.sequence
+                went_back = last is not None and 0 < (last - event.sequence) & _SEQUENCE_MASK < _HALF_SEQUENCE
+                if self._last_queued_s is not None and (event.stream_start or went_back):
+                    # A new stream: flagged, or (its first frames flushed when the port was
+                    # reopened) a sequence that went backwards.
                     self._stream_restarted(event, arrival)
                 self._enqueue(event, arrival)
             elif kind is SampleGap:
