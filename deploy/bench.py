@@ -126,6 +126,10 @@ def register(subparsers):
                                  DEFAULT_TRAIN_MINUTES))
     parser.add_argument("--replay-seconds", type=float, default=None, metavar="S",
                         help="length of the real-time replay of the latency target (default 600, --quick 20)")
+    parser.add_argument("--update", action="store_true",
+                        help="measure only the TARGETs given and replace their entries in the existing "
+                             "results.json/results.md (in --results-dir, else ./bench/), keeping the other targets "
+                             "and recording when and under what load each update ran")
     parser.set_defaults(func=run_command)
 
 
@@ -182,9 +186,13 @@ def run_command(args):
     names = target_names(args.targets)
     # Check every user value before measuring anything: a mistake must not cost a half-hour run.
     options = options_from(args)
-    directory = results_directory(args.results_dir, not args.targets or args.targets == ["all"], args.quick)
     command = " ".join(["neurohand bench"] + (args.targets or ["all"]) + (["--quick"] if args.quick else []))
-    document = bench_report.new_document(command, args.quick, names, bench_report.describe_machine())
+    if args.update:
+        directory = results_directory(args.results_dir or DEFAULT_RESULTS_DIR, False, args.quick)
+        document = bench_report.start_update(directory, command, names)
+    else:
+        directory = results_directory(args.results_dir, not args.targets or args.targets == ["all"], args.quick)
+        document = bench_report.new_document(command, args.quick, names, bench_report.describe_machine())
     first_error = None
     for name in names:
         print("measuring {} ...".format(name), file=sys.stderr, flush=True)
@@ -202,9 +210,13 @@ def run_command(args):
         entry["seconds"] = round(time.perf_counter() - started, 1)
         if directory is not None:
             bench_report.write_results(directory, document)
-    document["complete"] = True
-    document["finished_utc"] = bench_report.utc_now()
-    document["load_average_end"] = bench_report.load_average()
+    if args.update:
+        document["updates"][-1].update(finished_utc=bench_report.utc_now(),
+                                       load_average_end=bench_report.load_average())
+    else:
+        document["complete"] = True
+        document["finished_utc"] = bench_report.utc_now()
+        document["load_average_end"] = bench_report.load_average()
     if directory is not None:
         paths = bench_report.write_results(directory, document)
         print("results written to {} and {}".format(*paths), file=sys.stderr)

@@ -171,6 +171,32 @@ def new_document(command, quick, names, machine):
     }
 
 
+def start_update(directory, command, names):
+    """The existing results document in ``directory``, with ``names`` set to pending for re-measuring.
+
+    The update is recorded (when, which targets, the load average) so a reader
+    knows these figures come from a later run than the rest.
+    """
+    from neurohand.firmware_bridge.checks import load_json_file
+    from neurohand.firmware_bridge.errors import UsageError
+
+    path = os.path.join(directory, "results.json")
+    if not os.path.isfile(path):
+        raise UsageError("--update needs earlier results, but {!r} does not exist".format(path))
+    document = load_json_file(path, "benchmark results", error=UsageError)
+    if document.get("format") != RESULTS_FORMAT or not isinstance(document.get("targets"), dict):
+        raise UsageError("{!r} is not a neurohand benchmark results file".format(path))
+    document.setdefault("updates", []).append({
+        "command": command + " --update", "targets": list(names), "started_utc": utc_now(),
+        "git_commit": describe_machine().get("git_commit"), "load_average_start": load_average()})
+    order = document.setdefault("target_order", sorted(document["targets"]))
+    for name in names:
+        document["targets"][name] = {"status": "pending", "seconds": None}
+        if name not in order:
+            order.append(name)
+    return document
+
+
 def write_atomic(path, text):
     """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never a part.
 
@@ -552,6 +578,12 @@ def render_markdown(document):
                  "; QUICK RUN: figures not meaningful" if document.get("quick") else ""), ""]
     if not document.get("complete"):
         lines += ["**Incomplete run**: targets still pending are marked below.", ""]
+    for update in document.get("updates") or []:
+        lines += ["Re-measured later by `{}`: {} (started {}, load average {} at start, {} at the end, commit {}).".format(
+            update.get("command"), ", ".join(update.get("targets") or []), update.get("started_utc"),
+            ", ".join(str(v) for v in update.get("load_average_start") or []) or "unknown",
+            ", ".join(str(v) for v in update.get("load_average_end") or []) or "unknown",
+            update.get("git_commit") or "unknown"), ""]
     lines += ["## Machine", ""]
     packages = machine.get("packages") or {}
     load = machine.get("load_average")

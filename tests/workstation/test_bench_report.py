@@ -259,3 +259,27 @@ def test_decoding_summary_from_train_and_evaluate_output():
 def test_decoding_skips_a_missing_ninapro_file(tmp_path):
     entry = decoding_bench.ninapro(str(tmp_path), True, None, str(tmp_path / "absent.mat"))
     assert "absent.mat not found" in entry["skipped"]
+
+
+def test_cli_update_remeasures_only_the_named_targets(tmp_path, capsys):
+    results = tmp_path / "results"
+    assert main(["bench", "parser", "dsp", "--quick", "--json", "--results-dir", str(results)]) == 0
+    capsys.readouterr()
+    with open(str(results / "results.json")) as handle:
+        before = json.load(handle)
+    assert main(["bench", "parser", "simulate", "--quick", "--json", "--update", "--results-dir", str(results)]) == 0
+    with open(str(results / "results.json")) as handle:
+        after = json.load(handle)
+    assert after["targets"]["dsp"] == before["targets"]["dsp"]            # kept as it was
+    assert after["targets"]["parser"]["status"] == "ok" and after["targets"]["simulate"]["status"] == "ok"
+    assert after["target_order"] == ["parser", "dsp", "simulate"]
+    update = after["updates"][-1]
+    assert update["targets"] == ["parser", "simulate"] and update["finished_utc"] and update["load_average_end"]
+    markdown = (results / "results.md").read_text(encoding="utf-8")
+    assert "Re-measured later by `neurohand bench parser simulate --quick --update`" in markdown
+    assert "## simulate" in markdown and "## dsp" in markdown
+
+
+def test_cli_update_without_earlier_results_is_a_one_line_error(tmp_path, capsys):
+    assert main(["bench", "parser", "--quick", "--update", "--results-dir", str(tmp_path / "none")]) == 2
+    assert "--update needs earlier results" in capsys.readouterr().err
