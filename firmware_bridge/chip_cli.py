@@ -38,7 +38,9 @@ def register(subparsers):
                         help="longest garbage burst in bytes (default 64)")
     parser.add_argument("--disconnect-after", type=float, default=None, metavar="SECONDS",
                         help="after this many seconds close the terminal as if unplugged, then open a new "
-                             "one (same --port symlink) after --reconnect-pause")
+                             "one (same --port symlink) after --reconnect-pause; like a real chip that resets "
+                             "when unplugged, it then waits for a new START (unless --autostart) and starts a "
+                             "new stream at sequence 0")
     parser.add_argument("--reconnect-pause", type=float, default=1.0, metavar="SECONDS",
                         help="how long the simulated unplug lasts (default 1)")
     parser.add_argument("--seed", type=int, default=None,
