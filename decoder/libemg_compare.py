@@ -45,12 +45,12 @@ medians with [min, max], because the machine is shared.
 Running it with LibEMG (a separate venv: LibEMG 2.0.3 pins ``numpy<2.0``, which
 the workstation constraints' numpy 2.x excludes; ~65 packages, ~1 GB)::
 
-    python3 -m venv /tmp/libemg-venv
-    /tmp/libemg-venv/bin/pip install libemg==2.0.3 pytest
+    python3 -m venv ~/libemg-venv
+    ~/libemg-venv/bin/pip install libemg==2.0.3 pytest
     # neurohand itself, editable, without touching the tree: reuse .venv's finder
-    cp .venv/lib/python3.11/site-packages/__editable__*neurohand* /tmp/libemg-venv/lib/python3.11/site-packages/
-    /tmp/libemg-venv/bin/python -m neurohand.deploy bench libemg      # --json: one line
-    /tmp/libemg-venv/bin/python -m pytest -q -p no:cacheprovider tests/workstation/test_libemg_compare.py
+    cp .venv/lib/python3.11/site-packages/__editable__*neurohand* ~/libemg-venv/lib/python3.11/site-packages/
+    ~/libemg-venv/bin/python -m neurohand.deploy bench libemg      # --json: one line
+    ~/libemg-venv/bin/python -m pytest -q -p no:cacheprovider tests/workstation/test_libemg_compare.py
 """
 import contextlib
 import sys

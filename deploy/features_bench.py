@@ -57,7 +57,7 @@ def libemg_python_from(option):
     where = "--libemg-python" if option else "${}".format(LIBEMG_PYTHON_ENV)
     if not (os.path.isfile(path) and os.access(path, os.X_OK)):
         raise UsageError("{} {!r} is not an executable file (give the python of a venv with libemg "
-                         "installed, e.g. /tmp/libemg-venv/bin/python)".format(where, path))
+                         "installed, e.g. ~/libemg-venv/bin/python)".format(where, path))
     return path
 
 
