@@ -89,10 +89,11 @@ def compare_in_venv(python, quick):
     except ValueError as error:
         raise RuntimeError("{} printed no JSON document: {}".format(" ".join(command), error)) from error
     probe = json.loads(_check_output([python, "-c", _PROBE], "probing {}".format(python)))
-    result["ran_in"] = "separate venv {} (Python {}, numpy {})".format(probe["prefix"], probe["python"],
-                                                                       probe["numpy"])
+    # Results are committed: name the venv, not its path on the measuring machine.
+    venv_name = os.path.basename(os.path.normpath(probe["prefix"]))
+    result["ran_in"] = "separate venv {} (Python {}, numpy {})".format(venv_name, probe["python"], probe["numpy"])
     result["install_cost"] = {
-        "venv": probe["prefix"], "venv_bytes": directory_bytes(probe["prefix"]),
+        "venv": venv_name, "venv_bytes": directory_bytes(probe["prefix"]),
         "distributions": probe["distributions"], "requires_numpy": probe["requires_numpy"],
         "numpy_in_venv": probe["numpy"],
         "explanation": "LibEMG pins {} and pulls {} distributions; measured in the venv it ran in".format(
