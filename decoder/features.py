@@ -505,6 +505,23 @@ def windows_touching_missing(missing, ends, window_samples):
     return missing_before[ends] - missing_before[ends - window_samples] > 0
 
 
+def _skip_missing(ring, n_missing):
+    """Move a ring's window bookkeeping past ``n_missing`` lost samples; return where they end.
+
+    Shared by :class:`WindowRing` and :class:`BlockRing` (attributes samples_seen,
+    next_end, stride_samples, dropped, valid_from): every window ending in the
+    gap is dropped and counted, and no window may start before its end.
+    """
+    gap_end = ring.samples_seen + n_missing
+    if ring.next_end <= gap_end:
+        lost = (gap_end - ring.next_end) // ring.stride_samples + 1
+        ring.dropped += lost
+        ring.next_end += lost * ring.stride_samples
+    ring.samples_seen = gap_end
+    ring.valid_from = gap_end
+    return gap_end
+
+
 class WindowRing(object):
     """The last window of samples, and the schedule of window ends, for the streaming path.
 
@@ -576,13 +593,7 @@ class WindowRing(object):
 
     def skip(self, n_missing):
         """Account for ``n_missing`` samples that never arrived; windows ending in them are dropped."""
-        gap_end = self.samples_seen + n_missing
-        if self.next_end <= gap_end:
-            lost = (gap_end - self.next_end) // self.stride_samples + 1
-            self.dropped += lost
-            self.next_end += lost * self.stride_samples
-        self.samples_seen = gap_end
-        self.valid_from = gap_end
+        _skip_missing(self, n_missing)
 
 
 class BlockRing(object):
@@ -708,13 +719,7 @@ class BlockRing(object):
 
     def skip(self, n_missing):
         """Account for ``n_missing`` samples that never arrived; windows ending in them are dropped."""
-        gap_end = self.samples_seen + n_missing
-        if self.next_end <= gap_end:
-            lost = (gap_end - self.next_end) // self.stride_samples + 1
-            self.dropped += lost
-            self.next_end += lost * self.stride_samples
-        self.samples_seen = gap_end
-        self.valid_from = gap_end
+        gap_end = _skip_missing(self, n_missing)
         # Start over at the block holding gap_end: every earlier block is in no
         # window still to come, and the samples of that block before gap_end
         # (left as they are) only reach windows that are dropped.
