@@ -40,6 +40,7 @@ from neurohand.firmware_bridge.hands import neurohand_protocol as nhp
 from neurohand.firmware_bridge.hands import ppp, psyonic
 from neurohand.firmware_bridge.recording import RecordingTruncatedWarning, RecordingWriter, open_recording
 from neurohand.firmware_bridge import virtual_hand
+from protobuf_builder import pb_field, pb_text, pb_varint  # noqa: F401
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 DEFAULT_SEED = 20240612
@@ -499,29 +500,6 @@ def test_pipeline_config_random_mutations_never_escape():
 
 
 # --- ONNX models -----------------------------------------------------------------------
-
-def pb_varint(value):
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def pb_field(number, wire, value):
-    """One protobuf field: wire 0 takes an int, 2 bytes (length-prefixed), 1 and 5 raw bytes."""
-    key = pb_varint(number << 3 | wire)
-    if wire == 0:
-        return key + pb_varint(value)
-    if wire == 2:
-        return key + pb_varint(len(value)) + value
-    return key + value
-
-
-def pb_text(number, text):
-    return pb_field(number, 2, text.encode("utf-8"))
-
 
 def pb_value_info(name, dims):
     shape = b"".join(pb_field(1, 2, pb_field(1, 0, d)) for d in dims)

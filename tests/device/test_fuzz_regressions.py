@@ -29,6 +29,7 @@ from neurohand.firmware_bridge import checks
 from neurohand.firmware_bridge.errors import BundleError, ConfigError, RecordingError, UsageError
 from neurohand.firmware_bridge.recording import (
     MAX_CHANNELS, RecordingTruncatedWarning, RecordingWriter, open_recording)
+from protobuf_builder import pb_field, pb_text, pb_varint  # noqa: F401
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 DEEP_JSON = b"[" * 100000 + b"]" * 100000          # valid JSON, nested deeper than the recursion limit
@@ -266,28 +267,6 @@ def test_pipeline_window_size_bounds():
 
 
 # --- ONNX ---------------------------------------------------------------------------------
-
-def pb_varint(value):
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def pb_field(number, wire, value):
-    key = pb_varint(number << 3 | wire)
-    if wire == 0:
-        return key + pb_varint(value)
-    if wire == 2:
-        return key + pb_varint(len(value)) + value
-    return key + value
-
-
-def pb_text(number, text):
-    return pb_field(number, 2, text if isinstance(text, bytes) else text.encode("utf-8"))
-
 
 def pb_model(graph):
     metadata = pb_field(14, 2, pb_text(1, "neurohand.graph_format") + pb_text(2, "rnn-step-1"))
