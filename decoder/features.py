@@ -59,8 +59,8 @@ class FeatureKind(object):
     ``blocks(parts, plan, inner, closed)`` fills ``inner`` and ``closed``,
     ndarrays (n_outputs, n_rows, n_blocks), and ``finish(total, plan)`` turns
     the window's total (any shape) into the feature.  A *window* kind needs
-    the whole window: ``window(windows, plan)`` -> (n_windows, n_outputs, n_channels),
-    windows (n_windows, n_channels, window_samples).
+    the whole window: ``window(windows, plan, workspace)`` -> (n_windows, n_outputs, n_channels),
+    windows (n_windows, n_channels, window_samples), workspace a :class:`Workspace` or None.
     amplitude: True when log compression applies (amplitudes and powers, not counts).
     per_band: one output per band power band.
     """
@@ -150,13 +150,21 @@ def _mean_block_power(total, plan):
 
 
 # ---------------------------------------------------------------- window kinds
+# Each is window(windows, plan, workspace) -> (n_windows, n_outputs, n_channels);
+# workspace (a Workspace or None) lends the large temporaries.
 
-def _bandpower(windows, plan):
-    spectrum = np.fft.rfft(windows * plan.taper, axis=2)
+def _bandpower(windows, plan, workspace):
+    workspace = workspace or Workspace()
+    tapered = workspace.array("bandpower_tapered", windows.shape, np.result_type(windows.dtype, plan.taper.dtype))
+    np.multiply(windows, plan.taper, out=tapered)
+    spectrum = _rfft_last_axis(tapered, workspace)
     low, high = plan.bin_span       # only the bins some band sums
     spectrum = spectrum[:, :, low:high]
-    power = spectrum.real ** 2
-    power += spectrum.imag ** 2
+    power = workspace.array("bandpower_power", spectrum.shape, spectrum.real.dtype)
+    np.multiply(spectrum.real, spectrum.real, out=power)
+    imaginary = workspace.array("bandpower_imaginary", spectrum.shape, spectrum.real.dtype)
+    np.multiply(spectrum.imag, spectrum.imag, out=imaginary)
+    power += imaginary
     out = np.empty((len(windows), len(plan.band_bins), windows.shape[1]))
     for index, (low_bin, high_bin) in enumerate(plan.band_bins):
         np.sum(power[:, :, low_bin - low:high_bin - low], axis=2, out=out[:, index])
@@ -164,20 +172,65 @@ def _bandpower(windows, plan):
     return out
 
 
-def _mean(windows, plan):
+def _rfft_takes_out():
+    """True where numpy.fft.rfft writes into a given array (numpy >= 2.0; JetPack's 1.19 does not)."""
+    try:
+        np.fft.rfft(np.zeros(4), out=np.empty(3, dtype=np.complex128))
+    except TypeError:
+        return False
+    return True
+
+
+_RFFT_TAKES_OUT = _rfft_takes_out()
+
+
+def _rfft_last_axis(real, workspace):
+    """numpy.fft.rfft along the last axis, into the workspace where numpy allows it (same numbers)."""
+    if not _RFFT_TAKES_OUT or real.dtype != np.float64:
+        return np.fft.rfft(real, axis=-1)
+    shape = real.shape[:-1] + (real.shape[-1] // 2 + 1,)
+    return np.fft.rfft(real, axis=-1, out=workspace.array("rfft", shape, np.complex128))
+
+
+def _mean(windows, plan, workspace):
     return np.mean(windows, axis=2)[:, None, :]
 
 
-def _std(windows, plan):
+def _std(windows, plan, workspace):
     return np.std(windows, axis=2)[:, None, :]
 
 
-def _max(windows, plan):
+def _max(windows, plan, workspace):
     return np.max(windows, axis=2)[:, None, :]
 
 
-def _min(windows, plan):
+def _min(windows, plan, workspace):
     return np.min(windows, axis=2)[:, None, :]
+
+
+class Workspace(object):
+    """Scratch arrays lent to the window kinds, kept by one caller (a stream, one offline pass).
+
+    Fast replay computes the band powers of ~25 windows at a time: the tapered
+    windows and their spectra are megabytes.  Allocated afresh on every call,
+    glibc's malloc gives such blocks back to the kernel when they are freed and
+    the next call faults every page in again (measured: ~1,500 page faults and
+    2-3 ms per 25-window batch, over half the feature time).  Kept here, they are
+    allocated once.  Not shared between threads: each stream has its own.
+    """
+
+    def __init__(self):
+        self._arrays = {}
+
+    def array(self, name, shape, dtype):
+        """An uninitialised array of ``shape`` and ``dtype`` (the same memory each time it fits)."""
+        dtype = np.dtype(dtype)
+        size = int(np.prod(shape))
+        flat = self._arrays.get(name)
+        if flat is None or flat.dtype != dtype or flat.size < size:
+            flat = np.empty(size, dtype=dtype)
+            self._arrays[name] = flat
+        return flat[:size].reshape(shape)
 
 
 class _BlockParts(object):
@@ -429,7 +482,7 @@ class WindowFeatures(object):
             total += closed[:, :, starts + offset]
         return total
 
-    def compute_from_blocks(self, inner, closed, starts, windows, out):
+    def compute_from_blocks(self, inner, closed, starts, windows, out, workspace=None):
         """Features of windows made of consecutive blocks whose sums are known.
 
         inner, closed : from :meth:`block_sums` over n_channels rows (or kept from several calls)
@@ -437,15 +490,17 @@ class WindowFeatures(object):
             where each window starts; it covers blocks starts .. starts + m - 1
         windows : ndarray (n_windows, n_channels, W) for window kinds, else may be None
         out : ndarray (n_windows, n_features) to fill; returned
+        workspace : optional :class:`Workspace` the caller keeps between calls (fewer allocations)
         """
         totals = self._window_totals(inner, closed, np.asarray(starts, dtype=np.intp))
-        return self._finish(totals.transpose(2, 0, 1), windows, out)
+        return self._finish(totals.transpose(2, 0, 1), windows, out, workspace)
 
-    def compute(self, windows, out=None):
+    def compute(self, windows, out=None, workspace=None):
         """Features of a batch of windows.
 
         windows : ndarray, shape (n_windows, n_channels, window_samples), ``dtype``, µV
         out : optional ndarray (n_windows, n_features) to fill
+        workspace : optional :class:`Workspace` the caller keeps between calls (fewer allocations)
         Returns ndarray, shape (n_windows, n_features), ``dtype``; raw (not normalised).
         """
         n_windows = len(windows)
@@ -459,16 +514,16 @@ class WindowFeatures(object):
             inner, closed = self.block_sums(span, self.blocks_per_window)
             totals = self._window_totals(inner, closed, np.zeros(1, dtype=np.intp))
             totals = totals.reshape(self.n_block_sums, n_windows, self.n_channels).transpose(1, 0, 2)
-        return self._finish(totals, windows, out)
+        return self._finish(totals, windows, out, workspace)
 
-    def _finish(self, totals, windows, out):
+    def _finish(self, totals, windows, out, workspace):
         """totals (n_windows, n_block_sums, n_channels) (+ windows for window kinds) -> out (n_windows, n_features)."""
         n_windows = len(out)
         for kind, column, n_outputs, row in self._layout:
             if row is not None:
                 values = kind.finish(totals[:, row:row + n_outputs], self)
             else:
-                values = kind.window(windows, self)   # (n_windows, n_outputs, n_channels)
+                values = kind.window(windows, self, workspace)   # (n_windows, n_outputs, n_channels)
             if self.log and kind.amplitude:
                 values = np.log(values + self.log_epsilon)
             out[:, column:column + n_outputs * self.n_channels] = values.reshape(n_windows, -1)
@@ -616,6 +671,7 @@ class BlockRing(object):
         self.stride_samples = stride_samples
         self._n_channels = n_channels
         self._dtype = np.dtype(dtype)
+        self._workspace = Workspace()
         self._buffer = np.zeros((n_channels, 0), dtype=dtype)
         self._inner = np.zeros((features.n_block_sums, n_channels, 0), dtype=dtype)
         self._closed = np.zeros_like(self._inner)
@@ -696,10 +752,12 @@ class BlockRing(object):
                         first = 2 + int(starts[0]) * width
                         windows = buffer[None, :, first:first + self.window_samples]
                     else:
+                        # Consecutive windows (ends are one stride apart): a view, no copy.
                         all_windows, _ = offline_windows(buffer[:, 2:2 + self._filled], self.window_samples, width)
-                        windows = all_windows[starts]
+                        windows = all_windows[int(starts[0]):int(starts[0]) + count]
                 ends_out[:count] = ends
-                self._features.compute_from_blocks(self._inner, self._closed, starts, windows, out[:count])
+                self._features.compute_from_blocks(self._inner, self._closed, starts, windows, out[:count],
+                                                   self._workspace)
         return count
 
     def _forget(self, n_blocks):

@@ -34,7 +34,7 @@ import numpy as np
 
 from neurohand.decoder.dsp import FilterChain, validate_sos
 from neurohand.decoder.features import (
-    FEATURES, BlockRing, WindowFeatures, WindowRing, check_normalisation, fit_normalisation, offline_windows,
+    FEATURES, BlockRing, WindowFeatures, WindowRing, Workspace, check_normalisation, fit_normalisation, offline_windows,
     windows_touching_missing)
 from neurohand.firmware_bridge.checks import check_int, check_number, check_option
 from neurohand.firmware_bridge.errors import ConfigError, NeurohandError, UsageError
@@ -343,6 +343,7 @@ class FeaturePipeline(object):
             selected = np.arange(len(ends))
         features = np.empty((len(selected), self.n_features), dtype=self.dtype)
         computer = self._features
+        workspace = Workspace()
         if batch_windows is None:
             # Block sums are small; a batch of whole windows is n_channels x W values each.
             batch_windows = 512 if computer.aligned else 64
@@ -361,9 +362,9 @@ class FeaturePipeline(object):
                     first, stop = batch[0], batch[-1] + computer.blocks_per_window
                     width = computer.block_samples
                     inner, closed = computer.block_sums(full[:, first * width:2 + stop * width], stop - first)
-                    computer.compute_from_blocks(inner, closed, batch - first, chunk, target)
+                    computer.compute_from_blocks(inner, closed, batch - first, chunk, target, workspace)
                 else:
-                    computer.compute(chunk, out=target)
+                    computer.compute(chunk, out=target, workspace=workspace)
         return features, ends
 
     def fit_normalisation(self, features):
@@ -475,6 +476,7 @@ class FeatureStream(object):
         self._pipeline = pipeline
         self._features = pipeline._features
         self._normalised = normalised
+        self._workspace = Workspace()
         self._chain = FilterChain(pipeline.sos, pipeline.n_channels, pipeline.car, backend=backend)
         self.backend = self._chain.backend
         if self._features.aligned:
@@ -524,7 +526,7 @@ class FeatureStream(object):
             count = self._ring.feed(filtered, self._windows, self._ends)
             out = self._out[:count]
             if count:
-                self._features.compute(self._windows[:count], out=out)
+                self._features.compute(self._windows[:count], out=out, workspace=self._workspace)
         if count:
             if self._normalised:
                 out -= self._mean

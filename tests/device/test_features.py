@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from neurohand.decoder.features import (
-    FEATURES, WindowFeatures, WindowRing, band_bins, fit_normalisation, offline_windows, window_ends,
+    FEATURES, WindowFeatures, WindowRing, Workspace, band_bins, fit_normalisation, offline_windows, window_ends,
     windows_touching_missing)
 from neurohand.firmware_bridge.errors import UsageError
 
@@ -176,6 +176,29 @@ def test_band_power_matches_explicit_dft_loop():
     expected = [loop_band_power(x[0, c].tolist(), 1000.0, low, high) for low, high in bands for c in range(2)]
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=0)
     assert features.feature_names[:2] == ["bandpower_25-100Hz_ch0", "bandpower_25-100Hz_ch1"]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_band_power_with_a_kept_workspace_is_the_same_and_reuses_its_memory(dtype):
+    random = np.random.RandomState(5)
+    features = plan(["mav", "bandpower"], 40, n_channels=3, rate=1000.0, bands=[(25.0, 100.0), (100.0, 400.0)],
+                    dtype=dtype)
+    workspace = Workspace()
+    held = []
+    for n_windows in (6, 2, 6, 1):      # smaller batches reuse the first, larger memory
+        windows = random.normal(0.0, 5.0, (n_windows, 3, 40)).astype(dtype)
+        np.testing.assert_array_equal(features.compute(windows, workspace=workspace), features.compute(windows))
+        held.append(workspace.array("bandpower_tapered", (1,), np.float64))
+    assert all(np.shares_memory(held[0], other) for other in held[1:])
+
+
+def test_workspace_grows_and_keeps_dtypes_apart():
+    workspace = Workspace()
+    small = workspace.array("a", (2, 3), np.float64)
+    assert np.shares_memory(workspace.array("a", (3, 2), np.float64), small)
+    bigger = workspace.array("a", (4, 3), np.float64)
+    assert bigger.shape == (4, 3) and not np.shares_memory(bigger, small)
+    assert workspace.array("a", (2,), np.float32).dtype == np.float32
 
 
 def test_log_compression_applies_to_amplitudes_only():
