@@ -260,34 +260,59 @@ def _prepare(decoder, recording):
 FAST_BLOCK_S = 0.5
 
 
-def replay_fast(decoder, recording, replay_range, config, record_path=None, stats_path=None):
+def replay_fast(decoder, recording, replay_range, config, record_path=None, stats_path=None, jobs=None):
     """Decode ``replay_range`` of ``recording`` in process, as fast as possible; return a ReplayOutcome.
 
     Items are blocks of FAST_BLOCK_S (a whole number of strides): the DSP and
     features run vectorised over many windows at once, and the decoded
     windows do not depend on the block size.  run_fast hands each window to
     the writer at its own end time, so the watchdog sees the real timeline.
+    ``jobs`` 2: a child process reads the recording and computes the features
+    one block ahead while this one decodes (runtime/feature_worker.py; same
+    numbers); 1: all in this process; None: 2 where two CPUs and fork exist.
     """
     from neurohand.deploy.runtime import replay_fast as run_fast_replay
+    from neurohand.deploy.runtime.feature_worker import FeatureWorker, default_jobs
     from neurohand.deploy.runtime.replay import recording_items
+    from neurohand.firmware_bridge.recording import open_recording
 
     truth = _prepare(decoder, recording)
+    jobs = default_jobs() if jobs is None else jobs
     samples, positions = [], []
 
     def on_command(command):
         samples.append(command.sample)
         positions.append(command.positions.copy())
 
-    stride = decoder.pipeline.stride_samples
+    pipeline = decoder.pipeline
+    stride = pipeline.stride_samples
     block = stride * max(1, int(round(FAST_BLOCK_S * recording.signal_rate / stride)))
+    start, stop = replay_range.start, replay_range.stop
+
+    def run(items, stream=None):
+        return run_fast_replay(pipeline, decoder.backend, items, recording.scale_uv, recording.channel_names,
+                               config, record_path=record_path, stats_path=stats_path,
+                               metadata=decoder.metadata(), on_command=on_command, stream=stream)
+
     started = time.perf_counter()
-    document = run_fast_replay(decoder.pipeline, decoder.backend,
-                               recording_items(recording, block, replay_range.start, replay_range.stop),
-                               recording.scale_uv, recording.channel_names, config, record_path=record_path,
-                               stats_path=stats_path, metadata=decoder.metadata(), on_command=on_command)
+    worker_dsp_s = None
+    if jobs >= 2:
+        path = recording.path
+        worker = FeatureWorker(pipeline.stream(), lambda: recording_items(open_recording(path), block, start, stop),
+                               recording.scale_uv)
+        try:
+            with worker:
+                document = run(worker.items(), worker.stream)
+        except BaseException:
+            decoder.close()
+            raise
+        worker_dsp_s = worker.dsp_s
+    else:
+        document = run(recording_items(recording, block, start, stop))
     wall_s = time.perf_counter() - started
     positions = np.asarray(positions, dtype=np.float64).reshape(-1, decoder.backend.n_outputs)
-    extra = {"speed_x": document.get("speed_x"), "block_samples": block}
+    extra = {"speed_x": document.get("speed_x"), "block_samples": block, "jobs": jobs,
+             "feature_worker_dsp_s": None if worker_dsp_s is None else round(worker_dsp_s, 3)}
     return _outcome("fast", decoder, recording, replay_range, truth, np.asarray(samples, dtype=np.float64),
                     positions, wire_positions(positions), document, wall_s, extra)
 
@@ -418,7 +443,8 @@ def format_summary(summary):
         " ({})".format(", ".join("{} {}".format(k, v) for k, v in sorted(summary["safety_by_kind"].items())))
         if summary["safety_by_kind"] else ""))
     if summary["mode"] == "fast" and summary.get("speed_x") is not None:
-        lines.append("speed          {:g} x real time".format(summary["speed_x"]))
+        lines.append("speed          {:g} x real time ({})".format(
+            summary["speed_x"], "features in a second process" if summary.get("jobs", 1) >= 2 else "one process"))
     return "\n".join(lines)
 
 

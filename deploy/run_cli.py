@@ -46,7 +46,8 @@ def register(subparsers):
         "replay", help="replay a recording through the decoder and score it against its labels",
         description="Decode RECORDING with BUNDLE and score the hand commands against the recording's labels "
                     "(R2 per output, scaled as in training, so comparable with 'neurohand evaluate'). "
-                    "--fast (default) decodes in this process as fast as the CPU allows. --realtime streams the "
+                    "--fast (default) decodes on this machine as fast as the CPU allows, with no ports (the features are "
+                    "computed in a second process where two CPUs are usable, see --jobs). --realtime streams the "
                     "recording through a virtual chip on a pseudo-terminal at its true rate, runs exactly the "
                     "loop of 'neurohand run' and drives a virtual hand on another pseudo-terminal; it also "
                     "reports latency and link counters. The first second (or until the runtime is ready) is "
@@ -69,6 +70,10 @@ def register(subparsers):
                         help="inference backend (default auto: TensorRT, then ONNX Runtime, then numpy)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (mean_r2, r2, latency_us, frames, safety_events, skips, ...)")
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="--fast only: 2 = a second process reads the recording and computes the features "
+                             "one block ahead while this one decodes (the same numbers, about 1.5x faster); "
+                             "1 = everything in this process (default: 2 where two CPUs are usable)")
     faults = parser.add_argument_group("faults injected by the virtual chip (--realtime only)")
     faults.add_argument("--drop-rate", type=float, default=0.0, metavar="P",
                         help="probability that a frame is not sent (default 0)")
@@ -171,6 +176,11 @@ def _replay(args):
     if args.mode == "fast" and (faults is not None or disconnect_after is not None):
         raise UsageError("--drop-rate, --corrupt-rate, --garbage-bursts and --disconnect-after act on the virtual "
                          "chip: use them with --realtime")
+    jobs = None
+    if args.jobs is not None:
+        if args.mode != "fast":
+            raise UsageError("--jobs sets how --fast computes; --realtime runs as 'neurohand run' does")
+        jobs = checks.check_int("--jobs", args.jobs, minimum=1, maximum=2)
     config = config_from_args(args)
     checks.check_file_exists("RECORDING", args.recording)
     with open_recording(args.recording) as recording:
@@ -180,7 +190,7 @@ def _replay(args):
         decoder = load_decoder(args.bundle, args.backend)
         if args.mode == "fast":
             outcome = replay.replay_fast(decoder, recording, replay_range, config, record_path=args.record,
-                                         stats_path=args.stats_json)
+                                         stats_path=args.stats_json, jobs=jobs)
         else:
             outcome = replay.replay_realtime(decoder, recording, replay_range, config, faults=faults,
                                              disconnect_after_s=disconnect_after, record_path=args.record,

@@ -15,6 +15,7 @@ Jetson (docs/runtime.md)::
     loop.py         queues, threads, signals, shutdown; run_fast for replay --fast
     options.py      argparse options (standard library only)
     replay.py       recording -> (event, time) items for replay --fast
+    feature_worker.py  replay --fast on two CPUs: features computed ahead in a child process
 
 Entry points for the CLI: :func:`run_realtime` and :func:`replay_fast`.
 This module imports numpy only when they are called.
@@ -75,15 +76,16 @@ def run_realtime(pipeline, backend, hand, open_chip, scale_uv, channel_names, co
 
 
 def replay_fast(pipeline, backend, items, scale_uv, channel_names=None, config=None, hand=None,
-                record_path=None, stats_path=None, metadata=None, on_command=None):
+                record_path=None, stats_path=None, metadata=None, on_command=None, stream=None):
     """Decode ``items`` ((event, t_s) pairs, see :mod:`.replay`) as fast as possible.
 
     The same stages as :func:`run_realtime`, every window decoded
     (``catch_up="all"``), in this thread, with a virtual clock; ``hand``
     defaults to a NullHand that validates every command.  ``on_command``
     (optional) is called with every DecodedCommand (e.g. to score the
-    decoder); ``record_path`` keeps them in a recording.  Returns the stats
-    document.
+    decoder); ``record_path`` keeps them in a recording.  ``stream``: the
+    feature stream (None: ``pipeline.stream()``; a FeatureWorker's when its
+    items come from that worker).  Returns the stats document.
     """
     from neurohand.deploy.runtime.config import RuntimeConfig
     from neurohand.deploy.runtime.loop import VirtualClock, build_runtime, run_fast, write_stats_json
@@ -99,7 +101,7 @@ def replay_fast(pipeline, backend, items, scale_uv, channel_names=None, config=N
             recorder = _open_recording(record_path, pipeline, backend, scale_uv, names, config, metadata)
         clock = VirtualClock()
         parts = build_runtime(pipeline, backend, hand, config, scale_uv, clock, timer=time.perf_counter,
-                              catch_up="all", recorder=recorder, measure_latency=False)
+                              catch_up="all", recorder=recorder, measure_latency=False, stream=stream)
         document = run_fast(parts, items, clock, on_command=on_command)
     finally:
         _close_quietly(recorder, hand, backend)

@@ -288,7 +288,7 @@ class RuntimeParts(object):
 
 
 def build_runtime(pipeline, backend, hand, config, scale_uv, clock, timer=None, catch_up="newest",
-                  recorder=None, measure_latency=True):
+                  recorder=None, measure_latency=True, stream=None):
     """Check that the pieces fit and build the stage objects.
 
     Parameters
@@ -302,6 +302,8 @@ def build_runtime(pipeline, backend, hand, config, scale_uv, clock, timer=None, 
     timer : callable or None, durations (None = clock)
     catch_up : "newest" (real time) or "all" (fast replay)
     recorder : RecordingSink / ThreadedRecorder or None
+    stream : the feature stream, or None for ``pipeline.stream()`` (fast replay
+        with a feature worker passes its PrefetchedStream)
 
     Raises ConfigError when the model, the pipeline, the hand, the scales
     and the settings do not fit together (refuse to start on nonsense).
@@ -330,7 +332,7 @@ def build_runtime(pipeline, backend, hand, config, scale_uv, clock, timer=None, 
     stats = RuntimeStats()
     supervisor = SafetySupervisor.from_config(config, n_outputs, clock())
     postprocessor = PostProcessor.from_config(config, n_outputs)
-    decode = DecodeStage(pipeline.stream(), backend, postprocessor, supervisor, stats, scale, rate,
+    decode = DecodeStage(pipeline.stream() if stream is None else stream, backend, postprocessor, supervisor, stats, scale, rate,
                          pipeline.stride_samples, pipeline.n_features, n_outputs, clock, timer=timer,
                          catch_up=catch_up, recorder=recorder)
     writer = HandWriterStage(hand, supervisor, stats, timer, n_outputs, measure_latency=measure_latency)

@@ -116,6 +116,34 @@ def test_fast_replay_reports_scores_and_counts(data, capsys):
     assert later["mean_r2"] != result["mean_r2"]
 
 
+def test_fast_replay_in_two_processes_decodes_the_same_numbers(data, tmp_path):
+    from neurohand.deploy.replay import ReplayRange, replay_fast
+    from neurohand.deploy.runtime.config import RuntimeConfig
+    from neurohand.deploy.runtime.feature_worker import fork_available
+    from neurohand.deploy.session import load_decoder
+
+    if not fork_available():
+        pytest.skip("the feature worker needs fork")
+    bundle, recording_path = data
+    outcomes = {}
+    for jobs in (1, 2):
+        with open_recording(recording_path) as recording:
+            decoder = load_decoder(bundle, "numpy")
+            try:
+                outcomes[jobs] = replay_fast(decoder, recording, ReplayRange(recording, 1.0, 9.0, "fast"),
+                                             RuntimeConfig(), jobs=jobs)
+            finally:
+                decoder.close()
+    one, two = outcomes[1], outcomes[2]
+    assert len(two.positions) > 400
+    assert np.array_equal(one.samples, two.samples) and np.array_equal(one.positions, two.positions)
+    for key in ("mean_r2", "r2", "commands", "scored_commands", "frames", "safety_events", "skips"):
+        assert one.summary[key] == two.summary[key], key
+    assert one.document["feature_stream"] == two.document["feature_stream"]
+    assert (one.summary["jobs"], two.summary["jobs"]) == (1, 2)
+    assert one.summary["feature_worker_dsp_s"] is None and two.summary["feature_worker_dsp_s"] > 0
+
+
 def test_realtime_replay_matches_fast_replay(data, capsys, tmp_path):
     bundle, recording = data
     stats = tmp_path / "stats.json"
@@ -255,6 +283,8 @@ def test_run_refuses_a_chip_configured_differently(data, tmp_path, capsys):
     (["replay", "{bundle}", "{recording}", "--realtime", "--seconds", "12"], "kept in reserve"),
     (["replay", "{bundle}", "{recording}", "--fast", "--drop-rate", "0.1"], "use them with --realtime"),
     (["replay", "{bundle}", "{recording}", "--drop-rate", "2", "--realtime"], "--drop-rate must be at most 1"),
+    (["replay", "{bundle}", "{recording}", "--jobs", "3"], "--jobs must be at most 2"),
+    (["replay", "{bundle}", "{recording}", "--realtime", "--jobs", "2"], "--jobs sets how --fast computes"),
     (["replay", "{bundle}", "{other}"], "4 channels at 2000 Hz"),
     (["run", "--bundle", "{bundle}", "--chip", "/dev/nonexistent-chip", "--hand", "none", "--backend", "numpy"],
      "cannot open serial port"),

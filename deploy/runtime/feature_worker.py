@@ -1,0 +1,226 @@
+"""Fast replay on two CPUs: the features computed ahead in a second process.
+
+In ``replay --fast`` about two thirds of the time goes to the DSP and
+features (filter, FFT band powers, block sums), the rest to the per-window
+work (RNN step, post-processing, writer).  Neither depends on the other's
+results -- the feature stream never sees the decoder's output -- so a child
+process reads the recording and runs the feature stream, one item ahead,
+while this process decodes the previous item.
+
+Threads would not do: the per-window work is many small numpy calls that
+hold the GIL, and a feature thread waiting for it loses up to a switch
+interval (5 ms) each time (tried: no faster than one thread).
+
+The child runs the very objects of the one-process path: a fresh
+``pipeline.stream()`` (built here, so its imports are done once, and
+inherited by ``fork``) on the items of :func:`~.replay.recording_items`, each frame scaled
+to microvolts as :class:`~.decode.DecodeStage` scales it.  It sends each item
+with its result; this process hands the items to :func:`~.loop.run_fast` and
+the result to the decode stage through :class:`PrefetchedStream`, which
+answers ``push`` with the result computed for the item being processed.  So
+an item and its features cannot come apart, and the decoded commands are the
+same numbers as with one process (tests/device/test_feature_worker.py).
+
+Only where ``fork`` exists (Linux, the Jetson): the child needs no pickling
+and starts in milliseconds.  Signals: the child takes the default action for
+SIGINT and SIGTERM (it just ends; this process reports), and a child whose
+parent went away ends on the broken pipe.
+"""
+import multiprocessing
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+from neurohand.firmware_bridge.chip_parser import SampleFrame, SampleGap
+
+
+def fork_available():
+    """True where a child process can be forked (the worker's only start method)."""
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+def usable_cpus():
+    """CPUs this process may run on (its affinity where the OS tells, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def default_jobs():
+    """2 where a second CPU and ``fork`` are there, else 1."""
+    return 2 if fork_available() and usable_cpus() >= 2 else 1
+
+
+class FeatureWorkerError(RuntimeError):
+    """The feature worker process failed outside the feature stream (or died)."""
+
+
+class PrefetchedStream(object):
+    """Stands in for the feature stream in the decode stage: ``push`` returns what the worker computed.
+
+    ``counters`` are the worker stream's counters as of the current item.
+    """
+
+    def __init__(self):
+        self._result = None
+        self.counters = {}
+
+    def _set(self, result, counters):
+        self._result = result
+        self.counters = counters
+
+    def push(self, block):
+        result = self._result
+        if result is None:
+            raise FeatureWorkerError("the decode stage pushed a block the feature worker did not compute")
+        self._result = None
+        if result[0] == "error":
+            raise result[1]
+        features, ends, n_samples = result[1], result[2], result[3]
+        if n_samples != len(block):
+            raise FeatureWorkerError("the feature worker computed {} samples for a block of {}".format(
+                n_samples, len(block)))
+        return features, ends
+
+    def push_gap(self, n_missing):
+        """The worker pushed the gap into its stream; only its failure, if any, is raised here."""
+        result = self._result
+        self._result = None
+        if result is not None and result[0] == "error":
+            raise result[1]
+
+
+class FeatureWorker(object):
+    """A child process running ``stream`` over ``make_items()``.
+
+    Parameters
+    ----------
+    stream : a fresh feature stream (``push``, ``push_gap``, ``counters``); only the child uses it
+    make_items : callable () -> iterable of ``(event, t_s)`` (opened in the child)
+    scale_uv : array (n_channels,), µV per count, as the decode stage scales frames
+
+    Use as a context manager; :meth:`items` yields the items in order,
+    :attr:`stream` is the decode stage's stream.  :attr:`dsp_s` is the time
+    the child spent in the stream (real seconds), known once the items end.
+    """
+
+    def __init__(self, stream, make_items, scale_uv):
+        self._feature_stream = stream
+        self._make_items = make_items
+        self._scale = np.asarray(scale_uv, dtype=np.float64).reshape(-1)
+        self.stream = PrefetchedStream()
+        self.dsp_s = None
+        self._process = None
+        self._connection = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def start(self):
+        context = multiprocessing.get_context("fork")
+        receiving, sending = context.Pipe(duplex=False)
+        # Whatever this process has buffered would otherwise be written twice.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._connection = receiving
+        self._process = context.Process(target=self._child, args=(sending,), name="neurohand-features",
+                                        daemon=True)
+        self._process.start()
+        sending.close()
+
+    def items(self):
+        """Yield the items in order; each one's features are current in :attr:`stream` while it is processed."""
+        while True:
+            try:
+                message = self._connection.recv()
+            except EOFError:
+                self._process.join(1.0)
+                raise FeatureWorkerError("the feature worker process ended unexpectedly (exit code {})".format(
+                    self._process.exitcode)) from None
+            kind = message[0]
+            if kind == "item":
+                self.stream._set(message[2], message[3])
+                yield message[1]
+            elif kind == "end":
+                self.dsp_s = message[1]
+                return
+            else:           # "fatal": the child could not open or read the items
+                raise message[1]
+
+    def close(self):
+        """Stop the child (if still running) and release the pipe."""
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+        process = self._process
+        if process is not None:
+            process.join(0.5)
+            if process.is_alive():
+                process.terminate()
+                process.join(2.0)
+            self._process = None
+
+    def _child(self, connection):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # The parent's end, inherited: closed, so that once the parent is gone
+        # (killed, crashed) a send fails instead of waiting for a reader forever.
+        self._connection.close()
+        try:
+            self._serve(connection)
+        except (BrokenPipeError, EOFError):
+            pass            # the parent stopped listening: nothing left to do
+        except BaseException as exc:   # reported to the parent, which raises it
+            try:
+                connection.send(("fatal", _sendable(exc)))
+            except Exception:
+                pass
+        finally:
+            connection.close()
+
+    def _serve(self, connection):
+        stream = self._feature_stream
+        scale = self._scale
+        block = np.zeros((0, len(scale)), dtype=np.float64)
+        dsp_s = 0.0
+        for item in self._make_items():
+            event = item[0]
+            result = None
+            if isinstance(event, SampleFrame) and event.samples.ndim == 2 and event.samples.shape[1] == len(scale):
+                n = event.samples.shape[0]
+                if n > block.shape[0]:
+                    block = np.zeros((n, len(scale)), dtype=np.float64)
+                scaled = block[:n]
+                started = time.perf_counter()
+                np.multiply(event.samples, scale, out=scaled)
+                try:
+                    features, ends = stream.push(scaled)
+                    result = ("ok", features, ends, n)
+                except Exception as exc:   # the decode stage turns it into a fault, as in one process
+                    result = ("error", _sendable(exc))
+                dsp_s += time.perf_counter() - started
+            elif isinstance(event, SampleGap) and event.missing_samples > 0:
+                try:
+                    stream.push_gap(event.missing_samples)
+                except Exception as exc:
+                    result = ("error", _sendable(exc))
+            connection.send(("item", item, result, dict(getattr(stream, "counters", {}))))
+        connection.send(("end", dsp_s))
+
+
+def _sendable(exc):
+    """``exc`` if it survives pickling, else a FeatureWorkerError with its text."""
+    import pickle
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return FeatureWorkerError(repr(exc))
