@@ -59,6 +59,11 @@ def _latency(quick, options):
     return latency_bench.run(quick, options.train_minutes, options.replay_seconds)
 
 
+def _replay(quick, options):
+    from neurohand.deploy import replay_bench
+    return replay_bench.run(quick)
+
+
 def _footprint(quick, options):
     from neurohand.deploy import footprint_bench
     return footprint_bench.run(quick)
@@ -75,6 +80,7 @@ TARGETS = {
     "footprint": _footprint,
     "decoding": _decoding,
     "latency": _latency,
+    "replay": _replay,
 }
 # Part of 'all' only through another target: libemg is inside 'features'.
 NOT_IN_ALL = ("libemg",)
@@ -94,7 +100,8 @@ class BenchOptions(object):
 
 def register(subparsers):
     parser = subparsers.add_parser(
-        "bench", help="measure parsing, DSP, features, backends, decoding, latency and footprint on this machine",
+        "bench", help="measure parsing, DSP, features, backends, decoding, latency, fast replay and footprint on "
+                      "this machine",
         description="Measure on this machine, side by side with what users would otherwise pick (scipy, LibEMG, "
                     "PyTorch, Wiener and Kalman filters, published latencies), and print the results. One target "
                     "with --json prints exactly one JSON object; several targets or 'all' print the whole results "
@@ -102,8 +109,8 @@ def register(subparsers):
                     "into --results-dir DIR when it is given; a full 'all' run (not --quick) writes them to "
                     "./bench/ when the current directory is a source checkout with a bench/ folder, and needs "
                     "--results-dir anywhere else. The files are rewritten after every target. See bench/README.md.",
-        epilog="Targets: parser, dsp, features (with LibEMG), backends, decoding, latency, footprint, simulate, "
-               "libemg. 'all' runs every target except libemg (already inside features); the full run takes "
+        epilog="Targets: parser, dsp, features (with LibEMG), backends, decoding, latency, replay (speed of "
+               "replay --fast), footprint, simulate, libemg. 'all' runs every target except libemg (already inside features); the full run takes "
                "about 15-20 minutes on 2 cores, 10 of them the real-time replay of the latency target.")
     parser.add_argument("targets", nargs="*", metavar="TARGET",
                         help="what to measure: all (default) or one or more of {}".format(", ".join(TARGETS)))

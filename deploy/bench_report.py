@@ -505,6 +505,44 @@ def _latency(result):
     return headline, lines
 
 
+def _replay(result):
+    runs = result.get("runs") or {}
+    rows = []
+    for name in ("jobs2_auto", "jobs1_auto", "jobs2_numpy", "jobs1_numpy"):
+        run = runs.get(name)
+        if run is None:
+            continue
+        speed = run["speed_x"]
+        worker = run.get("feature_worker_dsp_s")
+        rows.append(("--jobs {} --backend {}{}".format(run["jobs"], run["backend_asked"],
+                                                       " (default)" if name == result.get("default") else ""),
+                     run.get("backend"), _spread(speed["median"], [speed["min"], speed["max"]], 1, "×"),
+                     _spread(run["wall_s"]["median"], [run["wall_s"]["min"], run["wall_s"]["max"]], 2, " s"),
+                     "—" if worker is None else _num(worker["median"], 2) + " s", _num(run.get("mean_r2"), 4)))
+    lines = ["What is measured: {}; {} repeat(s), alternating. Speed: replayed seconds over the seconds of the "
+             "decode loop; wall: the whole command (start-up, bundle, scoring).".format(
+                 result.get("what", "—"), result.get("repeats")), ""]
+    lines += _table(["command", "backend", "speed (real time ×)", "wall", "child's DSP time", "mean R²"], rows)
+    lines += ["", "Same scores with one and two processes: {}. Load average before, after: {}; {}.".format(
+        "yes" if result.get("same_scores") else "NO",
+        ", ".join(str(v) for v in result.get("load_average_before") or []) or "—",
+        ", ".join(str(v) for v in result.get("load_average_after") or []) or "—"),
+        "Goal: at least {:g}× real time by default: {}.".format(result.get("goal_x"),
+                                                              "met" if result.get("met") else "NOT met")]
+    headline = []
+    default = runs.get(result.get("default"))
+    if default:
+        headline.append(("replay --fast, multiple of real time (default stream, {})".format(
+            result.get("default").replace("_", ", ")), _num(default["speed_x"]["median"], 1) + "×",
+            "goal ≥ {:g}×".format(result.get("goal_x")),
+            "{}× the goal".format(_num(default["speed_x"]["median"] / result.get("goal_x"), 2))))
+    one = runs.get("jobs1_auto")
+    if one and result.get("default") != "jobs1_auto":
+        headline.append(("replay --fast in one process (--jobs 1)", _num(one["speed_x"]["median"], 1) + "×",
+                         "—", "—"))
+    return headline, lines
+
+
 def _footprint(result):
     rows = []
     for name in ("python_bare", "import_numpy", "cli_parser", "device_step", "device_step_auto_dsp"):
@@ -564,6 +602,7 @@ RENDERERS = {
     "backends": _backends,
     "decoding": _decoding,
     "latency": _latency,
+    "replay": _replay,
     "footprint": _footprint,
 }
 

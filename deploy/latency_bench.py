@@ -71,12 +71,12 @@ def run_step(command, what):
     return _run_step(command, what, target="latency")
 
 
-def simulate_session(train_path, held_out_path, train_seconds, held_out_seconds):
+def simulate_session(train_path, held_out_path, train_seconds, held_out_seconds, target="latency"):
     """One simulated patient (seed 1): the first ``train_seconds`` to train on, the rest held out."""
     from neurohand.deploy.demo import write_session_parts
     from neurohand.firmware_bridge.simulator import SimulatorConfig
 
-    print("  latency: simulating a {:g} s session ...".format(train_seconds + held_out_seconds), file=sys.stderr,
+    print("  {}: simulating a {:g} s session ...".format(target, train_seconds + held_out_seconds), file=sys.stderr,
           flush=True)
     total = train_seconds + held_out_seconds
     write_session_parts(SimulatorConfig(total, n_channels=16, rate=10000.0, seed=SESSION_SEED),

@@ -8,7 +8,8 @@ Two modes, one decoding:
   driver into a virtual hand (pseudo-terminal), which timestamps every
   command it receives.
 * fast: the same stage objects in this thread on a virtual clock
-  (``replay_fast``), one decoder stride of samples per item.
+  (``replay_fast``), half-second items; with ``jobs=2`` a child process
+  computes the features one item ahead (runtime/feature_worker.py).
 
 Scoring (identical rules for both modes).  Each command is placed on the
 sample axis of the replay (0 = the first replayed sample):
@@ -261,7 +262,7 @@ FAST_BLOCK_S = 0.5
 
 
 def replay_fast(decoder, recording, replay_range, config, record_path=None, stats_path=None, jobs=None):
-    """Decode ``replay_range`` of ``recording`` in process, as fast as possible; return a ReplayOutcome.
+    """Decode ``replay_range`` of ``recording`` with no ports, as fast as possible; return a ReplayOutcome.
 
     Items are blocks of FAST_BLOCK_S (a whole number of strides): the DSP and
     features run vectorised over many windows at once, and the decoded

@@ -57,7 +57,7 @@ def register(subparsers):
     parser.add_argument("recording", metavar="RECORDING", help="recording with the bundle's channels and labels")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--fast", dest="mode", action="store_const", const="fast",
-                      help="decode in process as fast as possible (default)")
+                      help="decode with no ports, as fast as possible (default; see --jobs)")
     mode.add_argument("--realtime", dest="mode", action="store_const", const="realtime",
                       help="stream through a virtual chip and a virtual hand on pseudo-terminals at the true rate")
     parser.set_defaults(mode="fast")

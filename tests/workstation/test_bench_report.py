@@ -118,6 +118,37 @@ def test_render_sections_machine_failures_and_pending(document):
     assert "| nested.channels | 16 |" in section(markdown, "simulate")
 
 
+def test_render_fast_replay_speed_against_the_goal(document):
+    def run(jobs, backend, speeds, worker=None):
+        spread = {"median": sorted(speeds)[1], "min": min(speeds), "max": max(speeds), "all": speeds}
+        return {"jobs": jobs, "backend_asked": backend, "backend": "onnxruntime" if backend == "auto" else backend,
+                "speed_x": spread, "wall_s": {"median": 2.0, "min": 1.9, "max": 2.2, "all": [2.0]},
+                "mean_r2": 0.5, "feature_worker_dsp_s": worker}
+    document["target_order"].append("replay")
+    document["targets"]["replay"] = {"status": "ok", "seconds": 60.0, "result": {
+        "available": True, "what": "replay --fast", "seconds": 300.0, "repeats": 3, "goal_x": 100.0,
+        "default": "jobs2_auto", "met": True, "same_scores": True, "ratio_jobs2_over_jobs1": 1.4,
+        "load_average_before": [0.5, 0.5, 0.5], "load_average_after": [1.0, 0.75, 0.5],
+        "runs": {"jobs2_auto": run(2, "auto", [120.0, 125.0, 110.0], {"median": 0.8, "min": 0.7, "max": 0.9}),
+                 "jobs1_auto": run(1, "auto", [85.0, 90.0, 88.0]),
+                 "jobs2_numpy": run(2, "numpy", [118.0, 121.0, 119.0], {"median": 0.8, "min": 0.7, "max": 0.9}),
+                 "jobs1_numpy": run(1, "numpy", [91.0, 92.0, 93.0])}}}
+    markdown = bench_report.render_markdown(document)
+    rows = [line for line in section(markdown, "Side by side").splitlines() if line.startswith("| replay")]
+    assert rows == [
+        "| replay | replay --fast, multiple of real time (default stream, jobs2, auto) | 120.0× | goal ≥ 100× | "
+        "1.20× the goal |",
+        "| replay | replay --fast in one process (--jobs 1) | 88.0× | — | — |"]
+    replay = section(markdown, "replay")
+    assert "| --jobs 2 --backend auto (default) | onnxruntime | 120.0 [110.0–125.0]× | 2.00 [1.90–2.20] s | " \
+           "0.80 s | 0.5000 |" in replay
+    assert "Same scores with one and two processes: yes" in replay
+    assert "by default: met" in replay
+    document["targets"]["replay"]["result"].update(met=False, same_scores=False)
+    replay = section(bench_report.render_markdown(document), "replay")
+    assert "by default: NOT met" in replay and "processes: NO" in replay
+
+
 def test_render_latency_when_measured(document):
     document["targets"]["latency"]["result"] = {
         "available": True, "what": "chip to hand", "seconds": 600.0, "mean_r2": 0.7,
