@@ -21,19 +21,25 @@ answers ``push`` with the result computed for the item being processed.  So
 an item and its features cannot come apart, and the decoded commands are the
 same numbers as with one process (tests/device/test_feature_worker.py).
 
-Only where ``fork`` exists (Linux, the Jetson): the child needs no pickling
-and starts in milliseconds.  Signals: the child takes the default action for
+Messages are bytes in a format of this module (a JSON header, then the
+arrays' raw bytes), not pickles: nothing in neurohand unpickles
+(docs/safety.md), not even from its own child.  Only where ``fork`` exists
+(Linux, the Jetson): the child inherits the stream and starts in milliseconds.  Signals: the child takes the default action for
 SIGINT and SIGTERM (it just ends; this process reports), and a child whose
 parent went away ends on the broken pipe.
 """
+import builtins
+import json
 import multiprocessing
 import os
+import struct
 import signal
 import sys
 import time
 
 import numpy as np
 
+from neurohand.firmware_bridge import errors
 from neurohand.firmware_bridge.chip_parser import SampleFrame, SampleGap
 
 
@@ -140,20 +146,21 @@ class FeatureWorker(object):
         """Yield the items in order; each one's features are current in :attr:`stream` while it is processed."""
         while True:
             try:
-                message = self._connection.recv()
+                header, arrays = decode_message(self._connection.recv_bytes())
             except EOFError:
                 self._process.join(1.0)
                 raise FeatureWorkerError("the feature worker process ended unexpectedly (exit code {})".format(
                     self._process.exitcode)) from None
-            kind = message[0]
+            kind = header["kind"]
             if kind == "item":
-                self.stream._set(message[2], message[3])
-                yield message[1]
+                item, result = _item_from(header, arrays)
+                self.stream._set(result, header["counters"])
+                yield item
             elif kind == "end":
-                self.dsp_s = message[1]
+                self.dsp_s = header["dsp_s"]
                 return
             else:           # "fatal": the child could not open or read the items
-                raise message[1]
+                raise exception_from(header["error"])
 
     def close(self):
         """Stop the child (if still running) and release the pipe."""
@@ -180,7 +187,7 @@ class FeatureWorker(object):
             pass            # the parent stopped listening: nothing left to do
         except BaseException as exc:   # reported to the parent, which raises it
             try:
-                connection.send(("fatal", _sendable(exc)))
+                connection.send_bytes(encode_message({"kind": "fatal", "error": describe_exception(exc)}))
             except Exception:
                 pass
         finally:
@@ -205,22 +212,97 @@ class FeatureWorker(object):
                     features, ends = stream.push(scaled)
                     result = ("ok", features, ends, n)
                 except Exception as exc:   # the decode stage turns it into a fault, as in one process
-                    result = ("error", _sendable(exc))
+                    result = ("error", exc)
                 dsp_s += time.perf_counter() - started
             elif isinstance(event, SampleGap) and event.missing_samples > 0:
                 try:
                     stream.push_gap(event.missing_samples)
                 except Exception as exc:
-                    result = ("error", _sendable(exc))
-            connection.send(("item", item, result, dict(getattr(stream, "counters", {}))))
-        connection.send(("end", dsp_s))
+                    result = ("error", exc)
+            connection.send_bytes(_item_message(item, result, getattr(stream, "counters", {})))
+        connection.send_bytes(encode_message({"kind": "end", "dsp_s": dsp_s}))
 
 
-def _sendable(exc):
-    """``exc`` if it survives pickling, else a FeatureWorkerError with its text."""
-    import pickle
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:
-        return FeatureWorkerError(repr(exc))
+# --- messages: a JSON header, then raw arrays ------------------------------------------
+# <u4 header length> <header JSON, UTF-8> <array bytes, in the order of header["arrays"]>
+
+def encode_message(header, arrays=()):
+    """``header`` (JSON-able dict) and numpy ``arrays`` as one bytes message; the header lists their layout."""
+    arrays = [np.ascontiguousarray(array) for array in arrays]
+    header = dict(header, arrays=[[array.dtype.str, list(array.shape)] for array in arrays])
+    text = json.dumps(header, allow_nan=False).encode("utf-8")
+    return b"".join([struct.pack("<I", len(text)), text] + [array.tobytes() for array in arrays])
+
+
+def decode_message(data):
+    """Inverse of :func:`encode_message`: (header dict, list of read-only arrays)."""
+    (length,) = struct.unpack_from("<I", data, 0)
+    header = json.loads(data[4:4 + length].decode("utf-8"))
+    arrays, offset = [], 4 + length
+    for dtype, shape in header.pop("arrays"):
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        arrays.append(np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape))
+        offset += count * dtype.itemsize
+    if offset != len(data):
+        raise FeatureWorkerError("a feature worker message has {} bytes, its header describes {}".format(
+            len(data), offset))
+    return header, arrays
+
+
+def _item_message(item, result, counters):
+    event, t_s = item
+    header = {"kind": "item", "t_s": float(t_s), "counters": {key: int(value) for key, value in counters.items()}}
+    arrays = []
+    if isinstance(event, SampleFrame):
+        header["event"] = {"type": "frame", "sequence": int(event.sequence),
+                           "device_time_us": int(event.device_time_us), "stream_start": bool(event.stream_start)}
+        arrays.append(event.samples)
+    else:
+        header["event"] = {"type": "gap", "first_missing_sequence": int(event.first_missing_sequence),
+                           "missing_frames": int(event.missing_frames or 0),
+                           "missing_samples": int(event.missing_samples)}
+    if result is None:
+        header["result"] = None
+    elif result[0] == "ok":
+        header["result"] = {"ok": int(result[3])}
+        arrays += [result[1], result[2]]
+    else:
+        header["result"] = {"error": describe_exception(result[1])}
+    return encode_message(header, arrays)
+
+
+def _item_from(header, arrays):
+    """((event, t_s), result for PrefetchedStream) from an item message."""
+    event = header["event"]
+    if event["type"] == "frame":
+        samples, arrays = arrays[0], arrays[1:]
+        item = (SampleFrame(event["sequence"], event["device_time_us"], samples, event["stream_start"]),
+                header["t_s"])
+    else:
+        item = (SampleGap(event["first_missing_sequence"], event["missing_frames"], event["missing_samples"]),
+                header["t_s"])
+    result = header["result"]
+    if result is None:
+        return item, None
+    if "error" in result:
+        return item, ("error", exception_from(result["error"]))
+    return item, ("ok", arrays[0], arrays[1], result["ok"])
+
+
+def describe_exception(exc):
+    """An exception as JSON: its class name, its arguments where they are plain values, and its text."""
+    plain = all(arg is None or isinstance(arg, (str, int, float, bool)) for arg in exc.args)
+    return {"type": type(exc).__name__, "args": list(exc.args) if plain else [str(exc)], "message": str(exc)}
+
+
+def exception_from(description):
+    """The exception a child described: the same class where it is neurohand's or a builtin one."""
+    name = description["type"]
+    kind = getattr(errors, name, None) or getattr(builtins, name, None)
+    if isinstance(kind, type) and issubclass(kind, Exception):
+        try:
+            return kind(*description["args"])
+        except Exception:
+            pass
+    return FeatureWorkerError("{}: {}".format(name, description["message"]))

@@ -191,3 +191,33 @@ def test_the_child_ends_when_its_parent_is_killed():
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_messages_carry_header_and_arrays_exactly():
+    from neurohand.deploy.runtime.feature_worker import decode_message, encode_message
+
+    arrays = [np.arange(12, dtype=np.int16).reshape(3, 4), np.array([[0.1, -2.5e-300]]), np.zeros((0, 5)),
+              np.arange(3, dtype=np.int64)[::-1]]
+    header, back = decode_message(encode_message({"kind": "item", "t_s": 0.1 + 0.2, "nested": {"a": [1]}}, arrays))
+    assert header == {"kind": "item", "t_s": 0.1 + 0.2, "nested": {"a": [1]}}
+    assert len(back) == 4
+    for mine, theirs in zip(back, arrays):
+        assert mine.dtype == theirs.dtype and np.array_equal(mine, theirs)
+    data = encode_message({"kind": "end"}, arrays[:1])
+    with pytest.raises(FeatureWorkerError, match="header describes"):
+        decode_message(data + b"x")
+
+
+def test_exceptions_come_back_as_their_own_class_where_known():
+    from neurohand.deploy.runtime.feature_worker import describe_exception, exception_from
+    from neurohand.firmware_bridge.errors import ConfigError
+
+    for original in (UsageError("block contains NaN"), ConfigError("bad"), ValueError("shape"), KeyError("k")):
+        again = exception_from(describe_exception(original))
+        assert type(again) is type(original) and str(again) == str(original)
+
+    class Unknown(Exception):
+        pass
+
+    again = exception_from(describe_exception(Unknown("odd")))
+    assert isinstance(again, FeatureWorkerError) and str(again) == "Unknown: odd"

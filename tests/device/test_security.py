@@ -89,6 +89,26 @@ def unsafe_loading(source, where="<source>"):
     return problems
 
 
+#: What pickles in multiprocessing: Connection.send/recv, queues, pools, managers (send_bytes/recv_bytes do not).
+PICKLING_MULTIPROCESSING = {"send", "recv", "Queue", "SimpleQueue", "JoinableQueue", "Pool", "Manager"}
+
+
+def multiprocessing_pickles(source, where="<source>"):
+    """Problems (list of str): in a module importing multiprocessing, calls that pickle
+    (``x.send(...)``, ``x.recv()``, queues, pools, managers)."""
+    tree = ast.parse(source, where)
+    imports = any(isinstance(node, (ast.Import, ast.ImportFrom)) and any(
+        name.split(".")[0] == "multiprocessing"
+        for name in ([alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]))
+        for node in ast.walk(tree))
+    if not imports:
+        return []
+    return ["{}:{}: multiprocessing .{}() pickles".format(where, node.lineno, node.func.attr)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr in PICKLING_MULTIPROCESSING]
+
+
 def network_imports(source, where="<source>"):
     problems = []
     for node in ast.walk(ast.parse(source, where)):
@@ -115,7 +135,19 @@ def test_nothing_in_the_source_can_unpickle():
     problems = []
     for path in python_files(SOURCE_FOLDERS):
         problems += unsafe_loading(read(path), os.path.relpath(path, ROOT))
+        problems += multiprocessing_pickles(read(path), os.path.relpath(path, ROOT))
     assert problems == []
+
+
+@pytest.mark.parametrize("source, found", [
+    ("import multiprocessing\nconnection.send(item)", True),
+    ("import multiprocessing\nitem = self._connection.recv()", True),
+    ("from multiprocessing import get_context\nqueue = get_context('fork').Queue()", True),
+    ("import multiprocessing\nconnection.send_bytes(data)\nconnection.recv_bytes()", False),
+    ("hand.send(positions)", False),          # not a module that uses multiprocessing
+])
+def test_the_multiprocessing_scan_finds_what_pickles(source, found):
+    assert bool(multiprocessing_pickles(source)) is found
 
 
 @pytest.mark.parametrize("source, found", [
