@@ -111,7 +111,7 @@ def register(subparsers):
                     "--results-dir anywhere else. The files are rewritten after every target. See bench/README.md.",
         epilog="Targets: parser, dsp, features (with LibEMG), backends, decoding, latency, replay (speed of "
                "replay --fast), footprint, simulate, libemg. 'all' runs every target except libemg (already inside features); the full run takes "
-               "about 15-20 minutes on 2 cores, 10 of them the real-time replay of the latency target.")
+               "about 16-21 minutes on 2 cores, 10 of them the real-time replay of the latency target.")
     parser.add_argument("targets", nargs="*", metavar="TARGET",
                         help="what to measure: all (default) or one or more of {}".format(", ".join(TARGETS)))
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON only")

@@ -72,8 +72,9 @@ def register(subparsers):
                         help="print one JSON object (mean_r2, r2, latency_us, frames, safety_events, skips, ...)")
     parser.add_argument("--jobs", type=int, default=None, metavar="N",
                         help="--fast only: 2 = a second process reads the recording and computes the features "
-                             "one block ahead while this one decodes (the same numbers, about 1.5x faster); "
-                             "1 = everything in this process (default: 2 where two CPUs are usable)")
+                             "one block ahead while this one decodes (the same numbers, about 1.2-1.4x faster "
+                             "on 2 cores); 1 = everything in this process (default: 2 where two CPUs are usable "
+                             "and processes can fork, as on Linux)")
     faults = parser.add_argument_group("faults injected by the virtual chip (--realtime only)")
     faults.add_argument("--drop-rate", type=float, default=0.0, metavar="P",
                         help="probability that a frame is not sent (default 0)")
@@ -181,6 +182,9 @@ def _replay(args):
         if args.mode != "fast":
             raise UsageError("--jobs sets how --fast computes; --realtime runs as 'neurohand run' does")
         jobs = checks.check_int("--jobs", args.jobs, minimum=1, maximum=2)
+        from neurohand.deploy.runtime.feature_worker import fork_available
+        if jobs == 2 and not fork_available():
+            raise UsageError("--jobs 2 needs processes that fork (Linux), which this system has not; use --jobs 1")
     config = config_from_args(args)
     checks.check_file_exists("RECORDING", args.recording)
     with open_recording(args.recording) as recording:

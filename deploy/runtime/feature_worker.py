@@ -24,9 +24,11 @@ same numbers as with one process (tests/device/test_feature_worker.py).
 Messages are bytes in a format of this module (a JSON header, then the
 arrays' raw bytes), not pickles: nothing in neurohand unpickles
 (docs/safety.md), not even from its own child.  Only where ``fork`` exists
-(Linux, the Jetson): the child inherits the stream and starts in milliseconds.  Signals: the child takes the default action for
-SIGINT and SIGTERM (it just ends; this process reports), and a child whose
-parent went away ends on the broken pipe.
+(Linux, the Jetson): the child inherits the stream and starts in milliseconds.
+Signals: the child ignores SIGINT (Ctrl-C reaches the whole process group:
+this process stops and closes the pipe, and the child ends on the broken
+pipe, as it does when this process dies), and takes the default action for
+SIGTERM (what :meth:`FeatureWorker.close` sends if it has to).
 """
 import builtins
 import json
@@ -36,6 +38,7 @@ import struct
 import signal
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -61,8 +64,8 @@ def default_jobs():
     return 2 if fork_available() and usable_cpus() >= 2 else 1
 
 
-class FeatureWorkerError(RuntimeError):
-    """The feature worker process failed outside the feature stream (or died)."""
+class FeatureWorkerError(errors.NeurohandError):
+    """The feature worker process failed outside the feature stream, or died (one line for the CLI)."""
 
 
 class PrefetchedStream(object):
@@ -149,8 +152,9 @@ class FeatureWorker(object):
                 header, arrays = decode_message(self._connection.recv_bytes())
             except EOFError:
                 self._process.join(1.0)
-                raise FeatureWorkerError("the feature worker process ended unexpectedly (exit code {})".format(
-                    self._process.exitcode)) from None
+                raise FeatureWorkerError("the feature worker process ended unexpectedly (exit code {}; killed for "
+                                         "memory?); --jobs 1 replays in one process".format(
+                                             self._process.exitcode)) from None
             kind = header["kind"]
             if kind == "item":
                 item, result = _item_from(header, arrays)
@@ -176,8 +180,10 @@ class FeatureWorker(object):
             self._process = None
 
     def _child(self, connection):
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # The parent has already warned about the recording (e.g. a truncated end) when it opened it.
+        warnings.simplefilter("ignore")
         # The parent's end, inherited: closed, so that once the parent is gone
         # (killed, crashed) a send fails instead of waiting for a reader forever.
         self._connection.close()
@@ -292,7 +298,8 @@ def _item_from(header, arrays):
 
 def describe_exception(exc):
     """An exception as JSON: its class name, its arguments where they are plain values, and its text."""
-    plain = all(arg is None or isinstance(arg, (str, int, float, bool)) for arg in exc.args)
+    plain = all(arg is None or isinstance(arg, (str, int, bool))
+                or (isinstance(arg, float) and arg - arg == 0.0) for arg in exc.args)   # JSON has no NaN
     return {"type": type(exc).__name__, "args": list(exc.args) if plain else [str(exc)], "message": str(exc)}
 
 

@@ -128,7 +128,7 @@ def test_a_worker_that_dies_is_reported_with_its_exit_code(pipeline):
     with FeatureWorker(pipeline.stream(), dying, np.ones(pipeline.n_channels)) as worker:
         iterator = worker.items()
         next(iterator)
-        with pytest.raises(FeatureWorkerError, match="ended unexpectedly \\(exit code 7\\)"):
+        with pytest.raises(FeatureWorkerError, match="ended unexpectedly \\(exit code 7; .*--jobs 1"):
             next(iterator)
 
 
@@ -138,7 +138,19 @@ def test_stopping_early_ends_the_child(pipeline):
     with worker:
         next(worker.items())
         process = worker._process
-    assert not process.is_alive() and worker._process is None
+    # Ended by itself on the broken pipe (exit 0), not by the terminate() that close() keeps for a stuck child.
+    assert not process.is_alive() and process.exitcode == 0 and worker._process is None
+
+
+def test_the_child_ignores_sigint_and_goes_on(pipeline):
+    import signal
+
+    items = make_items(pipeline) * 20
+    with FeatureWorker(pipeline.stream(), lambda: iter(items), np.ones(pipeline.n_channels)) as worker:
+        iterator = worker.items()
+        next(iterator)
+        os.kill(worker._process.pid, signal.SIGINT)     # Ctrl-C to a group whose leader ignores it
+        assert len(list(iterator)) == len(items) - 1
 
 
 def test_default_jobs_follow_the_cpus():
@@ -221,3 +233,12 @@ def test_exceptions_come_back_as_their_own_class_where_known():
 
     again = exception_from(describe_exception(Unknown("odd")))
     assert isinstance(again, FeatureWorkerError) and str(again) == "Unknown: odd"
+    # JSON has no NaN: such an argument travels as the exception's text.
+    again = exception_from(describe_exception(ValueError("value", float("nan"))))
+    assert type(again) is ValueError and str(again) == "('value', nan)"
+
+
+def test_a_dead_worker_is_a_one_line_error_for_the_cli():
+    from neurohand.firmware_bridge.errors import NeurohandError
+
+    assert issubclass(FeatureWorkerError, NeurohandError)

@@ -116,7 +116,27 @@ def test_fast_replay_reports_scores_and_counts(data, capsys):
     assert later["mean_r2"] != result["mean_r2"]
 
 
-def test_fast_replay_in_two_processes_decodes_the_same_numbers(data, tmp_path):
+def copy_with_gaps(source, target, gaps):
+    """``source`` with samples [first, first + n) marked missing (zeroed, "missing" events), as the recorder does."""
+    from neurohand.firmware_bridge.recording import RecordingWriter
+
+    with open_recording(source) as recording:
+        streams = {name: {"rate": s.rate, "names": s.names} for name, s in recording.label_streams.items()}
+        scale = list(recording.scale_uv) if recording.dtype == "int16" else None
+        with RecordingWriter(target, recording.signal_rate, recording.channel_names, recording.dtype, scale,
+                             metadata=recording.metadata, label_streams=streams) as writer:
+            signals = recording.read_signals(0, recording.n_samples).copy()
+            for first, n in gaps:
+                signals[first:first + n] = 0
+            writer.append_signals(signals)
+            for name, stream in recording.label_streams.items():
+                writer.append_labels(name, stream.data)
+            for first, n in gaps:
+                writer.add_event(first, "missing", n)
+
+
+@pytest.mark.parametrize("gaps", [[], [(5000, 1), (9000, 700), (9650, 200), (15000, 3)]])
+def test_fast_replay_in_two_processes_decodes_the_same_numbers(data, tmp_path, gaps):
     from neurohand.deploy.replay import ReplayRange, replay_fast
     from neurohand.deploy.runtime.config import RuntimeConfig
     from neurohand.deploy.runtime.feature_worker import fork_available
@@ -125,6 +145,9 @@ def test_fast_replay_in_two_processes_decodes_the_same_numbers(data, tmp_path):
     if not fork_available():
         pytest.skip("the feature worker needs fork")
     bundle, recording_path = data
+    if gaps:
+        recording_path, original = str(tmp_path / "gaps.nhr"), recording_path
+        copy_with_gaps(original, recording_path, gaps)
     outcomes = {}
     for jobs in (1, 2):
         with open_recording(recording_path) as recording:
@@ -140,6 +163,7 @@ def test_fast_replay_in_two_processes_decodes_the_same_numbers(data, tmp_path):
     for key in ("mean_r2", "r2", "commands", "scored_commands", "frames", "safety_events", "skips"):
         assert one.summary[key] == two.summary[key], key
     assert one.document["feature_stream"] == two.document["feature_stream"]
+    assert (one.document["feature_stream"]["windows_dropped_for_gaps"] > 0) == bool(gaps)
     assert (one.summary["jobs"], two.summary["jobs"]) == (1, 2)
     assert one.summary["feature_worker_dsp_s"] is None and two.summary["feature_worker_dsp_s"] > 0
 

@@ -89,8 +89,11 @@ def unsafe_loading(source, where="<source>"):
     return problems
 
 
-#: What pickles in multiprocessing: Connection.send/recv, queues, pools, managers (send_bytes/recv_bytes do not).
-PICKLING_MULTIPROCESSING = {"send", "recv", "Queue", "SimpleQueue", "JoinableQueue", "Pool", "Manager"}
+#: What pickles in multiprocessing: Connection.send/recv, queues, pools, managers (send_bytes/recv_bytes do
+#: do not), and start methods other than fork (they pickle the process object and its arguments).
+PICKLING_MULTIPROCESSING = {"send", "recv", "Queue", "SimpleQueue", "JoinableQueue", "Pool", "Manager",
+                            "set_start_method"}
+PICKLING_START_METHODS = {"spawn", "forkserver"}
 
 
 def multiprocessing_pickles(source, where="<source>"):
@@ -103,10 +106,16 @@ def multiprocessing_pickles(source, where="<source>"):
         for node in ast.walk(tree))
     if not imports:
         return []
-    return ["{}:{}: multiprocessing .{}() pickles".format(where, node.lineno, node.func.attr)
-            for node in ast.walk(tree)
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-            and node.func.attr in PICKLING_MULTIPROCESSING]
+    problems = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        if node.func.attr in PICKLING_MULTIPROCESSING:
+            problems.append("{}:{}: multiprocessing .{}() pickles".format(where, node.lineno, node.func.attr))
+        elif node.func.attr == "get_context" and any(
+                getattr(arg, "value", getattr(arg, "s", None)) in PICKLING_START_METHODS for arg in node.args):
+            problems.append("{}:{}: a spawn/forkserver context pickles".format(where, node.lineno))
+    return problems
 
 
 def network_imports(source, where="<source>"):
@@ -144,6 +153,9 @@ def test_nothing_in_the_source_can_unpickle():
     ("import multiprocessing\nitem = self._connection.recv()", True),
     ("from multiprocessing import get_context\nqueue = get_context('fork').Queue()", True),
     ("import multiprocessing\nconnection.send_bytes(data)\nconnection.recv_bytes()", False),
+    ("import multiprocessing\ncontext = multiprocessing.get_context('spawn')", True),
+    ("import multiprocessing\nmultiprocessing.set_start_method('forkserver')", True),
+    ("import multiprocessing\ncontext = multiprocessing.get_context('fork')", False),
     ("hand.send(positions)", False),          # not a module that uses multiprocessing
 ])
 def test_the_multiprocessing_scan_finds_what_pickles(source, found):
