@@ -147,6 +147,15 @@ def describe_machine():
     }
 
 
+def repeat_spread(values, scale=1.0, digits=1):
+    """{"median", "min", "max"} of repeated measurements, times ``scale``, rounded to ``digits``."""
+    ordered = sorted(values)
+    n = len(ordered)
+    median = ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
+    return {"median": round(median * scale, digits), "min": round(ordered[0] * scale, digits),
+            "max": round(ordered[-1] * scale, digits)}
+
+
 def load_average():
     """[1, 5, 15]-minute load average, or None where the OS has none."""
     try:

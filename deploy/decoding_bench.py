@@ -66,7 +66,8 @@ def run_step(command, what, target="decoding"):
     return process.stdout, seconds
 
 
-def _json_line(stdout, what):
+def json_output(stdout, what):
+    """The one JSON document a ``--json`` command printed; RuntimeError naming ``what`` otherwise."""
     try:
         return json.loads(stdout)
     except ValueError as error:
@@ -107,10 +108,10 @@ def train_and_evaluate(recording, run_dir, quick, max_minutes, label):
     else:
         budget = "none: the trainer's defaults (early stopping)"
     stdout, train_s = run_step(neurohand_command(*arguments), "training on {} ({})".format(label, budget))
-    train_summary = _json_line(stdout, "neurohand train")
+    train_summary = json_output(stdout, "neurohand train")
     stdout, evaluate_s = run_step(neurohand_command("evaluate", run_dir, recording, "--json"),
                                   "evaluating on {}".format(label))
-    entry = summarise(train_summary, _json_line(stdout, "neurohand evaluate"), train_s, budget)
+    entry = summarise(train_summary, json_output(stdout, "neurohand evaluate"), train_s, budget)
     entry["seconds"] = {"train": round(train_s, 1), "evaluate": round(evaluate_s, 1)}
     return entry
 

@@ -49,6 +49,8 @@ import tarfile
 import tempfile
 import time
 
+from neurohand.deploy.bench_report import repeat_spread
+
 # Top-level packages that must not, or should not, load on the device path.
 HEAVY_MODULES = ("torch", "scipy", "onnx", "onnxruntime", "tensorrt", "pycuda", "matplotlib", "pandas",
                  "sklearn", "tqdm", "tensorflow", "jax", "numba", "IPython")
@@ -155,14 +157,6 @@ def heavy_modules(modules):
     return sorted(tops.intersection(HEAVY_MODULES))
 
 
-def _spread(values, scale=1.0, digits=1):
-    ordered = sorted(values)
-    n = len(ordered)
-    median = ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
-    return {"median": round(median * scale, digits), "min": round(ordered[0] * scale, digits),
-            "max": round(ordered[-1] * scale, digits)}
-
-
 def measure_scenarios(names, repeats, bundle_path=None, cwd=None):
     """Measure SCENARIOS ``names`` ``repeats`` times each, interleaved; return {name: summary}."""
     samples = dict((name, []) for name in names)
@@ -178,9 +172,9 @@ def measure_scenarios(names, repeats, bundle_path=None, cwd=None):
             modules.update(run_sample["modules"])
         summary[name] = {
             "what": SCENARIOS[name][0],
-            "wall_ms": _spread([r["wall_s"] for r in runs], 1e3),
-            "cpu_ms": _spread([r["cpu_s"] for r in runs], 1e3),
-            "peak_rss_mib": _spread([r["peak_rss_kib"] for r in runs], 1.0 / 1024, 2),
+            "wall_ms": repeat_spread([r["wall_s"] for r in runs], 1e3),
+            "cpu_ms": repeat_spread([r["cpu_s"] for r in runs], 1e3),
+            "peak_rss_mib": repeat_spread([r["peak_rss_kib"] for r in runs], 1.0 / 1024, 2),
             "modules": max(len(r["modules"]) for r in runs),
             "heavy_modules": heavy_modules(modules),
         }

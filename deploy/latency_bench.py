@@ -38,7 +38,8 @@ import shutil
 import sys
 import tempfile
 
-from neurohand.deploy.decoding_bench import neurohand_command, run_step as _run_step
+from neurohand.deploy.bench_report import load_average
+from neurohand.deploy.decoding_bench import json_output, neurohand_command, run_step as _run_step
 
 REPLAY_SECONDS, QUICK_REPLAY_SECONDS = 600.0, 20.0
 # Real-time replay keeps 0.5 s of the recording in reserve (deploy/replay.py); 1.5 s is ample.
@@ -83,20 +84,6 @@ def simulate_session(train_path, held_out_path, train_seconds, held_out_seconds,
                         [(train_path, 0.0, train_seconds), (held_out_path, train_seconds, total)])
 
 
-def _load():
-    try:
-        return [round(value, 2) for value in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _json(stdout, what):
-    try:
-        return json.loads(stdout)
-    except ValueError as error:
-        raise RuntimeError("{} printed no JSON document: {}".format(what, error)) from error
-
-
 def run(quick, max_minutes=None, replay_seconds=None):
     """The ``latency`` target; ``replay_seconds`` overrides S (see the module docstring)."""
     reason = replay_unavailable_reason()
@@ -117,14 +104,14 @@ def run(quick, max_minutes=None, replay_seconds=None):
         run_step(neurohand_command(*train), "training the decoder to replay")
         run_step(neurohand_command("bundle", run_dir, "--out", bundle), "bundling")
         selftest, _ = run_step(neurohand_command("selftest", bundle, "--json"), "self-testing the bundle")
-        before = _load()
+        before = load_average()
         stdout, wall = run_step(neurohand_command("replay", bundle, held_out, "--realtime", "--seconds", seconds,
                                                   "--json"),
                                 "replaying {:g} s in real time".format(seconds))
-        after = _load()
+        after = load_average()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    summary = _json(stdout, "neurohand replay")
+    summary = json_output(stdout, "neurohand replay")
     latency = summary["latency_us"]
     if not latency.get("count"):
         raise RuntimeError("replay --realtime measured no latency: {}".format(json.dumps(summary)[:500]))
@@ -141,7 +128,7 @@ def run(quick, max_minutes=None, replay_seconds=None):
         "safety_events": summary.get("safety_events"), "skips": summary.get("skips"),
         "safety_by_kind": summary.get("safety_by_kind"),
         "stop_reason": summary.get("stop_reason"), "replay_wall_s": round(wall, 1),
-        "selftest_backend": _json(selftest, "neurohand selftest").get("backend"),
+        "selftest_backend": json_output(selftest, "neurohand selftest").get("backend"),
         "train_budget": "1 epoch (quick)" if quick else (
             "{:g} min".format(max_minutes) if max_minutes is not None else "trainer defaults"),
         "goal": {"p99_ms": GOAL_P99_MS, "max_ms": GOAL_MAX_MS, "met": bool(met)},

@@ -24,7 +24,7 @@ same for both ``--jobs`` (checked).
 S is 300 s (quick: 20 s), R is 3 (quick: 1).
 
 Output: ``{"available": true, "seconds", "goal_x", "runs": {"jobs2_auto":
-{"speed_x": {median, min, max, all}, "wall_s": ..., "backend", "mean_r2"},
+{"speed_x": {median, min, max}, "wall_s": ..., "backend", "mean_r2"},
 ...}, "default": name of the default run, "met": bool, "ratio_jobs2_over_jobs1",
 "same_scores": bool, "load_average_before", "load_average_after", ...}``.
 """
@@ -33,8 +33,9 @@ import shutil
 import sys
 import tempfile
 
-from neurohand.deploy.decoding_bench import neurohand_command, run_step as _run_step
-from neurohand.deploy.latency_bench import _json, _load, simulate_session
+from neurohand.deploy.bench_report import load_average, repeat_spread
+from neurohand.deploy.decoding_bench import json_output, neurohand_command, run_step as _run_step
+from neurohand.deploy.latency_bench import simulate_session
 
 GOAL_X = 100.0
 REPLAY_SECONDS, QUICK_REPLAY_SECONDS = 300.0, 20.0
@@ -47,11 +48,6 @@ RUNS = (("jobs2_auto", 2, "auto"), ("jobs1_auto", 1, "auto"), ("jobs2_numpy", 2,
 
 def run_step(command, what):
     return _run_step(command, what, target="replay")
-
-
-def _spread(values):
-    ordered = sorted(values)
-    return {"median": ordered[len(ordered) // 2], "min": ordered[0], "max": ordered[-1], "all": list(values)}
 
 
 def run(quick, replay_seconds=None):
@@ -68,7 +64,7 @@ def run(quick, replay_seconds=None):
         run_step(neurohand_command("train", train_rec, "--out", run_dir, "--seed", 0, "--epochs", 1, "--quiet",
                                    "--json"), "training one epoch (the speed does not depend on the weights)")
         run_step(neurohand_command("bundle", run_dir, "--out", bundle), "bundling")
-        before = _load()
+        before = load_average()
         results = {name: [] for name, _, _ in RUNS}
         for repeat in range(repeats):
             for name, jobs, backend in RUNS:
@@ -76,19 +72,19 @@ def run(quick, replay_seconds=None):
                                                           "--backend", backend, "--json"),
                                         "replay --fast --jobs {} --backend {} ({}/{})".format(
                                             jobs, backend, repeat + 1, repeats))
-                summary = _json(stdout, "neurohand replay")
+                summary = json_output(stdout, "neurohand replay")
                 results[name].append((summary, wall))
-        after = _load()
+        after = load_average()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     runs = {}
     for name, jobs, backend in RUNS:
         summaries = [summary for summary, _ in results[name]]
         runs[name] = {"jobs": jobs, "backend_asked": backend, "backend": summaries[0].get("backend"),
-                      "speed_x": _spread([s["speed_x"] for s in summaries]),
-                      "wall_s": _spread([round(wall, 2) for _, wall in results[name]]),
+                      "speed_x": repeat_spread([s["speed_x"] for s in summaries]),
+                      "wall_s": repeat_spread([wall for _, wall in results[name]], digits=2),
                       "mean_r2": summaries[0].get("mean_r2"), "commands": summaries[0].get("commands"),
-                      "feature_worker_dsp_s": _spread([s.get("feature_worker_dsp_s") for s in summaries])
+                      "feature_worker_dsp_s": repeat_spread([s["feature_worker_dsp_s"] for s in summaries], digits=3)
                       if jobs == 2 else None}
     # Two processes compute the same numbers: every repeat, jobs 1 and 2 score alike with each backend.
     same_scores = all(summary["mean_r2"] == other["mean_r2"]
