@@ -659,11 +659,12 @@ class BlockRing(object):
     block sums of the complete blocks.  Each block's sums are computed once, when it
     completes, by the same :meth:`WindowFeatures.block_sums` the offline path
     uses; a window adds up its m blocks.  Window kinds read windows as views
-    of the kept samples.  Sample indices, the window schedule and the gap
-    policy are those of :class:`WindowRing`.
+    of the kept samples, with scratch arrays from ``workspace`` (the owning
+    stream's :class:`Workspace`; default: one of its own).  Sample indices, the
+    window schedule and the gap policy are those of :class:`WindowRing`.
     """
 
-    def __init__(self, features, stride_samples, n_channels, dtype):
+    def __init__(self, features, stride_samples, n_channels, dtype, workspace=None):
         if not features.aligned or features.block_samples != stride_samples:
             raise ValueError("BlockRing needs features aligned on the stride")
         self._features = features
@@ -671,7 +672,7 @@ class BlockRing(object):
         self.stride_samples = stride_samples
         self._n_channels = n_channels
         self._dtype = np.dtype(dtype)
-        self._workspace = Workspace()
+        self._workspace = Workspace() if workspace is None else workspace
         self._buffer = np.zeros((n_channels, 0), dtype=dtype)
         self._inner = np.zeros((features.n_block_sums, n_channels, 0), dtype=dtype)
         self._closed = np.zeros_like(self._inner)

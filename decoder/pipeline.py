@@ -480,7 +480,8 @@ class FeatureStream(object):
         self._chain = FilterChain(pipeline.sos, pipeline.n_channels, pipeline.car, backend=backend)
         self.backend = self._chain.backend
         if self._features.aligned:
-            self._ring = BlockRing(self._features, pipeline.stride_samples, pipeline.n_channels, pipeline.dtype)
+            self._ring = BlockRing(self._features, pipeline.stride_samples, pipeline.n_channels, pipeline.dtype,
+                                   self._workspace)
         else:
             self._ring = WindowRing(pipeline.window_samples, pipeline.stride_samples, pipeline.n_channels,
                                     pipeline.dtype)
