@@ -50,7 +50,6 @@ setup(
     python_requires=">=3.6",
     packages=find_packages(),
     package_dir={"neurohand." + folder: folder for folder in SOURCE_FOLDERS},
-    package_data={"neurohand.firmware_bridge": ["*.json"], "neurohand.deploy": ["*.json", "templates/*"]},
     install_requires=[
         # JetPack 4.6 ships numpy 1.19 for Python 3.6; nothing newer is required.
         "numpy>=1.19",
@@ -71,7 +70,7 @@ setup(
         "jetson": ["pycuda>=2021.1"],
         "test": ["pytest>=7.0", "hypothesis>=6.31"],
     },
-    entry_points={"console_scripts": ["neurohand = neurohand.deploy.cli:main"]},
+    entry_points={"console_scripts": ["neurohand = neurohand.deploy.cli.main:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Medical Science Apps.",

@@ -31,8 +31,8 @@ make a float32 recursion drift over a long session.
 """
 import numpy as np
 
-from neurohand.firmware_bridge.checks import check_int, check_option, check_real_array
-from neurohand.firmware_bridge.errors import ConfigError, UsageError
+from neurohand.firmware_bridge.shared.checks import check_int, check_option, check_real_array
+from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 
 BACKENDS = ("auto", "numpy", "scipy")
 # Chunk length of the numpy engine: cost per sample grows with L (the H

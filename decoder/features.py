@@ -47,8 +47,8 @@ import numbers
 
 import numpy as np
 
-from neurohand.firmware_bridge.checks import check_number, check_real_array
-from neurohand.firmware_bridge.errors import ConfigError, UsageError
+from neurohand.firmware_bridge.shared.checks import check_number, check_real_array
+from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 
 
 class FeatureKind(object):
@@ -379,7 +379,7 @@ class WindowFeatures(object):
                  dtype, stride_samples=None):
         unknown = [name for name in names if name not in FEATURES]
         if unknown:
-            from neurohand.firmware_bridge.checks import check_option
+            from neurohand.firmware_bridge.shared.checks import check_option
             check_option("feature", unknown[0], sorted(FEATURES))
         if not names:
             raise UsageError("features must name at least one feature")

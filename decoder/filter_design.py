@@ -13,8 +13,8 @@ naming the value and the limit.
 import numpy as np
 
 from neurohand.decoder.dsp import sos_pole_radius
-from neurohand.firmware_bridge.checks import check_int, check_number
-from neurohand.firmware_bridge.errors import UsageError
+from neurohand.firmware_bridge.shared.checks import check_int, check_number
+from neurohand.firmware_bridge.shared.errors import UsageError
 
 # Butterworth band-pass of order N has 2N poles, i.e. N sections.  Beyond 8
 # sections the extra steepness buys nothing for EMG/ENG and costs run time.

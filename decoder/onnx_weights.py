@@ -24,8 +24,8 @@ import struct
 
 import numpy as np
 
-from neurohand.firmware_bridge.checks import parse_json
-from neurohand.firmware_bridge.errors import ConfigError
+from neurohand.firmware_bridge.shared.checks import parse_json
+from neurohand.firmware_bridge.shared.errors import ConfigError
 
 # Protobuf wire types.
 VARINT, FIXED64, LENGTH_DELIMITED, FIXED32 = 0, 1, 2, 5

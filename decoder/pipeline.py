@@ -36,8 +36,8 @@ from neurohand.decoder.dsp import FilterChain, validate_sos
 from neurohand.decoder.features import (
     FEATURES, BlockRing, WindowFeatures, WindowRing, Workspace, check_normalisation, fit_normalisation, offline_windows,
     windows_touching_missing)
-from neurohand.firmware_bridge.checks import check_int, check_number, check_option
-from neurohand.firmware_bridge.errors import ConfigError, NeurohandError, UsageError
+from neurohand.firmware_bridge.shared.checks import check_int, check_number, check_option
+from neurohand.firmware_bridge.shared.errors import ConfigError, NeurohandError, UsageError
 
 CONFIG_FORMAT = "neurohand-feature-pipeline"
 CONFIG_VERSION = 1

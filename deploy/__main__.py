@@ -1,5 +1,5 @@
 import sys
 
-from neurohand.deploy.cli import main
+from neurohand.deploy.cli.main import main
 
 sys.exit(main())

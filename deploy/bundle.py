@@ -28,8 +28,8 @@ import zlib
 import numpy as np
 
 from neurohand.deploy.version import __version__
-from neurohand.firmware_bridge.checks import load_json_file
-from neurohand.firmware_bridge.errors import BundleError, UsageError
+from neurohand.firmware_bridge.shared.checks import load_json_file
+from neurohand.firmware_bridge.shared.errors import BundleError, UsageError
 
 BUNDLE_FORMAT = "neurohand-bundle"
 BUNDLE_FORMAT_VERSION = 1

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from neurohand.firmware_bridge.errors import UsageError
+from neurohand.firmware_bridge.shared.errors import UsageError
 
 MARKER = ".neurohand-demo"
 TRAIN_RECORDING = "train.nhr"
@@ -51,10 +51,10 @@ def write_session_parts(config, parts, block_seconds=1.0):
     span, on its own time axis (sample 0 = start_s), and the simulator's
     metadata with ``session_part`` telling where it was cut.
     """
-    from neurohand.firmware_bridge.recording import RecordingWriter
-    from neurohand.firmware_bridge.simulator import (
+    from neurohand.firmware_bridge.recording.file_format import RecordingWriter
+    from neurohand.firmware_bridge.virtual.simulator import (
         LABEL_RATE, LABEL_STREAM, SCALE_UV, NerveSimulator, channel_names)
-    from neurohand.firmware_bridge.simulator_protocol import FINGERS
+    from neurohand.firmware_bridge.virtual.movements import FINGERS
 
     per_row = config.rate / LABEL_RATE
     if abs(per_row - round(per_row)) > 1e-9:
@@ -146,7 +146,7 @@ def prepare_out_dir(out):
 
 def demo_command(args):
     """Handler of ``neurohand demo``."""
-    from neurohand.firmware_bridge import checks
+    from neurohand.firmware_bridge.shared import checks
     settings = {
         "seed": checks.check_int("--seed", args.seed, minimum=0),
         "max_minutes": checks.check_number("--max-minutes", args.max_minutes, minimum=0.0, exclusive_minimum=True),
@@ -180,7 +180,7 @@ def run_demo(out, settings, stream=sys.stderr):
     progress = _Progress(stream)
     paths = {name: os.path.join(out, name) for name in (TRAIN_RECORDING, HELDOUT_RECORDING, RUN_DIR, BUNDLE_DIR)}
 
-    from neurohand.firmware_bridge.simulator import SimulatorConfig
+    from neurohand.firmware_bridge.virtual.simulator import SimulatorConfig
     total = settings["train_seconds"] + settings["heldout_seconds"]
     progress.start(1, "simulate", "simulating a {:g} s session ({} channels, {:g} kHz, seed {}): {:g} s to train "
                    "on, the next {:g} s held out".format(total, settings["channels"], settings["rate"] / 1000.0,
@@ -234,7 +234,7 @@ def run_demo(out, settings, stream=sys.stderr):
 
     from neurohand.deploy import replay
     from neurohand.deploy.runtime.config import RuntimeConfig
-    from neurohand.firmware_bridge.recording import open_recording
+    from neurohand.firmware_bridge.recording.file_format import open_recording
     progress.start(6, "replay", "replaying {:g} s of {} in real time: virtual chip -> decoder -> virtual hand".format(
         settings["replay_seconds"], HELDOUT_RECORDING))
     decoder = load_decoder(paths[BUNDLE_DIR], settings["backend"])
@@ -250,7 +250,7 @@ def run_demo(out, settings, stream=sys.stderr):
     progress.done("mean R2 {} on what the hand received, latency p50 {} us".format(
         _fmt(result["mean_r2"], "{:.3f}"), _fmt(result["latency_us"]["p50"], "{:.0f}")))
 
-    from neurohand.firmware_bridge.chip_protocol import DEFAULT_SAMPLES_PER_FRAME
+    from neurohand.firmware_bridge.chip.protocol import DEFAULT_SAMPLES_PER_FRAME
     delays = hand_delays(outcome.samples, replay_range.rate, decoder.pipeline.stride_samples,
                          DEFAULT_SAMPLES_PER_FRAME)
     plot_decoded(os.path.join(out, DECODED_PNG), outcome, true_labels, label_rate, replay_range.rate,

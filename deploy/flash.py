@@ -31,7 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from neurohand.deploy.bundle import load_bundle
-from neurohand.firmware_bridge.errors import UsageError
+from neurohand.firmware_bridge.shared.errors import UsageError
 
 SERVICE_NAME = "neurohand"
 SOURCE_ITEMS = ("setup.py", "README.md", "decoder", "firmware_bridge", "train", "deploy")

@@ -39,9 +39,9 @@ import time
 
 import numpy as np
 
-from neurohand.firmware_bridge.checks import check_number
-from neurohand.firmware_bridge.errors import ConfigError, UsageError
-from neurohand.firmware_bridge.virtual_chip import VirtualChip
+from neurohand.firmware_bridge.shared.checks import check_number
+from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
+from neurohand.firmware_bridge.virtual.chip import VirtualChip
 
 #: Signal (seconds) left out of scoring at the start: the filters settle and the
 #: runtime holds the hand open until ``recovery_windows`` good windows.
@@ -274,8 +274,8 @@ def replay_fast(decoder, recording, replay_range, config, record_path=None, stat
     """
     from neurohand.deploy.runtime import replay_fast as run_fast_replay
     from neurohand.deploy.runtime.feature_worker import FeatureWorker, default_jobs
-    from neurohand.deploy.runtime.replay import recording_items
-    from neurohand.firmware_bridge.recording import open_recording
+    from neurohand.deploy.runtime.replay_source import recording_items
+    from neurohand.firmware_bridge.recording.file_format import open_recording
 
     truth = _prepare(decoder, recording)
     jobs = default_jobs() if jobs is None else jobs
@@ -327,8 +327,8 @@ def replay_realtime(decoder, recording, replay_range, config, faults=None, disco
     virtual hand received.
     """
     from neurohand.deploy.session import run_on_chip
-    from neurohand.firmware_bridge.virtual_chip import RecordingSource
-    from neurohand.firmware_bridge.virtual_hand import VirtualHand
+    from neurohand.firmware_bridge.virtual.chip import RecordingSource
+    from neurohand.firmware_bridge.virtual.hand import VirtualHand
 
     truth = _prepare(decoder, recording)
     # The run opens the chip through a symlink, as a udev name on the device: after a simulated

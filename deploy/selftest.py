@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 
-from neurohand.firmware_bridge.checks import load_json_file
-from neurohand.firmware_bridge.errors import BundleError
+from neurohand.firmware_bridge.shared.checks import load_json_file
+from neurohand.firmware_bridge.shared.errors import BundleError
 
 # Tolerances on the max absolute output difference against the reference.
 TOLERANCE_FP32 = 1e-4

@@ -11,7 +11,7 @@ docs/chip-protocol.md): :func:`run_on_chip` reads it first on a short
 connection of its own, then opens the chip for the run with that scale, which
 ``chip_opener`` checks again together with the channel count and the rate.
 """
-from neurohand.firmware_bridge.errors import BundleError, ConfigError, LinkError, ProtocolError
+from neurohand.firmware_bridge.shared.errors import BundleError, ConfigError, LinkError, ProtocolError
 
 
 class Decoder(object):
@@ -52,7 +52,7 @@ def load_decoder(bundle_path, backend_name="auto"):
     """
     from neurohand.decoder.pipeline import FeaturePipeline
     from neurohand.deploy.bundle import load_bundle
-    from neurohand.deploy.commands import open_bundle_backend
+    from neurohand.deploy.cli.bundle import open_bundle_backend
 
     bundle = load_bundle(bundle_path)
     pipeline_config = bundle.config.get("pipeline")
@@ -74,7 +74,7 @@ class _ReplyCollector(object):
     """Link protocol that parses chip bytes and passes replies on (data frames are ignored)."""
 
     def __init__(self):
-        from neurohand.firmware_bridge.chip_parser import ChipParser
+        from neurohand.firmware_bridge.chip.parser import ChipParser
         self.parser = ChipParser()
         self.on_reply = None
 
@@ -82,7 +82,7 @@ class _ReplyCollector(object):
         pass
 
     def data_received(self, data):
-        from neurohand.firmware_bridge.chip_parser import ChipReply
+        from neurohand.firmware_bridge.chip.parser import ChipReply
         for event in self.parser.feed(data):
             if isinstance(event, ChipReply) and self.on_reply is not None:
                 self.on_reply(event)
@@ -97,9 +97,9 @@ def read_chip_config(url, baudrate=None, timeout_s=0.5):
     Raises LinkError (port missing, no answer) or ProtocolError (refused),
     naming the port.
     """
-    from neurohand.deploy.runtime.chip import DEFAULT_BAUDRATE
-    from neurohand.firmware_bridge.chip_protocol import ChipCommandChannel
-    from neurohand.firmware_bridge.serial_link import SerialLink
+    from neurohand.firmware_bridge.chip.session import DEFAULT_BAUDRATE
+    from neurohand.firmware_bridge.chip.protocol import ChipCommandChannel
+    from neurohand.firmware_bridge.link import SerialLink
 
     collector = _ReplyCollector()
     link = SerialLink(url, collector, baudrate=DEFAULT_BAUDRATE if baudrate is None else baudrate)
@@ -137,7 +137,7 @@ def run_on_chip(decoder, chip_url, hand_spec, config, record_path=None, stats_pa
     have been checked and opened, right before decoding starts.
     """
     from neurohand.deploy.runtime import run_realtime
-    from neurohand.deploy.runtime.chip import DEFAULT_BAUDRATE, _check_chip_config, chip_opener
+    from neurohand.firmware_bridge.chip.session import DEFAULT_BAUDRATE, _check_chip_config, chip_opener
     from neurohand.firmware_bridge.hands import create_hand
 
     pipeline = decoder.pipeline

@@ -23,8 +23,8 @@ import math
 
 import numpy as np
 
-from neurohand.firmware_bridge import checks
-from neurohand.firmware_bridge.errors import ConfigError, UsageError
+from neurohand.firmware_bridge.shared import checks
+from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 from neurohand.train import splits
 
 Sequence = collections.namedtuple("Sequence", ["features", "labels", "ends", "recording", "split"])
@@ -81,7 +81,7 @@ def choose_label_stream(streams, requested, source):
 
 def load_recording(path, label_stream=None):
     """Open ``path`` and load its signals (µV, float64), chosen label stream, events and metadata."""
-    from neurohand.firmware_bridge.recording import open_recording
+    from neurohand.firmware_bridge.recording.file_format import open_recording
 
     with open_recording(path) as rec:
         name = choose_label_stream(rec.label_streams, label_stream, path)

@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from neurohand.firmware_bridge import checks
-from neurohand.firmware_bridge.errors import ConfigError, UsageError
+from neurohand.firmware_bridge.shared import checks
+from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 from neurohand.train import baselines, dataset, metrics, splits
 
 RUN_FORMAT = "neurohand-run"

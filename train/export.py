@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from neurohand.decoder import onnx_weights as names
-from neurohand.firmware_bridge.errors import NeurohandError
+from neurohand.firmware_bridge.shared.errors import NeurohandError
 
 OPSET = 13
 DEFAULT_TOLERANCE = 1e-5

@@ -19,8 +19,8 @@ import os
 
 import numpy as np
 
-from neurohand.firmware_bridge import checks
-from neurohand.firmware_bridge.errors import RecordingError, UsageError
+from neurohand.firmware_bridge.shared import checks
+from neurohand.firmware_bridge.shared.errors import RecordingError, UsageError
 
 NINAPRO_CITATION = ("Atzori M. et al., Electromyography data for non-invasive naturally-controlled robotic "
                     "hand prostheses, Scientific Data 1, 140053 (2014), doi:10.1038/sdata.2014.53")
@@ -67,7 +67,7 @@ def _discard(partial):
 def _write_recording(out_path, signal_rate, channel_names, signals, label_name, label_names, labels,
                      events, metadata):
     """Write one whole recording atomically (``signals`` and ``labels`` are in-memory arrays)."""
-    from neurohand.firmware_bridge.recording import RecordingWriter
+    from neurohand.firmware_bridge.recording.file_format import RecordingWriter
 
     checks.check_parent_writable("output recording", out_path)
     partial = _partial_path(out_path)

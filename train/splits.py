@@ -25,8 +25,8 @@ recording of three repetitions).
 """
 import collections
 
-from neurohand.firmware_bridge import checks
-from neurohand.firmware_bridge.errors import ConfigError, UsageError
+from neurohand.firmware_bridge.shared import checks
+from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 
 SPLIT_NAMES = ("train", "validation", "test")
 METHODS = ("auto", "repetition", "time")

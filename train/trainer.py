@@ -34,10 +34,10 @@ import time
 import numpy as np
 import torch
 
-from neurohand.decoder.model import ModelConfig, build_model
+from neurohand.train.model import ModelConfig, build_model
 from neurohand.decoder.pipeline import FeaturePipeline
-from neurohand.firmware_bridge import checks
-from neurohand.firmware_bridge.errors import ConfigError, UsageError
+from neurohand.firmware_bridge.shared import checks
+from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 from neurohand.train import dataset, metrics, splits
 
 RUN_FORMAT = "neurohand-run"

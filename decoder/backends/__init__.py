@@ -21,9 +21,9 @@ from neurohand.decoder.backends.base import Backend, BackendUnavailableError
 from neurohand.decoder.backends.numpy_backend import NumpyBackend
 from neurohand.decoder.backends.onnxruntime_backend import OnnxRuntimeBackend
 from neurohand.decoder.backends.tensorrt_backend import TensorRTBackend
-from neurohand.decoder.backends.torch_backend import TorchBackend
-from neurohand.firmware_bridge.checks import check_file_exists, check_option
-from neurohand.firmware_bridge.errors import UsageError
+from neurohand.train.torch_backend import TorchBackend
+from neurohand.firmware_bridge.shared.checks import check_file_exists, check_option
+from neurohand.firmware_bridge.shared.errors import UsageError
 
 __all__ = ["BACKENDS", "AUTO_ORDER", "BACKEND_CHOICES", "Backend", "BackendUnavailableError",
            "available_backends", "create_backend"]

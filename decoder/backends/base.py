@@ -15,7 +15,7 @@ never for the real-time loop.
 """
 import numpy as np
 
-from neurohand.firmware_bridge.errors import NeurohandError, UsageError
+from neurohand.firmware_bridge.shared.errors import NeurohandError, UsageError
 
 
 class BackendUnavailableError(NeurohandError):

@@ -39,8 +39,8 @@ import numpy as np
 
 from neurohand.decoder import onnx_weights
 from neurohand.decoder.backends.base import Backend, BackendUnavailableError
-from neurohand.firmware_bridge.checks import load_json_file
-from neurohand.firmware_bridge.errors import ConfigError, UsageError
+from neurohand.firmware_bridge.shared.checks import load_json_file
+from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 
 ENGINE_METADATA_SUFFIX = ".json"
 DEFAULT_WORKSPACE_MB = 256

@@ -15,8 +15,8 @@ JSON example (every key optional)::
 """
 import numbers
 
-from neurohand.firmware_bridge import checks
-from neurohand.firmware_bridge.errors import ConfigError, UsageError
+from neurohand.firmware_bridge.shared import checks
+from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 
 #: Allowed safe postures: "open" = every finger at 0, "hold" = last good command.
 SAFE_POSTURES = ("open", "hold")

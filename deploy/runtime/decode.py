@@ -22,7 +22,7 @@ import collections
 
 import numpy as np
 
-from neurohand.firmware_bridge.chip_parser import SampleFrame, SampleGap
+from neurohand.firmware_bridge.chip.parser import SampleFrame, SampleGap
 
 CATCH_UP_MODES = ("newest", "all")
 

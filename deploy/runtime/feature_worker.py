@@ -42,8 +42,8 @@ import warnings
 
 import numpy as np
 
-from neurohand.firmware_bridge import errors
-from neurohand.firmware_bridge.chip_parser import SampleFrame, SampleGap
+from neurohand.firmware_bridge.shared import errors
+from neurohand.firmware_bridge.chip.parser import SampleFrame, SampleGap
 
 
 def fork_available():

@@ -35,8 +35,8 @@ from neurohand.deploy.runtime.recorder import ThreadedRecorder
 from neurohand.deploy.runtime.safety import SafetySupervisor
 from neurohand.deploy.runtime.stats import RuntimeStats, build_stats_document, format_status_line
 from neurohand.deploy.runtime.writer import HandWriterStage
-from neurohand.firmware_bridge.chip_parser import ChipParser, ChipReply, SampleFrame, SampleGap
-from neurohand.firmware_bridge.errors import ConfigError
+from neurohand.firmware_bridge.chip.parser import ChipParser, ChipReply, SampleFrame, SampleGap
+from neurohand.firmware_bridge.shared.errors import ConfigError
 
 #: Longest a thread blocks before it looks at the stop flag again.
 WAKE_S = 0.1
@@ -651,7 +651,7 @@ def run_fast(parts, items, clock, on_command=None):
 
     ``t_s`` is the virtual arrival time of each event (the time of its last
     sample, counted from the first replayed sample, as
-    :func:`~neurohand.deploy.runtime.replay.recording_items` yields);
+    :func:`~neurohand.deploy.runtime.replay_source.recording_items` yields);
     ``clock`` is the :class:`VirtualClock` the parts were built with.
 
     Items may be large (many windows each): the DSP and features then run

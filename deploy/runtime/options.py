@@ -1,6 +1,6 @@
 """Command-line options of the runtime, for ``neurohand run`` and ``replay``.
 
-Standard library only (deploy/cli.py builds its parser without numpy), so a
+Standard library only (deploy/cli/main.py builds its parser without numpy), so a
 command module can call :func:`add_runtime_arguments` from ``register``.
 """
 from neurohand.deploy.runtime.config import DEFAULTS, SAFE_POSTURES, load_runtime_config

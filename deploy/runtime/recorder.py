@@ -1,6 +1,6 @@
 """On-device recording of a run: raw chip data, decoded outputs, events.
 
-Written in the crash-safe recording format (firmware_bridge/recording.py):
+Written in the crash-safe recording format (firmware_bridge/recording/file_format.py):
 
 * signals: the chip's int16 counts with their per-channel ``scale_uv``; samples
   that never arrived (a ``SampleGap``) are written as zeros and marked with a
@@ -28,7 +28,7 @@ import threading
 
 import numpy as np
 
-from neurohand.firmware_bridge.errors import NeurohandError
+from neurohand.firmware_bridge.shared.errors import NeurohandError
 
 #: How often the recording thread wakes to write what has been queued.
 DRAIN_PERIOD_S = 0.02
@@ -116,7 +116,7 @@ def label_streams(sample_rate, stride_samples, output_names):
 def open_run_recording(path, sample_rate, channel_names, scale_uv, stride_samples, output_names,
                        metadata=None):
     """Create the RecordingWriter + RecordingSink for ``--record PATH``."""
-    from neurohand.firmware_bridge.recording import RecordingWriter
+    from neurohand.firmware_bridge.recording.file_format import RecordingWriter
 
     writer = RecordingWriter(path, sample_rate, channel_names, dtype="int16",
                              scale_uv=[float(s) for s in scale_uv], metadata=metadata or {},

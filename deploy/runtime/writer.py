@@ -30,7 +30,7 @@ commands follow only after the recovery rule is met again
 """
 import numpy as np
 
-from neurohand.firmware_bridge.errors import LinkError
+from neurohand.firmware_bridge.shared.errors import LinkError
 
 #: First wait before reopening a vanished hand port, and the longest (seconds).
 REOPEN_INITIAL_S = 0.05

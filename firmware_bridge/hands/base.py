@@ -23,7 +23,7 @@ import numbers
 
 import numpy as np
 
-from neurohand.firmware_bridge.errors import NeurohandError
+from neurohand.firmware_bridge.shared.errors import NeurohandError
 
 #: Order of the decoder's outputs, shared by every driver and the virtual hand.
 DECODER_FINGERS = ("thumb", "index", "middle", "ring", "little")

@@ -12,8 +12,8 @@ when used) or :class:`RecordingKeySink` (records events; tests, dry runs).
 import re
 import time
 
-from neurohand.firmware_bridge.checks import load_json_file
-from neurohand.firmware_bridge.errors import ConfigError
+from neurohand.firmware_bridge.shared.checks import load_json_file
+from neurohand.firmware_bridge.shared.errors import ConfigError
 from neurohand.firmware_bridge.hands.base import HandDriver, HandError, finger_names
 
 MAPPING_FORMAT = "neurohand-keys"

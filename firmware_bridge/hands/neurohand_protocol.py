@@ -24,7 +24,7 @@ import struct
 import threading
 import time
 
-from neurohand.firmware_bridge.errors import ProtocolError
+from neurohand.firmware_bridge.shared.errors import ProtocolError
 from neurohand.firmware_bridge.hands.base import HandDriver, HandError
 
 SYNC = b"\xA5\x5A"

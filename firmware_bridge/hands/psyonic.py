@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-from neurohand.firmware_bridge.errors import ProtocolError
+from neurohand.firmware_bridge.shared.errors import ProtocolError
 from neurohand.firmware_bridge.hands import ppp
 from neurohand.firmware_bridge.hands.base import HandDriver, HandError, check_fraction
 

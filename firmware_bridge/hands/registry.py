@@ -1,6 +1,6 @@
 """The explicit registry of hand drivers and ``create_hand``, which turns a
 hand specification such as ``psyonic:/dev/ttyUSB0`` into an open driver."""
-from neurohand.firmware_bridge.errors import UsageError
+from neurohand.firmware_bridge.shared.errors import UsageError
 from neurohand.firmware_bridge.hands.base import NullHand
 from neurohand.firmware_bridge.hands.keyboard import KeyboardHand
 from neurohand.firmware_bridge.hands.neurohand_protocol import NeurohandHand
@@ -27,7 +27,7 @@ def parse_hand_spec(spec):
                          "got {!r}".format(spec))
     name, _, target = spec.partition(":")
     if name not in HAND_DRIVERS:
-        from neurohand.firmware_bridge.checks import check_option
+        from neurohand.firmware_bridge.shared.checks import check_option
         check_option("hand driver", name, sorted(HAND_DRIVERS))
     if name in _TARGETLESS:
         if target:

@@ -8,7 +8,7 @@ pseudo-terminal such as ``/dev/pts/5`` and ``loop://`` all work.
 """
 import threading
 
-from neurohand.firmware_bridge.errors import LinkError
+from neurohand.firmware_bridge.shared.errors import LinkError
 
 #: How long the reader blocks per read, so that close() is never kept waiting long.
 READ_TIMEOUT_S = 0.05

@@ -2,8 +2,8 @@
 import json
 import os
 
-from neurohand.decoder import backend_bench
-from neurohand.deploy.cli import main
+from neurohand.deploy.bench import backends as backend_bench
+from neurohand.deploy.cli.main import main
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 

@@ -11,7 +11,7 @@ import pytest
 from neurohand.decoder import onnx_weights
 from neurohand.decoder.backends import (
     AUTO_ORDER, BACKENDS, BackendUnavailableError, available_backends, create_backend)
-from neurohand.firmware_bridge.errors import ConfigError, UsageError
+from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TOLERANCE = 1e-5

@@ -17,7 +17,7 @@ from neurohand.decoder.backends import create_backend
 from neurohand.decoder.backends.base import BackendUnavailableError
 from neurohand.decoder.backends.tensorrt_backend import (
     BindingsApi, TensorRTBackend, TensorsApi, build_engine, select_api)
-from neurohand.firmware_bridge.errors import ConfigError, UsageError
+from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 VERSIONS = {"8.2.1.8": BindingsApi, "10.3.0": TensorsApi}

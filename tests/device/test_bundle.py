@@ -10,7 +10,7 @@ import pytest
 
 from neurohand.deploy import selftest
 from neurohand.deploy.bundle import load_bundle, make_bundle
-from neurohand.firmware_bridge.errors import BundleError, UsageError
+from neurohand.firmware_bridge.shared.errors import BundleError, UsageError
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
@@ -154,7 +154,7 @@ def test_tensorrt_build_selftest_and_rebuilt_engine_needs_a_new_selftest(bundle_
         from fake_tensorrt import FakeGpuStack
     finally:
         sys.path.pop(0)
-    from neurohand.deploy.cli import main
+    from neurohand.deploy.cli.main import main
     FakeGpuStack(version).install(monkeypatch)
     assert main(["build-engine", str(bundle_path)]) == 0
     assert "engine built with TensorRT {}".format(version) in capsys.readouterr().out

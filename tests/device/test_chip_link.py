@@ -8,11 +8,11 @@ import time
 import numpy as np
 import pytest
 
-from neurohand.firmware_bridge import chip_protocol as cp
-from neurohand.firmware_bridge.chip_parser import ChipParser, ChipReply, SampleFrame, SampleGap
-from neurohand.firmware_bridge.errors import LinkError
-from neurohand.firmware_bridge.serial_link import LinkProtocol, SerialLink
-from neurohand.firmware_bridge.virtual_chip import ArraySource, FaultInjector, VirtualChip
+from neurohand.firmware_bridge.chip import protocol as cp
+from neurohand.firmware_bridge.chip.parser import ChipParser, ChipReply, SampleFrame, SampleGap
+from neurohand.firmware_bridge.shared.errors import LinkError
+from neurohand.firmware_bridge.link import LinkProtocol, SerialLink
+from neurohand.firmware_bridge.virtual.chip import ArraySource, FaultInjector, VirtualChip
 
 
 class ChipHost(LinkProtocol):
@@ -233,7 +233,7 @@ def test_a_protocol_bug_stops_the_thread_and_is_kept():
 
 
 def write_recording(path, samples, rate, dtype="int16", scale_uv=None):
-    from neurohand.firmware_bridge.recording import RecordingWriter
+    from neurohand.firmware_bridge.recording.file_format import RecordingWriter
     names = ["ch{}".format(i) for i in range(samples.shape[1])]
     with RecordingWriter(path, rate, names, dtype=dtype, scale_uv=scale_uv) as writer:
         writer.append_signals(samples)

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from neurohand.firmware_bridge import chip_protocol as cp
-from neurohand.firmware_bridge.chip_parser import ChipParser, ChipReply, SampleFrame, SampleGap
-from neurohand.firmware_bridge.virtual_chip import FaultInjector
+from neurohand.firmware_bridge.chip import protocol as cp
+from neurohand.firmware_bridge.chip.parser import ChipParser, ChipReply, SampleFrame, SampleGap
+from neurohand.firmware_bridge.virtual.chip import FaultInjector
 
 # Samples stay within +-16383 so that an intact frame's samples can never
 # contain the sync word a5 5a 3c c3 (it needs 0x5aa5 or a high byte 0xa5);

@@ -8,9 +8,9 @@ import zlib
 import numpy as np
 import pytest
 
-from neurohand.firmware_bridge import chip_protocol as cp
-from neurohand.firmware_bridge.chip_parser import ChipCommand, ChipParser, ChipReply, SampleFrame, SampleGap
-from neurohand.firmware_bridge.errors import LinkError, ProtocolError
+from neurohand.firmware_bridge.chip import protocol as cp
+from neurohand.firmware_bridge.chip.parser import ChipCommand, ChipParser, ChipReply, SampleFrame, SampleGap
+from neurohand.firmware_bridge.shared.errors import LinkError, ProtocolError
 
 SPEC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "chip-protocol.md")
 COMMANDS = {name: code for code, name in cp.COMMAND_NAMES.items()}

@@ -6,10 +6,10 @@ import sys
 import numpy as np
 import pytest
 
-from neurohand.firmware_bridge import chip_protocol as cp
-from neurohand.firmware_bridge.chip_parser import ChipCommand, ChipParser
-from neurohand.firmware_bridge.errors import UsageError
-from neurohand.firmware_bridge.virtual_chip import (ArraySource, FaultInjector, PacingScheduler, RecordingSource,
+from neurohand.firmware_bridge.chip import protocol as cp
+from neurohand.firmware_bridge.chip.parser import ChipCommand, ChipParser
+from neurohand.firmware_bridge.shared.errors import UsageError
+from neurohand.firmware_bridge.virtual.chip import (ArraySource, FaultInjector, PacingScheduler, RecordingSource,
                                                     VirtualChip)
 
 
@@ -139,7 +139,7 @@ def test_loop_wraps_inside_a_frame():
 
 
 class ContractRecording:
-    """Stands in for neurohand.firmware_bridge.recording (its documented contract)."""
+    """Stands in for neurohand.firmware_bridge.recording.file_format (its documented contract)."""
 
     def __init__(self, raw, rate, scale_uv, dtype):
         self.raw, self.signal_rate, self.scale_uv, self.dtype = raw, rate, np.asarray(scale_uv), dtype
@@ -209,7 +209,7 @@ def test_cli_bad_flag_type_exits_2():
 
 
 def test_recording_source_on_a_real_float32_file(tmp_path):
-    from neurohand.firmware_bridge.recording import RecordingWriter, open_recording
+    from neurohand.firmware_bridge.recording.file_format import RecordingWriter, open_recording
     rng = np.random.RandomState(6)
     microvolts = (rng.standard_normal((3000, 2)) * [30.0, 900.0]).astype(np.float32)
     path = str(tmp_path / "float.nhr")

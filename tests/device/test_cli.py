@@ -3,10 +3,10 @@ import sys
 
 import pytest
 
-from neurohand.deploy import cli
+from neurohand.deploy.cli import main as cli
 from neurohand.deploy.version import __version__
-from neurohand.firmware_bridge import checks
-from neurohand.firmware_bridge.errors import UsageError
+from neurohand.firmware_bridge.shared import checks
+from neurohand.firmware_bridge.shared.errors import UsageError
 
 
 def run_cli(*args):
@@ -37,7 +37,7 @@ def test_every_subcommand_has_help():
 
 
 def test_device_cli_does_not_import_torch():
-    code = ("import sys; from neurohand.deploy import cli; cli.build_parser(); "
+    code = ("import sys; from neurohand.deploy.cli import main as cli; cli.build_parser(); "
             "print('torch' in sys.modules, 'scipy' in sys.modules)")
     out = subprocess.check_output([sys.executable, "-c", code], universal_newlines=True)
     assert out.split() == ["False", "False"]

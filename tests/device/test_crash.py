@@ -25,12 +25,12 @@ import time
 import numpy as np
 import pytest
 
-from neurohand.deploy import cli
+from neurohand.deploy.cli import main as cli
 from neurohand.deploy.bundle import make_bundle
-from neurohand.firmware_bridge import chip_protocol as cp
-from neurohand.firmware_bridge.recording import RecordingTruncatedWarning, open_recording
-from neurohand.firmware_bridge.virtual_chip import ArraySource, VirtualChip
-from neurohand.firmware_bridge.virtual_hand import VirtualHand
+from neurohand.firmware_bridge.chip import protocol as cp
+from neurohand.firmware_bridge.recording.file_format import RecordingTruncatedWarning, open_recording
+from neurohand.firmware_bridge.virtual.chip import ArraySource, VirtualChip
+from neurohand.firmware_bridge.virtual.hand import VirtualHand
 
 RUN_DIR = os.path.join(os.path.dirname(__file__), "data", "replay_run")
 RATE = 2000.0

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from neurohand.decoder.dsp import FilterChain, sos_pole_radius, sosfilt_reference, validate_sos
-from neurohand.firmware_bridge.errors import ConfigError, UsageError
+from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 
 with open(os.path.join(os.path.dirname(__file__), "data", "pipelines.json")) as _handle:
     DATA = json.load(_handle)

@@ -38,12 +38,12 @@ from neurohand.deploy.demo import write_session_parts
 from neurohand.deploy.replay import StampedVirtualChip, replay_realtime
 from neurohand.deploy.runtime.config import RuntimeConfig
 from neurohand.deploy.session import load_decoder, run_on_chip
-from neurohand.firmware_bridge import virtual_hand as virtual_hand_module
-from neurohand.firmware_bridge.errors import ConfigError
-from neurohand.firmware_bridge.recording import RecordingWriter, open_recording
-from neurohand.firmware_bridge.simulator import SimulatorConfig
-from neurohand.firmware_bridge.virtual_chip import ArraySource, FaultInjector, VirtualChip
-from neurohand.firmware_bridge.virtual_hand import VirtualHand
+from neurohand.firmware_bridge.virtual import hand as virtual_hand_module
+from neurohand.firmware_bridge.shared.errors import ConfigError
+from neurohand.firmware_bridge.recording.file_format import RecordingWriter, open_recording
+from neurohand.firmware_bridge.virtual.simulator import SimulatorConfig
+from neurohand.firmware_bridge.virtual.chip import ArraySource, FaultInjector, VirtualChip
+from neurohand.firmware_bridge.virtual.hand import VirtualHand
 
 RUN_DIR = os.path.join(os.path.dirname(__file__), "data", "replay_run")
 STREAM_S = 3.0          # recording streamed per run (the unplug test streams LONG_STREAM_S)

@@ -14,8 +14,8 @@ import pytest
 from neurohand.decoder.pipeline import FeaturePipeline
 from neurohand.deploy.runtime.feature_worker import (
     FeatureWorker, FeatureWorkerError, default_jobs, fork_available)
-from neurohand.firmware_bridge.chip_parser import SampleFrame, SampleGap
-from neurohand.firmware_bridge.errors import UsageError
+from neurohand.firmware_bridge.chip.parser import SampleFrame, SampleGap
+from neurohand.firmware_bridge.shared.errors import UsageError
 
 pytestmark = pytest.mark.skipif(not fork_available(), reason="the feature worker needs fork")
 
@@ -163,7 +163,7 @@ import json, sys
 import numpy as np
 from neurohand.decoder.pipeline import FeaturePipeline
 from neurohand.deploy.runtime.feature_worker import FeatureWorker
-from neurohand.firmware_bridge.chip_parser import SampleFrame
+from neurohand.firmware_bridge.chip.parser import SampleFrame
 with open(sys.argv[1]) as handle:
     pipeline = FeaturePipeline.from_config(json.load(handle)["pipeline"])
 frame = (SampleFrame(0, 0, np.zeros((400, pipeline.n_channels), dtype=np.int16)), 0.0)
@@ -222,7 +222,7 @@ def test_messages_carry_header_and_arrays_exactly():
 
 def test_exceptions_come_back_as_their_own_class_where_known():
     from neurohand.deploy.runtime.feature_worker import describe_exception, exception_from
-    from neurohand.firmware_bridge.errors import ConfigError
+    from neurohand.firmware_bridge.shared.errors import ConfigError
 
     for original in (UsageError("block contains NaN"), ConfigError("bad"), ValueError("shape"), KeyError("k")):
         again = exception_from(describe_exception(original))
@@ -239,6 +239,6 @@ def test_exceptions_come_back_as_their_own_class_where_known():
 
 
 def test_a_dead_worker_is_a_one_line_error_for_the_cli():
-    from neurohand.firmware_bridge.errors import NeurohandError
+    from neurohand.firmware_bridge.shared.errors import NeurohandError
 
     assert issubclass(FeatureWorkerError, NeurohandError)

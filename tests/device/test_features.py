@@ -7,7 +7,7 @@ import pytest
 from neurohand.decoder.features import (
     FEATURES, WindowFeatures, WindowRing, Workspace, band_bins, fit_normalisation, offline_windows, window_ends,
     windows_touching_missing)
-from neurohand.firmware_bridge.errors import UsageError
+from neurohand.firmware_bridge.shared.errors import UsageError
 
 ALL_PLAIN = ["mav", "rms", "wl", "zc", "ssc", "mean", "std", "max", "min"]
 

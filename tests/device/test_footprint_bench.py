@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from neurohand.deploy import footprint_bench
+from neurohand.deploy.bench import footprint as footprint_bench
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 SPREAD_KEYS = {"median", "min", "max"}

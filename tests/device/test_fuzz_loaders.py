@@ -34,12 +34,12 @@ from neurohand.decoder.onnx_weights import load_rnn_weights, read_onnx
 from neurohand.decoder.pipeline import FeaturePipeline
 from neurohand.deploy.bundle import load_bundle, make_bundle
 from neurohand.deploy.runtime.config import load_runtime_config
-from neurohand.firmware_bridge.errors import (
+from neurohand.firmware_bridge.shared.errors import (
     BundleError, ConfigError, NeurohandError, ProtocolError, RecordingError)
 from neurohand.firmware_bridge.hands import neurohand_protocol as nhp
 from neurohand.firmware_bridge.hands import ppp, psyonic
-from neurohand.firmware_bridge.recording import RecordingTruncatedWarning, RecordingWriter, open_recording
-from neurohand.firmware_bridge import virtual_hand
+from neurohand.firmware_bridge.recording.file_format import RecordingTruncatedWarning, RecordingWriter, open_recording
+from neurohand.firmware_bridge.virtual import hand as virtual_hand
 from protobuf_builder import pb_field, pb_text, pb_varint  # noqa: F401
 
 DATA = os.path.join(os.path.dirname(__file__), "data")

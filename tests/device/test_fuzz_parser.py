@@ -1,4 +1,4 @@
-"""Fuzzing the chip parser (firmware_bridge/chip_parser.py) with a million frames.
+"""Fuzzing the chip parser (firmware_bridge/chip/parser.py) with a million frames.
 
 A seeded generator builds one byte stream of ``NEUROHAND_FUZZ_FRAMES`` data
 frames (default 1,000,000) as the chip would send them, with faults injected
@@ -30,8 +30,8 @@ import zlib
 
 import numpy as np
 
-from neurohand.firmware_bridge import chip_protocol as cp
-from neurohand.firmware_bridge.chip_parser import ChipCommand, ChipParser, ChipReply, SampleFrame, SampleGap
+from neurohand.firmware_bridge.chip import protocol as cp
+from neurohand.firmware_bridge.chip.parser import ChipCommand, ChipParser, ChipReply, SampleFrame, SampleGap
 
 DEFAULT_SEED = 20240611
 DEFAULT_FRAMES = 1000000

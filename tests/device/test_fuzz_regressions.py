@@ -25,9 +25,9 @@ from neurohand.decoder.onnx_weights import CONFIG_METADATA_KEY, GRAPH_FORMAT_KEY
 from neurohand.decoder.pipeline import FeaturePipeline
 from neurohand.deploy.bundle import load_bundle, make_bundle
 from neurohand.deploy.runtime.config import load_runtime_config
-from neurohand.firmware_bridge import checks
-from neurohand.firmware_bridge.errors import BundleError, ConfigError, RecordingError, UsageError
-from neurohand.firmware_bridge.recording import (
+from neurohand.firmware_bridge.shared import checks
+from neurohand.firmware_bridge.shared.errors import BundleError, ConfigError, RecordingError, UsageError
+from neurohand.firmware_bridge.recording.file_format import (
     MAX_CHANNELS, RecordingTruncatedWarning, RecordingWriter, open_recording)
 from protobuf_builder import pb_field, pb_text, pb_varint  # noqa: F401
 
@@ -529,7 +529,7 @@ def test_bundle_golden_vectors_damaged_leave_no_open_file_behind(bundle):
     rehash(bundle, "golden.npz", _golden_damaged(bundle, "truncated"))
     code = ("import gc, sys\n"
             "from neurohand.deploy.bundle import load_bundle\n"
-            "from neurohand.firmware_bridge.errors import BundleError\n"
+            "from neurohand.firmware_bridge.shared.errors import BundleError\n"
             "try:\n"
             "    load_bundle(sys.argv[1]).golden_vectors()\n"
             "except BundleError as exc:\n"
@@ -560,7 +560,7 @@ def test_loaders_read_utf8_under_the_c_locale(bundle, tmp_path):
     code = ("import sys\n"
             "from neurohand.deploy.bundle import load_bundle\n"
             "from neurohand.deploy.runtime.config import load_runtime_config\n"
-            "from neurohand.firmware_bridge.errors import ConfigError\n"
+            "from neurohand.firmware_bridge.shared.errors import ConfigError\n"
             "import locale\n"
             "print(locale.getpreferredencoding(False))\n"
             "print(ascii(load_bundle(sys.argv[1]).config['note']))\n"

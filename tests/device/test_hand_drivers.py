@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from neurohand.firmware_bridge.errors import NeurohandError, UsageError
+from neurohand.firmware_bridge.shared.errors import NeurohandError, UsageError
 from neurohand.firmware_bridge.hands import HAND_DRIVERS, HandError, create_hand, parse_hand_spec
 from neurohand.firmware_bridge.hands import neurohand_protocol as nhp
 from neurohand.firmware_bridge.hands.base import HandDriver

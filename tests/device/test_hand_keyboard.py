@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 
-from neurohand.firmware_bridge.errors import ConfigError
+from neurohand.firmware_bridge.shared.errors import ConfigError
 from neurohand.firmware_bridge.hands import HandError, create_hand
 from neurohand.firmware_bridge.hands import keyboard
-from neurohand.firmware_bridge.hands.spec_blocks import read_blocks
+from spec_blocks import read_blocks
 
 SPEC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "hand-protocol.md")
 #            thumb index middle ring little

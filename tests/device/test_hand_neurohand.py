@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from neurohand.firmware_bridge.errors import LinkError, ProtocolError
+from neurohand.firmware_bridge.shared.errors import LinkError, ProtocolError
 from neurohand.firmware_bridge.hands import HandError, create_hand
 from neurohand.firmware_bridge.hands import neurohand_protocol as nhp
-from neurohand.firmware_bridge.hands.spec_blocks import hex_bytes, read_blocks
-from neurohand.firmware_bridge.virtual_hand import VirtualHand
+from spec_blocks import hex_bytes, read_blocks
+from neurohand.firmware_bridge.virtual.hand import VirtualHand
 
 SPEC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "hand-protocol.md")
 VECTORS = read_blocks(SPEC, "hand-vector")

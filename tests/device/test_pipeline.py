@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from neurohand.decoder.dsp import FilterChain
 from neurohand.decoder.pipeline import FeaturePipeline, _resolve_settings
-from neurohand.firmware_bridge.errors import ConfigError, UsageError
+from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 
 with open(os.path.join(os.path.dirname(__file__), "data", "pipelines.json")) as _handle:
     DATA = json.load(_handle)

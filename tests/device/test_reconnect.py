@@ -20,13 +20,13 @@ from neurohand.deploy.runtime.stats import RuntimeStats
 from neurohand.deploy.runtime.writer import HandWriterStage
 from neurohand.deploy.runtime.decode import DecodedCommand
 from neurohand.deploy.session import load_decoder, run_on_chip
-from neurohand.firmware_bridge.chip_parser import ChipParser, SampleFrame
-from neurohand.firmware_bridge.errors import LinkError
+from neurohand.firmware_bridge.chip.parser import ChipParser, SampleFrame
+from neurohand.firmware_bridge.shared.errors import LinkError
 from neurohand.firmware_bridge.hands.base import HandDriver
-from neurohand.firmware_bridge.recording import open_recording
-from neurohand.firmware_bridge.serial_link import SerialLink
-from neurohand.firmware_bridge.virtual_chip import ArraySource, RecordingSource, VirtualChip
-from neurohand.firmware_bridge.virtual_hand import VirtualHand
+from neurohand.firmware_bridge.recording.file_format import open_recording
+from neurohand.firmware_bridge.link import SerialLink
+from neurohand.firmware_bridge.virtual.chip import ArraySource, RecordingSource, VirtualChip
+from neurohand.firmware_bridge.virtual.hand import VirtualHand
 
 from test_faults_realtime import CONFIG, JITTER_S, SLEW_STEP, STRIDE_S, WIRE_EPS, bench  # noqa: F401 (fixture)
 
@@ -168,7 +168,7 @@ def wait_until(predicate, timeout_s=5.0):
 
 @pytest.mark.parametrize("autostart", [False, True])
 def test_the_virtual_chip_waits_for_start_after_a_replug_unless_autostart(tmp_path, autostart):
-    from neurohand.firmware_bridge.chip_protocol import ChipCommandChannel
+    from neurohand.firmware_bridge.chip.protocol import ChipCommandChannel
     # 4 s at 2 kHz; every sample holds its own row index, so a frame tells where in the signal it is.
     samples = np.repeat(np.arange(8000, dtype=np.int16)[:, None], 4, axis=1)
     chip = VirtualChip(ArraySource(samples, 2000.0), disconnect_after_s=0.3, reconnect_pause_s=0.2,
@@ -332,8 +332,8 @@ def test_a_new_stream_after_a_reset_reaches_the_decoder_after_a_gap_estimated_fr
     """1 s without frames, then a new stream: the decoder is told ~1 s of missing samples.  With
     ``flushed`` its flagged first frames were lost (flushed on reopen): the sequence goes backwards."""
     from neurohand.deploy.runtime.loop import BatchQueue, ChipReceiver
-    from neurohand.firmware_bridge import chip_protocol as cp
-    from neurohand.firmware_bridge.chip_parser import SampleGap
+    from neurohand.firmware_bridge.chip import protocol as cp
+    from neurohand.firmware_bridge.chip.parser import SampleGap
     clock = {"now": 0.0}
     queue = BatchQueue(100)
     receiver = ChipReceiver(ChipParser(), queue, RuntimeStats(), lambda: clock["now"], sample_rate=1000.0)
@@ -356,8 +356,8 @@ def test_a_new_stream_after_a_reset_reaches_the_decoder_after_a_gap_estimated_fr
 
 def test_frames_after_a_reconnect_are_held_until_released_and_reach_the_decoder_as_a_gap():
     from neurohand.deploy.runtime.loop import BatchQueue, ChipReceiver
-    from neurohand.firmware_bridge import chip_protocol as cp
-    from neurohand.firmware_bridge.chip_parser import SampleGap
+    from neurohand.firmware_bridge.chip import protocol as cp
+    from neurohand.firmware_bridge.chip.parser import SampleGap
     queue = BatchQueue(100)
     receiver = ChipReceiver(ChipParser(), queue, RuntimeStats(), time.monotonic, sample_rate=1000.0)
     asked = []

@@ -18,8 +18,8 @@ import zlib
 import numpy as np
 import pytest
 
-from neurohand.firmware_bridge.errors import RecordingError, UsageError
-from neurohand.firmware_bridge.recording import (
+from neurohand.firmware_bridge.shared.errors import RecordingError, UsageError
+from neurohand.firmware_bridge.recording.file_format import (
     Event, RecordingTruncatedWarning, RecordingWriter, open_recording)
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "recording-format.md")
@@ -365,7 +365,7 @@ def test_writer_killed_loses_at_most_the_flush_interval(tmp_path):
     path = str(tmp_path / "killed.nhr")
     code = (
         "import sys, time, numpy as np\n"
-        "from neurohand.firmware_bridge.recording import RecordingWriter\n"
+        "from neurohand.firmware_bridge.recording.file_format import RecordingWriter\n"
         "w = RecordingWriter(sys.argv[1], 10000.0, ['c%d' % i for i in range(16)], 'int16', [0.195] * 16,\n"
         "                    label_streams={'fingers': {'rate': 100.0, 'names': list('abcde')}})\n"
         "for i in range(57):\n"

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from neurohand.firmware_bridge.recording import RecordingWriter
+from neurohand.firmware_bridge.recording.file_format import RecordingWriter
 
 FINGERS = ["thumb", "index", "middle", "ring", "little"]
 

@@ -17,15 +17,15 @@ import time
 import numpy as np
 import pytest
 
-from neurohand.deploy import cli
+from neurohand.deploy.cli import main as cli
 from neurohand.deploy.bundle import make_bundle
 from neurohand.deploy.demo import write_session_parts
 from neurohand.deploy.replay import (
     LabelTruth, r2_scores, repeated_commands, scale_labels, wire_positions)
-from neurohand.firmware_bridge.recording import open_recording
-from neurohand.firmware_bridge.simulator import SimulatorConfig
-from neurohand.firmware_bridge.virtual_chip import ArraySource, RecordingSource, VirtualChip
-from neurohand.firmware_bridge.virtual_hand import VirtualHand
+from neurohand.firmware_bridge.recording.file_format import open_recording
+from neurohand.firmware_bridge.virtual.simulator import SimulatorConfig
+from neurohand.firmware_bridge.virtual.chip import ArraySource, RecordingSource, VirtualChip
+from neurohand.firmware_bridge.virtual.hand import VirtualHand
 
 RUN_DIR = os.path.join(os.path.dirname(__file__), "data", "replay_run")
 HELDOUT_S = 12.0
@@ -118,7 +118,7 @@ def test_fast_replay_reports_scores_and_counts(data, capsys):
 
 def copy_with_gaps(source, target, gaps):
     """``source`` with samples [first, first + n) marked missing (zeroed, "missing" events), as the recorder does."""
-    from neurohand.firmware_bridge.recording import RecordingWriter
+    from neurohand.firmware_bridge.recording.file_format import RecordingWriter
 
     with open_recording(source) as recording:
         streams = {name: {"rate": s.rate, "names": s.names} for name, s in recording.label_streams.items()}

@@ -23,10 +23,10 @@ from neurohand.deploy.runtime.config import RuntimeConfig
 from neurohand.deploy.runtime.loop import (
     BatchQueue, ChipReceiver, LatestSlot, RealtimeRunner, build_runtime, installed_signal_handlers)
 from neurohand.deploy.runtime.stats import Distribution, RuntimeStats
-from neurohand.firmware_bridge import chip_protocol as cp
-from neurohand.firmware_bridge.chip_parser import ChipParser, SampleFrame, SampleGap
+from neurohand.firmware_bridge.chip import protocol as cp
+from neurohand.firmware_bridge.chip.parser import ChipParser, SampleFrame, SampleGap
 from neurohand.firmware_bridge.hands.base import HandDriver
-from neurohand.firmware_bridge.recording import open_recording
+from neurohand.firmware_bridge.recording.file_format import open_recording
 
 MODEL = os.path.join(os.path.dirname(__file__), "data", "golden_gru.onnx")
 RATE = 1000.0

@@ -7,7 +7,7 @@ import pytest
 
 from neurohand.deploy.runtime.config import RuntimeConfig, load_runtime_config
 from neurohand.deploy.runtime.postprocess import PostProcessor
-from neurohand.firmware_bridge.errors import ConfigError, UsageError
+from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 
 
 def make(n=1, lo=0.0, hi=1.0, tau=0.0, slew=None, initial=None):

@@ -9,13 +9,13 @@ import pytest
 from neurohand.decoder.backends import create_backend
 from neurohand.decoder.pipeline import FeaturePipeline
 from neurohand.deploy.runtime import run_realtime
-from neurohand.deploy.runtime.chip import chip_opener
+from neurohand.firmware_bridge.chip.session import chip_opener
 from neurohand.deploy.runtime.config import RuntimeConfig
-from neurohand.firmware_bridge.errors import ConfigError
+from neurohand.firmware_bridge.shared.errors import ConfigError
 from neurohand.firmware_bridge.hands import create_hand
-from neurohand.firmware_bridge.recording import open_recording
-from neurohand.firmware_bridge.virtual_chip import ArraySource, VirtualChip
-from neurohand.firmware_bridge.virtual_hand import VirtualHand
+from neurohand.firmware_bridge.recording.file_format import open_recording
+from neurohand.firmware_bridge.virtual.chip import ArraySource, VirtualChip
+from neurohand.firmware_bridge.virtual.hand import VirtualHand
 
 MODEL = os.path.join(os.path.dirname(__file__), "data", "golden_gru.onnx")
 RATE = 1000.0

@@ -15,9 +15,9 @@ from neurohand.decoder.pipeline import FeaturePipeline
 from neurohand.deploy.runtime import replay_fast
 from neurohand.deploy.runtime.config import RuntimeConfig
 from neurohand.deploy.runtime.recorder import ThreadedRecorder, open_run_recording
-from neurohand.deploy.runtime.replay import recording_gaps, recording_items
-from neurohand.firmware_bridge.chip_parser import SampleFrame, SampleGap
-from neurohand.firmware_bridge.recording import open_recording
+from neurohand.deploy.runtime.replay_source import recording_gaps, recording_items
+from neurohand.firmware_bridge.chip.parser import SampleFrame, SampleGap
+from neurohand.firmware_bridge.recording.file_format import open_recording
 
 MODEL = os.path.join(os.path.dirname(__file__), "data", "golden_gru.onnx")
 RATE = 1000.0

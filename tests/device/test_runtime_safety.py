@@ -15,8 +15,8 @@ from neurohand.decoder.pipeline import FeaturePipeline
 from neurohand.deploy.runtime.config import RuntimeConfig
 from neurohand.deploy.runtime.decode import DecodedCommand
 from neurohand.deploy.runtime.loop import VirtualClock, build_runtime, run_fast
-from neurohand.firmware_bridge.chip_parser import SampleFrame, SampleGap
-from neurohand.firmware_bridge.errors import LinkError
+from neurohand.firmware_bridge.chip.parser import SampleFrame, SampleGap
+from neurohand.firmware_bridge.shared.errors import LinkError
 from neurohand.firmware_bridge.hands.base import HandDriver
 
 MODEL = os.path.join(os.path.dirname(__file__), "data", "golden_gru.onnx")
@@ -236,7 +236,7 @@ def test_hand_failure_is_logged_once_and_the_writer_keeps_going():
 
 
 def test_build_refuses_pieces_that_do_not_fit():
-    from neurohand.firmware_bridge.errors import ConfigError
+    from neurohand.firmware_bridge.shared.errors import ConfigError
     clock = VirtualClock()
     pipeline = FeaturePipeline.from_config(PIPELINE)
     with pytest.raises(ConfigError, match="scale_uv"):

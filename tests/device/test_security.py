@@ -23,9 +23,9 @@ import threading
 import numpy as np
 import pytest
 
-from neurohand.deploy import cli
+from neurohand.deploy.cli import main as cli
 from neurohand.deploy.bundle import make_bundle
-from neurohand.firmware_bridge.errors import BundleError, ConfigError
+from neurohand.firmware_bridge.shared.errors import BundleError, ConfigError
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SOURCE_FOLDERS = ("decoder", "firmware_bridge", "deploy", "train")
@@ -236,8 +236,8 @@ def bundle(tmp_path_factory):
 
 
 def test_neurohand_run_owns_no_network_socket(bundle):
-    from neurohand.firmware_bridge.virtual_chip import ArraySource, VirtualChip
-    from neurohand.firmware_bridge.virtual_hand import VirtualHand
+    from neurohand.firmware_bridge.virtual.chip import ArraySource, VirtualChip
+    from neurohand.firmware_bridge.virtual.hand import VirtualHand
 
     rng = np.random.RandomState(0)
     chip = VirtualChip(ArraySource(rng.randint(-2000, 2000, (40000, 4)).astype(np.int16), 2000.0, 0.195))
@@ -271,7 +271,7 @@ def test_neurohand_run_owns_no_network_socket(bundle):
     ("config.json", lambda data: data.replace(b'"seed"', b'"Seed"', 1)),
 ])
 def test_a_tampered_bundle_is_refused_before_anything_in_it_is_loaded(bundle, tmp_path, monkeypatch, name, damage):
-    from neurohand.deploy import commands
+    from neurohand.deploy.cli import bundle as commands
     from neurohand.deploy.session import load_decoder
 
     copy = str(tmp_path / "copy")
@@ -337,7 +337,7 @@ def test_the_service_runs_unprivileged_hardened_and_off_the_network():
 @pytest.mark.parametrize("user", ["root", "0"])
 def test_flash_refuses_to_run_the_service_as_root(bundle, tmp_path, user):
     from neurohand.deploy import flash
-    from neurohand.firmware_bridge.errors import UsageError
+    from neurohand.firmware_bridge.shared.errors import UsageError
     package = str(tmp_path / "neurohand.tar.gz")        # a dry run never opens it
     with pytest.raises(UsageError, match="unprivileged"):
         flash.flash(bundle, ["user@jetson"], unit_settings(service_user=user), dry_run=True, package=package,

@@ -5,13 +5,13 @@ import sys
 import numpy as np
 import pytest
 
-from neurohand.deploy import cli
-from neurohand.firmware_bridge.errors import UsageError
-from neurohand.firmware_bridge.simulator import (
+from neurohand.deploy.cli import main as cli
+from neurohand.firmware_bridge.shared.errors import UsageError
+from neurohand.firmware_bridge.virtual.simulator import (
     INT16_MAX, INT16_MIN, LABEL_RATE, SCALE_UV, SIMULATOR_VERSION, NerveSimulator, SimulatorConfig,
     generate)
-from neurohand.firmware_bridge.simulator_decoding import linear_decoder_r2, window_features
-from neurohand.firmware_bridge.simulator_protocol import FINGERS, MOVEMENTS
+from neurohand.firmware_bridge.virtual.yardstick import linear_decoder_r2, window_features
+from neurohand.firmware_bridge.virtual.movements import FINGERS, MOVEMENTS
 
 RATE = 10000.0
 
@@ -229,7 +229,7 @@ def run_cli(*args):
 
 
 def test_cli_writes_identical_files_for_the_same_seed(tmp_path):
-    from neurohand.firmware_bridge.recording import open_recording
+    from neurohand.firmware_bridge.recording.file_format import open_recording
 
     paths = [str(tmp_path / "a.rec"), str(tmp_path / "b")]
     for path in paths:

@@ -88,9 +88,9 @@ def test_soak_pseudo_terminal_path(decoder_bundle, tmp_path):
     import json
     import subprocess
     import sys
-    from neurohand.deploy import cli
-    from neurohand.firmware_bridge.virtual_chip import ArraySource, VirtualChip
-    from neurohand.firmware_bridge.virtual_hand import VirtualHand
+    from neurohand.deploy.cli import main as cli
+    from neurohand.firmware_bridge.virtual.chip import ArraySource, VirtualChip
+    from neurohand.firmware_bridge.virtual.hand import VirtualHand
 
     assert cli.main(["selftest", decoder_bundle, "--backend", "numpy"]) == 0
     wall_s = SOAK_S / SOAK_SPEED
@@ -157,9 +157,9 @@ def test_soak_pseudo_terminal_path(decoder_bundle, tmp_path):
 
 def test_soak_fast_path(decoder_bundle, tmp_path):
     from neurohand.deploy.runtime import replay_fast
-    from neurohand.deploy.runtime.replay import recording_items
+    from neurohand.deploy.runtime.replay_source import recording_items
     from neurohand.deploy.session import load_decoder
-    from neurohand.firmware_bridge.recording import RecordingWriter, open_recording
+    from neurohand.firmware_bridge.recording.file_format import RecordingWriter, open_recording
 
     path = str(tmp_path / "long.nhr")
     names = ["ch{}".format(i) for i in range(N_CHANNELS)]

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import torch
 
-from neurohand.decoder.model import ModelConfig, build_model
+from neurohand.train.model import ModelConfig, build_model
 from neurohand.train.export import export_onnx, torch_reference
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "device", "data")

@@ -32,7 +32,7 @@ TRAINING = {
 
 def main():
     from neurohand.deploy.demo import write_session_parts
-    from neurohand.firmware_bridge.simulator import SimulatorConfig
+    from neurohand.firmware_bridge.virtual.simulator import SimulatorConfig
     from neurohand.train import trainer
 
     work = tempfile.mkdtemp(prefix="replay-fixture-")

@@ -10,9 +10,12 @@ import sys
 
 import pytest
 
-from neurohand.deploy import bench, bench_report, decoding_bench, features_bench
-from neurohand.deploy.cli import main
-from neurohand.firmware_bridge.errors import UsageError
+from neurohand.deploy.cli import bench
+from neurohand.deploy.bench import report as bench_report
+from neurohand.deploy.bench import decoding as decoding_bench
+from neurohand.deploy.bench import features as features_bench
+from neurohand.deploy.cli.main import main
+from neurohand.firmware_bridge.shared.errors import UsageError
 
 
 def timing(p50, p99, spread=(1.0, 2.0)):
@@ -206,7 +209,7 @@ def test_describe_machine_reports_this_machine():
     assert machine["packages"]["numpy"] == numpy.__version__
     assert machine["memory_total_mib"] > 0 and machine["cpu_model"]
     assert len(machine["load_average"]) == 3
-    code = ("import sys; from neurohand.deploy import bench_report; bench_report.describe_machine(); "
+    code = ("import sys; from neurohand.deploy.bench import report as bench_report; bench_report.describe_machine(); "
             "print(sorted(m for m in ('torch', 'onnxruntime', 'scipy') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, universal_newlines=True,
                             check=True).stdout.strip()

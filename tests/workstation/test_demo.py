@@ -96,7 +96,7 @@ def test_fast_replay_scores_what_evaluate_decodes(demo):
     from neurohand.deploy import replay
     from neurohand.deploy.runtime.config import RuntimeConfig
     from neurohand.deploy.session import load_decoder
-    from neurohand.firmware_bridge.recording import open_recording
+    from neurohand.firmware_bridge.recording.file_format import open_recording
     from neurohand.train import dataset, evaluate, splits
 
     out, _ = demo

@@ -9,8 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from neurohand.decoder.model import ModelConfig, build_model  # noqa: E402
-from neurohand.deploy import cli  # noqa: E402
+from neurohand.train.model import ModelConfig, build_model  # noqa: E402
+from neurohand.deploy.cli import main as cli  # noqa: E402
 from neurohand.train import evaluate, trainer  # noqa: E402
 from test_train_data import TINY_CONFIG, make_recording  # noqa: E402
 

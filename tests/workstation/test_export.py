@@ -9,7 +9,7 @@ from onnx import numpy_helper
 
 from neurohand.decoder import onnx_weights
 from neurohand.decoder.backends import create_backend
-from neurohand.decoder.model import ModelConfig, build_model
+from neurohand.train.model import ModelConfig, build_model
 from neurohand.train import export
 from neurohand.train.export import ExportError, export_onnx
 

@@ -18,7 +18,7 @@ signal = pytest.importorskip("scipy.signal")
 from neurohand.decoder.filter_design import (  # noqa: E402
     design_band_pass, design_chain, design_notches, notch_frequencies)
 from neurohand.decoder.pipeline import FeaturePipeline  # noqa: E402
-from neurohand.firmware_bridge.errors import UsageError  # noqa: E402
+from neurohand.firmware_bridge.shared.errors import UsageError  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "device", "data", "pipelines.json")
 

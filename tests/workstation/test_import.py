@@ -8,8 +8,8 @@ import pytest
 
 scipy_io = pytest.importorskip("scipy.io")
 
-from neurohand.firmware_bridge.errors import RecordingError, UsageError  # noqa: E402
-from neurohand.firmware_bridge.recording import open_recording  # noqa: E402
+from neurohand.firmware_bridge.shared.errors import RecordingError, UsageError  # noqa: E402
+from neurohand.firmware_bridge.recording.file_format import open_recording  # noqa: E402
 from neurohand.train import importers  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""The LibEMG comparison bench (decoder/libemg_compare.py).
+"""The LibEMG comparison bench (deploy/bench/libemg.py).
 
 LibEMG is not a neurohand dependency, so in the project's own venvs only the
 "absent" report and the comparison helpers are tested; the agreement test
@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from neurohand.decoder import libemg_compare
+from neurohand.deploy.bench import libemg as libemg_compare
 
 STATUS_KEYS = {"quick", "libemg_importable", "libemg_version", "libemg_unavailable_reason"}
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from neurohand.decoder.model import ModelConfig, build_model, load_checkpoint, save_checkpoint
-from neurohand.firmware_bridge.errors import ConfigError, UsageError
+from neurohand.train.model import ModelConfig, build_model, load_checkpoint, save_checkpoint
+from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 
 
 def test_config_round_trips_and_validates():

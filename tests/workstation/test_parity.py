@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from neurohand.decoder.backends import create_backend
-from neurohand.decoder.model import ModelConfig, build_model
+from neurohand.train.model import ModelConfig, build_model
 from neurohand.train.export import export_onnx, torch_reference
 
 STEPS = 1000

@@ -11,10 +11,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 from neurohand.decoder.backends import create_backend  # noqa: E402
-from neurohand.deploy import cli  # noqa: E402
-from neurohand.decoder.model import ModelConfig, build_model  # noqa: E402
+from neurohand.deploy.cli import main as cli  # noqa: E402
+from neurohand.train.model import ModelConfig, build_model  # noqa: E402
 from neurohand.decoder.pipeline import FeaturePipeline  # noqa: E402
-from neurohand.firmware_bridge.errors import UsageError  # noqa: E402
+from neurohand.firmware_bridge.shared.errors import UsageError  # noqa: E402
 from neurohand.train import trainer  # noqa: E402
 from test_train_data import TINY_CONFIG, make_recording  # noqa: E402
 

@@ -8,8 +8,8 @@ import pytest
 pytest.importorskip("scipy")
 
 from neurohand.decoder.pipeline import FeaturePipeline  # noqa: E402
-from neurohand.firmware_bridge.errors import UsageError  # noqa: E402
-from neurohand.firmware_bridge.recording import RecordingWriter  # noqa: E402
+from neurohand.firmware_bridge.shared.errors import UsageError  # noqa: E402
+from neurohand.firmware_bridge.recording.file_format import RecordingWriter  # noqa: E402
 from neurohand.train import dataset, splits  # noqa: E402
 
 Event = collections.namedtuple("Event", ["sample", "kind", "value"])

@@ -1,0 +1,240 @@
+"""``neurohand bench``: measurements on the current machine, printed as JSON and written as results.
+
+Each target is a function ``run(quick, ...) -> dict`` living next to the code
+it measures; this module only names them (:data:`TARGETS`), runs the chosen
+ones and hands the results to :mod:`neurohand.deploy.bench.report`.
+``quick`` asks for a shorter run (used by tests to check the output's shape,
+never its speed).
+
+Output contract: one target with ``--json`` prints exactly that target's
+JSON object; several targets (or ``all``) with ``--json`` print the whole
+results document (bench_report.py).  Results files (results.json and
+results.md) are written when ``--results-dir`` is given, and for a full
+(not ``--quick``) ``all`` run in a source checkout to ./bench/; the files are
+rewritten after every target, so an interrupted run keeps what it measured.
+"""
+import json
+import os
+import sys
+import time
+
+
+def _parser(quick, options):
+    from neurohand.deploy.bench import chip as chip_bench
+    return chip_bench.run(quick)
+
+
+def _dsp(quick, options):
+    from neurohand.deploy.bench import dsp as dsp_bench
+    return dsp_bench.run_dsp(quick)
+
+
+def _features(quick, options):
+    from neurohand.deploy.bench import features as features_bench
+    return features_bench.run(quick, options.libemg_python)
+
+
+def _backends(quick, options):
+    from neurohand.deploy.bench import backends as backend_bench
+    return backend_bench.run(quick)
+
+
+def _simulate(quick, options):
+    from neurohand.deploy.bench import simulator as simulator_bench
+    return simulator_bench.run(quick)
+
+
+def _libemg(quick, options):
+    from neurohand.deploy.bench import libemg as libemg_compare
+    return libemg_compare.run(quick)
+
+
+def _decoding(quick, options):
+    from neurohand.deploy.bench import decoding as decoding_bench
+    return decoding_bench.run(quick, options.ninapro, options.train_minutes)
+
+
+def _latency(quick, options):
+    from neurohand.deploy.bench import latency as latency_bench
+    return latency_bench.run(quick, options.train_minutes, options.replay_seconds)
+
+
+def _replay(quick, options):
+    from neurohand.deploy.bench import replay as replay_bench
+    return replay_bench.run(quick)
+
+
+def _footprint(quick, options):
+    from neurohand.deploy.bench import footprint as footprint_bench
+    return footprint_bench.run(quick)
+
+
+# Explicit registry: target name -> function(quick, options), in the order 'all' runs them.
+TARGETS = {
+    "parser": _parser,
+    "dsp": _dsp,
+    "features": _features,
+    "backends": _backends,
+    "simulate": _simulate,
+    "libemg": _libemg,
+    "footprint": _footprint,
+    "decoding": _decoding,
+    "latency": _latency,
+    "replay": _replay,
+}
+# Part of 'all' only through another target: libemg is inside 'features'.
+NOT_IN_ALL = ("libemg",)
+DEFAULT_RESULTS_DIR = "bench"
+DEFAULT_TRAIN_MINUTES = 20.0
+
+
+class BenchOptions(object):
+    """What targets may need besides ``quick`` (validated values)."""
+
+    def __init__(self, libemg_python=None, ninapro=None, train_minutes=DEFAULT_TRAIN_MINUTES, replay_seconds=None):
+        self.libemg_python = libemg_python
+        self.ninapro = ninapro
+        self.train_minutes = train_minutes
+        self.replay_seconds = replay_seconds
+
+
+def register(subparsers):
+    parser = subparsers.add_parser(
+        "bench", help="measure parsing, DSP, features, backends, decoding, latency, fast replay and footprint on "
+                      "this machine",
+        description="Measure on this machine, side by side with what users would otherwise pick (scipy, LibEMG, "
+                    "PyTorch, Wiener and Kalman filters, published latencies), and print the results. One target "
+                    "with --json prints exactly one JSON object; several targets or 'all' print the whole results "
+                    "document. Results files (results.json, results.md with the machine description) are written "
+                    "into --results-dir DIR when it is given; a full 'all' run (not --quick) writes them to "
+                    "./bench/ when the current directory is a source checkout with a bench/ folder, and needs "
+                    "--results-dir anywhere else. The files are rewritten after every target. See bench/README.md.",
+        epilog="Targets: parser, dsp, features (with LibEMG), backends, decoding, latency, replay (speed of "
+               "replay --fast), footprint, simulate, libemg. 'all' runs every target except libemg (already inside features); the full run takes "
+               "about 16-21 minutes on 2 cores, 10 of them the real-time replay of the latency target.")
+    parser.add_argument("targets", nargs="*", metavar="TARGET",
+                        help="what to measure: all (default) or one or more of {}".format(", ".join(TARGETS)))
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON only")
+    parser.add_argument("--quick", action="store_true",
+                        help="short run to check the set-up (figures are not meaningful, never written to ./bench/)")
+    parser.add_argument("--results-dir", metavar="DIR", default=None,
+                        help="write results.json and results.md here (created if missing); default: ./bench/ for "
+                             "a full 'all' run in a source checkout, otherwise not written")
+    parser.add_argument("--libemg-python", metavar="PATH", default=None,
+                        help="python of a venv with LibEMG installed, for the features comparison (LibEMG needs "
+                             "numpy<2; default: $NEUROHAND_LIBEMG_PYTHON, else LibEMG in this interpreter, else "
+                             "reported as not installed with the reason)")
+    parser.add_argument("--ninapro", metavar="FILE", default=None,
+                        help="NinaPro DB1 S2_A1_E1.mat for the decoding target (default: "
+                             "../shared/data/ninapro_db1_s2_e1/S2_A1_E1.mat; skipped where absent)")
+    parser.add_argument("--train-minutes", type=float, default=DEFAULT_TRAIN_MINUTES, metavar="MIN",
+                        help="training time budget per model in the decoding and latency targets, recorded with "
+                             "the results (default {:g}; the trainer's early stopping usually ends sooner)".format(
+                                 DEFAULT_TRAIN_MINUTES))
+    parser.add_argument("--replay-seconds", type=float, default=None, metavar="S",
+                        help="length of the real-time replay of the latency target (default 600, --quick 20)")
+    parser.add_argument("--update", action="store_true",
+                        help="measure only the TARGETs given and replace their entries in the existing "
+                             "results.json/results.md (in --results-dir, else ./bench/), keeping the other targets "
+                             "and recording when and under what load each update ran")
+    parser.set_defaults(func=run_command)
+
+
+def target_names(requested):
+    """The targets to run, in registry order, from the command line's words (default: all)."""
+    from neurohand.firmware_bridge.shared import checks
+
+    if not requested or "all" in requested:
+        if len(requested) > 1:
+            from neurohand.firmware_bridge.shared.errors import UsageError
+            raise UsageError("'all' cannot be combined with other targets, but got {}".format(" ".join(requested)))
+        return [name for name in TARGETS if name not in NOT_IN_ALL]
+    for name in requested:
+        checks.check_option("target", name, ["all"] + list(TARGETS))
+    return [name for name in TARGETS if name in requested]
+
+
+def results_directory(requested_dir, is_all, quick):
+    """Where results are written (a directory path) or None (print only); see --help."""
+    from neurohand.firmware_bridge.shared.errors import UsageError
+
+    if requested_dir is not None:
+        parent = os.path.dirname(os.path.abspath(requested_dir))
+        if not os.path.isdir(parent):
+            raise UsageError("--results-dir {!r}: its parent folder {!r} does not exist".format(requested_dir, parent))
+        if os.path.exists(requested_dir) and not os.path.isdir(requested_dir):
+            raise UsageError("--results-dir {!r} exists and is not a folder".format(requested_dir))
+        os.makedirs(requested_dir, exist_ok=True)
+        return requested_dir
+    if not is_all or quick:
+        return None
+    if not os.path.isdir(DEFAULT_RESULTS_DIR):
+        raise UsageError("'all' writes its results to ./{0}/ in a source checkout, but there is no {0}/ folder "
+                         "in {1}; give --results-dir DIR".format(DEFAULT_RESULTS_DIR, os.getcwd()))
+    return DEFAULT_RESULTS_DIR
+
+
+def options_from(args):
+    from neurohand.deploy.bench.features import libemg_python_from
+    from neurohand.firmware_bridge.shared import checks
+
+    if args.ninapro is not None:
+        checks.check_file_exists("--ninapro", args.ninapro)
+    train_minutes = checks.check_number("--train-minutes", args.train_minutes, minimum=0.0, exclusive_minimum=True)
+    replay_seconds = None
+    if args.replay_seconds is not None:
+        replay_seconds = checks.check_number("--replay-seconds", args.replay_seconds, minimum=2.0)
+    return BenchOptions(libemg_python_from(args.libemg_python), args.ninapro, train_minutes, replay_seconds)
+
+
+def run_command(args):
+    from neurohand.deploy.bench import report as bench_report
+
+    names = target_names(args.targets)
+    # Check every user value before measuring anything: a mistake must not cost a half-hour run.
+    options = options_from(args)
+    command = " ".join(["neurohand bench"] + (args.targets or ["all"]) + (["--quick"] if args.quick else []))
+    if args.update:
+        directory = results_directory(args.results_dir or DEFAULT_RESULTS_DIR, False, args.quick)
+        document = bench_report.start_update(directory, command, names)
+    else:
+        directory = results_directory(args.results_dir, not args.targets or args.targets == ["all"], args.quick)
+        document = bench_report.new_document(command, args.quick, names, bench_report.describe_machine())
+    first_error = None
+    for name in names:
+        print("measuring {} ...".format(name), file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        entry = document["targets"][name]
+        try:
+            entry["result"] = TARGETS[name](args.quick, options)
+            entry["status"] = "ok"
+        except Exception as error:          # noqa: BLE001 - recorded; a long run goes on with the next target
+            if first_error is None:
+                first_error = error
+            entry["status"] = "failed"
+            entry["error"] = "{}: {}".format(type(error).__name__, error)
+            print("bench {} failed: {}".format(name, entry["error"]), file=sys.stderr)
+        entry["seconds"] = round(time.perf_counter() - started, 1)
+        if directory is not None:
+            bench_report.write_results(directory, document)
+    if args.update:
+        document["updates"][-1].update(finished_utc=bench_report.utc_now(),
+                                       load_average_end=bench_report.load_average())
+    else:
+        document["complete"] = True
+        document["finished_utc"] = bench_report.utc_now()
+        document["load_average_end"] = bench_report.load_average()
+    if directory is not None:
+        paths = bench_report.write_results(directory, document)
+        print("results written to {} and {}".format(*paths), file=sys.stderr)
+    if len(names) == 1:
+        if first_error is not None:
+            raise first_error           # one target: its error as before (NeurohandError -> one line)
+        result = document["targets"][names[0]]["result"]
+        print(json.dumps(result, sort_keys=True) if args.json else json.dumps(result, indent=2, sort_keys=True))
+        return 0
+    if args.json:
+        print(json.dumps(document, sort_keys=True))
+    else:
+        print(bench_report.render_markdown(document))
+    return 1 if first_error is not None else 0

@@ -1,0 +1,174 @@
+"""Runtime and deployment subcommands (see neurohand.deploy.cli.main).  Standard
+library only at module level; handlers import what they need."""
+import json
+import os
+
+BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime", "numpy", "torch")
+
+
+def register(subparsers):
+    """Add the runtime and deployment subcommands to the ``neurohand`` parser."""
+    parser = subparsers.add_parser(
+        "bundle", help="package a trained run as a verified bundle for the device",
+        description="Make a self-contained bundle directory from a training run: model.onnx, config.json "
+                    "(DSP, features, normalisation, I/O spec), golden test vectors computed with the numpy "
+                    "backend, and manifest.json with the SHA-256 of every file and the versions that "
+                    "produced it. Every later load verifies the manifest.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="output directory of 'neurohand train'")
+    parser.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to create (must not exist)")
+    parser.set_defaults(func=_bundle)
+
+    parser = subparsers.add_parser(
+        "build-engine", help="build the TensorRT engine of a bundle on this device",
+        description="Build a TensorRT engine from the bundle's ONNX model with the installed TensorRT "
+                    "(8.2 on JetPack 4.6, 10.x elsewhere) and store it in BUNDLE/engine/ with the TensorRT "
+                    "version and GPU name. An engine built by another TensorRT, GPU or model is refused "
+                    "later with a message to rebuild. Needs a GPU, TensorRT and pycuda.")
+    parser.add_argument("bundle", metavar="BUNDLE", help="bundle directory")
+    parser.add_argument("--fp16", action="store_true", help="build in half precision (self-test tolerance 1e-2)")
+    parser.add_argument("--workspace-mb", type=int, default=256, metavar="N",
+                        help="builder workspace in MiB (default 256; the Nano has 4 GB shared)")
+    parser.set_defaults(func=_build_engine)
+
+    parser = subparsers.add_parser(
+        "selftest", help="check a backend against the bundle's golden vectors on this device",
+        description="Run the bundle's golden feature sequences through a backend, compare with the "
+                    "reference outputs (max abs error at most 1e-4 in FP32, 1e-2 in FP16), print per-step "
+                    "latency, and record the result for this device. 'neurohand run' refuses a bundle "
+                    "that has not passed here. Exit status 1 on failure.")
+    parser.add_argument("bundle", metavar="BUNDLE", help="bundle directory")
+    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                        help="inference backend (default auto: TensorRT, then ONNX Runtime, then numpy)")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    parser.set_defaults(func=_selftest)
+
+    register_flash(subparsers)
+
+
+def _bundle(args):
+    from neurohand.deploy.bundle import make_bundle
+    manifest = make_bundle(args.run_dir, args.out)
+    print("bundle written to {} ({} inputs -> {} outputs; files: {})".format(
+        args.out, manifest["io"]["n_features"], manifest["io"]["n_outputs"], ", ".join(sorted(manifest["files"]))))
+
+
+def _build_engine(args):
+    from neurohand.deploy.bundle import load_bundle
+    from neurohand.decoder.backends.tensorrt_backend import build_engine
+    from neurohand.firmware_bridge.shared.checks import check_int
+    workspace_mb = check_int("--workspace-mb", args.workspace_mb, minimum=16, maximum=65536)
+    bundle = load_bundle(args.bundle)
+    os.makedirs(bundle.engine_dir, exist_ok=True)
+    metadata = build_engine(bundle.model_path, bundle.engine_path, fp16=args.fp16, workspace_mb=workspace_mb)
+    print("engine built with TensorRT {} for {} ({}) -> {}".format(
+        metadata["tensorrt_version"], metadata["gpu_name"], "fp16" if args.fp16 else "fp32", bundle.engine_path))
+
+
+def open_bundle_backend(bundle, backend_name):
+    """Create the backend a bundle runs on; TensorRT uses the bundle's engine."""
+    from neurohand.decoder.backends import create_backend
+    path = bundle.engine_path
+    fp16 = False
+    if os.path.isfile(path + ".json"):
+        from neurohand.firmware_bridge.shared.checks import load_json_file
+        fp16 = bool(load_json_file(path + ".json", "TensorRT engine metadata").get("fp16"))
+    if backend_name in ("tensorrt", "auto"):
+        return create_backend(backend_name, bundle.model_path, engine_path=path, fp16=fp16), fp16
+    return create_backend(backend_name, bundle.model_path), False
+
+
+def _selftest(args):
+    from neurohand.deploy.bundle import load_bundle
+    from neurohand.deploy.selftest import record_result, run_selftest
+    bundle = load_bundle(args.bundle)
+    backend, fp16 = open_bundle_backend(bundle, args.backend)
+    try:
+        report = run_selftest(bundle, backend, fp16=fp16 and backend.name == "tensorrt")
+    finally:
+        backend.close()
+    report["record"] = record_result(bundle, report)
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+    else:
+        print("self-test {}: backend {}, {} steps, max abs error {:.3g} (tolerance {:g}), "
+              "step latency p50 {:.0f} us, p99 {:.0f} us".format(
+                  "PASSED" if report["passed"] else "FAILED", report["backend"], report["steps"],
+                  report["max_abs_error"], report["tolerance"], report["step_us"]["p50"], report["step_us"]["p99"]))
+    return 0 if report["passed"] else 1
+
+
+def register_flash(subparsers):
+    parser = subparsers.add_parser(
+        "flash", help="install a bundle and the service on Jetsons over SSH",
+        description="Copy the bundle and the package to each device over SSH (keys only; no password is "
+                    "asked or stored), install what is missing, build the TensorRT engine and self-test "
+                    "there, install udev rules (/dev/neurohand-chip, /dev/neurohand-hand) and a hardened "
+                    "systemd service running 'neurohand run' as an unprivileged user in the dialout group. "
+                    "Several --host options or an --inventory file flash a fleet in parallel. Privileged "
+                    "steps need root or passwordless sudo on the device.",
+        epilog="Example: neurohand flash my-bundle --host jetson@192.0.2.7 --identity ~/.ssh/id_ed25519 "
+               "--chip-usb 0483:5740 --hand-usb 0403:6015 --hand psyonic:/dev/neurohand-hand --max-performance")
+    parser.add_argument("bundle", metavar="BUNDLE", help="bundle directory made by 'neurohand bundle'")
+    parser.add_argument("--host", action="append", default=[], metavar="USER@HOST[:PORT]",
+                        help="device to flash; repeat for several")
+    parser.add_argument("--inventory", metavar="FILE", help="file with one USER@HOST[:PORT] per line ('#' comments)")
+    parser.add_argument("--identity", metavar="KEYFILE", help="SSH private key (default: ssh's own choice)")
+    parser.add_argument("--known-hosts", metavar="FILE", help="known-hosts file to use instead of ssh's default")
+    parser.add_argument("--dry-run", action="store_true", help="print every remote command without running it")
+    parser.add_argument("--jobs", type=int, default=4, metavar="N", help="devices flashed at once (default 4)")
+    parser.add_argument("--install-dir", default="/opt/neurohand", metavar="DIR",
+                        help="where the package, bundles and venv live on the device (default /opt/neurohand)")
+    parser.add_argument("--system-root", default="/", metavar="DIR",
+                        help="install system files (systemd unit, udev rules) under this root instead of / "
+                             "(for staging images and tests; the service user is then not created)")
+    parser.add_argument("--service-user", default="neurohand", metavar="USER",
+                        help="unprivileged user the service runs as (default neurohand)")
+    parser.add_argument("--remote-python", default="python3", metavar="PYTHON",
+                        help="Python on the device (default python3: JetPack 4.6's 3.6.9)")
+    parser.add_argument("--chip", default="/dev/neurohand-chip", metavar="PORT", help="chip port the service opens")
+    parser.add_argument("--hand", default="psyonic:/dev/neurohand-hand", metavar="SPEC",
+                        help="hand the service drives: psyonic:PORT, neurohand:PORT, keys:MAPFILE or none")
+    parser.add_argument("--backend", default="tensorrt", choices=BACKEND_CHOICES,
+                        help="backend the device self-tests and runs (default tensorrt)")
+    parser.add_argument("--fp16", action="store_true", help="build the engine in half precision")
+    parser.add_argument("--skip-engine", action="store_true",
+                        help="do not build a TensorRT engine (devices without a GPU; use another --backend)")
+    parser.add_argument("--chip-usb", metavar="VID:PID", help="USB id of the chip's serial adapter for the udev rule")
+    parser.add_argument("--hand-usb", metavar="VID:PID", help="USB id of the hand's serial adapter for the udev rule")
+    parser.add_argument("--max-performance", action="store_true",
+                        help="set the Jetson's maximum-performance mode (nvpmodel -m 0, jetson_clocks)")
+    parser.add_argument("--no-start", action="store_true", help="install the service but do not (re)start it")
+    parser.add_argument("--package", metavar="ARCHIVE",
+                        help="pip-installable neurohand archive to copy (default: built from this source tree)")
+    parser.set_defaults(func=_flash)
+
+
+def _flash(args):
+    from neurohand.deploy import flash
+    from neurohand.firmware_bridge.shared.checks import check_int
+    from neurohand.firmware_bridge.shared.errors import UsageError
+    hosts = list(args.host)
+    if args.inventory:
+        hosts += flash.read_inventory(args.inventory)
+    if not hosts:
+        raise UsageError("give at least one --host USER@HOST or an --inventory file")
+    if args.skip_engine and args.backend == "tensorrt":
+        raise UsageError("--skip-engine needs another --backend (onnxruntime or numpy): tensorrt needs the engine")
+    settings = flash.FlashSettings(
+        install_dir=args.install_dir, system_root=args.system_root, service_user=args.service_user,
+        remote_python=args.remote_python, chip_port=args.chip, hand=args.hand, backend=args.backend,
+        fp16=args.fp16, skip_engine=args.skip_engine, max_performance=args.max_performance,
+        chip_usb=flash.parse_usb_id("--chip-usb", args.chip_usb),
+        hand_usb=flash.parse_usb_id("--hand-usb", args.hand_usb), start_service=not args.no_start)
+    outcomes = flash.flash(args.bundle, hosts, settings, identity=args.identity, known_hosts=args.known_hosts,
+                           dry_run=args.dry_run, jobs=check_int("--jobs", args.jobs, minimum=1, maximum=64),
+                           package=args.package)
+    if args.dry_run:
+        return 0
+    print("\n{:<32} {:<8} {:>8}  {}".format("device", "outcome", "seconds", "failed step"))
+    for outcome in outcomes:
+        print("{:<32} {:<8} {:>8.1f}  {}".format(outcome.host, "ok" if outcome.ok else "FAILED", outcome.seconds,
+                                                 outcome.failed_step or ""))
+        if not outcome.ok:
+            print("  " + outcome.log.strip().replace("\n", "\n  "))
+    return 0 if all(outcome.ok for outcome in outcomes) else 1

@@ -1,0 +1,237 @@
+"""``neurohand run``, ``replay`` and ``demo`` (see neurohand.deploy.cli.main).
+
+Standard library only at module level; the handlers import the runtime
+(numpy, no torch) and, for ``demo`` only, the workstation's trainer.
+"""
+import argparse
+import json
+import sys
+
+BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime", "numpy", "torch")
+
+
+def register(subparsers):
+    """Add ``run``, ``replay`` and ``demo`` to the ``neurohand`` parser."""
+    from neurohand.deploy.runtime.options import add_runtime_arguments
+
+    parser = subparsers.add_parser(
+        "run", help="decode the chip and drive the hand in real time (the device's main command)",
+        description="Decode nerve signals from the neural-interface chip and drive the prosthetic hand, until "
+                    "SIGINT/SIGTERM (or --duration). Loads and verifies BUNDLE, refuses to start unless "
+                    "'neurohand selftest' passed on this device with the chosen backend, reads the chip's "
+                    "configuration (channels, rate and its microvolts-per-count scale, which the decoder uses) and "
+                    "refuses a chip configured differently from the bundle. The hand is held open until the "
+                    "decoder has produced a few good windows, and goes to its safe posture on any fault and "
+                    "on exit. See docs/runtime.md.",
+        epilog="Example: neurohand run --bundle /opt/neurohand/bundles/current --chip /dev/neurohand-chip "
+               "--hand psyonic:/dev/neurohand-hand --stats-json /var/lib/neurohand/stats.json")
+    parser.add_argument("--bundle", required=True, metavar="BUNDLE", help="bundle directory ('neurohand bundle')")
+    parser.add_argument("--chip", required=True, metavar="PORT",
+                        help="serial port of the chip (device path, pseudo-terminal or pyserial URL)")
+    parser.add_argument("--hand", required=True, metavar="SPEC",
+                        help="hand to drive: psyonic:PORT (PSYONIC Ability Hand), neurohand:PORT (neurohand "
+                             "protocol), keys:MAPFILE (key presses) or none (decode only)")
+    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                        help="inference backend (default auto: TensorRT, then ONNX Runtime, then numpy); it must "
+                             "have passed 'neurohand selftest' here")
+    parser.add_argument("--duration", type=float, default=None, metavar="S",
+                        help="stop after this many seconds (bench use; default: run until stopped)")
+    parser.add_argument("--skip-selftest-check", action="store_true",
+                        help="start even if the bundle has not passed its self-test on this device "
+                             "(bench use only: never with a hand on a patient)")
+    add_runtime_arguments(parser)
+    parser.set_defaults(func=_run)
+
+    parser = subparsers.add_parser(
+        "replay", help="replay a recording through the decoder and score it against its labels",
+        description="Decode RECORDING with BUNDLE and score the hand commands against the recording's labels "
+                    "(R2 per output, scaled as in training, so comparable with 'neurohand evaluate'). "
+                    "--fast (default) decodes on this machine as fast as the CPU allows, with no ports (the features are "
+                    "computed in a second process where two CPUs are usable, see --jobs). --realtime streams the "
+                    "recording through a virtual chip on a pseudo-terminal at its true rate, runs exactly the "
+                    "loop of 'neurohand run' and drives a virtual hand on another pseudo-terminal; it also "
+                    "reports latency and link counters. The first second (or until the runtime is ready) is "
+                    "not scored. See docs/replay.md.",
+        epilog="Example: neurohand replay my-bundle held-out.nhr --realtime --seconds 30 --json")
+    parser.add_argument("bundle", metavar="BUNDLE", help="bundle directory ('neurohand bundle')")
+    parser.add_argument("recording", metavar="RECORDING", help="recording with the bundle's channels and labels")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--fast", dest="mode", action="store_const", const="fast",
+                      help="decode with no ports, as fast as possible (default; see --jobs)")
+    mode.add_argument("--realtime", dest="mode", action="store_const", const="realtime",
+                      help="stream through a virtual chip and a virtual hand on pseudo-terminals at the true rate")
+    parser.set_defaults(mode="fast")
+    parser.add_argument("--seconds", type=float, default=None, metavar="S",
+                        help="replay this much of the recording (default: all of it; in real time at most "
+                             "600 s, and the last 0.5 s are kept in reserve)")
+    parser.add_argument("--start", type=float, default=0.0, metavar="S",
+                        help="start this many seconds into the recording (default 0)")
+    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                        help="inference backend (default auto: TensorRT, then ONNX Runtime, then numpy)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (mean_r2, r2, latency_us, frames, safety_events, skips, ...)")
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="--fast only: 2 = a second process reads the recording and computes the features "
+                             "one block ahead while this one decodes (the same numbers, about 1.2-1.4x faster "
+                             "on 2 cores); 1 = everything in this process (default: 2 where two CPUs are usable "
+                             "and processes can fork, as on Linux)")
+    faults = parser.add_argument_group("faults injected by the virtual chip (--realtime only)")
+    faults.add_argument("--drop-rate", type=float, default=0.0, metavar="P",
+                        help="probability that a frame is not sent (default 0)")
+    faults.add_argument("--corrupt-rate", type=float, default=0.0, metavar="P",
+                        help="probability that one byte of a frame is flipped so its CRC fails (default 0)")
+    faults.add_argument("--garbage-bursts", type=float, default=0.0, metavar="RATE",
+                        help="bursts of random bytes between frames, per second of recording (default 0)")
+    faults.add_argument("--disconnect-after", type=float, default=None, metavar="S",
+                        help="unplug the virtual chip once after this many seconds, for 1 s")
+    faults.add_argument("--seed", type=int, default=None, metavar="K",
+                        help="random seed of the injected faults (default: different each time)")
+    add_runtime_arguments(parser)
+    parser.set_defaults(func=_replay)
+
+    parser = subparsers.add_parser(
+        "demo", help="the whole pipeline on simulated data: simulate, train, bundle, self-test, replay",
+        description="Run the whole pipeline on a fresh machine in a few minutes, with no hardware: simulate a "
+                    "nerve recording with finger labels and a second, held-out one; train a decoder on the "
+                    "first; bundle and self-test it; replay the held-out recording in real time through a "
+                    "virtual chip and a virtual hand on pseudo-terminals; score what the hand received. Prints "
+                    "a summary table and writes a report folder: summary.json, decoded.png (decoded against "
+                    "true finger trajectories), latency.png (latency histogram), the training report and the "
+                    "files of every stage. Needs the workstation install (torch).",
+        epilog="Example: neurohand demo --out demo-output")
+    parser.add_argument("--out", default="demo-output", metavar="DIR",
+                        help="report folder (default ./demo-output; replaced if it holds an earlier demo)")
+    parser.add_argument("--seed", type=int, default=1, metavar="K",
+                        help="seed of the training recording; the held-out one uses K + 1 (default 1)")
+    parser.add_argument("--max-minutes", type=float, default=2.0, metavar="MIN",
+                        help="training time budget in minutes (default 2)")
+    parser.add_argument("--backend", default="numpy", choices=BACKEND_CHOICES,
+                        help="inference backend for the self-test and the replay (default numpy, the reference "
+                             "that runs everywhere; auto = TensorRT, then ONNX Runtime, then numpy)")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="skip the Wiener and Kalman filter baselines of 'neurohand evaluate'")
+    # Smaller settings for tests and slow machines; not part of the documented interface.
+    parser.add_argument("--train-seconds", type=float, default=150.0, help=argparse.SUPPRESS)
+    parser.add_argument("--heldout-seconds", type=float, default=40.0, help=argparse.SUPPRESS)
+    parser.add_argument("--replay-seconds", type=float, default=30.0, help=argparse.SUPPRESS)
+    parser.add_argument("--channels", type=int, default=16, help=argparse.SUPPRESS)
+    parser.add_argument("--rate", type=float, default=10000.0, help=argparse.SUPPRESS)
+    parser.add_argument("--epochs", type=int, default=None, help=argparse.SUPPRESS)
+    parser.set_defaults(func=_demo)
+
+
+def _run(args):
+    from neurohand.deploy.runtime.options import config_from_args
+    from neurohand.deploy.selftest import require_passed_selftest
+    from neurohand.deploy.session import load_decoder, run_on_chip
+    from neurohand.firmware_bridge.shared.checks import check_number
+    from neurohand.firmware_bridge.hands import parse_hand_spec
+
+    duration = None if args.duration is None else check_number("--duration", args.duration, minimum=0.0,
+                                                                exclusive_minimum=True)
+    parse_hand_spec(args.hand)
+    config = config_from_args(args)
+    decoder = load_decoder(args.bundle, args.backend)
+    try:
+        if args.skip_selftest_check:
+            print("neurohand run: WARNING: --skip-selftest-check: the {} backend has NOT been proven on this "
+                  "device against the bundle's golden vectors. Never use this with a hand on a patient."
+                  .format(decoder.backend.name), file=sys.stderr)
+        else:
+            require_passed_selftest(decoder.bundle, decoder.backend.name)
+    except BaseException:
+        decoder.close()
+        raise
+    def announce(chip_config):
+        if not args.quiet:
+            print("neurohand run: bundle {} (backend {}) <- chip {} ({} channels, {} Hz, {:.6g} uV per count) "
+                  "-> hand {}".format(args.bundle, decoder.backend.name, args.chip, chip_config.n_channels,
+                                      chip_config.sample_rate_hz, chip_config.scale_uv, args.hand),
+                  file=sys.stderr)
+
+    document = run_on_chip(decoder, args.chip, args.hand, config, record_path=args.record,
+                           stats_path=args.stats_json, duration_s=duration, quiet=args.quiet, announce=announce)
+    if not args.quiet:
+        latency = document["latency_us"]
+        print("neurohand run: stopped ({}); {} commands sent, latency p50 {} us p99 {} us, {} safety events, "
+              "{} frames missing".format(document["stop_reason"], document["commands_sent"],
+                                        _us(latency.get("p50")), _us(latency.get("p99")),
+                                        document["safety_events"]["count"], document["frames"]["missing"]),
+              file=sys.stderr)
+    return 0
+
+
+def _us(value):
+    return "n/a" if value is None else "{:.0f}".format(value)
+
+
+def _replay(args):
+    from neurohand.deploy import replay
+    from neurohand.deploy.runtime.options import config_from_args
+    from neurohand.deploy.session import load_decoder
+    from neurohand.firmware_bridge.shared import checks
+    from neurohand.firmware_bridge.shared.errors import UsageError
+    from neurohand.firmware_bridge.recording.file_format import open_recording
+
+    faults, disconnect_after = _fault_options(args)
+    if args.mode == "fast" and (faults is not None or disconnect_after is not None):
+        raise UsageError("--drop-rate, --corrupt-rate, --garbage-bursts and --disconnect-after act on the virtual "
+                         "chip: use them with --realtime")
+    jobs = None
+    if args.jobs is not None:
+        if args.mode != "fast":
+            raise UsageError("--jobs sets how --fast computes; --realtime runs as 'neurohand run' does")
+        jobs = checks.check_int("--jobs", args.jobs, minimum=1, maximum=2)
+        from neurohand.deploy.runtime.feature_worker import fork_available
+        if jobs == 2 and not fork_available():
+            raise UsageError("--jobs 2 needs processes that fork (Linux), which this system has not; use --jobs 1")
+    config = config_from_args(args)
+    checks.check_file_exists("RECORDING", args.recording)
+    with open_recording(args.recording) as recording:
+        replay_range = replay.ReplayRange(recording, args.start, args.seconds, args.mode)
+        if faults is not None:
+            faults = faults(recording)
+        decoder = load_decoder(args.bundle, args.backend)
+        if args.mode == "fast":
+            outcome = replay.replay_fast(decoder, recording, replay_range, config, record_path=args.record,
+                                         stats_path=args.stats_json, jobs=jobs)
+        else:
+            outcome = replay.replay_realtime(decoder, recording, replay_range, config, faults=faults,
+                                             disconnect_after_s=disconnect_after, record_path=args.record,
+                                             stats_path=args.stats_json, quiet=args.quiet)
+    if args.json:
+        print(json.dumps(outcome.summary, sort_keys=True, allow_nan=False))
+    else:
+        print(replay.format_summary(outcome.summary))
+    return 0
+
+
+def _fault_options(args):
+    """(factory(recording) -> FaultInjector, or None when no fault is asked; disconnect_after_s or None)."""
+    from neurohand.firmware_bridge.shared import checks
+    from neurohand.firmware_bridge.shared.errors import UsageError
+
+    drop = checks.check_number("--drop-rate", args.drop_rate, minimum=0, maximum=1)
+    corrupt = checks.check_number("--corrupt-rate", args.corrupt_rate, minimum=0, maximum=1)
+    bursts = checks.check_number("--garbage-bursts", args.garbage_bursts, minimum=0)
+    disconnect_after = None
+    if args.disconnect_after is not None:
+        disconnect_after = checks.check_number("--disconnect-after", args.disconnect_after, minimum=0)
+    if not (drop or corrupt or bursts):
+        return None, disconnect_after
+
+    def make(recording):
+        from neurohand.firmware_bridge.chip import protocol as chip_protocol
+        from neurohand.firmware_bridge.virtual.chip import FaultInjector
+        frames_per_s = float(recording.signal_rate) / chip_protocol.DEFAULT_SAMPLES_PER_FRAME
+        if bursts > frames_per_s:
+            raise UsageError("--garbage-bursts {:g}/s is more than one burst per frame ({:g} frames/s)".format(
+                bursts, frames_per_s))
+        return FaultInjector(drop, corrupt, bursts / frames_per_s, seed=args.seed)
+
+    return make, disconnect_after
+
+
+def _demo(args):
+    from neurohand.deploy import demo
+    return demo.demo_command(args)

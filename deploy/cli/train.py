@@ -1,0 +1,164 @@
+"""Workstation subcommands: import, train, evaluate (see neurohand.deploy.cli.main).
+
+Only the standard library at module level: this module is imported on the
+Jetson too, to build the parser; torch is imported inside the handlers."""
+import json
+import sys
+
+
+def register(subparsers):
+    """Add the workstation subcommands to the ``neurohand`` parser."""
+    _register_import(subparsers)
+    _register_train(subparsers)
+    _register_evaluate(subparsers)
+
+
+# --- import -------------------------------------------------------------------------
+
+def _register_import(subparsers):
+    parser = subparsers.add_parser(
+        "import", help="convert a public data set (NinaPro MAT, CSV table) into a recording",
+        description="Convert data recorded elsewhere into the neurohand recording format, ready for "
+                    "'neurohand train'. Choose the source format as the next word.")
+    sources = parser.add_subparsers(dest="source", metavar="SOURCE")
+    sources.required = True
+
+    ninapro = sources.add_parser(
+        "ninapro", help="a NinaPro MAT file (emg, glove, restimulus, rerepetition)",
+        description="Import a NinaPro MAT file (MATLAB v5; Atzori et al., Sci Data 2014, "
+                    "doi:10.1038/sdata.2014.53). EMG becomes float32 signals, the CyberGlove the label "
+                    "stream 'glove' (22 channels, same rate), and every change of restimulus / "
+                    "rerepetition a 'movement' / 'repetition' event. DB1 (10 channels) is recognised as "
+                    "100 Hz RMS EMG; other databases need --rate unless the file states it.")
+    ninapro.add_argument("file", metavar="FILE.mat", help="the NinaPro MAT file (e.g. S2_A1_E1.mat)")
+    ninapro.add_argument("--out", required=True, metavar="REC", help="recording file to write")
+    ninapro.add_argument("--rate", type=float, default=None, metavar="HZ",
+                         help="sample rate in Hz, overriding what the file or its layout says "
+                              "(DB1: 100, DB2/DB3/DB7: 2000)")
+    ninapro.set_defaults(func=_run_import_ninapro)
+
+    table = sources.add_parser(
+        "csv", help="a CSV table with a header row",
+        description="Import a CSV table with one header row and one row per sample. Columns are chosen "
+                    "by glob patterns over the header names (fnmatch: '*', '?', '[abc]'), e.g. "
+                    "--signals 'emg*' --labels 'finger?'. Cells must be numbers.")
+    table.add_argument("file", metavar="FILE.csv", help="the CSV file")
+    table.add_argument("--out", required=True, metavar="REC", help="recording file to write")
+    table.add_argument("--rate", required=True, type=float, metavar="HZ", help="sample rate of the rows in Hz")
+    table.add_argument("--signals", required=True, action="append", metavar="PATTERN",
+                       help="glob pattern of the signal columns; repeat for more patterns")
+    table.add_argument("--labels", required=True, action="append", metavar="PATTERN",
+                       help="glob pattern of the label columns; repeat for more patterns")
+    table.add_argument("--events", action="append", default=[], metavar="COLUMN[=KIND]",
+                       help="integer column whose changes become events of KIND (default: the column name; "
+                            "use 'repetition' to enable the repetition split); repeatable")
+    table.add_argument("--label-stream", default="labels", metavar="NAME",
+                       help="name of the label stream (default: labels; 'fingers' for 0..1 finger positions)")
+    table.add_argument("--scale-uv", type=float, default=1.0, metavar="FACTOR",
+                       help="microvolts per unit of the signal columns (default: 1)")
+    table.add_argument("--signal-kind", choices=["raw", "envelope"], default=None,
+                       help="what the signals are, to pick the training defaults (default: guessed from "
+                            "the rate: below 1 kHz envelope, else raw)")
+    table.add_argument("--delimiter", default=",", metavar="CHAR", help="cell separator (default: ',')")
+    table.set_defaults(func=_run_import_csv)
+
+
+def _print_summary(summary, as_json):
+    if as_json:
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        for key in sorted(summary):
+            print("{}: {}".format(key, summary[key]))
+
+
+def _run_import_ninapro(args):
+    from neurohand.train import importers
+    _print_summary(importers.import_ninapro(args.file, args.out, rate=args.rate), False)
+
+
+def _run_import_csv(args):
+    from neurohand.train import importers
+    if len(args.delimiter) != 1:
+        from neurohand.firmware_bridge.shared.errors import UsageError
+        raise UsageError("--delimiter must be one character, but got {!r}".format(args.delimiter))
+    summary = importers.import_csv(args.file, args.out, args.rate, args.signals, args.labels, args.events,
+                                   label_stream=args.label_stream, scale_uv=args.scale_uv,
+                                   signal_kind=args.signal_kind, delimiter=args.delimiter)
+    _print_summary(summary, False)
+
+
+# --- train --------------------------------------------------------------------------
+
+def _register_train(subparsers):
+    parser = subparsers.add_parser(
+        "train", help="train a decoder on recordings and export it to ONNX",
+        description="Train the recurrent decoder on one or more recordings. Splits each recording without "
+                    "leakage (by repetition where it has repetition events, NinaPro's standard test "
+                    "repetitions 2, 5, 7; otherwise by time blocks), trains with truncated back-propagation "
+                    "through time and early stopping on the validation split, and writes config.json, "
+                    "checkpoint.pt, model.onnx, metrics.json and report.png into RUN_DIR. Runs under "
+                    "torchrun for several processes (DistributedDataParallel).",
+        epilog="The defaults depend on the data: 'envelope' (rates below 1 kHz, e.g. NinaPro DB1) or 'raw' "
+               "(nerve/EMG at kHz rates, e.g. the simulator). See docs/training.md for the config file.")
+    parser.add_argument("recordings", nargs="+", metavar="REC", help="recording file(s) to train on")
+    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="directory for the run's files "
+                        "(created; an existing run is only continued with --resume)")
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="JSON file overriding defaults: sections pipeline, model, training, split, labels")
+    parser.add_argument("--epochs", type=int, default=None, metavar="N",
+                        help="maximum number of epochs (default from the config)")
+    parser.add_argument("--seed", type=int, default=0, metavar="K", help="random seed (default: 0)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where to train: auto = CUDA if available (default)")
+    parser.add_argument("--max-minutes", type=float, default=None, metavar="MIN",
+                        help="stop training after this many minutes (the best model so far is kept)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run from RUN_DIR/checkpoint.pt")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="torch threads per process (default: 1, fastest for this small RNN on a busy CPU)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+    parser.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
+    parser.set_defaults(func=_run_train)
+
+
+def _run_train(args):
+    from neurohand.train import trainer
+    summary = trainer.train_command(args)
+    if summary is None:          # not rank 0 under torchrun
+        return
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        print("run: {}".format(summary["run_dir"]))
+        for split in ("train", "validation", "test"):
+            if split in summary["scores"]:
+                print("{} mean R2: {:.3f}".format(split, summary["scores"][split]["mean_r2"]))
+        print("epochs: {} (best {}), {:.1f} s".format(summary["epochs_run"], summary["best_epoch"],
+                                                     summary["train_seconds"]))
+
+
+# --- evaluate -----------------------------------------------------------------------
+
+def _register_evaluate(subparsers):
+    parser = subparsers.add_parser(
+        "evaluate", help="score a trained decoder on a recording's test split, against Wiener and Kalman filters",
+        description="Decode a recording's test split causally, step by step, through the same streaming "
+                    "feature code and numpy ONNX backend the device runs, and score it (R², Pearson r, RMSE "
+                    "per output). Wiener (ridge on lagged features) and Kalman filters are fitted on the same "
+                    "split and features and scored alongside.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by 'neurohand train'")
+    parser.add_argument("recording", metavar="REC", help="recording to score (split as in training)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--block-s", type=float, default=0.05, metavar="SECONDS",
+                        help="seconds of signal pushed into the stream at a time (default: 0.05)")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the Wiener and Kalman filters")
+    parser.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args):
+    from neurohand.train import evaluate
+    result = evaluate.evaluate_command(args)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+        return
+    print(evaluate.format_table(result), file=sys.stdout)

@@ -1,0 +1,250 @@
+"""Streaming parser for the chip's frames (docs/chip-protocol.md).
+
+Bytes go in, in any chunking; events come out in stream order::
+
+    parser = ChipParser()
+    for event in parser.feed(data):        # bytes, bytearray or memoryview
+        ...                                # SampleFrame | SampleGap | ChipReply | ChipCommand
+
+The parser never owns a port (see serial_link.py).  It resynchronises after
+garbage by searching for the sync word, drops frames whose CRC fails, and
+reports sequence gaps (frames the chip sent that never arrived intact) as a
+``SampleGap`` *before* the frame that revealed the gap, so the DSP knows
+exactly where data is missing.
+
+Counters are exact (tests check them against injected faults):
+
+* ``frames_good``: data frames accepted.
+* ``crc_errors``: frames whose header was plausible but whose CRC failed.
+* ``bad_headers``: sync words followed by an impossible header (false syncs).
+* ``malformed``: frames with a good CRC but an inconsistent body (a chip bug).
+* ``resyncs``: times the parser lost sync, i.e. runs of discarded bytes between
+  two accepted frames (a garbage burst next to a corrupt frame is one resync).
+* ``bytes_discarded``: bytes that were not part of an accepted frame.
+* ``frames_missing`` / ``gaps``: total missing frames and number of SampleGaps.
+* ``sequence_restarts``: sequence went backwards without a stream-start flag.
+* ``stream_starts``: frames flagged as the first of a stream.
+* ``replies`` / ``commands``: ACK/NAK and command frames accepted.
+"""
+import collections
+import zlib
+
+import numpy as np
+
+from neurohand.firmware_bridge.chip import protocol as cp
+
+SampleGap = collections.namedtuple("SampleGap", "first_missing_sequence missing_frames missing_samples")
+SampleGap.__doc__ = """Frames the chip sent that never arrived intact.
+
+first_missing_sequence: sequence number of the first missing frame (mod 2**32).
+missing_frames: how many frames are missing; missing_samples: how many samples
+per channel that is, assuming the frame size of the frame that revealed the gap.
+"""
+
+ChipReply = collections.namedtuple("ChipReply", "kind command token status data")
+ChipReply.__doc__ = """An ACK or NAK from the chip: kind is 'ack' or 'nak'; data is bytes."""
+
+ChipCommand = collections.namedtuple("ChipCommand", "command token args")
+ChipCommand.__doc__ = """A host-to-chip command (what a chip, e.g. the virtual one, receives)."""
+
+
+class SampleFrame:
+    """One data frame.
+
+    sequence: uint32 frame counter.  device_time_us: chip time of the first
+    sample, microseconds.  samples: int16 ndarray, shape (samples_per_frame,
+    n_channels), ADC counts (multiply by the chip's scale for microvolts).
+    stream_start: True for the first frame after a START command.
+    """
+    __slots__ = ("sequence", "device_time_us", "samples", "stream_start")
+
+    def __init__(self, sequence, device_time_us, samples, stream_start=False):
+        self.sequence = sequence
+        self.device_time_us = device_time_us
+        self.samples = samples
+        self.stream_start = stream_start
+
+    @property
+    def n_channels(self):
+        return self.samples.shape[1]
+
+    @property
+    def samples_per_frame(self):
+        return self.samples.shape[0]
+
+    def __repr__(self):
+        return "SampleFrame(sequence={}, device_time_us={}, samples=<{}x{} int16>)".format(
+            self.sequence, self.device_time_us, self.samples.shape[0], self.samples.shape[1])
+
+
+class ParserCounters:
+    """Exact counts of what the parser saw (see the module docstring)."""
+    FIELDS = ("frames_good", "crc_errors", "bad_headers", "malformed", "resyncs", "bytes_discarded",
+              "frames_missing", "gaps", "sequence_restarts", "stream_starts", "replies", "commands")
+    __slots__ = FIELDS
+
+    def __init__(self):
+        for name in self.FIELDS:
+            setattr(self, name, 0)
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+    def __repr__(self):
+        return "ParserCounters({})".format(", ".join("{}={}".format(k, v) for k, v in self.as_dict().items()))
+
+
+# Smallest and largest body each frame type may declare; anything else is a false sync.
+_BODY_LIMITS = {
+    cp.FRAME_DATA: (cp.DATA_HEADER_SIZE + 2, cp.MAX_DATA_BODY),
+    cp.FRAME_COMMAND: (cp.COMMAND_HEADER.size, cp.MAX_CONTROL_BODY),
+    cp.FRAME_ACK: (cp.REPLY_HEADER.size, cp.MAX_CONTROL_BODY),
+    cp.FRAME_NAK: (cp.REPLY_HEADER.size, cp.MAX_CONTROL_BODY),
+}
+_SYNC = cp.SYNC
+_SYNC_LEN = len(cp.SYNC)
+_HEADER_SIZE = cp.HEADER_SIZE
+_CRC_SIZE = cp.CRC_SIZE
+_SEQ_MASK = cp.SEQUENCE_MODULUS - 1
+_HALF_SEQUENCE = cp.SEQUENCE_MODULUS // 2
+
+
+class ChipParser:
+    """Turn a byte stream into frames; see the module docstring.
+
+    Channel count and samples per frame are read from each frame's header, so
+    one parser follows a reconfiguration.  Memory is bounded: at most one
+    partial frame (< 32.7 kB) plus the last chunk fed is held.
+    """
+
+    def __init__(self):
+        self.counters = ParserCounters()
+        self._buffer = bytearray()
+        self._expected_sequence = None      # None until the first data frame
+        self._lost = False                  # discarding since the last accepted frame
+
+    def feed(self, data):
+        """Add bytes; return the list of events they complete, in stream order."""
+        buf = self._buffer
+        buf += data
+        events = []
+        counters = self.counters
+        n = len(buf)
+        pos = 0
+        header_unpack = cp.HEADER.unpack_from
+        crc_unpack = cp.CRC.unpack_from
+        crc32 = zlib.crc32
+        while n - pos >= _HEADER_SIZE:
+            sync, version, frame_type, body_len = header_unpack(buf, pos)
+            if sync != _SYNC:
+                found = buf.find(_SYNC, pos + 1)
+                if found < 0:
+                    keep = _sync_prefix_length(buf)
+                    self._discard(n - keep - pos)
+                    pos = n - keep
+                    break
+                self._discard(found - pos)
+                pos = found
+                continue
+            limits = _BODY_LIMITS.get(frame_type)
+            if version != cp.PROTOCOL_VERSION or limits is None or not limits[0] <= body_len <= limits[1]:
+                counters.bad_headers += 1
+                self._discard(1)
+                pos += 1
+                continue
+            crc_at = pos + _HEADER_SIZE + body_len
+            end = crc_at + _CRC_SIZE
+            if end > n:
+                break
+            if crc32(buf[pos + _SYNC_LEN:crc_at]) != crc_unpack(buf, crc_at)[0]:
+                counters.crc_errors += 1
+                self._discard(1)
+                pos += 1
+                continue
+            if frame_type == cp.FRAME_DATA:
+                ok = self._data_frame(buf, pos + _HEADER_SIZE, body_len, events)
+            else:
+                ok = self._control_frame(frame_type, buf[pos + _HEADER_SIZE:crc_at], events)
+            if not ok:
+                counters.malformed += 1
+                self._discard(1)
+                pos += 1
+                continue
+            self._lost = False
+            pos = end
+        self._buffer = buf[pos:] if pos else buf
+        return events
+
+    def flush(self):
+        """End of stream or link lost: count the buffered partial bytes as discarded.
+
+        The sequence expectation is kept, so frames lost while a link was down are
+        reported as a SampleGap when data resumes.
+        """
+        self._discard(len(self._buffer))
+        self._buffer = bytearray()
+
+    def reset_sequence(self):
+        """Forget the expected sequence (e.g. a different chip is now connected)."""
+        self._expected_sequence = None
+
+    @property
+    def buffered_bytes(self):
+        return len(self._buffer)
+
+    def _discard(self, count):
+        if count <= 0:
+            return
+        self.counters.bytes_discarded += count
+        if not self._lost:
+            self._lost = True
+            self.counters.resyncs += 1
+
+    def _data_frame(self, buf, at, body_len, events):
+        sequence, device_time_us, n_channels, spf, flags, _reserved = cp.DATA_HEADER.unpack_from(buf, at)
+        count = n_channels * spf
+        if count == 0 or body_len != cp.DATA_HEADER_SIZE + 2 * count:
+            return False
+        samples = np.frombuffer(buf, dtype=cp.SAMPLE_DTYPE, count=count,
+                                offset=at + cp.DATA_HEADER_SIZE).reshape(spf, n_channels).copy()
+        counters = self.counters
+        expected = self._expected_sequence
+        stream_start = bool(flags & cp.FLAG_STREAM_START)
+        if stream_start:
+            counters.stream_starts += 1
+        elif expected is not None and sequence != expected:
+            missing = (sequence - expected) & _SEQ_MASK
+            if missing < _HALF_SEQUENCE:
+                events.append(SampleGap(expected, missing, missing * spf))
+                counters.gaps += 1
+                counters.frames_missing += missing
+            else:
+                # Backwards (a chip reset or a replay): the gap cannot be measured.
+                counters.sequence_restarts += 1
+        self._expected_sequence = (sequence + 1) & _SEQ_MASK
+        counters.frames_good += 1
+        events.append(SampleFrame(sequence, device_time_us, samples, stream_start))
+        return True
+
+    def _control_frame(self, frame_type, body, events):
+        if frame_type == cp.FRAME_COMMAND:
+            command, token = cp.COMMAND_HEADER.unpack_from(body, 0)
+            events.append(ChipCommand(command, token, bytes(body[cp.COMMAND_HEADER.size:])))
+            self.counters.commands += 1
+            return True
+        command, token, status = cp.REPLY_HEADER.unpack_from(body, 0)
+        is_ack = frame_type == cp.FRAME_ACK
+        if is_ack != (status == cp.STATUS_OK):
+            return False
+        events.append(ChipReply("ack" if is_ack else "nak", command, token, status,
+                                bytes(body[cp.REPLY_HEADER.size:])))
+        self.counters.replies += 1
+        return True
+
+
+def _sync_prefix_length(buf):
+    """Length of the longest tail of ``buf`` that could be the start of a sync word."""
+    for length in range(min(_SYNC_LEN - 1, len(buf)), 0, -1):
+        if buf.endswith(_SYNC[:length]):
+            return length
+    return 0

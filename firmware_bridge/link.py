@@ -1,0 +1,220 @@
+"""A serial link that survives the port vanishing: transport apart from protocol.
+
+As pyserial's ``serial.threaded``: a reader thread owns the port and hands the
+bytes it reads to a protocol object; the protocol never touches the port::
+
+    class Printer(LinkProtocol):
+        def data_received(self, data):
+            print(len(data))
+
+    with SerialLink("/dev/ttyACM0", Printer()) as link:   # or a pty path, or "loop://"
+        link.write(b"...")
+
+Ports are opened with ``serial.serial_for_url``, so a UART, a pseudo-terminal
+and pyserial's ``loop://`` all work.  When the port fails (USB unplug: a
+SerialException or OSError, or its path disappears) the thread reports
+``connection_lost(exc)``, then reopens it with exponential backoff (bounded by
+``backoff_max_s``) and reports ``connection_made(link)`` again.  Counters say how
+often.  Writes from any thread go through one lock.  ``close()`` stops the
+thread and closes the port (no leaked threads or descriptors).
+"""
+import os
+import threading
+import time
+
+from neurohand.firmware_bridge.shared.errors import LinkError
+
+PATH_CHECK_INTERVAL_S = 0.5
+
+
+class LinkProtocol:
+    """What a SerialLink reports to; override the methods you need.
+
+    All calls come from the link's reader thread.
+    """
+
+    def connection_made(self, link):
+        """The port is open (first time or after a reconnect)."""
+
+    def data_received(self, data):
+        """``data``: bytes just read (at least one)."""
+
+    def connection_lost(self, exc):
+        """The port failed (``exc``) or was closed by ``close()`` (``exc`` is None)."""
+
+
+class LinkCounters:
+    """disconnects: port failures; reconnects: successful reopens after one;
+    open_failures: failed (re)open attempts; write_timeouts: writes that timed out."""
+    FIELDS = ("opens", "disconnects", "reconnects", "open_failures", "bytes_read", "bytes_written",
+              "write_timeouts")
+    __slots__ = FIELDS
+
+    def __init__(self):
+        for name in self.FIELDS:
+            setattr(self, name, 0)
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+
+def _default_open(url, baudrate, read_timeout_s, write_timeout_s):
+    import serial
+    return serial.serial_for_url(url, baudrate=baudrate, timeout=read_timeout_s, write_timeout=write_timeout_s)
+
+
+class SerialLink:
+    """Own one serial port in a reader thread; see the module docstring.
+
+    url: device path, pty path or pyserial URL.  protocol: a LinkProtocol.
+    read_timeout_s bounds each blocking read (how fast close() and a vanished
+    path are noticed); write_timeout_s bounds each write.  Reopen attempts wait
+    backoff_initial_s, doubling up to backoff_max_s.  open_port(url, baudrate,
+    read_timeout_s, write_timeout_s) -> port can be replaced (tests).
+    """
+
+    def __init__(self, url, protocol, baudrate=3000000, read_timeout_s=0.05, write_timeout_s=1.0,
+                 backoff_initial_s=0.05, backoff_max_s=2.0, open_port=_default_open):
+        self.url = url
+        self.protocol = protocol
+        self.baudrate = baudrate
+        self.read_timeout_s = read_timeout_s
+        self.write_timeout_s = write_timeout_s
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self._open_port = open_port
+        self.counters = LinkCounters()
+        self.error = None                      # exception that stopped the reader thread, if any
+        self._port = None
+        self._write_lock = threading.Lock()    # guards _port for writers and for replacing it
+        self._stop = threading.Event()
+        self._thread = None
+        self._is_path = "://" not in url
+
+    # -- life cycle --------------------------------------------------------------
+    def open(self, wait=False):
+        """Open the port and start the reader thread.
+
+        Raises LinkError if the port cannot be opened, unless ``wait``: then the
+        thread keeps trying with backoff (for a device not plugged in yet).
+        """
+        if self._thread is not None:
+            raise LinkError("link to {} is already open".format(self.url))
+        try:
+            self._connect()
+        except LinkError:
+            if not wait:
+                raise
+        self._thread = threading.Thread(target=self._run, name="serial-link {}".format(self.url), daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, timeout_s=2.0):
+        """Stop the reader thread and close the port."""
+        self._stop.set()
+        with self._write_lock:
+            port = self._port
+        if port is not None and hasattr(port, "cancel_read"):
+            try:
+                port.cancel_read()
+            except Exception:       # the port may be failing at the same moment; the thread will see the stop
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                raise LinkError("reader thread of {} did not stop within {} s".format(self.url, timeout_s))
+        self._drop_port()
+
+    def __enter__(self):
+        return self.open() if self._thread is None else self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    @property
+    def connected(self):
+        return self._port is not None
+
+    @property
+    def running(self):
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- writing -----------------------------------------------------------------
+    def write(self, data):
+        """Send all of ``data``; raises LinkError if disconnected or on timeout."""
+        import serial
+        with self._write_lock:
+            port = self._port
+            if port is None:
+                raise LinkError("cannot write to {}: not connected".format(self.url))
+            try:
+                port.write(data)
+            except serial.SerialTimeoutException as exc:
+                self.counters.write_timeouts += 1
+                raise LinkError("write to {} timed out after {} s".format(self.url, self.write_timeout_s)) from exc
+            except (serial.SerialException, OSError) as exc:
+                raise LinkError("write to {} failed: {}".format(self.url, exc)) from exc
+            self.counters.bytes_written += len(data)
+
+    # -- the reader thread -------------------------------------------------------
+    def _connect(self):
+        try:
+            port = self._open_port(self.url, self.baudrate, self.read_timeout_s, self.write_timeout_s)
+        except (OSError, ValueError, ImportError) as exc:   # SerialException is an OSError (IOError)
+            self.counters.open_failures += 1
+            raise LinkError("cannot open serial port {}: {}".format(self.url, exc)) from exc
+        with self._write_lock:
+            self._port = port
+        if self.counters.opens:
+            self.counters.reconnects += 1
+        self.counters.opens += 1
+        self.protocol.connection_made(self)
+
+    def _drop_port(self):
+        with self._write_lock:
+            port, self._port = self._port, None
+        if port is not None:
+            try:
+                port.close()
+            except Exception:       # closing a port whose device is gone can fail; it is gone either way
+                pass
+        return port is not None
+
+    def _run(self):
+        backoff = self.backoff_initial_s
+        last_path_check = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                port = self._port
+                if port is None:
+                    try:
+                        self._connect()
+                        backoff = self.backoff_initial_s
+                    except LinkError:
+                        self._stop.wait(backoff)
+                        backoff = min(backoff * 2, self.backoff_max_s)
+                    continue
+                try:
+                    data = port.read(port.in_waiting or 1)
+                    if not data and self._is_path and time.monotonic() - last_path_check > PATH_CHECK_INTERVAL_S:
+                        last_path_check = time.monotonic()
+                        if not os.path.exists(self.url):
+                            raise OSError("{} disappeared".format(self.url))
+                except (OSError, TypeError, AttributeError) as exc:
+                    # TypeError/AttributeError: pyserial's read on a port closed under it.
+                    if self._stop.is_set():
+                        break
+                    self.counters.disconnects += 1
+                    self._drop_port()
+                    self.protocol.connection_lost(exc)
+                    continue
+                if data:
+                    self.counters.bytes_read += len(data)
+                    self.protocol.data_received(data)
+        except Exception as exc:       # a bug in the protocol: stop, keep it for the owner
+            self.error = exc
+            self._drop_port()
+            self.protocol.connection_lost(exc)
+            return
+        if self._drop_port():
+            self.protocol.connection_lost(None)
