@@ -171,15 +171,34 @@ def demo_command(args):
 
 def run_demo(out, settings, stream=sys.stderr):
     """Run every stage into folder ``out``; return the summary (also written to summary.json)."""
+    _require_torch()
+    out = prepare_out_dir(out)
+    progress = _Progress(stream)
+    paths = {name: os.path.join(out, name) for name in (TRAIN_RECORDING, HELDOUT_RECORDING, RUN_DIR, BUNDLE_DIR)}
+
+    _simulate_stage(progress, paths, settings)
+    training = _train_stage(progress, out, paths, settings)
+    _bundle_stage(progress, paths)
+    selftest = _selftest_stage(progress, paths, settings)
+    evaluation = _evaluate_stage(progress, paths, settings)
+    replayed = _replay_stage(progress, out, paths, settings)
+
+    _write_plots(out, replayed)
+    summary = _summarize(out, settings, progress, training, selftest, evaluation, replayed)
+    _write_summary(out, summary)
+    return summary
+
+
+def _require_torch():
     try:
         import torch  # noqa: F401  (only to fail early and clearly)
     except ImportError as exc:
         raise UsageError("the demo trains a decoder and needs the workstation install "
                          "(pip install 'neurohand[train]'): {}".format(exc)) from exc
-    out = prepare_out_dir(out)
-    progress = _Progress(stream)
-    paths = {name: os.path.join(out, name) for name in (TRAIN_RECORDING, HELDOUT_RECORDING, RUN_DIR, BUNDLE_DIR)}
 
+
+def _simulate_stage(progress, paths, settings):
+    """Stage 1: one simulated session, written as the training and the held-out recording."""
     from neurohand.firmware_bridge.virtual.simulator import SimulatorConfig
     total = settings["train_seconds"] + settings["heldout_seconds"]
     progress.start(1, "simulate", "simulating a {:g} s session ({} channels, {:g} kHz, seed {}): {:g} s to train "
@@ -191,6 +210,9 @@ def run_demo(out, settings, stream=sys.stderr):
                                   (paths[HELDOUT_RECORDING], settings["train_seconds"], total)])
     progress.done("wrote {} and {}".format(TRAIN_RECORDING, HELDOUT_RECORDING))
 
+
+def _train_stage(progress, out, paths, settings):
+    """Stage 2: train the run on the training recording; return trainer.train_run's result."""
     from neurohand.train import trainer
     progress.start(2, "train", "training the decoder on {} ('neurohand train' defaults, at most {:g} min)".format(
         TRAIN_RECORDING, settings["max_minutes"]))
@@ -201,13 +223,20 @@ def run_demo(out, settings, stream=sys.stderr):
     progress.done("{} epochs, stopped by {}; test mean R2 {:.3f} on the training recording's test split".format(
         training["epochs_run"], training["stopped"] or "epochs", training["scores"]["test"]["mean_r2"]))
     shutil.copyfile(os.path.join(paths[RUN_DIR], "report.png"), os.path.join(out, TRAINING_REPORT_PNG))
+    return training
 
+
+def _bundle_stage(progress, paths):
+    """Stage 3: the run as a verified bundle, with its golden vectors."""
     from neurohand.deploy.bundle import make_bundle
     progress.start(3, "bundle", "bundling the run")
     manifest = make_bundle(paths[RUN_DIR], paths[BUNDLE_DIR])
     progress.done("{} features -> {} outputs, golden vectors made".format(manifest["io"]["n_features"],
                                                                           manifest["io"]["n_outputs"]))
 
+
+def _selftest_stage(progress, paths, settings):
+    """Stage 4: the chosen backend against the golden vectors; return the self-test result (raise if it failed)."""
     from neurohand.deploy.selftest import record_result, run_selftest
     from neurohand.deploy.session import load_decoder
     progress.start(4, "selftest", "self-testing the {} backend against the golden vectors".format(
@@ -223,7 +252,11 @@ def run_demo(out, settings, stream=sys.stderr):
             selftest["backend"], selftest["max_abs_error"], selftest["tolerance"]))
     progress.done("PASSED on {}: max abs error {:.2g}, step p50 {:.0f} us".format(
         selftest["backend"], selftest["max_abs_error"], selftest["step_us"]["p50"]))
+    return selftest
 
+
+def _evaluate_stage(progress, paths, settings):
+    """Stage 5: the run (and the baselines) on the training recording's test split; return evaluate_run's result."""
     from neurohand.train import evaluate
     progress.start(5, "evaluate", "scoring the run on the training recording's test split{}".format(
         ", with Wiener and Kalman baselines" if settings["baselines"] else ""))
@@ -231,9 +264,19 @@ def run_demo(out, settings, stream=sys.stderr):
     progress.done("rnn {:.3f}{}".format(evaluation["mean_r2"], "".join(
         ", {} {:.3f}".format(name, scores["mean_r2"]) for name, scores in sorted(
             (evaluation.get("baselines") or {}).items()))))
+    return evaluation
 
+
+def _replay_stage(progress, out, paths, settings):
+    """Stage 6: the held-out recording in real time through a virtual chip and a virtual hand.
+
+    Returns a dict: ``outcome`` (replay_realtime's), ``delays`` (chip -> hand,
+    s, per command, see :func:`hand_delays`), ``true_labels`` (scaled as in
+    training) at ``label_rate``, and the signal ``rate``.
+    """
     from neurohand.deploy import replay
     from neurohand.deploy.runtime.config import RuntimeConfig
+    from neurohand.deploy.session import load_decoder
     from neurohand.firmware_bridge.recording.file_format import open_recording
     progress.start(6, "replay", "replaying {:g} s of {} in real time: virtual chip -> decoder -> virtual hand".format(
         settings["replay_seconds"], HELDOUT_RECORDING))
@@ -253,13 +296,26 @@ def run_demo(out, settings, stream=sys.stderr):
     from neurohand.firmware_bridge.chip.protocol import DEFAULT_SAMPLES_PER_FRAME
     delays = hand_delays(outcome.samples, replay_range.rate, decoder.pipeline.stride_samples,
                          DEFAULT_SAMPLES_PER_FRAME)
-    plot_decoded(os.path.join(out, DECODED_PNG), outcome, true_labels, label_rate, replay_range.rate,
-                 result["label_names"], result["scored_from_s"], result["mean_r2"])
-    plot_latency(os.path.join(out, LATENCY_PNG), delays[outcome.scored], result["latency_us"])
+    return {"outcome": outcome, "delays": delays, "true_labels": true_labels, "label_rate": label_rate,
+            "rate": replay_range.rate}
 
+
+def _write_plots(out, replayed):
+    """decoded.png and latency.png of the real-time replay."""
+    outcome = replayed["outcome"]
+    result = outcome.summary
+    plot_decoded(os.path.join(out, DECODED_PNG), outcome, replayed["true_labels"], replayed["label_rate"],
+                 replayed["rate"], result["label_names"], result["scored_from_s"], result["mean_r2"])
+    plot_latency(os.path.join(out, LATENCY_PNG), replayed["delays"][outcome.scored], result["latency_us"])
+
+
+def _summarize(out, settings, progress, training, selftest, evaluation, replayed):
+    """The summary of every stage (what summary.json holds); call it once every other file is written."""
+    outcome = replayed["outcome"]
+    scored_delays = replayed["delays"][outcome.scored]
     summary = {
         "settings": dict(settings),
-        "replay": result,
+        "replay": outcome.summary,
         "training": {"epochs_run": training["epochs_run"], "best_epoch": training["best_epoch"],
                      "stopped": training["stopped"], "train_seconds": training["train_seconds"],
                      "test_mean_r2": training["scores"]["test"]["mean_r2"],
@@ -269,8 +325,8 @@ def run_demo(out, settings, stream=sys.stderr):
                      "baselines": {name: {"mean_r2": scores["mean_r2"], "r2": scores["r2"]}
                                    for name, scores in (evaluation.get("baselines") or {}).items()}},
         "selftest": {key: selftest[key] for key in ("passed", "backend", "max_abs_error", "tolerance")},
-        "hand_delay_ms": {"p50": _ms(delays[outcome.scored], 50), "p99": _ms(delays[outcome.scored], 99),
-                          "max": _ms(delays[outcome.scored], 100),
+        "hand_delay_ms": {"p50": _ms(scored_delays, 50), "p99": _ms(scored_delays, 99),
+                          "max": _ms(scored_delays, 100),
                           "definition": "chip frame completing a window sent -> virtual hand received its "
                                         "command (includes both serial links)"},
         "stage_seconds": progress.stage_seconds,
@@ -279,10 +335,13 @@ def run_demo(out, settings, stream=sys.stderr):
         "files": sorted(os.listdir(out)),
     }
     summary["files"] = sorted(set(summary["files"]) | {SUMMARY_JSON})
+    return summary
+
+
+def _write_summary(out, summary):
     with open(os.path.join(out, SUMMARY_JSON), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=1, sort_keys=True, allow_nan=False)
         handle.write("\n")
-    return summary
 
 
 def _fmt(value, pattern):

@@ -12,6 +12,13 @@ BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime", "numpy", "torch")
 
 def register(subparsers):
     """Add ``run``, ``replay`` and ``demo`` to the ``neurohand`` parser."""
+    _add_run_parser(subparsers)
+    _add_replay_parser(subparsers)
+    _add_demo_parser(subparsers)
+
+
+def _add_run_parser(subparsers):
+    """``neurohand run``: the device's real-time loop (handler :func:`_run`)."""
     from neurohand.deploy.runtime.options import add_runtime_arguments
 
     parser = subparsers.add_parser(
@@ -41,6 +48,11 @@ def register(subparsers):
                              "(bench use only: never with a hand on a patient)")
     add_runtime_arguments(parser)
     parser.set_defaults(func=_run)
+
+
+def _add_replay_parser(subparsers):
+    """``neurohand replay``: a recording through the decoder, scored (handler :func:`_replay`)."""
+    from neurohand.deploy.runtime.options import add_runtime_arguments
 
     parser = subparsers.add_parser(
         "replay", help="replay a recording through the decoder and score it against its labels",
@@ -89,6 +101,9 @@ def register(subparsers):
     add_runtime_arguments(parser)
     parser.set_defaults(func=_replay)
 
+
+def _add_demo_parser(subparsers):
+    """``neurohand demo``: the whole pipeline on simulated data (handler :func:`_demo`)."""
     parser = subparsers.add_parser(
         "demo", help="the whole pipeline on simulated data: simulate, train, bundle, self-test, replay",
         description="Run the whole pipeline on a fresh machine in a few minutes, with no hardware: simulate a "
