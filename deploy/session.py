@@ -11,7 +11,7 @@ docs/chip-protocol.md): :func:`run_on_chip` reads it first on a short
 connection of its own, then opens the chip for the run with that scale, which
 ``chip_opener`` checks again together with the channel count and the rate.
 """
-from neurohand.firmware_bridge.shared.errors import BundleError, ConfigError, LinkError, ProtocolError
+from neurohand.firmware_bridge.shared.errors import BundleError
 
 
 class Decoder(object):
@@ -70,60 +70,6 @@ def load_decoder(bundle_path, backend_name="auto"):
     return Decoder(bundle, pipeline, backend)
 
 
-class _ReplyCollector(object):
-    """Link protocol that parses chip bytes and passes replies on (data frames are ignored)."""
-
-    def __init__(self):
-        from neurohand.firmware_bridge.chip.parser import ChipParser
-        self.parser = ChipParser()
-        self.on_reply = None
-
-    def connection_made(self, link):
-        pass
-
-    def data_received(self, data):
-        from neurohand.firmware_bridge.chip.parser import ChipReply
-        for event in self.parser.feed(data):
-            if isinstance(event, ChipReply) and self.on_reply is not None:
-                self.on_reply(event)
-
-    def connection_lost(self, exc):
-        self.parser.flush()
-
-
-def read_chip_config(url, baudrate=None, timeout_s=0.5):
-    """Open the chip at ``url`` briefly and return its ChipConfig (GET_CONFIG).
-
-    Raises LinkError (port missing, no answer) or ProtocolError (refused),
-    naming the port.
-    """
-    from neurohand.firmware_bridge.chip.session import DEFAULT_BAUDRATE
-    from neurohand.firmware_bridge.chip.protocol import ChipCommandChannel
-    from neurohand.firmware_bridge.link import SerialLink
-
-    collector = _ReplyCollector()
-    link = SerialLink(url, collector, baudrate=DEFAULT_BAUDRATE if baudrate is None else baudrate)
-    link.open()
-    try:
-        channel = ChipCommandChannel(link.write, timeout_s=timeout_s)
-        collector.on_reply = channel.handle_reply
-        try:
-            return channel.get_config()
-        except (LinkError, ProtocolError) as exc:
-            raise type(exc)("chip at {}: {}".format(url, exc)) from exc
-    finally:
-        link.close()
-
-
-def chip_scale_uv(url, chip_config):
-    """The chip's µV per count, checked (finite, > 0)."""
-    scale = float(chip_config.scale_uv)
-    if not (scale > 0.0 and scale != float("inf")):
-        raise ConfigError("chip at {} reports a scale of {!r} uV per count; it must be finite and positive".format(
-            url, chip_config.scale_uv))
-    return scale
-
-
 def run_on_chip(decoder, chip_url, hand_spec, config, record_path=None, stats_path=None, duration_s=None,
                 quiet=False, install_signals=True, metadata=None, baudrate=None, announce=None):
     """Decode the chip at ``chip_url`` into the hand ``hand_spec`` until stopped; return the stats document.
@@ -137,25 +83,38 @@ def run_on_chip(decoder, chip_url, hand_spec, config, record_path=None, stats_pa
     have been checked and opened, right before decoding starts.
     """
     from neurohand.deploy.runtime import run_realtime
-    from neurohand.firmware_bridge.chip.session import DEFAULT_BAUDRATE, _check_chip_config, chip_opener
+    from neurohand.firmware_bridge.chip.protocol import BAUDRATE
+    from neurohand.firmware_bridge.chip.session import ChipSession, check_chip_config, chip_scale_uv
     from neurohand.firmware_bridge.hands import create_hand
 
     pipeline = decoder.pipeline
-    baudrate = DEFAULT_BAUDRATE if baudrate is None else baudrate
+    session = None
     try:
-        chip_config = read_chip_config(chip_url, baudrate)
+        # One connection for all of it: the configuration (and so the scale) is
+        # read first, and the run streams on the same open port.
+        session = ChipSession(chip_url, BAUDRATE if baudrate is None else baudrate).open()
+        chip_config = session.chip_config
         scale = [chip_scale_uv(chip_url, chip_config)] * pipeline.n_channels
-        _check_chip_config(chip_url, chip_config, pipeline.n_channels, pipeline.signal_rate, None)
+        session.check(pipeline.n_channels, pipeline.signal_rate)
         hand = create_hand(hand_spec, n_outputs=decoder.backend.n_outputs)
     except BaseException:
+        if session is not None:
+            session.close()
         decoder.close()
         raise
+
+    def check(chip_config_now):
+        # After a reconnect: the chip must still be configured as when the run started.
+        check_chip_config(chip_url, chip_config_now, pipeline.n_channels, pipeline.signal_rate, scale)
+
     info = decoder.metadata()
     info.update({"chip": chip_url, "chip_scale_uv": scale[0], "hand": hand_spec})
     info.update(metadata or {})
-    open_chip = chip_opener(chip_url, pipeline.n_channels, pipeline.signal_rate, scale, baudrate=baudrate)
     if announce is not None:
         announce(chip_config)
-    return run_realtime(pipeline, decoder.backend, hand, open_chip, scale, decoder.channel_names, config,
-                        record_path=record_path, stats_path=stats_path, duration_s=duration_s, quiet=quiet,
-                        metadata=info, install_signals=install_signals)
+    try:
+        return run_realtime(pipeline, decoder.backend, hand, lambda receiver: session.start_streaming(receiver, check),
+                            scale, decoder.channel_names, config, record_path=record_path, stats_path=stats_path,
+                            duration_s=duration_s, quiet=quiet, metadata=info, install_signals=install_signals)
+    finally:
+        session.close()   # already closed by the run, unless it failed before streaming

@@ -62,7 +62,7 @@ _MARKER = "__neurohand_footprint__"
 
 _CLI = "from neurohand.deploy.cli.main import build_parser\nbuild_parser()\n"
 _DEVICE_STEP = _CLI + """\
-import neurohand.deploy.runtime.loop
+import neurohand.deploy.runtime.realtime
 import neurohand.firmware_bridge.link
 import neurohand.firmware_bridge.hands.registry
 import numpy as np

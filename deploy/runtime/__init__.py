@@ -12,9 +12,12 @@ Jetson (docs/runtime.md)::
     writer.py       HandWriterStage: keep-alive, watchdog, last check, hand.send
     recorder.py     RecordingSink / ThreadedRecorder: --record
     stats.py        bounded-memory timings, status line, --stats-json document
-    loop.py         queues, threads, signals, shutdown; run_fast for replay --fast
+    assemble.py     build_runtime: the stages wired together (RuntimeParts), the stats document
+    queues.py       BatchQueue (reader -> decoder), LatestSlot (decoder -> writer)
+    realtime.py     RealtimeRunner: threads, signals, shutdown (run, replay --realtime)
+    fast.py         run_fast: the same stages in one thread, virtual clock (replay --fast)
     options.py      argparse options (standard library only)
-    replay.py       recording -> (event, time) items for replay --fast
+    replay_source.py  recording -> (event, time) items for replay --fast
     feature_worker.py  replay --fast on two CPUs: features computed ahead in a child process
 
 Entry points for the CLI: :func:`run_realtime` and :func:`replay_fast`.
@@ -52,7 +55,8 @@ def run_realtime(pipeline, backend, hand, open_chip, scale_uv, channel_names, co
     recording are closed on return, whatever happened.
     """
     from neurohand.deploy.runtime.config import RuntimeConfig
-    from neurohand.deploy.runtime.loop import RealtimeRunner, build_runtime, installed_signal_handlers
+    from neurohand.deploy.runtime.assemble import build_runtime
+    from neurohand.deploy.runtime.realtime import RealtimeRunner, installed_signal_handlers
     from neurohand.deploy.runtime.recorder import ThreadedRecorder
 
     config = RuntimeConfig() if config is None else config
@@ -88,7 +92,8 @@ def replay_fast(pipeline, backend, items, scale_uv, channel_names=None, config=N
     items come from that worker).  Returns the stats document.
     """
     from neurohand.deploy.runtime.config import RuntimeConfig
-    from neurohand.deploy.runtime.loop import VirtualClock, build_runtime, run_fast, write_stats_json
+    from neurohand.deploy.runtime.assemble import build_runtime, write_stats_json
+    from neurohand.deploy.runtime.fast import VirtualClock, run_fast
 
     config = RuntimeConfig() if config is None else config
     if hand is None:

@@ -15,7 +15,7 @@ The child runs the very objects of the one-process path: a fresh
 ``pipeline.stream()`` (built here, so its imports are done once, and
 inherited by ``fork``) on the items of :func:`~.replay.recording_items`, each frame scaled
 to microvolts as :class:`~.decode.DecodeStage` scales it.  It sends each item
-with its result; this process hands the items to :func:`~.loop.run_fast` and
+with its result; this process hands the items to :func:`~.fast.run_fast` and
 the result to the decode stage through :class:`PrefetchedStream`, which
 answers ``push`` with the result computed for the item being processed.  So
 an item and its features cannot come apart, and the decoded commands are the

@@ -105,8 +105,6 @@ _SYNC = cp.SYNC
 _SYNC_LEN = len(cp.SYNC)
 _HEADER_SIZE = cp.HEADER_SIZE
 _CRC_SIZE = cp.CRC_SIZE
-_SEQ_MASK = cp.SEQUENCE_MODULUS - 1
-_HALF_SEQUENCE = cp.SEQUENCE_MODULUS // 2
 
 
 class ChipParser:
@@ -184,10 +182,6 @@ class ChipParser:
         self._discard(len(self._buffer))
         self._buffer = bytearray()
 
-    def reset_sequence(self):
-        """Forget the expected sequence (e.g. a different chip is now connected)."""
-        self._expected_sequence = None
-
     @property
     def buffered_bytes(self):
         return len(self._buffer)
@@ -213,15 +207,15 @@ class ChipParser:
         if stream_start:
             counters.stream_starts += 1
         elif expected is not None and sequence != expected:
-            missing = (sequence - expected) & _SEQ_MASK
-            if missing < _HALF_SEQUENCE:
+            missing = cp.sequence_step(expected, sequence)
+            if missing > 0:
                 events.append(SampleGap(expected, missing, missing * spf))
                 counters.gaps += 1
                 counters.frames_missing += missing
             else:
                 # Backwards (a chip reset or a replay): the gap cannot be measured.
                 counters.sequence_restarts += 1
-        self._expected_sequence = (sequence + 1) & _SEQ_MASK
+        self._expected_sequence = (sequence + 1) % cp.SEQUENCE_MODULUS
         counters.frames_good += 1
         events.append(SampleFrame(sequence, device_time_us, samples, stream_start))
         return True

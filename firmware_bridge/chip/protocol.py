@@ -39,6 +39,10 @@ FRAME_ACK = 0x03
 FRAME_NAK = 0x04
 FRAME_TYPE_NAMES = {FRAME_DATA: "data", FRAME_COMMAND: "command", FRAME_ACK: "ack", FRAME_NAK: "nak"}
 
+#: UART speed the runtime opens the chip link with (pseudo-terminals and USB
+#: CDC-ACM, the intended link, ignore it).
+BAUDRATE = 3000000
+
 # --- data frames -----------------------------------------------------------
 DATA_HEADER = struct.Struct("<IQBBBB")    # sequence, device time (us), channels, samples/frame, flags, reserved
 DATA_HEADER_SIZE = DATA_HEADER.size       # 16
@@ -100,6 +104,17 @@ def encode_frame(frame_type, body):
     head = HEADER.pack(SYNC, PROTOCOL_VERSION, frame_type, len(body))
     crc = zlib.crc32(body, zlib.crc32(head[len(SYNC):]))
     return head + body + CRC.pack(crc)
+
+
+def sequence_step(previous, sequence):
+    """Frames from ``previous`` to ``sequence`` on the wrapping uint32 counter.
+
+    Positive: ``sequence`` is that many frames ahead (1 = the next frame);
+    zero or negative: it repeats or went back (a chip reset, a replay), which
+    is taken to be so when it is half a turn (2**31 frames) or more ahead.
+    """
+    ahead = (sequence - previous) % SEQUENCE_MODULUS
+    return ahead if ahead < SEQUENCE_MODULUS // 2 else ahead - SEQUENCE_MODULUS
 
 
 def encode_data_frame(sequence, device_time_us, samples, flags=0):

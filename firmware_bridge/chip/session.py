@@ -1,8 +1,9 @@
 """Opening the chip for a run: the reconnecting serial link, the command
 channel, a configuration check, START on open and STOP on close.
 
-:func:`chip_opener` returns the ``open_chip(receiver)`` callable that
-:class:`~neurohand.deploy.runtime.loop.RealtimeRunner` calls; the receiver
+:class:`ChipSession` opens the port once, reads the configuration, and then
+streams on the same connection; :func:`chip_opener` returns the ``open_chip(receiver)`` callable that
+:class:`~neurohand.deploy.runtime.realtime.RealtimeRunner` calls; the receiver
 (a ChipReceiver) becomes the link's protocol object, so the link's reader
 thread feeds the parser directly.
 
@@ -21,10 +22,10 @@ reply (the port flapping) is retried with backoff while the link is up.
 """
 import threading
 
+from neurohand.firmware_bridge.chip.parser import ChipParser, ChipReply
+from neurohand.firmware_bridge.chip.protocol import BAUDRATE, ChipCommandChannel
+from neurohand.firmware_bridge.link import SerialLink
 from neurohand.firmware_bridge.shared.errors import ConfigError, LinkError, ProtocolError
-
-#: Default UART speed of the chip link (ignored by pseudo-terminals).
-DEFAULT_BAUDRATE = 3000000
 
 
 #: Longest the restarter thread sleeps before it looks at its stop flag.
@@ -130,14 +131,101 @@ class ChipRestarter(object):
         return False
 
 
-class ChipSession(object):
-    """An open chip link that is streaming.  ``close()`` sends STOP (best effort) and closes."""
+class _Relay(object):
+    """The link's protocol object for one chip connection.
 
-    def __init__(self, link, channel, chip_config, restarter=None):
-        self.link = link
-        self.channel = channel
-        self.chip_config = chip_config
-        self.restarter = restarter
+    Until a receiver is attached (the configuration is being read) it passes
+    only the chip's replies on; from then on every byte goes to the receiver,
+    which parses the data frames and passes replies on itself.
+    """
+
+    def __init__(self):
+        self.parser = ChipParser()
+        self.on_reply = None
+        self.receiver = None
+
+    def connection_made(self, link):
+        if self.receiver is not None:
+            self.receiver.connection_made(link)
+
+    def data_received(self, data):
+        receiver = self.receiver
+        if receiver is not None:
+            receiver.data_received(data)
+            return
+        for event in self.parser.feed(data):
+            if type(event) is ChipReply and self.on_reply is not None:
+                self.on_reply(event)
+
+    def connection_lost(self, exc):
+        if self.receiver is not None:
+            self.receiver.connection_lost(exc)
+        else:
+            self.parser.flush()
+
+
+class ChipSession(object):
+    """One connection to the chip, opened once: configuration first, then streaming.
+
+        session = ChipSession("/dev/neurohand-chip").open()   # reads GET_CONFIG: session.chip_config
+        session.check(n_channels, sample_rate_hz)             # ConfigError if configured otherwise
+        session.start_streaming(receiver)                      # bytes -> receiver, START, re-START on reconnect
+        session.close()                                        # STOP (best effort), close the port
+
+    The port is opened once for all of it (``neurohand run`` reads the chip's
+    scale before it builds the runtime, and streams on the same connection).
+    """
+
+    def __init__(self, url, baudrate=BAUDRATE, command_timeout_s=0.5):
+        self.url = url
+        self._relay = _Relay()
+        self.link = SerialLink(url, self._relay, baudrate=baudrate)
+        self.channel = ChipCommandChannel(self.link.write, timeout_s=command_timeout_s)
+        self._relay.on_reply = self.channel.handle_reply
+        self.chip_config = None
+        self.restarter = None
+        self._closed = False
+
+    def open(self):
+        """Open the port and read the chip's configuration; LinkError/ProtocolError name the port."""
+        self.link.open()
+        try:
+            self.chip_config = self.channel.get_config()
+        except (LinkError, ProtocolError) as exc:
+            self.link.close()
+            raise type(exc)("chip at {}: {}".format(self.url, exc)) from exc
+        except BaseException:
+            self.link.close()
+            raise
+        return self
+
+    def check(self, n_channels, sample_rate_hz, scale_uv=None):
+        """ConfigError unless the chip's configuration is what the decoder needs."""
+        check_chip_config(self.url, self.chip_config, n_channels, sample_rate_hz, scale_uv)
+
+    def start_streaming(self, receiver, check_config=None):
+        """Hand every byte to ``receiver`` (a ChipReceiver) and send START.
+
+        ``check_config(ChipConfig)`` (raises ConfigError) is what the
+        :class:`ChipRestarter` checks again after each reconnect before it
+        re-sends START.  Returns this session.
+        """
+        # The port is open already: the receiver counts this as its first open,
+        # so only a later one is taken for a reconnect.
+        receiver.connection_made(self.link)
+        receiver.on_reply = self.channel.handle_reply
+        self._relay.receiver = receiver
+        try:
+            if check_config is not None:
+                link = self.link
+                self.restarter = ChipRestarter(self.channel, receiver, check_config, lambda: link.connected).start()
+                receiver.on_reconnect = self.restarter.link_reconnected
+            self.channel.start_streaming()
+        except BaseException:
+            receiver.on_reconnect = None
+            self.close()
+            raise
+        return self
 
     @property
     def counters(self):
@@ -147,18 +235,22 @@ class ChipSession(object):
         return counters
 
     def close(self):
+        """Stop streaming (best effort) and close the port.  Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             if self.restarter is not None:
                 self.restarter.stop()
-            self.channel.stop_streaming()
+            if self._relay.receiver is not None:
+                self.channel.stop_streaming()
         except (LinkError, ProtocolError):
             pass  # the chip may be gone already; closing the port is what matters now
         finally:
             self.link.close()
 
 
-def chip_opener(url, n_channels, sample_rate_hz, scale_uv=None, baudrate=DEFAULT_BAUDRATE,
-                command_timeout_s=0.5):
+def chip_opener(url, n_channels, sample_rate_hz, scale_uv=None, baudrate=BAUDRATE, command_timeout_s=0.5):
     """Return ``open_chip(receiver) -> ChipSession`` for the chip at ``url``.
 
     On open: the link starts (LinkError if the port cannot be opened), the
@@ -168,36 +260,43 @@ def chip_opener(url, n_channels, sample_rate_hz, scale_uv=None, baudrate=DEFAULT
     Then START is sent.  After every reconnect of the link the same check and
     START are repeated by a :class:`ChipRestarter` (see the module docstring).
     """
-    from neurohand.firmware_bridge.chip.protocol import ChipCommandChannel
-    from neurohand.firmware_bridge.link import SerialLink
-
     def check(chip_config):
-        _check_chip_config(url, chip_config, n_channels, sample_rate_hz, scale_uv)
+        check_chip_config(url, chip_config, n_channels, sample_rate_hz, scale_uv)
 
     def open_chip(receiver):
-        link = SerialLink(url, receiver, baudrate=baudrate)
-        link.open()
-        restarter = None
+        session = ChipSession(url, baudrate, command_timeout_s).open()
         try:
-            channel = ChipCommandChannel(link.write, timeout_s=command_timeout_s)
-            receiver.on_reply = channel.handle_reply
-            chip_config = channel.get_config()
-            check(chip_config)
-            restarter = ChipRestarter(channel, receiver, check, lambda: link.connected).start()
-            receiver.on_reconnect = restarter.link_reconnected
-            channel.start_streaming()
+            check(session.chip_config)
         except BaseException:
-            receiver.on_reconnect = None
-            if restarter is not None:
-                restarter.stop()
-            link.close()
+            session.close()
             raise
-        return ChipSession(link, channel, chip_config, restarter)
+        return session.start_streaming(receiver, check)
 
     return open_chip
 
 
-def _check_chip_config(url, chip_config, n_channels, sample_rate_hz, scale_uv):
+def read_chip_config(url, baudrate=BAUDRATE, timeout_s=0.5):
+    """Open the chip at ``url`` briefly and return its ChipConfig (GET_CONFIG).
+
+    Raises LinkError (port missing, no answer) or ProtocolError (refused),
+    naming the port.
+    """
+    session = ChipSession(url, baudrate, timeout_s).open()
+    session.close()
+    return session.chip_config
+
+
+def chip_scale_uv(url, chip_config):
+    """The chip's µV per count, checked (finite, > 0)."""
+    scale = float(chip_config.scale_uv)
+    if not (scale > 0.0 and scale != float("inf")):
+        raise ConfigError("chip at {} reports a scale of {!r} uV per count; it must be finite and positive".format(
+            url, chip_config.scale_uv))
+    return scale
+
+
+def check_chip_config(url, chip_config, n_channels, sample_rate_hz, scale_uv=None):
+    """ConfigError naming what differs unless ``chip_config`` is what the decoder needs."""
     problems = []
     if chip_config.n_channels != n_channels:
         problems.append("{} channels, the decoder needs {}".format(chip_config.n_channels, n_channels))

@@ -331,7 +331,8 @@ def test_a_chip_that_comes_back_configured_differently_is_not_decoded(bench):
 def test_a_new_stream_after_a_reset_reaches_the_decoder_after_a_gap_estimated_from_the_clock(flushed):
     """1 s without frames, then a new stream: the decoder is told ~1 s of missing samples.  With
     ``flushed`` its flagged first frames were lost (flushed on reopen): the sequence goes backwards."""
-    from neurohand.deploy.runtime.loop import BatchQueue, ChipReceiver
+    from neurohand.deploy.runtime.queues import BatchQueue
+    from neurohand.firmware_bridge.chip.receiver import ChipReceiver
     from neurohand.firmware_bridge.chip import protocol as cp
     from neurohand.firmware_bridge.chip.parser import SampleGap
     clock = {"now": 0.0}
@@ -355,7 +356,8 @@ def test_a_new_stream_after_a_reset_reaches_the_decoder_after_a_gap_estimated_fr
 
 
 def test_frames_after_a_reconnect_are_held_until_released_and_reach_the_decoder_as_a_gap():
-    from neurohand.deploy.runtime.loop import BatchQueue, ChipReceiver
+    from neurohand.deploy.runtime.queues import BatchQueue
+    from neurohand.firmware_bridge.chip.receiver import ChipReceiver
     from neurohand.firmware_bridge.chip import protocol as cp
     from neurohand.firmware_bridge.chip.parser import SampleGap
     queue = BatchQueue(100)

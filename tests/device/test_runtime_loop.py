@@ -20,11 +20,13 @@ from neurohand.decoder.backends import create_backend
 from neurohand.decoder.pipeline import FeaturePipeline
 from neurohand.deploy.runtime import run_realtime
 from neurohand.deploy.runtime.config import RuntimeConfig
-from neurohand.deploy.runtime.loop import (
-    BatchQueue, ChipReceiver, LatestSlot, RealtimeRunner, build_runtime, installed_signal_handlers)
+from neurohand.deploy.runtime.assemble import build_runtime
+from neurohand.deploy.runtime.queues import BatchQueue, LatestSlot
+from neurohand.deploy.runtime.realtime import RealtimeRunner, installed_signal_handlers
 from neurohand.deploy.runtime.stats import Distribution, RuntimeStats
 from neurohand.firmware_bridge.chip import protocol as cp
 from neurohand.firmware_bridge.chip.parser import ChipParser, SampleFrame, SampleGap
+from neurohand.firmware_bridge.chip.receiver import ChipReceiver
 from neurohand.firmware_bridge.hands.base import HandDriver
 from neurohand.firmware_bridge.recording.file_format import open_recording
 

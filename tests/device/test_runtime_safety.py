@@ -14,7 +14,8 @@ from neurohand.decoder.backends import create_backend
 from neurohand.decoder.pipeline import FeaturePipeline
 from neurohand.deploy.runtime.config import RuntimeConfig
 from neurohand.deploy.runtime.decode import DecodedCommand
-from neurohand.deploy.runtime.loop import VirtualClock, build_runtime, run_fast
+from neurohand.deploy.runtime.assemble import build_runtime
+from neurohand.deploy.runtime.fast import VirtualClock, run_fast
 from neurohand.firmware_bridge.chip.parser import SampleFrame, SampleGap
 from neurohand.firmware_bridge.shared.errors import LinkError
 from neurohand.firmware_bridge.hands.base import HandDriver

@@ -1,0 +1,296 @@
+"""Threads, queues and the shutdown path around the pure stages (``neurohand run``, ``replay --realtime``)::
+
+    chip link reader thread          decode thread                 writer thread
+    bytes -> ChipReceiver            BatchQueue.take_all()         LatestSlot.get(timeout)
+      stamp arrival (perf_counter)   DecodeStage.process(batch)    HandWriterStage.step(cmd|None, now)
+      ChipParser.feed                  -> emit(command) ---------->  hand.send (new command at once,
+      BatchQueue.put((event, t)) ->                                  keep-alive / watchdog every period)
+                                     ThreadedRecorder (own thread, bounded backlog)
+    main thread: signal handlers, status line, safety-event lines, shutdown.
+
+Queues (:mod:`.queues`): the frame queue is bounded (``frame_queue_events``; a
+full queue drops the frame, counts it and tells the decoder the samples are
+missing); the command queue is one slot holding only the newest command.
+Nothing blocks without a timeout, so every thread notices a stop within ~0.1 s.
+"""
+import contextlib
+import signal
+import threading
+import time
+import traceback
+
+from neurohand.deploy.runtime.assemble import run_document, write_stats_json
+from neurohand.deploy.runtime.queues import BatchQueue, LatestSlot
+from neurohand.deploy.runtime.recorder import ThreadedRecorder
+from neurohand.deploy.runtime.stats import format_status_line
+from neurohand.firmware_bridge.chip.parser import ChipParser
+from neurohand.firmware_bridge.chip.receiver import ChipReceiver
+
+#: Longest a thread blocks before it looks at the stop flag again.
+WAKE_S = 0.1
+#: How long shutdown waits for each thread.
+JOIN_TIMEOUT_S = 2.0
+
+
+class RealtimeRunner(object):
+    """Threads around the stages; see the module docstring.
+
+    Parameters
+    ----------
+    parts : RuntimeParts (built with catch_up="newest" and this runner's clock)
+    open_chip : callable(receiver) -> link
+        Opens the chip link with ``receiver`` as its protocol object, starts
+        streaming, and returns an object whose ``close()`` stops streaming
+        and closes the port.  Called from :meth:`start`.
+    parser : ChipParser or None (a new one)
+    clock : callable, the monotonic clock (time.perf_counter)
+    status_stream : file for the status and safety lines (stderr); None = silent
+    stats_path : str or None, where :meth:`shutdown` writes the stats JSON
+
+    The runner owns the hand, the backend and the recorder of ``parts`` and
+    closes them in :meth:`shutdown`.  It installs no signal handlers; see
+    :func:`installed_signal_handlers`.
+    """
+
+    def __init__(self, parts, open_chip, parser=None, clock=time.perf_counter, status_stream=None,
+                 stats_path=None):
+        self.parts = parts
+        self._open_chip = open_chip
+        self.parser = ChipParser() if parser is None else parser
+        self._clock = clock
+        self._status = status_stream
+        self._stats_path = stats_path
+        self.frames = BatchQueue(parts.config.frame_queue_events)
+        self.commands = LatestSlot()
+        self.receiver = ChipReceiver(self.parser, self.frames, parts.stats, clock,
+                                     sample_rate=parts.sample_rate)
+        self.receiver.on_fault = self._on_chip_fault
+        self._stop = threading.Event()
+        self._writer_stop = threading.Event()
+        self._shutdown_lock = threading.Lock()
+        self.stop_reason = None
+        self.thread_errors = []
+        self.document = None
+        self._link = None
+        self._closed_link = None
+        self._started_s = None
+        self._threads = []
+        self._events_printed = 0
+        parts.supervisor.listeners.append(self._on_safety_event)
+
+    # -- life cycle
+
+    def start(self):
+        """Start the recorder, writer and decoder threads, then open the chip link."""
+        self._started_s = self._clock()
+        recorder = self.parts.recorder
+        if isinstance(recorder, ThreadedRecorder):
+            recorder.start()
+        for name, body in (("writer", self._writer_loop), ("decoder", self._decode_loop)):
+            thread = threading.Thread(target=self._guard, args=(name, body),
+                                      name="neurohand-{}".format(name), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._link = self._open_chip(self.receiver)
+        return self
+
+    def run(self, duration_s=None):
+        """Start, supervise until stopped (signal, ``duration_s``, a crashed thread), shut down.
+
+        Returns the stats document.  A crashed thread (a bug) is re-raised
+        after the shutdown has put the hand in its safe posture.
+        """
+        try:
+            self.start()
+            self._supervise(duration_s)
+        finally:
+            document = self.shutdown()
+        if self.thread_errors:
+            name, exc, text = self.thread_errors[0]
+            raise RuntimeError("the {} thread crashed:\n{}".format(name, text)) from exc
+        return document
+
+    def request_stop(self, reason):
+        """Ask the run to end (signal handlers call this); returns at once."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self._stop.set()
+
+    def shutdown(self, reason=None):
+        """Stop everything, safe posture, close files, write stats.  Idempotent.
+
+        Order: stop the writer thread, send the safe posture from here (so
+        nothing can follow it), close the chip link, stop the decoder, close
+        the hand, the recording and the backend, write ``--stats-json``.
+        Every step runs even if an earlier one failed.
+        """
+        with self._shutdown_lock:
+            if self.document is not None:
+                return self.document
+            self.request_stop(reason or "shutdown")
+            parts = self.parts
+            parts.supervisor.note("shutdown", self._clock(), str(self.stop_reason))
+            problems = []
+            steps = (
+                ("writer thread", self._stop_writer),
+                ("safe posture", lambda: parts.writer.send_safe_posture(self._clock())),
+                ("chip link", self._close_link),
+                ("decoder thread", self._stop_decoder),
+                ("hand", parts.hand.close),
+                ("recording", parts.recorder.close if parts.recorder is not None else None),
+                ("backend", getattr(parts.backend, "close", None)),
+            )
+            for name, step in steps:
+                if step is None:
+                    continue
+                try:
+                    step()
+                except Exception as exc:  # keep shutting down; report at the end
+                    problems.append("{}: {!r}".format(name, exc))
+            self._print_safety_events()
+            self.document = self.stats_document(problems)
+            if self._stats_path is not None:
+                write_stats_json(self._stats_path, self.document)
+            return self.document
+
+    # -- threads
+
+    def _guard(self, name, body):
+        try:
+            body()
+        except BaseException as exc:  # a bug: record it, make the hand safe, stop the run
+            self.thread_errors.append((name, exc, traceback.format_exc()))
+            self.parts.supervisor.on_fault("decoder_error", self._clock(),
+                                           "{} thread crashed: {!r}".format(name, exc))
+            self.commands.nudge()
+            self.request_stop("{} thread crashed".format(name))
+
+    def _decode_loop(self):
+        items = []
+        process = self.parts.decode.process
+        emit = self.commands.put
+        take_all = self.frames.take_all
+        while True:
+            finished = take_all(items, WAKE_S)
+            if items:
+                process(items, emit)
+                del items[:]
+            if finished:
+                return
+
+    def _writer_loop(self):
+        clock = self._clock
+        period = self.parts.writer_period_s
+        step = self.parts.writer.step
+        get = self.commands.get
+        stopping = self._writer_stop.is_set
+        next_due = clock()
+        while not stopping():
+            command = get(next_due - clock())
+            if stopping():
+                return
+            now = clock()
+            if command is None and now < next_due and self.parts.supervisor.is_ok:
+                continue  # woken early for nothing new: wait for the rest of the period
+            step(command, now)
+            next_due = now + period
+
+    def _stop_writer(self):
+        self._writer_stop.set()
+        self.commands.nudge()
+        self._join("writer")
+
+    def _stop_decoder(self):
+        self.frames.close()
+        self._join("decoder")
+
+    def _close_link(self):
+        link, self._link = self._link, None
+        if link is not None:
+            self._closed_link = link
+            link.close()
+
+    def _join(self, name):
+        for thread in self._threads:
+            if thread.name == "neurohand-{}".format(name):
+                thread.join(JOIN_TIMEOUT_S)
+                if thread.is_alive():
+                    raise RuntimeError("{} thread did not stop within {} s".format(name, JOIN_TIMEOUT_S))
+
+    # -- main thread
+
+    def _supervise(self, duration_s):
+        clock = self._clock
+        interval = self.parts.config.status_interval_s
+        next_status = self._started_s + interval
+        while not self._stop.wait(WAKE_S):
+            now = clock()
+            self._print_safety_events()
+            if interval and now >= next_status and self._status is not None:
+                print(self.status_line(now), file=self._status)
+                next_status = now + interval
+            if duration_s is not None and now - self._started_s >= duration_s:
+                self.request_stop("duration of {:g} s reached".format(duration_s))
+
+    def _on_chip_fault(self, kind, reason):
+        # From the chip restart thread: the safe posture at once, and the reason in the event log.
+        self.parts.supervisor.on_fault(kind, self._clock(), reason)
+
+    def _on_safety_event(self, event):
+        if event["kind"] != "ready":
+            # Wake the writer so a fault's safe posture goes out now, not at the next period.
+            self.commands.nudge()
+
+    def _print_safety_events(self):
+        if self._status is None:
+            return
+        events = self.parts.supervisor.events
+        while self._events_printed < len(events):
+            event = events[self._events_printed]
+            self._events_printed += 1
+            print("neurohand run: safety: {} at {:.3f} s (sample {}): {}".format(
+                event["kind"], event["time_s"], event["sample"], event["reason"]), file=self._status)
+
+    def frames_summary(self):
+        counters = self.parser.counters
+        return {"received": counters.frames_good, "missing": counters.frames_missing,
+                "corrupt": counters.crc_errors + counters.malformed, "resyncs": counters.resyncs,
+                "bad_headers": counters.bad_headers, "bytes_discarded": counters.bytes_discarded,
+                "dropped_queue_full": self.receiver.counters["frames_dropped_queue_full"],
+                "queue_high_water": self.frames.high_water}
+
+    def status_line(self, now):
+        parts = self.parts
+        return format_status_line(now - self._started_s, parts.stats, self.frames_summary(),
+                                  parts.decode.counters, parts.writer.counters, parts.supervisor.state)
+
+    def stats_document(self, problems=()):
+        parts = self.parts
+        writer_counters = dict(parts.writer.counters)
+        writer_counters["commands_superseded"] = self.commands.superseded
+        link = self._link if self._link is not None else self._closed_link
+        chip_link = dict(self.receiver.counters)
+        chip_link.update(getattr(link, "counters", None) or {})
+        extra = {"mode": "realtime", "stop_reason": self.stop_reason, "chip_link": chip_link,
+                 "shutdown_problems": list(problems),
+                 "thread_errors": ["{}: {!r}".format(name, exc) for name, exc, _ in self.thread_errors]}
+        return run_document(parts, self.frames_summary(), writer_counters, extra,
+                         None if self._started_s is None else self._clock() - self._started_s)
+
+
+@contextlib.contextmanager
+def installed_signal_handlers(runner, signals=(signal.SIGINT, signal.SIGTERM)):
+    """SIGINT/SIGTERM ask ``runner`` to stop (its main loop then shuts down);
+    the previous handlers come back on exit.  Main thread only."""
+    previous = {}
+
+    def handler(signum, frame):
+        runner.request_stop(signal.Signals(signum).name)
+
+    try:
+        for signum in signals:
+            previous[signum] = signal.signal(signum, handler)
+        yield runner
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
