@@ -7,13 +7,13 @@ no CI machine can run.  A passing result is recorded under BUNDLE/selftest/
 for this device and this bundle content; ``neurohand run`` refuses to start
 without one.
 """
-import json
 import os
 import platform
 import time
 
 import numpy as np
 
+from neurohand.firmware_bridge.shared.atomic import write_json_atomic
 from neurohand.firmware_bridge.shared.checks import load_json_file
 from neurohand.firmware_bridge.shared.errors import BundleError
 
@@ -82,12 +82,7 @@ def record_result(bundle, report):
     """Store the report for this device (atomically: a crash leaves the old one)."""
     os.makedirs(bundle.selftest_dir, exist_ok=True)
     path = _record_path(bundle)
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    write_json_atomic(path, report)
     return path
 
 

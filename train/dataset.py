@@ -19,7 +19,6 @@ at or before that time, ``floor(t * label_rate)``.  For a label stream at the
 signal rate that is row ``e - 1``.
 """
 import collections
-import math
 
 import numpy as np
 
@@ -251,6 +250,3 @@ def guard_samples(pipeline):
 def steps_per_second(pipeline):
     return pipeline.signal_rate / float(pipeline.stride_samples)
 
-
-def seconds_to_steps(seconds, pipeline, minimum=1):
-    return max(minimum, int(math.ceil(seconds * steps_per_second(pipeline) - 1e-9)))

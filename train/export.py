@@ -23,13 +23,13 @@ into place with ``os.replace``.
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 
 import numpy as np
 import torch
 
 from neurohand.decoder import onnx_weights as names
+from neurohand.firmware_bridge.shared.atomic import atomic_path
 from neurohand.firmware_bridge.shared.errors import NeurohandError
 
 OPSET = 13
@@ -86,27 +86,18 @@ def export_onnx(model, config, path, check_steps=200, tolerance=DEFAULT_TOLERANC
     parity check fails.
     """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".export-", suffix=".onnx", dir=directory)
-    os.close(handle)
     was_training = model.training
     model.eval()
     try:
-        _export_raw(model, config, temporary)
-        _normalize(temporary, config)
-        errors = check_parity(model, config, temporary, check_steps, seed=seed)
-        worst = max(errors.values())
-        if not worst <= tolerance:
-            raise ExportError("exported graph differs from torch by {:.3g} (tolerance {:.3g}) over {} steps: {}"
-                              .format(worst, tolerance, check_steps, errors))
-        # mkstemp creates the file private (0600); give it the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
+        with atomic_path(path, suffix=".onnx") as temporary:
+            _export_raw(model, config, temporary)
+            _normalize(temporary, config)
+            errors = check_parity(model, config, temporary, check_steps, seed=seed)
+            worst = max(errors.values())
+            if not worst <= tolerance:
+                raise ExportError("exported graph differs from torch by {:.3g} (tolerance {:.3g}) over {} steps: {}"
+                                  .format(worst, tolerance, check_steps, errors))
     finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
         model.train(was_training)
     with open(path, "rb") as handle:
         digest = hashlib.sha256(handle.read()).hexdigest()

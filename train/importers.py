@@ -20,6 +20,7 @@ import os
 import numpy as np
 
 from neurohand.firmware_bridge.shared import checks
+from neurohand.firmware_bridge.shared.atomic import atomic_path
 from neurohand.firmware_bridge.shared.errors import RecordingError, UsageError
 
 NINAPRO_CITATION = ("Atzori M. et al., Electromyography data for non-invasive naturally-controlled robotic "
@@ -49,29 +50,13 @@ NINAPRO_RATE_VARIABLES = ("frequency", "fs", "samplerate", "sample_rate")
 BLOCK_SAMPLES = 10000
 
 
-def _partial_path(out_path):
-    return os.fspath(out_path) + ".partial"
-
-
-def _finish(partial, out_path):
-    os.replace(partial, os.fspath(out_path))
-
-
-def _discard(partial):
-    try:
-        os.remove(partial)
-    except OSError:
-        pass
-
-
 def _write_recording(out_path, signal_rate, channel_names, signals, label_name, label_names, labels,
                      events, metadata):
     """Write one whole recording atomically (``signals`` and ``labels`` are in-memory arrays)."""
     from neurohand.firmware_bridge.recording.file_format import RecordingWriter
 
     checks.check_parent_writable("output recording", out_path)
-    partial = _partial_path(out_path)
-    try:
+    with atomic_path(out_path, suffix=".partial") as partial:
         # One-second chunks: imported files are read back in long ranges, and
         # the default 0.1 s would mean 10 chunks per second of 100 Hz data.
         with RecordingWriter(partial, signal_rate, channel_names, dtype="float32", metadata=metadata,
@@ -82,10 +67,6 @@ def _write_recording(out_path, signal_rate, channel_names, signals, label_name, 
                 w.append_labels(label_name, labels[start:start + BLOCK_SAMPLES].astype(np.float32))
             for sample, kind, value in events:
                 w.add_event(sample, kind, value)
-    except BaseException:
-        _discard(partial)
-        raise
-    _finish(partial, out_path)
 
 
 def change_events(values, kind):

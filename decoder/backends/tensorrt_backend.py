@@ -31,15 +31,14 @@ Only fakes of both APIs (tests/device/fake_tensorrt.py) exercise this module
 here; real-GPU verification is the on-device self-test with golden vectors.
 """
 import hashlib
-import json
 import os
-import tempfile
 
 import numpy as np
 
 from neurohand.decoder import onnx_weights
 from neurohand.decoder.backends.base import Backend, BackendUnavailableError
 from neurohand.firmware_bridge.shared.checks import load_json_file
+from neurohand.firmware_bridge.shared.atomic import write_atomic, write_json_atomic
 from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 
 ENGINE_METADATA_SUFFIX = ".json"
@@ -198,21 +197,6 @@ def _build_serialized(trt, api, onnx_bytes, fp16, workspace_mb):
     return bytes(serialized)
 
 
-def _write_atomically(path, data, mode="wb"):
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(handle, mode, encoding=None if "b" in mode else "utf-8") as stream:
-            stream.write(data)
-        umask = os.umask(0)      # mkstemp makes the file private (0600); use the usual mode
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 class _CudaContext(object):
     """A CUDA context made current on this thread, popped on close."""
 
@@ -256,9 +240,8 @@ def build_engine(onnx_path, engine_path, fp16=False, workspace_mb=DEFAULT_WORKSP
         "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
         "engine_sha256": hashlib.sha256(serialized).hexdigest(),
     }
-    _write_atomically(engine_path, serialized)
-    _write_atomically(engine_path + ENGINE_METADATA_SUFFIX,
-                      json.dumps(metadata, indent=2, sort_keys=True) + "\n", mode="w")
+    write_atomic(engine_path, serialized)
+    write_json_atomic(engine_path + ENGINE_METADATA_SUFFIX, metadata, indent=2)
     return metadata
 
 

@@ -25,8 +25,9 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
+
+from neurohand.firmware_bridge.shared.atomic import write_atomic, write_json_atomic
 
 RESULTS_FORMAT = "neurohand-bench-results"
 RESULTS_VERSION = 1
@@ -206,33 +207,11 @@ def start_update(directory, command, names):
     return document
 
 
-def write_atomic(path, text):
-    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never a part.
-
-    The text goes to a temporary file in the same directory, is flushed to
-    disk, then renamed over ``path`` (atomic on POSIX).
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-
-
 def write_results(directory, document):
     """Write ``results.json`` and ``results.md`` into ``directory``; returns both paths."""
     json_path = os.path.join(directory, JSON_NAME)
     markdown_path = os.path.join(directory, MARKDOWN_NAME)
-    write_atomic(json_path, json.dumps(document, indent=1, sort_keys=True) + "\n")
+    write_json_atomic(json_path, document, allow_nan=True)
     write_atomic(markdown_path, render_markdown(document))
     return json_path, markdown_path
 
