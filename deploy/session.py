@@ -7,9 +7,11 @@ The chip's µV scale.  A bundle's config does not hold the scale of the
 recording it was trained on, and need not: the feature pipeline works in
 microvolts, so what matters is the scale of the counts *this* chip sends.
 The chip reports it (one float32 ``scale_uv`` for every channel, GET_CONFIG,
-docs/chip-protocol.md): :func:`run_on_chip` reads it first on a short
-connection of its own, then opens the chip for the run with that scale, which
-``chip_opener`` checks again together with the channel count and the rate.
+docs/chip-protocol.md): :func:`run_on_chip` opens the chip once
+(:class:`~neurohand.firmware_bridge.chip.session.ChipSession`), reads the
+configuration, checks the channel count and the rate, builds the run with
+that scale and streams on the same connection; after a reconnect the chip's
+configuration, scale included, is checked again before it is decoded.
 """
 from neurohand.firmware_bridge.shared.errors import BundleError
 

@@ -12,37 +12,24 @@ torch, which is a workstation tool) and says what it picked and why in
 raises :class:`BackendUnavailableError` naming what to install; there is no
 silent fallback.  See docs/backends.md.
 
-Every backend module imports only the standard library and numpy at module
-level, so this registry can hold the classes themselves.
+The names live in :mod:`neurohand.decoder.backend_registry` (standard library
+only, so every ``--backend`` option takes its choices from there); a backend's
+module is imported when that backend is asked for or tried.
 """
 import os
 
+from neurohand.decoder.backend_registry import AUTO_ORDER, BACKEND_CHOICES, BACKENDS, backend_class
 from neurohand.decoder.backends.base import Backend, BackendUnavailableError
-from neurohand.decoder.backends.numpy_backend import NumpyBackend
-from neurohand.decoder.backends.onnxruntime_backend import OnnxRuntimeBackend
-from neurohand.decoder.backends.tensorrt_backend import TensorRTBackend
-from neurohand.train.torch_backend import TorchBackend
 from neurohand.firmware_bridge.shared.checks import check_file_exists, check_option
 from neurohand.firmware_bridge.shared.errors import UsageError
 
 __all__ = ["BACKENDS", "AUTO_ORDER", "BACKEND_CHOICES", "Backend", "BackendUnavailableError",
-           "available_backends", "create_backend"]
-
-# Explicit registry: name -> backend class.
-BACKENDS = {
-    "tensorrt": TensorRTBackend,
-    "onnxruntime": OnnxRuntimeBackend,
-    "numpy": NumpyBackend,
-    "torch": TorchBackend,
-}
-# What "auto" tries, in order of preference.
-AUTO_ORDER = ("tensorrt", "onnxruntime", "numpy")
-BACKEND_CHOICES = ("auto",) + tuple(BACKENDS)
+           "available_backends", "backend_class", "create_backend"]
 
 
 def available_backends():
     """Names of the backends that can run on this machine, in registry order."""
-    return [name for name, backend_class in BACKENDS.items() if backend_class.unavailable_reason() is None]
+    return [name for name in BACKENDS if backend_class(name).unavailable_reason() is None]
 
 
 def create_backend(name, onnx_path, engine_path=None, fp16=False):
@@ -60,22 +47,22 @@ def create_backend(name, onnx_path, engine_path=None, fp16=False):
     name = check_option("backend", name, BACKEND_CHOICES)
     onnx_path = check_file_exists("ONNX model", os.fspath(onnx_path))
     if name != "auto":
-        backend_class = BACKENDS[name]
+        chosen = backend_class(name)
         if fp16 and name != "tensorrt":
             raise UsageError("fp16 applies to the tensorrt backend only, not {!r}".format(name))
-        reason = backend_class.unavailable_reason()
+        reason = chosen.unavailable_reason()
         if reason is not None:
             raise BackendUnavailableError("backend {!r} is not available: {}".format(name, reason))
-        return backend_class.from_onnx(onnx_path, engine_path=engine_path, fp16=fp16)
+        return chosen.from_onnx(onnx_path, engine_path=engine_path, fp16=fp16)
     skipped = []
     for candidate in AUTO_ORDER:
-        backend_class = BACKENDS[candidate]
-        reason = backend_class.unavailable_reason()
+        chosen = backend_class(candidate)
+        reason = chosen.unavailable_reason()
         if reason is not None:
             skipped.append("{}: {}".format(candidate, reason))
             continue
         use_fp16 = fp16 and candidate == "tensorrt"
-        backend = backend_class.from_onnx(onnx_path, engine_path=engine_path, fp16=use_fp16)
+        backend = chosen.from_onnx(onnx_path, engine_path=engine_path, fp16=use_fp16)
         note = "auto picked {}".format(candidate)
         if skipped:
             note += " (skipped {})".format("; ".join(skipped))

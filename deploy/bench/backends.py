@@ -74,11 +74,11 @@ def _measure_each_backend(names, onnx_path, engine_path, make_step, steps, repea
 
     Returns (results {name: figures}, skipped {name: reason}).
     """
-    from neurohand.decoder.backends import BACKENDS, create_backend
+    from neurohand.decoder.backends import BACKENDS, backend_class, create_backend
 
     results, skipped = {}, {}
     for name in names or list(BACKENDS):
-        reason = BACKENDS[name].unavailable_reason()
+        reason = backend_class(name).unavailable_reason()
         if reason is not None:
             skipped[name] = reason
             continue

@@ -3,7 +3,7 @@ library only at module level; handlers import what they need."""
 import json
 import os
 
-BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime", "numpy", "torch")
+from neurohand.decoder.backend_registry import BACKEND_CHOICES
 
 
 def register(subparsers):

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime", "numpy", "torch")
+from neurohand.decoder.backend_registry import BACKEND_CHOICES
 
 
 def register(subparsers):

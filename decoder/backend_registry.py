@@ -1,0 +1,27 @@
+"""The inference backends by name: the one list that ``create_backend``, ``auto``
+and every ``--backend`` option share.
+
+Standard library only, and each backend named by where its class lives rather
+than imported, so the command line can offer the choices without importing
+numpy, and naming a backend costs nothing until it is used.
+"""
+import importlib
+
+# Explicit registry: name -> "module:class".  The torch backend steps the
+# training model itself; it is a workstation tool that lives with the training
+# code (train/), is never picked by "auto", and is imported only when asked for.
+BACKENDS = {
+    "tensorrt": "neurohand.decoder.backends.tensorrt_backend:TensorRTBackend",
+    "onnxruntime": "neurohand.decoder.backends.onnxruntime_backend:OnnxRuntimeBackend",
+    "numpy": "neurohand.decoder.backends.numpy_backend:NumpyBackend",
+    "torch": "neurohand.train.torch_backend:TorchBackend",
+}
+# What "auto" tries, in order of preference.
+AUTO_ORDER = ("tensorrt", "onnxruntime", "numpy")
+BACKEND_CHOICES = ("auto",) + tuple(BACKENDS)
+
+
+def backend_class(name):
+    """The class of backend ``name`` (a key of BACKENDS), imported now."""
+    module_name, class_name = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
