@@ -506,110 +506,231 @@ def _build(prepared, seed, context):
 
 
 def _train(prepared, run_dir, seed, context, resume, digest, progress):
-    settings = prepared.settings["training"]
-    model_config, model = _build(prepared, seed, context)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"],
-                                  weight_decay=settings["weight_decay"])
-    state = {"epoch": 0, "best_score": -math.inf, "best_epoch": 0, "bad_epochs": 0, "lr_bad_epochs": 0,
-             "lr": settings["learning_rate"], "elapsed_s": 0.0, "stopped": "",
-             "history": {"epoch": [], "train_loss": [], "validation_loss": [], "validation_r2": [], "lr": [],
-                         "seconds": [], "batches": []}}
-    best_model = _cpu_state(model.state_dict())
+    """Train until the epoch limit, early stopping or the time budget; the best model and how it went.
+
+    Returns {"model": model holding the best weights, "model_config", "state": TrainingState}."""
+    training = _Training(prepared, seed, context)
     checkpoint_path = os.path.join(run_dir, FILES["checkpoint"])
     if resume:
+        training.resume(checkpoint_path, digest, run_dir)
+    training.distribute()
+    state = training.state
+    clock = _Clock(state.elapsed_s, training.settings["max_minutes"])
+    while state.epoch < training.settings["epochs"] and not state.stopped:
+        validation = training.run_epoch(clock, progress)
+        if context.is_main:
+            if progress:
+                _print_epoch(state, validation)
+            training.save_checkpoint(checkpoint_path, digest)
+    if not state.stopped:
+        state.stopped = "epochs"
+    training.model.load_state_dict(training.best_model)
+    return {"model": training.model, "model_config": training.model_config, "state": state}
+
+
+class TrainingState(object):
+    """How far training has come; the checkpoint holds it as "state", a dict of FIELDS.
+
+    epoch        : last finished epoch
+    best_score   : best validation mean R² so far, reached at best_epoch
+    bad_epochs   : epochs since the last improvement (early stopping)
+    lr_bad_epochs: the same for the learning-rate schedule, restarted at each cut
+    lr           : learning rate of the next epoch
+    elapsed_s    : training seconds, earlier sessions of a resumed run included
+    stopped      : why training ended: "patience", "time budget", "epochs" ("" while it goes on)
+    history      : per-epoch lists (HISTORY) for metrics.json and the report"""
+
+    FIELDS = ("epoch", "best_score", "best_epoch", "bad_epochs", "lr_bad_epochs", "lr", "elapsed_s", "stopped",
+              "history")
+    HISTORY = ("epoch", "train_loss", "validation_loss", "validation_r2", "lr", "seconds", "batches")
+
+    def __init__(self, learning_rate):
+        self.epoch = 0
+        self.best_score = -math.inf
+        self.best_epoch = 0
+        self.bad_epochs = 0
+        self.lr_bad_epochs = 0
+        self.lr = learning_rate
+        self.elapsed_s = 0.0
+        self.stopped = ""
+        self.history = {name: [] for name in self.HISTORY}
+
+    def to_dict(self):
+        """The checkpoint's "state" entry (a plain dict of FIELDS, a copy)."""
+        return copy.deepcopy({name: getattr(self, name) for name in self.FIELDS})
+
+    def load_dict(self, values):
+        for name in self.FIELDS:
+            setattr(self, name, values[name])
+
+    def record_epoch(self, losses, validation, n_batches):
+        """Append the finished epoch (self.epoch) to the history."""
+        history = self.history
+        history["epoch"].append(self.epoch)
+        history["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
+        history["validation_loss"].append(validation["loss"])
+        history["validation_r2"].append(validation["mean_r2"])
+        history["lr"].append(self.lr)
+        history["seconds"].append(self.elapsed_s)
+        history["batches"].append(n_batches)
+
+    def judge(self, score, settings):
+        """Early stopping after an epoch with validation mean R² ``score``; True where it is a new best."""
+        if score > self.best_score + settings["min_delta"]:
+            self.best_score, self.best_epoch = score, self.epoch
+            self.bad_epochs, self.lr_bad_epochs = 0, 0
+            return True
+        self.bad_epochs += 1
+        self.step_lr_schedule(settings)
+        if self.bad_epochs >= settings["patience"]:
+            self.stopped = "patience"
+        return False
+
+    def step_lr_schedule(self, settings):
+        """After an epoch without improvement: cut the learning rate once lr_patience of them have passed."""
+        self.lr_bad_epochs += 1
+        if self.lr_bad_epochs >= settings["lr_patience"]:
+            self.lr *= settings["lr_factor"]
+            self.lr_bad_epochs = 0
+
+
+class _Clock(object):
+    """Training time, counting the seconds of earlier sessions of a resumed run."""
+
+    def __init__(self, elapsed_s, max_minutes):
+        self.started = time.monotonic() - elapsed_s
+        self.budget_s = None if max_minutes is None else max_minutes * 60.0
+
+    def elapsed_s(self):
+        return time.monotonic() - self.started
+
+    def out_of_time(self, context):
+        # Without a budget no process asks, so none waits in _agree's broadcast.
+        return self.budget_s is not None and _agree(context, self.elapsed_s() > self.budget_s)
+
+
+class _Training(object):
+    """One process's training: model (and its DDP wrapper), optimiser, best weights and TrainingState."""
+
+    def __init__(self, prepared, seed, context):
+        self.prepared = prepared
+        self.settings = prepared.settings["training"]
+        self.seed = seed
+        self.context = context
+        self.model_config, self.model = _build(prepared, seed, context)
+        self.train_model = self.model
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.settings["learning_rate"],
+                                           weight_decay=self.settings["weight_decay"])
+        self.state = TrainingState(self.settings["learning_rate"])
+        self.best_model = _cpu_state(self.model.state_dict())
+        self.lengths = [len(s.features) for s in prepared.sequences["train"]]
+        self.steps_per_s = dataset.steps_per_second(prepared.pipeline)
+
+    def resume(self, checkpoint_path, digest, run_dir):
+        """Continue from the checkpoint: weights, optimiser, best weights and state."""
         document = load_checkpoint(checkpoint_path)
         if document["settings_digest"] != digest:
             raise UsageError("the checkpoint in {!r} was trained with other settings, data or seed; resume with "
                              "the same recordings, --config and --seed".format(run_dir))
-        model.load_state_dict(document["model"])
-        optimizer.load_state_dict(document["optimizer"])
-        best_model = document["best_model"]
-        for key in state:
-            state[key] = document["state"][key]
-        if state["stopped"] != "patience":
+        self.model.load_state_dict(document["model"])
+        self.optimizer.load_state_dict(document["optimizer"])
+        self.best_model = document["best_model"]
+        self.state.load_dict(document["state"])
+        if self.state.stopped != "patience":
             # A time budget or epoch limit may be extended on resume; early stopping is final.
-            state["stopped"] = ""
-    train_model = model
-    if context.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-        train_model = DistributedDataParallel(
-            model, device_ids=[context.device.index] if context.device.type == "cuda" else None)
-    sequences = prepared.sequences
-    lengths = [len(s.features) for s in sequences["train"]]
-    steps_per_s = dataset.steps_per_second(prepared.pipeline)
-    budget_s = None if settings["max_minutes"] is None else settings["max_minutes"] * 60.0
-    started = time.monotonic() - state["elapsed_s"]
-    while state["epoch"] < settings["epochs"] and not state["stopped"]:
-        epoch = state["epoch"] + 1
-        for group in optimizer.param_groups:
-            group["lr"] = state["lr"]
+            self.state.stopped = ""
+
+    def save_checkpoint(self, checkpoint_path, digest):
+        save_checkpoint(checkpoint_path, {
+            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "settings_digest": digest,
+            "model_config": self.model_config.to_dict(), "model": _cpu_state(self.model.state_dict()),
+            "optimizer": self.optimizer.state_dict(), "best_model": self.best_model,
+            "state": self.state.to_dict()})
+
+    def distribute(self):
+        """Under torchrun, train through DistributedDataParallel (it averages the gradients)."""
+        if self.context.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.context.device.index] if self.context.device.type == "cuda" else None)
+
+    def run_epoch(self, clock, progress):
+        """Train one epoch, validate, update the state; the validation scores."""
+        state = self.state
+        epoch = state.epoch + 1
+        losses, n_batches, out_of_time = self.train_epoch(epoch, clock, progress)
+        validation, _ = score_sequences(self.model, self.prepared.sequences["validation"], self.context.device)
+        state.epoch = epoch
+        state.elapsed_s = clock.elapsed_s()
+        state.record_epoch(losses, validation, n_batches)
+        if state.judge(validation["mean_r2"], self.settings):
+            self.best_model = _cpu_state(self.model.state_dict())
+        if out_of_time:
+            state.stopped = "time budget"
+        return validation
+
+    def train_epoch(self, epoch, clock, progress):
+        """TBPTT over this process's share of the epoch's batches.
+
+        Returns (chunk losses, number of batches in the share, whether the time budget ran out)."""
+        context, settings = self.context, self.settings
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.state.lr
         # Dropout and piece offsets depend on (seed, epoch) only: resuming repeats them exactly.
-        torch.manual_seed(seed * 1000003 + epoch * 101 + context.rank)
-        batches = plan_epoch(lengths, settings, steps_per_s, seed, epoch, context.world_size)
+        torch.manual_seed(self.seed * 1000003 + epoch * 101 + context.rank)
+        batches = plan_epoch(self.lengths, settings, self.steps_per_s, self.seed, epoch, context.world_size)
         mine = batches[context.rank::context.world_size]
-        group_steps = [max(stop - start for _, start, stop in
-                           [p for b in batches[i:i + context.world_size] for p in b])
-                       for i in range(0, len(batches), context.world_size)]
         bar = _progress_bar(len(mine), epoch, settings["epochs"], progress and context.is_main)
         losses = []
         out_of_time = False
-        model.train()
-        for batch, n_steps in zip(mine, group_steps):
-            x, y, mask = (t.to(context.device) for t in collate(sequences["train"], batch, n_steps,
-                                                                prepared.targets))
-            if settings["input_noise"] > 0:
-                # Drawn on the CPU from the epoch-seeded generator: the same on any device.
-                x = x + (settings["input_noise"] * torch.randn(x.shape)).to(context.device)
-            hidden = None
-            for start in range(0, n_steps, settings["tbptt_steps"]):
-                stop = start + settings["tbptt_steps"]
-                outputs, hidden = train_model(x[:, start:stop], hidden)
-                loss = masked_mse(outputs, y[:, start:stop], mask[:, start:stop])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if settings["grad_clip"] > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
-                optimizer.step()
-                hidden = detach_state(hidden)
-                if float(mask[:, start:stop].sum()) > 0:
-                    losses.append(float(loss.detach()))
+        self.model.train()
+        for batch, n_steps in zip(mine, _group_steps(batches, context.world_size)):
+            losses.extend(self.train_batch(batch, n_steps))
             bar.update(1)
-            if budget_s is not None and _agree(context, time.monotonic() - started > budget_s):
+            if clock.out_of_time(context):
                 out_of_time = True
                 break
         bar.close()
-        validation, _ = score_sequences(model, sequences["validation"], context.device)
-        state["epoch"] = epoch
-        state["elapsed_s"] = time.monotonic() - started
-        _update_history(state, epoch, losses, validation)
-        state["history"]["batches"].append(len(mine))
-        if validation["mean_r2"] > state["best_score"] + settings["min_delta"]:
-            state["best_score"], state["best_epoch"] = validation["mean_r2"], epoch
-            state["bad_epochs"], state["lr_bad_epochs"] = 0, 0
-            best_model = _cpu_state(model.state_dict())
-        else:
-            state["bad_epochs"] += 1
-            state["lr_bad_epochs"] += 1
-            if state["lr_bad_epochs"] >= settings["lr_patience"]:
-                state["lr"] *= settings["lr_factor"]
-                state["lr_bad_epochs"] = 0
-            if state["bad_epochs"] >= settings["patience"]:
-                state["stopped"] = "patience"
-        if out_of_time:
-            state["stopped"] = "time budget"
-        if context.is_main:
-            if progress:
-                print("epoch {}: train loss {:.4f}, validation R2 {:.3f} (best {:.3f} at epoch {}), {:.0f} s".format(
-                    epoch, state["history"]["train_loss"][-1], validation["mean_r2"], state["best_score"],
-                    state["best_epoch"], state["elapsed_s"]), file=sys.stderr)
-            save_checkpoint(checkpoint_path, {
-                "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "settings_digest": digest,
-                "model_config": model_config.to_dict(), "model": _cpu_state(model.state_dict()),
-                "optimizer": optimizer.state_dict(), "best_model": best_model, "state": copy.deepcopy(state)})
-    if not state["stopped"]:
-        state["stopped"] = "epochs"
-    model.load_state_dict(best_model)
-    return {"model": model, "model_config": model_config, "state": state}
+        return losses, len(mine), out_of_time
+
+    def train_batch(self, batch, n_steps):
+        """One batch, ``tbptt_steps`` at a time: an optimiser step per chunk, the recurrent state carried
+        on detached.  Returns the losses of the chunks that hold real (unpadded) steps."""
+        settings, device = self.settings, self.context.device
+        x, y, mask = (t.to(device) for t in collate(self.prepared.sequences["train"], batch, n_steps,
+                                                    self.prepared.targets))
+        if settings["input_noise"] > 0:
+            # Drawn on the CPU from the epoch-seeded generator: the same on any device.
+            x = x + (settings["input_noise"] * torch.randn(x.shape)).to(device)
+        losses = []
+        hidden = None
+        for start in range(0, n_steps, settings["tbptt_steps"]):
+            stop = start + settings["tbptt_steps"]
+            outputs, hidden = self.train_model(x[:, start:stop], hidden)
+            loss = masked_mse(outputs, y[:, start:stop], mask[:, start:stop])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if settings["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings["grad_clip"])
+            self.optimizer.step()
+            hidden = detach_state(hidden)
+            if float(mask[:, start:stop].sum()) > 0:
+                losses.append(float(loss.detach()))
+        return losses
+
+
+def _group_steps(batches, world_size):
+    """Steps to pad each of this process's batches to: the longest piece of the batches that the
+    ``world_size`` processes run side by side, so all of them run as many TBPTT chunks (under DDP
+    every backward pass is a collective)."""
+    return [max(stop - start for _, start, stop in [p for b in batches[i:i + world_size] for p in b])
+            for i in range(0, len(batches), world_size)]
+
+
+def _print_epoch(state, validation):
+    print("epoch {}: train loss {:.4f}, validation R2 {:.3f} (best {:.3f} at epoch {}), {:.0f} s".format(
+        state.epoch, state.history["train_loss"][-1], validation["mean_r2"], state.best_score,
+        state.best_epoch, state.elapsed_s), file=sys.stderr)
 
 
 def _agree(context, flag):
@@ -622,16 +743,6 @@ def _agree(context, flag):
         value = value.to(context.device)
     dist.broadcast(value, src=0)
     return bool(value.item())
-
-
-def _update_history(state, epoch, losses, validation):
-    history = state["history"]
-    history["epoch"].append(epoch)
-    history["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
-    history["validation_loss"].append(validation["loss"])
-    history["validation_r2"].append(validation["mean_r2"])
-    history["lr"].append(state["lr"])
-    history["seconds"].append(state["elapsed_s"])
 
 
 class _NoBar(object):
@@ -695,14 +806,14 @@ def _write_outputs(prepared, run_dir, seed, context, result):
     scores, predictions = {}, {}
     for name in splits.SPLIT_NAMES:
         scores[name], predictions[name] = score_sequences(model, prepared.sequences[name], torch.device("cpu"))
-    history = state["history"]
+    history = state.history
     summary = {
         "run_dir": os.path.abspath(run_dir),
         "scores": scores,
         "label_names": list(first.labels.names),
         "history": history,
-        "epochs_run": state["epoch"], "best_epoch": state["best_epoch"], "stopped": state["stopped"],
-        "train_seconds": state["elapsed_s"],
+        "epochs_run": state.epoch, "best_epoch": state.best_epoch, "stopped": state.stopped,
+        "train_seconds": state.elapsed_s,
         "device": str(context.device), "world_size": context.world_size, "seed": seed,
         "n_windows": {name: int(sum(len(s.features) for s in prepared.sequences[name]))
                       for name in splits.SPLIT_NAMES},
