@@ -1,41 +1,43 @@
 """Runtime filter chain: stored SOS coefficients applied block by block with carried state.
 
-Runs on the Jetson with numpy alone.  Two interchangeable engines compute the
-same causal cascade of second-order sections in direct form II transposed (the
-form and state layout of ``scipy.signal.sosfilt``, so states are comparable):
+One implementation, numpy only, everywhere the chain runs: on the Jetson, in
+workstation replay and evaluation, in offline ``transform`` and in the
+benchmarks' latency figures.  scipy is used only to design the coefficients
+(decoder/filter_design.py) and, in tests and benchmarks, as the reference this
+chain is checked against; it is never imported here.  An engine picked by
+whether scipy happens to import made workstation figures describe a different
+filter from the device's, and a Jetson with scipy installed started about 5x
+slower with 2.5x the memory.
 
-``"scipy"``
-    ``scipy.signal.sosfilt(sos, x, axis=0, zi=zi)``, used where scipy imports.
-``"numpy"``
-    A block formulation.  The cascade is linear, so for a chunk of ``r``
-    samples with input ``x`` (r, n_channels) and state ``s`` (2 * n_sections,
-    n_channels)::
+The chain computes the causal cascade of second-order sections in direct form
+II transposed, with the state layout of ``scipy.signal.sosfilt``'s ``zi``
+(n_sections, 2, n_channels), so states compare directly with the reference.
+It is a block formulation.  The cascade is linear, so for a chunk of ``r``
+samples with input ``x`` (r, n_channels) and state ``s`` (2 * n_sections,
+n_channels)::
 
-        y  = H_r @ x + G_r @ s          (output)
-        s' = F_r @ x + A_r @ s          (state after the chunk)
+    y  = H_r @ x + G_r @ s          (output)
+    s' = F_r @ x + A_r @ s          (state after the chunk)
 
-    where ``H`` is the lower-triangular Toeplitz matrix of the cascade's
-    impulse response and ``G``, ``F``, ``A`` map initial state to output, input
-    to final state and state to state.  All four are measured once, at
-    construction, by running the plain per-sample recursion
-    (:func:`sosfilt_reference`) on unit inputs, for a chunk length ``L``; a
-    chunk of any ``r <= L`` uses slices of them, so no block size ever needs a
-    new design.  A per-sample Python loop over 200 samples x ~7 sections costs
-    milliseconds; these four small matrix products per chunk cost tens of
-    microseconds and vectorise across channels for free.
+where ``H`` is the lower-triangular Toeplitz matrix of the cascade's impulse
+response and ``G``, ``F``, ``A`` map initial state to output, input to final
+state and state to state.  All four are measured once, at construction, by
+running the plain per-sample recursion (:func:`sosfilt_reference`) on unit
+inputs, for a chunk length ``L``; a chunk of any ``r <= L`` uses slices of
+them, so no block size ever needs a new design.  A per-sample Python loop over
+200 samples x ~7 sections costs milliseconds; these four small matrix products
+per chunk cost tens of microseconds and vectorise across channels for free.
 
-The engine is chosen once, at construction (``backend="auto"`` picks scipy when
-importable), never per block.  The filter always runs in float64, whatever the
-feature dtype: poles within 1e-3 of the unit circle (a 50 Hz notch at 10 kHz)
-make a float32 recursion drift over a long session.
+The filter always runs in float64, whatever the feature dtype: poles within
+1e-3 of the unit circle (a 50 Hz notch at 10 kHz) make a float32 recursion
+drift over a long session.
 """
 import numpy as np
 
-from neurohand.firmware_bridge.shared.checks import check_int, check_option, check_real_array
+from neurohand.firmware_bridge.shared.checks import check_int, check_real_array
 from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 
-BACKENDS = ("auto", "numpy", "scipy")
-# Chunk length of the numpy engine: cost per sample grows with L (the H
+# Chunk length of the block formulation: cost per sample grows with L (the H
 # product) while Python overhead per chunk shrinks; 64 measured best for
 # 200-sample blocks x 16 channels (see ``neurohand bench dsp``).
 DEFAULT_CHUNK_SAMPLES = 64
@@ -122,7 +124,7 @@ def sosfilt_reference(sos, x, zi):
 
 
 class _BlockEngine(object):
-    """The numpy engine: block matrices measured once, applied per chunk (see module doc)."""
+    """Block matrices measured once, applied per chunk (see module doc)."""
 
     def __init__(self, sos, chunk_samples):
         n_states = 2 * len(sos)
@@ -168,13 +170,15 @@ class _BlockEngine(object):
 class FilterChain(object):
     """Optional common-average reference, then a causal SOS cascade, with carried state.
 
+    The one filter implementation of the device path (see module doc): there is
+    no engine to choose.
+
     Parameters
     ----------
     sos : array-like, shape (n_sections, 6); validated (may be empty: identity).
     n_channels : int
     car : bool, subtract the across-channel mean from every sample first
-    backend : "auto" | "numpy" | "scipy", chosen here once ("auto": scipy if importable)
-    chunk_samples : int, chunk length of the numpy engine
+    chunk_samples : int, chunk length of the block formulation
     where : str, names the source of ``sos`` in error messages
 
     ``process(block)`` takes ``(n_samples, n_channels)`` samples in µV (any real
@@ -183,29 +187,15 @@ class FilterChain(object):
     call: copy it to keep it.
     """
 
-    def __init__(self, sos, n_channels, car=False, backend="auto", chunk_samples=DEFAULT_CHUNK_SAMPLES,
-                 where="sos"):
+    def __init__(self, sos, n_channels, car=False, chunk_samples=DEFAULT_CHUNK_SAMPLES, where="sos"):
         self.sos = validate_sos(sos, where)
         self.n_channels = check_int("n_channels", n_channels, minimum=1)
         if car and self.n_channels < 2:
             raise ConfigError("{}: a common-average reference needs at least 2 channels".format(where))
         self.car = bool(car)
-        check_option("backend", backend, BACKENDS)
-        self._sosfilt = None
-        if backend in ("auto", "scipy") and len(self.sos):
-            try:
-                from scipy.signal import sosfilt
-                self._sosfilt = sosfilt
-            except ImportError as error:
-                if backend == "scipy":
-                    raise UsageError("backend 'scipy' asked for but scipy is not importable") from error
-        if len(self.sos) == 0:
-            self.backend = "none"
-        else:
-            self.backend = "scipy" if self._sosfilt is not None else "numpy"
-        self._engine = None
-        if self.backend == "numpy":
-            self._engine = _BlockEngine(self.sos, check_int("chunk_samples", chunk_samples, minimum=1))
+        chunk_samples = check_int("chunk_samples", chunk_samples, minimum=1)
+        # An empty chain (envelope mode) is the identity: nothing to measure.
+        self._engine = _BlockEngine(self.sos, chunk_samples) if len(self.sos) else None
         self._zi = np.zeros((len(self.sos), 2, self.n_channels))
         self._state = self._zi.reshape(2 * len(self.sos), self.n_channels)   # view: same memory
         self._input = np.zeros((0, self.n_channels))
@@ -241,14 +231,9 @@ class FilterChain(object):
             mean = self._mean[:n]
             np.mean(x, axis=1, out=mean)
             x -= mean[:, None]
-        if self.backend == "none":
-            out = self._output[:n]
+        out = self._output[:n]
+        if self._engine is None:
             out[...] = x
             return out
-        if self.backend == "scipy":
-            y, zf = self._sosfilt(self.sos, x, axis=0, zi=self._zi)
-            self._zi[...] = zf
-            return y
-        out = self._output[:n]
         self._engine.run(x, self._state, out)
         return out

@@ -14,6 +14,9 @@ Stages (data contracts between them)::
 time; :meth:`FeaturePipeline.to_config` stores everything, SOS coefficients
 included, as plain JSON; :meth:`FeaturePipeline.from_config` rebuilds it with
 numpy only and validates it (a device refuses to start on a bad config).
+Offline (:meth:`FeaturePipeline.transform`) and streaming (:class:`FeatureStream`)
+filter with the same numpy :class:`FilterChain` on every machine; scipy designs
+the filter, it never runs it (docs/dsp.md, "What runs where").
 
 Two modes: ``"raw"`` (broadband µV, e.g. 10 kHz from the chip) and
 ``"envelope"`` (data already rectified and smoothed, e.g. NinaPro DB1's
@@ -286,8 +289,11 @@ class FeaturePipeline(object):
         return config
 
     # ------------------------------------------------------------------ offline
-    def transform(self, signals, missing=None, gaps=None, backend="auto", batch_windows=None):
+    def transform(self, signals, missing=None, gaps=None, batch_windows=None):
         """Raw (un-normalised) features of a whole recording.
+
+        Filters with the same :class:`FilterChain` the stream runs (numpy, on
+        every machine), so offline features match the device's.
 
         Parameters
         ----------
@@ -297,7 +303,6 @@ class FeaturePipeline(object):
         gaps : optional list of (index, n_missing): ``n_missing`` samples were
             lost just before row ``index`` of ``signals`` (rows are received
             samples only); what a recording of the chip's SampleGap events gives
-        backend : filter engine, see :class:`FilterChain`
         batch_windows : windows computed per batch (memory); None: 512 when
             the windows are whole strides (block sums), else 64
 
@@ -306,6 +311,22 @@ class FeaturePipeline(object):
         features : ndarray (n_windows, n_features), ``dtype``; windows holding a missing sample left out
         ends : int64 ndarray (n_windows,), index after each window's last sample
             (on the axis that counts missing samples)
+        """
+        signals, received, missing = self._received_samples(signals, missing, gaps)
+        full = self._filter_onto_axis(signals, received, missing)
+        windows, ends = offline_windows(full[:, 2:], self.window_samples, self.stride_samples)
+        if received is not None:
+            selected = np.flatnonzero(~windows_touching_missing(missing, ends, self.window_samples))
+            ends = ends[selected]
+        else:
+            selected = np.arange(len(ends))
+        return self._features_in_batches(full, windows, selected, batch_windows), ends
+
+    def _received_samples(self, signals, missing, gaps):
+        """Check ``transform``'s inputs; return (received rows of ``signals``, their positions, missing mask).
+
+        Positions (on the full axis that counts missing samples) and the mask
+        are None when nothing is missing.
         """
         signals = self._check_block(signals, "signals")
         if missing is not None and gaps is not None:
@@ -321,32 +342,36 @@ class FeaturePipeline(object):
             signals = signals[received]
         else:
             received = None
+        # Checked after dropping missing rows: those may hold NaN and are never filtered.
         if not np.isfinite(np.sum(signals)):
             raise UsageError("signals contain NaN or infinite values (mark lost samples with missing= or gaps=)")
-        chain = FilterChain(self.sos, self.n_channels, self.car, backend=backend)
-        filtered = chain.process(signals)
-        # Channels-first and contiguous, the layout WindowFeatures works in.
-        # Two leading columns: the "samples before the first block" that block sums read
-        # (only for terms no window uses); missing samples stay 0 (no window uses them either).
+        return signals, received, missing
+
+    def _filter_onto_axis(self, signals, received, missing):
+        """Filter the received samples as one spliced signal; place them on the full sample axis.
+
+        Returns (n_channels, 2 + n_total) in ``dtype``: channels-first and
+        contiguous, the layout WindowFeatures works in.  The two leading
+        columns are the "samples before the first block" that block sums read
+        (only for terms no window uses); missing samples stay 0 (no window uses
+        them either).
+        """
+        filtered = FilterChain(self.sos, self.n_channels, self.car).process(signals)
         n_total = len(missing) if received is not None else len(filtered)
         full = np.zeros((self.n_channels, 2 + n_total), dtype=self.dtype)
         if received is not None:
             full[:, 2 + received] = filtered.T
         else:
             full[:, 2:] = filtered.T
-        windows, ends = offline_windows(full[:, 2:], self.window_samples, self.stride_samples)
-        if received is not None:
-            keep = ~windows_touching_missing(missing, ends, self.window_samples)
-            selected = np.flatnonzero(keep)
-            ends = ends[selected]
-        else:
-            selected = np.arange(len(ends))
+        return full
+
+    def _features_in_batches(self, full, windows, selected, batch_windows):
+        """Features of the windows ``selected`` (indices into ``windows``), computed batch by batch."""
         features = np.empty((len(selected), self.n_features), dtype=self.dtype)
-        computer = self._features
         workspace = Workspace()
         if batch_windows is None:
             # Block sums are small; a batch of whole windows is n_channels x W values each.
-            batch_windows = 512 if computer.aligned else 64
+            batch_windows = 512 if self._features.aligned else 64
         # Batches of consecutive windows: a contiguous run stays a strided view (no copy) and
         # shares its blocks; a gap starts a new batch.
         breaks = np.flatnonzero(np.diff(selected) != 1) + 1
@@ -354,18 +379,23 @@ class FeaturePipeline(object):
         for run in np.split(selected, breaks):
             for start in range(0, len(run), batch_windows):
                 batch = run[start:start + batch_windows]
-                chunk = windows[batch[0]:batch[-1] + 1]
                 target = features[position:position + len(batch)]
                 position += len(batch)
-                if computer.aligned:
-                    # Window i starts at block i (its start, i * stride, is a block boundary).
-                    first, stop = batch[0], batch[-1] + computer.blocks_per_window
-                    width = computer.block_samples
-                    inner, closed = computer.block_sums(full[:, first * width:2 + stop * width], stop - first)
-                    computer.compute_from_blocks(inner, closed, batch - first, chunk, target, workspace)
-                else:
-                    computer.compute(chunk, out=target, workspace=workspace)
-        return features, ends
+                self._batch_features(full, windows, batch, target, workspace)
+        return features
+
+    def _batch_features(self, full, windows, batch, target, workspace):
+        """Features of consecutive windows ``batch`` into ``target`` (len(batch), n_features)."""
+        computer = self._features
+        chunk = windows[batch[0]:batch[-1] + 1]
+        if computer.aligned:
+            # Window i starts at block i (its start, i * stride, is a block boundary).
+            first, stop = batch[0], batch[-1] + computer.blocks_per_window
+            width = computer.block_samples
+            inner, closed = computer.block_sums(full[:, first * width:2 + stop * width], stop - first)
+            computer.compute_from_blocks(inner, closed, batch - first, chunk, target, workspace)
+        else:
+            computer.compute(chunk, out=target, workspace=workspace)
 
     def fit_normalisation(self, features):
         """Store per-feature mean/std of training ``features`` (n_windows, n_features); returns self."""
@@ -391,12 +421,12 @@ class FeaturePipeline(object):
         out /= std.astype(self.dtype)
         return out
 
-    def stream(self, normalised=True, backend="auto"):
+    def stream(self, normalised=True):
         """A new :class:`FeatureStream` starting at sample 0 with the filter at rest."""
         if normalised and self.normalisation is None:
             raise ConfigError("this pipeline has no normalisation: fit_normalisation() before streaming "
                               "(or stream(normalised=False) for raw features)")
-        return FeatureStream(self, normalised, backend)
+        return FeatureStream(self, normalised)
 
     def _check_block(self, block, name):
         if not isinstance(block, np.ndarray) or block.ndim != 2 or block.shape[1] != self.n_channels:
@@ -472,13 +502,13 @@ class FeatureStream(object):
     samples_missing, gaps, windows_emitted, windows_dropped_for_gaps.
     """
 
-    def __init__(self, pipeline, normalised, backend):
+    def __init__(self, pipeline, normalised):
         self._pipeline = pipeline
         self._features = pipeline._features
         self._normalised = normalised
         self._workspace = Workspace()
-        self._chain = FilterChain(pipeline.sos, pipeline.n_channels, pipeline.car, backend=backend)
-        self.backend = self._chain.backend
+        # The same FilterChain as transform: offline and streamed features come from one filter.
+        self._chain = FilterChain(pipeline.sos, pipeline.n_channels, pipeline.car)
         if self._features.aligned:
             self._ring = BlockRing(self._features, pipeline.stride_samples, pipeline.n_channels, pipeline.dtype,
                                    self._workspace)

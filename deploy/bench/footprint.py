@@ -8,9 +8,9 @@ nothing imported by the bench itself (or by pytest) is counted::
     cli_parser            build the full ``neurohand`` parser (what ``neurohand --help`` costs)
     device_step           parser + runtime modules + hand drivers, load and verify a bundle,
                           default 16-channel 10 kHz feature pipeline (numpy DSP), numpy
-                          backend, one window through DSP/features and one RNN step
-    device_step_auto_dsp  the same with the DSP engine "auto": scipy's sosfilt where scipy
-                          imports (shows what an installed scipy costs; torch still forbidden)
+                          backend, one window through DSP/features and one RNN step;
+                          scipy is forbidden here even where it is installed (the device
+                          path runs the numpy filter chain everywhere)
 
 Per scenario and repeat: wall time from launch to exit (interpreter start-up
 included), CPU time of the child (user + system, from RUSAGE_CHILDREN; less
@@ -71,7 +71,7 @@ from neurohand.decoder.pipeline import FeaturePipeline
 from neurohand.decoder.backends import create_backend
 bundle = load_bundle(sys.argv[1])
 pipeline = FeaturePipeline.from_config(bundle.config["pipeline"])
-stream = pipeline.stream(backend=DSP_ENGINE)
+stream = pipeline.stream()
 backend = create_backend("numpy", bundle.model_path)
 block = np.random.RandomState(0).standard_normal((pipeline.window_samples, pipeline.n_channels)) * 20.0
 features, ends = stream.push(block)
@@ -91,9 +91,7 @@ SCENARIOS = {
                    FORBIDDEN_ON_DEVICE),
     "device_step": ("parser, runtime and hand modules, verify and load a bundle, default 16-channel "
                     "pipeline with the numpy DSP, numpy backend, one window and one RNN step",
-                    "DSP_ENGINE = 'numpy'\n" + _DEVICE_STEP, True, FORBIDDEN_ON_DEVICE),
-    "device_step_auto_dsp": ("device_step with the DSP engine 'auto' (scipy's sosfilt where scipy imports)",
-                             "DSP_ENGINE = 'auto'\n" + _DEVICE_STEP, True, ("torch",)),
+                    _DEVICE_STEP, True, FORBIDDEN_ON_DEVICE),
 }
 
 # Runs in the child after the scenario: peak RSS without importing anything new
@@ -264,7 +262,7 @@ def _default_size_bundle(directory, pipeline_config):
 def run(quick, data_dir=None, default_size=None):
     """The ``neurohand bench footprint`` target.
 
-    quick : fewer repeats (2 instead of 7), no device_step_auto_dsp, no default-size export
+    quick : fewer repeats (2 instead of 7), no default-size export
     data_dir : folder holding golden_gru.onnx and pipelines.json
         (default: tests/device/data of the source tree; without it the bundle
         scenarios are skipped and say why)
@@ -283,8 +281,7 @@ def run(quick, data_dir=None, default_size=None):
         bundle_path = None
         if data_dir is None:
             reason = "no tests/device/data next to the package (installed copy); pass data_dir"
-            for name in ("device_step", "device_step_auto_dsp"):
-                result["skipped"][name] = reason
+            result["skipped"]["device_step"] = reason
             result["bundle"] = {"skipped": reason}
             result["default_size_bundle"] = {"skipped": reason}
         else:
@@ -293,10 +290,6 @@ def run(quick, data_dir=None, default_size=None):
                 os.path.join(data_dir, SMALL_MODEL), pipeline_config, os.path.join(directory, "small"),
                 "tests/device/data/{} (golden test GRU)".format(SMALL_MODEL))
             names.append("device_step")
-            if quick:     # scipy's import alone takes seconds; a quick run checks the shape only
-                result["skipped"]["device_step_auto_dsp"] = "quick run"
-            else:
-                names.append("device_step_auto_dsp")
             if default_size:
                 result["default_size_bundle"] = _default_size_bundle(directory, pipeline_config)
             else:

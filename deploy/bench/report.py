@@ -533,7 +533,7 @@ def _replay(result):
 
 def _footprint(result):
     rows = []
-    for name in ("python_bare", "import_numpy", "cli_parser", "device_step", "device_step_auto_dsp"):
+    for name in ("python_bare", "import_numpy", "cli_parser", "device_step"):
         entry = (result.get("scenarios") or {}).get(name)
         if entry is None:
             continue

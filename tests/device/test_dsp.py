@@ -1,7 +1,9 @@
-"""Runtime filter chain (decoder/dsp.py): numpy engine vs references, state carrying, validation.
+"""Runtime filter chain (decoder/dsp.py): the numpy chain vs references, state carrying, validation.
 
-Runs without scipy: coefficients and a scipy.sosfilt golden output come from
-tests/device/data/pipelines.json; tests against live scipy skip where it is absent.
+The chain is the one filter implementation of the device path; scipy only serves
+as a reference here.  Runs without scipy: coefficients and a scipy.sosfilt golden
+output come from tests/device/data/pipelines.json; tests that call
+scipy.signal.sosfilt directly skip where it is absent.
 """
 import json
 import os
@@ -61,69 +63,64 @@ def test_reference_loop_matches_direct_form_one_by_hand():
     np.testing.assert_allclose(y[:, 0], direct_form_one(sos, x), rtol=0, atol=1e-12)
 
 
-def test_numpy_engine_matches_stored_scipy_golden():
-    chain = FilterChain(SOS, 3, backend="numpy")
+def test_chain_matches_stored_scipy_golden():
+    chain = FilterChain(SOS, 3)
     out = stream(chain, GOLDEN_INPUT, [200, 1, 37, 64, 65])
     assert np.max(np.abs(out - GOLDEN_OUTPUT)) < TOLERANCE
 
 
-def test_numpy_engine_matches_direct_form_one():
+def test_chain_matches_direct_form_one():
     x = GOLDEN_INPUT[:150, 0]
-    chain = FilterChain(SOS, 1, backend="numpy")
+    chain = FilterChain(SOS, 1)
     assert np.max(np.abs(chain.process(x[:, None])[:, 0] - direct_form_one(SOS, x))) < TOLERANCE
 
 
 @settings(max_examples=40, deadline=None)
 @given(sizes=st.lists(st.integers(min_value=1, max_value=400), min_size=1, max_size=8),
        chunk=st.sampled_from([1, 7, 64, 200]))
-def test_numpy_engine_any_block_split_equals_one_pass(sizes, chunk):
+def test_chain_any_block_split_and_chunk_length_equals_one_pass(sizes, chunk):
     x = GOLDEN_INPUT[:, :2]
     reference, final_state = sosfilt_reference(SOS, x, np.zeros((len(SOS), 2, 2)))
-    chain = FilterChain(SOS, 2, backend="numpy", chunk_samples=chunk)
+    chain = FilterChain(SOS, 2, chunk_samples=chunk)
     assert np.max(np.abs(stream(chain, x, sizes) - reference)) < TOLERANCE
     assert np.max(np.abs(chain.state - final_state)) < TOLERANCE
 
 
 @settings(max_examples=40, deadline=None)
 @given(sizes=st.lists(st.integers(min_value=1, max_value=700), min_size=1, max_size=8))
-def test_numpy_engine_equals_scipy_sosfilt_across_splits(sizes):
+def test_chain_equals_scipy_sosfilt_across_splits(sizes):
     scipy_signal = pytest.importorskip("scipy.signal")
     x = np.random.RandomState(5).normal(0.0, 30.0, (2000, 4))
     expected, final_state = scipy_signal.sosfilt(SOS, x, axis=0, zi=np.zeros((len(SOS), 2, 4)))
-    chain = FilterChain(SOS, 4, backend="numpy")
+    chain = FilterChain(SOS, 4)
     assert np.max(np.abs(stream(chain, x, sizes) - expected)) < TOLERANCE
-    # The state layout is scipy's zi: the two engines can hand over to each other.
     assert np.max(np.abs(chain.state - final_state)) < TOLERANCE
 
 
-def test_scipy_engine_carries_state_across_blocks():
-    pytest.importorskip("scipy.signal")
-    chain = FilterChain(SOS, 3, backend="scipy")
-    assert chain.backend == "scipy"
-    assert np.max(np.abs(stream(chain, GOLDEN_INPUT, [1, 50, 299]) - GOLDEN_OUTPUT)) < TOLERANCE
+def test_chain_state_is_scipy_zi():
+    # Half the signal through the chain, the rest through scipy from the chain's state:
+    # the same as one scipy pass, so the state layout is sosfilt's zi.
+    scipy_signal = pytest.importorskip("scipy.signal")
+    chain = FilterChain(SOS, 3)
+    first = stream(chain, GOLDEN_INPUT[:150], [1, 50, 99])
+    rest, _ = scipy_signal.sosfilt(SOS, GOLDEN_INPUT[150:], axis=0, zi=chain.state)
+    assert np.max(np.abs(np.concatenate([first, rest]) - GOLDEN_OUTPUT)) < TOLERANCE
 
 
-def test_backend_chosen_once_and_scipy_refused_when_absent():
-    try:
-        import scipy.signal  # noqa: F401
-        has_scipy = True
-    except ImportError:
-        has_scipy = False
-    assert FilterChain(SOS, 2).backend == ("scipy" if has_scipy else "numpy")
-    assert FilterChain(SOS, 2, backend="numpy").backend == "numpy"
-    if not has_scipy:
-        with pytest.raises(UsageError, match="scipy"):
-            FilterChain(SOS, 2, backend="scipy")
-    with pytest.raises(UsageError, match="backend"):
-        FilterChain(SOS, 2, backend="cuda")
+def test_no_engine_to_choose():
+    # One implementation everywhere: a filter engine can no longer be asked for.
+    with pytest.raises(TypeError, match="backend"):
+        FilterChain(SOS, 2, backend="numpy")
+    with pytest.raises(UsageError, match="chunk_samples"):
+        FilterChain(SOS, 2, chunk_samples=0)
 
 
 def test_common_average_reference_removes_shared_signal():
     random = np.random.RandomState(2)
     common = 100.0 * np.sin(np.arange(400) / 7.0)[:, None]
     private = random.normal(0.0, 5.0, (400, 4))
-    with_common = FilterChain(SOS, 4, car=True, backend="numpy").process(private + common).copy()
-    without = FilterChain(SOS, 4, car=True, backend="numpy").process(private).copy()
+    with_common = FilterChain(SOS, 4, car=True).process(private + common).copy()
+    without = FilterChain(SOS, 4, car=True).process(private).copy()
     assert np.max(np.abs(with_common - without)) < TOLERANCE
     expected, _ = sosfilt_reference(SOS, private - private.mean(axis=1, keepdims=True), np.zeros((7, 2, 4)))
     assert np.max(np.abs(without - expected)) < TOLERANCE
@@ -132,18 +129,18 @@ def test_common_average_reference_removes_shared_signal():
 
 
 def test_reset_and_empty_chain():
-    chain = FilterChain(SOS, 3, backend="numpy")
+    chain = FilterChain(SOS, 3)
     first = chain.process(GOLDEN_INPUT).copy()
     assert np.any(chain.state != 0)
     chain.reset()
     np.testing.assert_array_equal(chain.process(GOLDEN_INPUT), first)
     identity = FilterChain([], 3)
-    assert identity.backend == "none"
     np.testing.assert_array_equal(identity.process(GOLDEN_INPUT), GOLDEN_INPUT)
+    assert identity.state.shape == (0, 2, 3)
 
 
 def test_integer_and_float32_blocks_are_filtered_in_float64():
-    chain = FilterChain(SOS, 3, backend="numpy")
+    chain = FilterChain(SOS, 3)
     as_int = chain.process(np.round(GOLDEN_INPUT).astype(np.int16))
     assert as_int.dtype == np.float64
     expected, _ = sosfilt_reference(SOS, np.round(GOLDEN_INPUT), np.zeros((7, 2, 3)))

@@ -23,7 +23,7 @@ def quick_result():
 def test_quick_run_is_one_json_document_with_every_scenario(quick_result):
     document = json.loads(json.dumps(quick_result))
     assert set(document["scenarios"]) == {"python_bare", "import_numpy", "cli_parser", "device_step"}
-    assert document["skipped"] == {"device_step_auto_dsp": "quick run"}
+    assert document["skipped"] == {}
     assert document["repeats"] == 2 and document["quick"] is True
     for name, figures in document["scenarios"].items():
         assert figures["what"]
@@ -91,6 +91,6 @@ def test_without_test_data_the_bundle_scenarios_say_why(monkeypatch):
                 for name in names}
     monkeypatch.setattr(footprint_bench, "measure_scenarios", only_bare)
     result = footprint_bench.run(True)
-    assert set(result["skipped"]) == {"device_step", "device_step_auto_dsp"}
+    assert set(result["skipped"]) == {"device_step"}
     assert "skipped" in result["bundle"] and "skipped" in result["default_size_bundle"]
     assert result["device_path"]["ok"] is True

@@ -1,11 +1,15 @@
 """FeaturePipeline (decoder/pipeline.py): offline == streaming for any chunking, gaps, config, envelope mode.
 
 Runs without scipy: the raw-mode pipelines are loaded from tests/device/data/pipelines.json
-(designed once on the workstation); envelope mode designs nothing and is built here.
+(designed once on the workstation); envelope mode designs nothing and is built here.  Both
+paths filter with the one numpy FilterChain; scipy.signal.sosfilt, where installed, is only
+the reference the offline features are checked against.
 """
 import copy
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -74,41 +78,72 @@ def assert_close(actual, expected, dtype):
     assert np.max(np.abs(actual.astype(np.float64) - expected) / scale) <= TOLERANCE[dtype]
 
 
-BACKENDS = ["numpy", "scipy"]
-
-
-def backend_or_skip(backend):
-    if backend == "scipy":
-        pytest.importorskip("scipy.signal")
-    return backend
-
-
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=24, deadline=None)
 @given(sizes=st.lists(st.integers(min_value=1, max_value=130), min_size=1, max_size=6))
-def test_stream_equals_offline_for_any_chunking(variant, dtype, backend, sizes):
-    backend_or_skip(backend)
+def test_stream_equals_offline_for_any_chunking(variant, dtype, sizes):
     pipeline = fitted(small(dtype, variant))
     assert pipeline.window_features.aligned == (variant != "direct")
-    offline, offline_ends = pipeline.transform(SIGNALS, backend=backend)
+    offline, offline_ends = pipeline.transform(SIGNALS)
     expected = pipeline.normalise(offline)
-    streamed, ends = run_stream(pipeline.stream(backend=backend), SIGNALS, sizes)
+    streamed, ends = run_stream(pipeline.stream(), SIGNALS, sizes)
     np.testing.assert_array_equal(ends, offline_ends)
     assert streamed.dtype == np.dtype(dtype)
     assert_close(streamed, expected.astype(np.float64), dtype)
 
 
-def test_stream_equals_offline_default_pipeline_exactly_with_same_engine():
+def test_stream_equals_offline_default_pipeline():
     pipeline = FeaturePipeline.from_config(DEFAULT)
     signals = np.random.RandomState(1).normal(0.0, 20.0, (3000, 16))
     fitted(pipeline, signals)
-    offline, offline_ends = pipeline.transform(signals, backend="numpy")
-    streamed, ends = run_stream(pipeline.stream(backend="numpy"), signals, [200])
+    offline, offline_ends = pipeline.transform(signals)
+    streamed, ends = run_stream(pipeline.stream(), signals, [200])
     np.testing.assert_array_equal(ends, offline_ends)
     assert ends.tolist() == [1000, 1200, 1400, 1600, 1800, 2000, 2200, 2400, 2600, 2800, 3000]
     assert_close(streamed, pipeline.normalise(offline), "float64")
+    # Blocks of whole filter chunks (DEFAULT_CHUNK_SAMPLES = 64): the stream filters in the same
+    # chunks as the offline pass, and every later stage adds the same numbers in the same order.
+    streamed, _ = run_stream(pipeline.stream(), signals, [64, 128, 192])
+    np.testing.assert_array_equal(streamed, pipeline.normalise(offline))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_stream_is_bit_identical_to_offline_in_whole_filter_chunks(variant, dtype):
+    pipeline = fitted(small(dtype, variant))
+    expected = pipeline.normalise(pipeline.transform(SIGNALS)[0])
+    for sizes in ([700], [64], [128, 64]):
+        streamed, _ = run_stream(pipeline.stream(), SIGNALS, sizes)
+        np.testing.assert_array_equal(streamed, expected)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_offline_features_match_scipy_sosfilt_reference(variant):
+    # The reference filter is scipy's, called here; features of its windows, one at a time.
+    scipy_signal = pytest.importorskip("scipy.signal")
+    pipeline = small(variant=variant)
+    features, ends = pipeline.transform(SIGNALS)
+    referenced = SIGNALS - SIGNALS.mean(axis=1, keepdims=True)          # the small pipeline has CAR
+    filtered = scipy_signal.sosfilt(pipeline.sos, referenced, axis=0)
+    windows = [np.ascontiguousarray(filtered[end - pipeline.window_samples:end].T)[None] for end in ends]
+    expected = np.concatenate([pipeline.window_features.compute(window) for window in windows])
+    assert_close(features, expected, "float64")
+
+
+def test_device_path_never_imports_scipy():
+    # Even where scipy is installed: the stream and transform run the numpy chain only.
+    code = ("import json, sys\n"
+            "import numpy as np\n"
+            "from neurohand.decoder.pipeline import FeaturePipeline\n"
+            "pipeline = FeaturePipeline.from_config(json.loads(sys.argv[1]))\n"
+            "signals = np.random.RandomState(0).normal(0.0, 20.0, (400, 4))\n"
+            "pipeline.fit_normalisation(pipeline.transform(signals)[0])\n"
+            "pipeline.stream().push(signals)\n"
+            "print('scipy' in sys.modules)\n")
+    output = subprocess.run([sys.executable, "-c", code, json.dumps(SMALL)], stdout=subprocess.PIPE,
+                            universal_newlines=True, check=True).stdout
+    assert output.strip() == "False"
 
 
 def test_stream_counts_and_needs_normalisation():
@@ -125,20 +160,18 @@ def test_stream_counts_and_needs_normalisation():
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=24, deadline=None)
 @given(gap_rows=st.lists(st.integers(min_value=1, max_value=699), min_size=1, max_size=3, unique=True),
        lengths=st.lists(st.integers(min_value=1, max_value=80), min_size=3, max_size=3),
        sizes=st.lists(st.integers(min_value=1, max_value=90), min_size=1, max_size=4))
-def test_gaps_stream_equals_offline_gap_list_and_mask(variant, backend, gap_rows, lengths, sizes):
-    backend_or_skip(backend)
+def test_gaps_stream_equals_offline_gap_list_and_mask(variant, gap_rows, lengths, sizes):
     pipeline = fitted(small(variant=variant))
     stride = pipeline.stride_samples
     gaps = {row: lengths[i] for i, row in enumerate(sorted(gap_rows))}
-    stream = pipeline.stream(backend=backend)
+    stream = pipeline.stream()
     streamed, ends = run_stream(stream, SIGNALS, sizes, gaps)
 
-    offline, offline_ends = pipeline.transform(SIGNALS, gaps=sorted(gaps.items()), backend=backend)
+    offline, offline_ends = pipeline.transform(SIGNALS, gaps=sorted(gaps.items()))
     np.testing.assert_array_equal(ends, offline_ends)
     assert_close(streamed, pipeline.normalise(offline), "float64")
 
@@ -151,7 +184,7 @@ def test_gaps_stream_equals_offline_gap_list_and_mask(variant, backend, gap_rows
         shift += gaps[row]
     full = np.full((total, 4), np.nan)
     full[~missing] = SIGNALS
-    masked, masked_ends = pipeline.transform(full, missing=missing, backend=backend)
+    masked, masked_ends = pipeline.transform(full, missing=missing)
     np.testing.assert_array_equal(masked_ends, offline_ends)
     np.testing.assert_array_equal(masked, offline)
 
@@ -178,7 +211,7 @@ def test_gap_policy_by_hand():
     assert stream.samples_seen == 205
     # The filter state is carried across the gap: the window ending at 160 holds received rows
     # 105..154 filtered as one continuous (spliced) signal.
-    filtered = FilterChain(pipeline.sos, 4, car=True, backend="numpy").process(SIGNALS[:200])
+    filtered = FilterChain(pipeline.sos, 4, car=True).process(SIGNALS[:200])
     expected = pipeline.window_features.compute(np.ascontiguousarray(filtered[105:155].T)[None])
     empty, empty_ends = pipeline.stream(normalised=False).push(SIGNALS[:0])
     assert empty.shape == (0, pipeline.n_features) and empty_ends.shape == (0,)
@@ -194,8 +227,8 @@ def test_stream_matches_each_window_computed_alone():
     # windows, one at a time: the same numbers added in the same order.
     pipeline = small(variant="welch")
     signals = SIGNALS[:300]
-    streamed, ends = run_stream(pipeline.stream(normalised=False, backend="numpy"), signals, [7, 64, 1, 23])
-    filtered = FilterChain(pipeline.sos, 4, car=True, backend="numpy").process(signals)
+    streamed, ends = run_stream(pipeline.stream(normalised=False), signals, [7, 64, 1, 23])
+    filtered = FilterChain(pipeline.sos, 4, car=True).process(signals)
     alone = np.concatenate([pipeline.window_features.compute(np.ascontiguousarray(filtered[end - 50:end].T)[None])
                             for end in ends])
     assert_close(streamed, alone, "float64")
