@@ -22,6 +22,7 @@ import os
 import threading
 import time
 
+from neurohand.firmware_bridge.shared.backoff import Backoff
 from neurohand.firmware_bridge.shared.errors import LinkError
 
 PATH_CHECK_INTERVAL_S = 0.5
@@ -58,9 +59,24 @@ class LinkCounters:
         return {name: getattr(self, name) for name in self.FIELDS}
 
 
-def _default_open(url, baudrate, read_timeout_s, write_timeout_s):
-    import serial
-    return serial.serial_for_url(url, baudrate=baudrate, timeout=read_timeout_s, write_timeout=write_timeout_s)
+class FeedProtocol(LinkProtocol):
+    """Hands every chunk read to ``feed(data)`` (a parser's); opens and losses need nothing."""
+
+    def __init__(self, feed):
+        self.feed = feed
+
+    def data_received(self, data):
+        self.feed(data)
+
+
+def open_serial_port(url, baudrate, read_timeout_s, write_timeout_s, exclusive=False):
+    """Open ``url`` with pyserial (``exclusive``: no other process may open it while we hold it)."""
+    import serial  # pyserial; imported here so that the CLI's --help stays light
+    # baudrate None: pyserial's default; a pseudo-terminal or USB CDC-ACM ignores it anyway.
+    options = {} if baudrate is None else {"baudrate": baudrate}
+    if exclusive:
+        options["exclusive"] = True
+    return serial.serial_for_url(url, timeout=read_timeout_s, write_timeout=write_timeout_s, **options)
 
 
 class SerialLink:
@@ -69,19 +85,23 @@ class SerialLink:
     url: device path, pty path or pyserial URL.  protocol: a LinkProtocol.
     read_timeout_s bounds each blocking read (how fast close() and a vanished
     path are noticed); write_timeout_s bounds each write.  Reopen attempts wait
-    backoff_initial_s, doubling up to backoff_max_s.  open_port(url, baudrate,
-    read_timeout_s, write_timeout_s) -> port can be replaced (tests).
+    backoff_initial_s, doubling up to backoff_max_s.  ``exclusive``: no other
+    process may open the port while the link holds it (a hand must never be
+    driven by two runtimes).  open_port(url, baudrate, read_timeout_s,
+    write_timeout_s) -> port can be replaced (tests).
     """
 
-    def __init__(self, url, protocol, baudrate=3000000, read_timeout_s=0.05, write_timeout_s=1.0,
-                 backoff_initial_s=0.05, backoff_max_s=2.0, open_port=_default_open):
+    def __init__(self, url, protocol, baudrate=None, read_timeout_s=0.05, write_timeout_s=1.0,
+                 backoff_initial_s=0.05, backoff_max_s=2.0, open_port=None, exclusive=False):
         self.url = url
         self.protocol = protocol
         self.baudrate = baudrate
         self.read_timeout_s = read_timeout_s
         self.write_timeout_s = write_timeout_s
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
+        self.backoff = Backoff(backoff_initial_s, backoff_max_s)
+        if open_port is None:
+            def open_port(url, baudrate, read_timeout_s, write_timeout_s):
+                return open_serial_port(url, baudrate, read_timeout_s, write_timeout_s, exclusive)
         self._open_port = open_port
         self.counters = LinkCounters()
         self.error = None                      # exception that stopped the reader thread, if any
@@ -181,7 +201,7 @@ class SerialLink:
         return port is not None
 
     def _run(self):
-        backoff = self.backoff_initial_s
+        self.backoff.reset()
         last_path_check = time.monotonic()
         try:
             while not self._stop.is_set():
@@ -189,10 +209,9 @@ class SerialLink:
                 if port is None:
                     try:
                         self._connect()
-                        backoff = self.backoff_initial_s
+                        self.backoff.reset()
                     except LinkError:
-                        self._stop.wait(backoff)
-                        backoff = min(backoff * 2, self.backoff_max_s)
+                        self._stop.wait(self.backoff.next_wait())
                     continue
                 try:
                     data = port.read(port.in_waiting or 1)

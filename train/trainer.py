@@ -28,17 +28,17 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 import torch
 
-from neurohand.train.model import ModelConfig, build_model
 from neurohand.decoder.pipeline import FeaturePipeline
-from neurohand.firmware_bridge.shared import checks
+from neurohand.firmware_bridge.shared import atomic, checks
+from neurohand.firmware_bridge.shared.atomic import atomic_path
 from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 from neurohand.train import dataset, metrics, splits
+from neurohand.train.model import ModelConfig, build_model
 
 RUN_FORMAT = "neurohand-run"
 RUN_VERSION = 1
@@ -374,15 +374,8 @@ def _cpu_state(state_dict):
 
 def save_checkpoint(path, document):
     """Atomically write ``document`` (tensors and plain types only) with torch.save."""
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".checkpoint-", suffix=".pt", dir=directory)
-    os.close(handle)
-    try:
+    with atomic_path(path, suffix=".pt") as temporary:
         torch.save(document, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def load_checkpoint(path):
@@ -400,16 +393,7 @@ def load_checkpoint(path):
 
 
 def write_json_atomic(path, value):
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(metrics.json_ready(value), out, indent=1, sort_keys=True)
-            out.write("\n")
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    atomic.write_json_atomic(path, metrics.json_ready(value), allow_nan=True)
 
 
 # --- the run ------------------------------------------------------------------------

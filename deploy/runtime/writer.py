@@ -30,6 +30,7 @@ commands follow only after the recovery rule is met again
 """
 import numpy as np
 
+from neurohand.firmware_bridge.shared.backoff import Backoff
 from neurohand.firmware_bridge.shared.errors import LinkError
 
 #: First wait before reopening a vanished hand port, and the longest (seconds).
@@ -71,12 +72,10 @@ class HandWriterStage(object):
         self._open = np.zeros(self.n_outputs)
         self._last_sent = None
         self._hand_failing = False
-        self._reopen_initial_s = float(reopen_initial_s)
-        self._reopen_max_s = float(reopen_max_s)
+        self._reopen_backoff = Backoff(reopen_initial_s, reopen_max_s)
         self._port_down = False         # LinkError seen: write nothing until hand.reopen() worked
         self._reopened = False          # reopened; the outage ends when a write succeeds
         self._reopen_at = 0.0
-        self._reopen_wait = self._reopen_initial_s
         self.last_telemetry = None
         self.counters = {"commands_sent": 0, "new_commands_sent": 0, "keepalives_sent": 0,
                          "safe_posture_sent": 0, "invalid_blocked": 0, "hand_errors": 0,
@@ -157,8 +156,7 @@ class HandWriterStage(object):
             self._hand.reopen()
         except Exception:  # still gone (LinkError) or a driver that cannot reopen: try again later
             self.counters["hand_reopen_failures"] += 1
-            self._reopen_at = now_s + self._reopen_wait
-            self._reopen_wait = min(2.0 * self._reopen_wait, self._reopen_max_s)
+            self._reopen_at = now_s + self._reopen_backoff.next_wait()
             return False
         self._port_down = False
         self._reopened = True
@@ -179,8 +177,7 @@ class HandWriterStage(object):
                 # (or a flapping cable) is not reopened faster than reopen_max_s.
                 self._port_down = True
                 self._reopened = False
-                self._reopen_at = now_s + self._reopen_wait
-                self._reopen_wait = min(2.0 * self._reopen_wait, self._reopen_max_s)
+                self._reopen_at = now_s + self._reopen_backoff.next_wait()
             if not self._hand_failing:
                 self._hand_failing = True
                 self._supervisor.on_fault("hand_error", now_s, "hand.send failed: {!r}".format(exc))
@@ -189,7 +186,7 @@ class HandWriterStage(object):
         self._hand_failing = False
         if self._reopened:
             self._reopened = False
-            self._reopen_wait = self._reopen_initial_s
+            self._reopen_backoff.reset()
             self.counters["hand_reconnects"] += 1
             self._supervisor.require_recovery("hand_reconnected", now_s,
                                               "hand port reopened; safe posture until recovery")

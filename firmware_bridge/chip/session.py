@@ -25,6 +25,7 @@ import threading
 from neurohand.firmware_bridge.chip.parser import ChipParser, ChipReply
 from neurohand.firmware_bridge.chip.protocol import BAUDRATE, ChipCommandChannel
 from neurohand.firmware_bridge.link import SerialLink
+from neurohand.firmware_bridge.shared.backoff import Backoff
 from neurohand.firmware_bridge.shared.errors import ConfigError, LinkError, ProtocolError
 
 
@@ -57,8 +58,7 @@ class ChipRestarter(object):
         self._receiver = receiver
         self._check_config = check_config
         self._is_connected = is_connected
-        self._retry_initial_s = retry_initial_s
-        self._retry_max_s = retry_max_s
+        self._retry = Backoff(retry_initial_s, retry_max_s)
         self._wanted = threading.Event()
         self._stop = threading.Event()
         self._thread = None
@@ -84,7 +84,6 @@ class ChipRestarter(object):
                 raise LinkError("the chip restart thread did not stop within {} s".format(timeout_s))
 
     def _run(self):
-        retry_s = self._retry_initial_s
         while not self._stop.is_set():
             if not self._wanted.wait(RESTARTER_WAKE_S):
                 continue
@@ -92,12 +91,11 @@ class ChipRestarter(object):
             if self._stop.is_set():
                 return
             if self._restart():
-                retry_s = self._retry_initial_s
+                self._retry.reset()
                 continue
             # No reply (or a NAK): try again while the port is there; a new reconnect wakes us anyway.
-            if self._stop.wait(retry_s):
+            if self._stop.wait(self._retry.next_wait()):
                 return
-            retry_s = min(2.0 * retry_s, self._retry_max_s)
             if self._is_connected() and not self._wanted.is_set():
                 self._wanted.set()
 

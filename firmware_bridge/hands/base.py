@@ -23,7 +23,7 @@ import numbers
 
 import numpy as np
 
-from neurohand.firmware_bridge.shared.errors import NeurohandError
+from neurohand.firmware_bridge.shared.errors import LinkError, NeurohandError
 
 #: Order of the decoder's outputs, shared by every driver and the virtual hand.
 DECODER_FINGERS = ("thumb", "index", "middle", "ring", "little")
@@ -174,6 +174,72 @@ class HandDriver(object):
 
     def __repr__(self):
         return "{}(n_outputs={})".format(type(self).__name__, self.n_outputs)
+
+
+class SerialHandDriver(HandDriver):
+    """A hand on a serial port: one reconnecting link (:mod:`neurohand.firmware_bridge.link`,
+    the same as the chip's) and a parser of what the hand sends back.
+
+    Subclasses give ``label`` (for messages), ``_make_parser()`` (an object
+    with ``feed(data)``, called from the link's reader thread, and
+    ``take_latest()``) and ``frame_for(positions)``, the bytes of one command.
+    The port is opened exclusively: no second runtime can drive the same hand.
+    When the port vanishes the link looks for it again by itself, with
+    backoff; :meth:`reopen` only tells the writer whether it is back.
+    """
+
+    label = "hand"
+
+    def __init__(self, port, n_outputs, baudrate, write_timeout_s):
+        super(SerialHandDriver, self).__init__(n_outputs)
+        self.port = port
+        self.baudrate = baudrate
+        self.write_timeout_s = write_timeout_s
+        self._parser = None
+        self._link = None
+
+    def open(self):
+        from neurohand.firmware_bridge.link import FeedProtocol, SerialLink
+
+        self._parser = self._make_parser()
+        link = SerialLink(self.port, FeedProtocol(self._parser.feed), baudrate=self.baudrate,
+                          write_timeout_s=self.write_timeout_s, exclusive=True)
+        self._link = link.open()
+        return self
+
+    def reopen(self):
+        if self._link is None:
+            return self.open()
+        if not self._link.connected:
+            raise LinkError("{} port {!r} is still gone".format(self.label, self.port))
+        return self
+
+    def _make_parser(self):
+        raise NotImplementedError
+
+    def frame_for(self, positions):
+        raise NotImplementedError
+
+    def _frame_sent(self):
+        """Called after each frame written completely (e.g. to advance a sequence number)."""
+
+    def _write_positions(self, positions):
+        if self._link is None:
+            raise HandError("{} on {!r} is not open".format(self.label, self.port))
+        try:
+            self._link.write(self.frame_for(positions))
+        except Exception:
+            self.counters["write_errors"] += 1
+            raise
+        self._frame_sent()
+
+    def poll_telemetry(self):
+        return None if self._parser is None else self._parser.take_latest()
+
+    def close(self):
+        if self._link is not None:
+            link, self._link = self._link, None
+            link.close()
 
 
 class NullHand(HandDriver):

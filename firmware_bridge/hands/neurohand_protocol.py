@@ -25,7 +25,7 @@ import threading
 import time
 
 from neurohand.firmware_bridge.shared.errors import ProtocolError
-from neurohand.firmware_bridge.hands.base import HandDriver, HandError
+from neurohand.firmware_bridge.hands.base import HandError, SerialHandDriver
 
 SYNC = b"\xA5\x5A"
 VERSION = 1
@@ -224,7 +224,7 @@ class _TelemetryCollector(object):
         return latest
 
 
-class NeurohandHand(HandDriver):
+class NeurohandHand(SerialHandDriver):
     """Driver for hands speaking the neurohand protocol (``neurohand:PORT``).
 
     The frame carries exactly ``n_outputs`` positions in decoder order.
@@ -233,41 +233,21 @@ class NeurohandHand(HandDriver):
     """
 
     keepalive_period_s = KEEPALIVE_PERIOD_S
+    label = "neurohand-protocol hand"
 
     def __init__(self, port, n_outputs=5, baudrate=DEFAULT_BAUDRATE, write_timeout_s=0.1):
         _check_count(n_outputs)
-        super(NeurohandHand, self).__init__(n_outputs)
-        self.port = port
-        self.baudrate = baudrate
-        self.write_timeout_s = write_timeout_s
+        super(NeurohandHand, self).__init__(port, n_outputs, baudrate, write_timeout_s)
         self.counters.update({"acks": 0, "bad_frames": 0, "last_seq": None})
         self._seq = 0
-        self._collector = None
-        self._link = None
 
-    def open(self):
-        from neurohand.firmware_bridge.hands.serial_link import SerialLink
+    def _make_parser(self):
+        return _TelemetryCollector(self.counters)
 
-        self._collector = _TelemetryCollector(self.counters)
-        self._link = SerialLink(self.port, self.baudrate, self.write_timeout_s, self._collector)
-        return self
+    def frame_for(self, positions):
+        """The bytes ``send`` writes next for already-validated ``positions``."""
+        return encode_command(self._seq, positions)
 
-    def _write_positions(self, positions):
-        if self._link is None:
-            raise HandError("neurohand-protocol hand on {!r} is not open".format(self.port))
-        seq = self._seq
-        try:
-            self._link.write(encode_command(seq, positions))
-        except Exception:
-            self.counters["write_errors"] += 1
-            raise
-        self.counters["last_seq"] = seq
-        self._seq = (seq + 1) & 0xFFFF
-
-    def poll_telemetry(self):
-        return None if self._collector is None else self._collector.take_latest()
-
-    def close(self):
-        if self._link is not None:
-            self._link.close()
-            self._link = None
+    def _frame_sent(self):
+        self.counters["last_seq"] = self._seq
+        self._seq = (self._seq + 1) & 0xFFFF

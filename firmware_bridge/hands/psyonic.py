@@ -40,7 +40,7 @@ import numpy as np
 
 from neurohand.firmware_bridge.shared.errors import ProtocolError
 from neurohand.firmware_bridge.hands import ppp
-from neurohand.firmware_bridge.hands.base import HandDriver, HandError, check_fraction
+from neurohand.firmware_bridge.hands.base import HandError, SerialHandDriver, check_fraction
 
 DEFAULT_ADDRESS = 0x50
 DEFAULT_BAUDRATE = 460800
@@ -235,7 +235,7 @@ class _ReplyParser(object):
         return latest
 
 
-class PsyonicHand(HandDriver):
+class PsyonicHand(SerialHandDriver):
     """PSYONIC Ability Hand driver (``psyonic:PORT``).
 
     Parameters
@@ -255,6 +255,7 @@ class PsyonicHand(HandDriver):
     """
 
     keepalive_period_s = KEEPALIVE_PERIOD_S
+    label = "PSYONIC hand"
 
     def __init__(self, port, n_outputs=5, thumb_rotator=DEFAULT_THUMB_ROTATOR,
                  address=DEFAULT_ADDRESS, baudrate=DEFAULT_BAUDRATE,
@@ -267,11 +268,9 @@ class PsyonicHand(HandDriver):
                 REPLY_VARIANTS, reply_variant))
         if not (isinstance(address, int) and 0 <= address <= 0xFF):
             raise HandError("PSYONIC address must be a byte 0..255, got {!r}".format(address))
-        super(PsyonicHand, self).__init__(n_outputs)
-        self.port = port
+        super(PsyonicHand, self).__init__(port, n_outputs, baudrate, write_timeout_s)
         self.thumb_rotator = check_fraction("thumb_rotator", thumb_rotator)
         self.address = address
-        self.baudrate = baudrate
         self.reply_variant = reply_variant
         self.stuffing = bool(stuffing)
         scale = DEFAULT_FULL_SCALE_DEG if full_scale_deg is None else tuple(full_scale_deg)
@@ -279,17 +278,10 @@ class PsyonicHand(HandDriver):
             raise HandError("full_scale_deg needs 6 finite values (hand order {}), got {!r}".format(
                 MOTORS, full_scale_deg))
         self.full_scale_deg = np.asarray(scale, dtype=np.float64)
-        self.write_timeout_s = write_timeout_s
         self.counters.update({"replies": 0, "bad_replies": 0})
-        self._parser = None
-        self._link = None
 
-    def open(self):
-        from neurohand.firmware_bridge.hands.serial_link import SerialLink
-
-        self._parser = _ReplyParser(self.stuffing, self.counters)
-        self._link = SerialLink(self.port, self.baudrate, self.write_timeout_s, self._parser)
-        return self
+    def _make_parser(self):
+        return _ReplyParser(self.stuffing, self.counters)
 
     def frame_for(self, positions):
         """The bytes ``send`` writes for already-validated ``positions``."""
@@ -297,19 +289,3 @@ class PsyonicHand(HandDriver):
         degrees = np.asarray(fractions, dtype=np.float64) * self.full_scale_deg
         return encode_position_command(degrees, self.address, self.reply_variant, self.stuffing)
 
-    def _write_positions(self, positions):
-        if self._link is None:
-            raise HandError("PSYONIC hand on {!r} is not open".format(self.port))
-        try:
-            self._link.write(self.frame_for(positions))
-        except Exception:
-            self.counters["write_errors"] += 1
-            raise
-
-    def poll_telemetry(self):
-        return None if self._parser is None else self._parser.take_latest()
-
-    def close(self):
-        if self._link is not None:
-            self._link.close()
-            self._link = None
