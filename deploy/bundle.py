@@ -115,6 +115,18 @@ class Bundle(object):
         return features, outputs
 
 
+def open_bundle_backend(bundle, backend_name):
+    """Create the backend a bundle runs on; TensorRT uses the bundle's engine."""
+    from neurohand.decoder.backends import create_backend
+    path = bundle.engine_path
+    fp16 = False
+    if os.path.isfile(path + ".json"):
+        fp16 = bool(load_json_file(path + ".json", "TensorRT engine metadata").get("fp16"))
+    if backend_name in ("tensorrt", "auto"):
+        return create_backend(backend_name, bundle.model_path, engine_path=path, fp16=fp16), fp16
+    return create_backend(backend_name, bundle.model_path), False
+
+
 def _read_npz(path, names):
     """Arrays ``names`` of the .npz archive at ``path``, as a dict name -> ndarray.
 

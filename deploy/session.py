@@ -53,8 +53,7 @@ def load_decoder(bundle_path, backend_name="auto"):
     whose feature count does not match the model's inputs.
     """
     from neurohand.decoder.pipeline import FeaturePipeline
-    from neurohand.deploy.bundle import load_bundle
-    from neurohand.deploy.cli.bundle import open_bundle_backend
+    from neurohand.deploy.bundle import load_bundle, open_bundle_backend
 
     bundle = load_bundle(bundle_path)
     pipeline_config = bundle.config.get("pipeline")

@@ -49,25 +49,6 @@ GOAL_P99_MS, GOAL_MAX_MS = 2.0, 10.0
 SESSION_SEED = 1
 
 
-def replay_unavailable_reason():
-    """None where ``neurohand replay --realtime --json`` exists, else why not (str)."""
-    import argparse
-    from neurohand.deploy.cli.main import build_parser
-
-    parser = build_parser()
-    commands = {}
-    for action in parser._actions:       # argparse keeps subcommands only here
-        if isinstance(action, argparse._SubParsersAction):
-            commands = action.choices
-    if "replay" not in commands:
-        return "'neurohand replay' does not exist in this build yet"
-    options = {option for action in commands["replay"]._actions for option in action.option_strings}
-    missing = sorted({"--realtime", "--json", "--seconds"} - options)
-    if missing:
-        return "'neurohand replay' has no {}".format(", ".join(missing))
-    return None
-
-
 def run_step(command, what):
     return _run_step(command, what, target="latency")
 
@@ -86,9 +67,6 @@ def simulate_session(train_path, held_out_path, train_seconds, held_out_seconds,
 
 def run(quick, max_minutes=None, replay_seconds=None):
     """The ``latency`` target; ``replay_seconds`` overrides S (see the module docstring)."""
-    reason = replay_unavailable_reason()
-    if reason is not None:
-        return {"available": False, "reason": reason, "quick": bool(quick)}
     seconds = replay_seconds or (QUICK_REPLAY_SECONDS if quick else REPLAY_SECONDS)
     work = tempfile.mkdtemp(prefix="neurohand-bench-latency-")
     try:

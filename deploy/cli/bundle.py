@@ -64,21 +64,8 @@ def _build_engine(args):
         metadata["tensorrt_version"], metadata["gpu_name"], "fp16" if args.fp16 else "fp32", bundle.engine_path))
 
 
-def open_bundle_backend(bundle, backend_name):
-    """Create the backend a bundle runs on; TensorRT uses the bundle's engine."""
-    from neurohand.decoder.backends import create_backend
-    path = bundle.engine_path
-    fp16 = False
-    if os.path.isfile(path + ".json"):
-        from neurohand.firmware_bridge.shared.checks import load_json_file
-        fp16 = bool(load_json_file(path + ".json", "TensorRT engine metadata").get("fp16"))
-    if backend_name in ("tensorrt", "auto"):
-        return create_backend(backend_name, bundle.model_path, engine_path=path, fp16=fp16), fp16
-    return create_backend(backend_name, bundle.model_path), False
-
-
 def _selftest(args):
-    from neurohand.deploy.bundle import load_bundle
+    from neurohand.deploy.bundle import load_bundle, open_bundle_backend
     from neurohand.deploy.selftest import record_result, run_selftest
     bundle = load_bundle(args.bundle)
     backend, fp16 = open_bundle_backend(bundle, args.backend)

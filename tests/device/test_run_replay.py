@@ -256,6 +256,35 @@ def test_run_drives_the_hand_until_sigterm_then_leaves_it_open(data, bench, tmp_
         assert "command" in recording.label_streams
 
 
+# What ``neurohand run`` may load: the device path, nothing of the workstation or the bench.
+NOT_ON_THE_DEVICE_PATH = ("neurohand.train", "neurohand.deploy.bench", "neurohand.deploy.demo",
+                          "neurohand.deploy.replay", "neurohand.firmware_bridge.virtual", "torch", "scipy",
+                          "matplotlib", "onnx", "tqdm")
+
+
+def test_run_loads_no_training_bench_virtual_device_or_torch_module(data, bench):
+    bundle, _ = data
+    chip_path, hand = bench
+    # The run itself in a fresh interpreter, then the names of every module it loaded.
+    code = ("import json, sys\n"
+            "from neurohand.deploy.cli import main\n"
+            "status = main.main(sys.argv[1:])\n"
+            "print(json.dumps({'status': status, 'modules': sorted(sys.modules)}))\n")
+    result = subprocess.run([sys.executable, "-c", code, "run", "--bundle", bundle, "--chip", chip_path,
+                             "--hand", "neurohand:" + hand.slave_path, "--backend", "numpy", "--duration", "2",
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["status"] == 0
+    assert hand.wait_for(10, 5.0), "the run drove the hand"
+    modules = report["modules"]
+    assert "neurohand.deploy.runtime.realtime" in modules and "neurohand.firmware_bridge.chip.receiver" in modules
+    loaded = [name for name in modules
+              if any(name == banned or name.startswith(banned + ".") for banned in NOT_ON_THE_DEVICE_PATH)]
+    assert loaded == []
+
+
 def test_run_refuses_a_bundle_not_self_tested_here(data, tmp_path):
     bundle, _ = data
     fresh = str(tmp_path / "fresh")

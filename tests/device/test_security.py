@@ -271,7 +271,7 @@ def test_neurohand_run_owns_no_network_socket(bundle):
     ("config.json", lambda data: data.replace(b'"seed"', b'"Seed"', 1)),
 ])
 def test_a_tampered_bundle_is_refused_before_anything_in_it_is_loaded(bundle, tmp_path, monkeypatch, name, damage):
-    from neurohand.deploy.cli import bundle as commands
+    from neurohand.deploy import bundle as bundles
     from neurohand.deploy.session import load_decoder
 
     copy = str(tmp_path / "copy")
@@ -282,7 +282,7 @@ def test_a_tampered_bundle_is_refused_before_anything_in_it_is_loaded(bundle, tm
     with open(path, "wb") as handle:
         handle.write(damage(data))
     opened = []
-    monkeypatch.setattr(commands, "open_bundle_backend", lambda *args: opened.append(args))
+    monkeypatch.setattr(bundles, "open_bundle_backend", lambda *args: opened.append(args))
     with pytest.raises(BundleError, match=name):
         load_decoder(copy, "numpy")
     assert opened == []                                   # no backend ever saw the damaged model
