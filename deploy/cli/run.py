@@ -8,6 +8,7 @@ import json
 import sys
 
 from neurohand.decoder.backend_registry import BACKEND_CHOICES
+from neurohand.deploy.cli.virtual_chip import add_fault_arguments
 
 
 def register(subparsers):
@@ -88,12 +89,7 @@ def _add_replay_parser(subparsers):
                              "on 2 cores); 1 = everything in this process (default: 2 where two CPUs are usable "
                              "and processes can fork, as on Linux)")
     faults = parser.add_argument_group("faults injected by the virtual chip (--realtime only)")
-    faults.add_argument("--drop-rate", type=float, default=0.0, metavar="P",
-                        help="probability that a frame is not sent (default 0)")
-    faults.add_argument("--corrupt-rate", type=float, default=0.0, metavar="P",
-                        help="probability that one byte of a frame is flipped so its CRC fails (default 0)")
-    faults.add_argument("--garbage-bursts", type=float, default=0.0, metavar="RATE",
-                        help="bursts of random bytes between frames, per second of recording (default 0)")
+    add_fault_arguments(faults)
     faults.add_argument("--disconnect-after", type=float, default=None, metavar="S",
                         help="unplug the virtual chip once after this many seconds, for 1 s")
     faults.add_argument("--seed", type=int, default=None, metavar="K",

@@ -2,6 +2,16 @@
 at module level; handlers import what they need."""
 
 
+def add_fault_arguments(parser):
+    """The link faults the virtual chip injects (``virtual-chip``, ``replay --realtime``)."""
+    parser.add_argument("--drop-rate", type=float, default=0.0, metavar="P",
+                        help="probability that a frame is not sent (default 0)")
+    parser.add_argument("--corrupt-rate", type=float, default=0.0, metavar="P",
+                        help="probability that one byte of a frame is flipped so its CRC fails (default 0)")
+    parser.add_argument("--garbage-bursts", type=float, default=0.0, metavar="RATE",
+                        help="bursts of random bytes between frames, per second of recording (default 0)")
+
+
 def register(subparsers):
     """Add this area's subcommands to the ``neurohand`` parser."""
     parser = subparsers.add_parser(
@@ -28,12 +38,7 @@ def register(subparsers):
     parser.add_argument("--samples-per-frame", type=int, default=20, metavar="N",
                         help="samples per channel in each frame, 1..255 (default 20; a host can change it "
                              "with CONFIGURE)")
-    parser.add_argument("--drop-rate", type=float, default=0.0, metavar="P",
-                        help="probability that a frame is not sent (default 0)")
-    parser.add_argument("--corrupt-rate", type=float, default=0.0, metavar="P",
-                        help="probability that one byte of a frame is flipped so its CRC fails (default 0)")
-    parser.add_argument("--garbage-bursts", type=float, default=0.0, metavar="RATE",
-                        help="bursts of random bytes between frames, per second of recording (default 0)")
+    add_fault_arguments(parser)
     parser.add_argument("--garbage-max-bytes", type=int, default=64, metavar="N",
                         help="longest garbage burst in bytes (default 64)")
     parser.add_argument("--disconnect-after", type=float, default=None, metavar="SECONDS",

@@ -36,6 +36,7 @@ import zlib
 import numpy as np
 
 from neurohand.firmware_bridge.shared import checks
+from neurohand.firmware_bridge.shared.atomic import sync_directory
 from neurohand.firmware_bridge.shared.errors import RecordingError, UsageError
 
 # --- Format constants (docs/recording-format.md, section "Byte layout") -----
@@ -443,17 +444,7 @@ class RecordingWriter(object):
     def _sync_directory(self):
         # A new file's directory entry must reach the disk too, or a power cut
         # can lose the whole file even though its data was synced.
-        directory = os.path.dirname(os.path.abspath(self.path))
-        try:
-            fd = os.open(directory, os.O_RDONLY)
-        except OSError:
-            return  # not supported on this platform / file system
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        sync_directory(os.path.dirname(os.path.abspath(self.path)))
 
 
 # --- Reader ---------------------------------------------------------------------
