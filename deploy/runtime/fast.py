@@ -34,56 +34,70 @@ def run_fast(parts, items, clock, on_command=None):
     Returns the stats document (latency is not measured: time is virtual).
     """
     decode = parts.decode
-    writer = parts.writer
-    period = parts.writer_period_s
+    writer = _WriterTimeline(parts.writer, clock, parts.writer_period_s)
     rate = float(decode.sample_rate)
     batch = [None]
     ready = []
     emit = ready.append
-    state = {"next_tick": None, "last_s": float("-inf")}
-
-    def tick_until(t):
-        while state["next_tick"] <= t:
-            clock.now = state["next_tick"]
-            writer.step(None, clock.now)
-            state["next_tick"] += period
-
     first_s = None
     started = time.perf_counter()
     for item in items:
         t = item[1]
         if first_s is None:
             first_s = t
-            state["next_tick"] = t
+            writer.next_tick_s = t
         # The block's samples arrive over its own duration: up to its first
         # sample the writer runs on what it had (a pause in the data shows).
         event = item[0]
         lead = event.samples.shape[0] / rate if isinstance(event, SampleFrame) else 0.0
-        tick_until(t - lead)
+        writer.tick_until(t - lead)
         clock.now = t
         batch[0] = item
         decode.process(batch, emit)
         for command in ready:
             # The window's own end time: its last sample arrived this many
-            # samples before the item's last one (never before the previous window).
-            window_s = max(t - (decode.samples_seen - command.sample) / rate, state["last_s"])
-            state["last_s"] = window_s
-            tick_until(window_s)
-            clock.now = window_s
-            writer.step(command, window_s)
-            state["next_tick"] = window_s + period
+            # samples before the item's last one.
+            writer.hand_over(command, t - (decode.samples_seen - command.sample) / rate)
             if on_command is not None:
                 on_command(command)
         del ready[:]
-        tick_until(t)
+        writer.tick_until(t)
         clock.now = t
     parts.supervisor.note("shutdown", clock.now, "end of replay")
-    writer.send_safe_posture(clock.now)
+    parts.writer.send_safe_posture(clock.now)
     elapsed = time.perf_counter() - started
     frames = {"received": decode.counters["frames"], "missing": decode.counters["missing_frames"],
               "missing_samples": decode.counters["missing_samples"], "corrupt": 0, "resyncs": 0}
     virtual = 0.0 if first_s is None else clock.now - first_s
     extra = {"mode": "fast", "cpu_s": round(elapsed, 3), "replayed_s": round(virtual, 3),
              "speed_x": round(virtual / elapsed, 1) if elapsed > 0 else None}
-    writer_counters = dict(writer.counters)
-    return run_document(parts, frames, writer_counters, extra, virtual)
+    return run_document(parts, frames, dict(parts.writer.counters), extra, virtual)
+
+
+class _WriterTimeline(object):
+    """The writer thread's timeline, replayed on the virtual clock: a step every
+    period while nothing new arrives, and each command at its window's end time."""
+
+    def __init__(self, writer, clock, period_s):
+        self._writer = writer
+        self._clock = clock
+        self._period_s = period_s
+        self.next_tick_s = None
+        self._last_window_s = float("-inf")
+
+    def tick_until(self, t):
+        """Step the writer with nothing new at every period due by ``t``."""
+        clock, step, period = self._clock, self._writer.step, self._period_s
+        while self.next_tick_s <= t:
+            clock.now = self.next_tick_s
+            step(None, clock.now)
+            self.next_tick_s += period
+
+    def hand_over(self, command, window_s):
+        """The writer gets ``command`` at ``window_s`` (never before the previous window's time)."""
+        window_s = max(window_s, self._last_window_s)
+        self._last_window_s = window_s
+        self.tick_until(window_s)
+        self._clock.now = window_s
+        self._writer.step(command, window_s)
+        self.next_tick_s = window_s + self._period_s
