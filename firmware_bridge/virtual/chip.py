@@ -150,9 +150,12 @@ class PacingScheduler:
         self._t0 = self._clock() if at is None else at
         self.released = 0
 
-    def take_due(self):
-        """Number of frames due by now that were not taken yet (0 or more)."""
-        due = int((self._clock() - self._t0) / self.frame_period_s) + 1
+    def take_due(self, now=None):
+        """Number of frames due by ``now`` (default: the clock's now) that were not
+        taken yet (0 or more)."""
+        if now is None:
+            now = self._clock()
+        due = int((now - self._t0) / self.frame_period_s) + 1
         count = due - self.released
         if count <= 0:
             return 0
@@ -282,6 +285,12 @@ class VirtualChip:
     unplugged or waiting for START are skipped (``frames_lost_unplugged``).
     False: a self-powered chip that keeps streaming across the unplug (its
     sequence numbers go on, so the host can count what it missed).
+    clock: the chip's time, in seconds (``time.monotonic`` unless injected); the
+    pacing, ``disconnect_after_s``, ``reconnect_pause_s`` and the drain at the end
+    all read it, never the wall clock.
+
+    ``bytes_written``: bytes written to the terminal so far (replies and frames),
+    so that a host can tell when it has read everything.
 
     The constructor only stores configuration; :meth:`open` creates the pty and
     :meth:`serve` runs the loop (in the caller's thread).
@@ -318,6 +327,7 @@ class VirtualChip:
         self._master = self._slave = None
         self.slave_path = None
         self._out = bytearray()
+        self.bytes_written = 0
         self._commands = ChipParser()
         self._connected_at = None
         self._replug_at = None
@@ -544,6 +554,13 @@ class VirtualChip:
 
     def _maybe_unplug_or_replug(self, now):
         if self._replug_at is not None and now >= self._replug_at:
+            if self.streaming:
+                # Frames due before the replug died with the link, even when this loop
+                # looks late (a loaded machine): what is lost depends on the clock only.
+                for _ in range(self._scheduler.take_due(self._replug_at)):
+                    self._emit_frame()
+                    if not self.streaming:
+                        break
             self._replug_at = None
             self.open()
         elif (self.connected and self.disconnect_after_s is not None and not self._unplugged_once
@@ -577,6 +594,7 @@ class VirtualChip:
                 return
             raise
         del self._out[:written]
+        self.bytes_written += written
 
     def summary(self):
         """Counters of the chip and of injected faults, as one dict."""

@@ -20,6 +20,13 @@ thumb rotator); ``seq`` is the frame's sequence number, or null for PSYONIC
 frames, which carry none.  The keep-alive clock starts with the first valid
 command (a hand enters its command mode only then); one timeout is counted
 per silence longer than the limit, however long it lasts.
+
+The keep-alive clock and every ``t_monotonic`` are read from ``clock``
+(``time.monotonic`` unless another is injected).  A test can inject a clock it
+advances itself, then call :meth:`VirtualHand.sync` so that the serving thread
+has looked at the advanced clock before it asserts on ``counters["timeouts"]``;
+the watchdog then fires after the limit and not before, however loaded the
+machine.  Waits (``wait_for``, ``sync``) are bounded by real time.
 """
 import collections
 import errno
@@ -27,6 +34,8 @@ import fcntl
 import json
 import os
 import select
+import struct
+import termios
 import threading
 import time
 import tty
@@ -157,6 +166,9 @@ class VirtualHand(object):
         PSYONIC only: the hand's address byte.
     reply : bool
         Send telemetry/replies after each valid command.
+    clock : callable
+        Returns seconds (float) on a monotonic clock; the keep-alive watchdog and
+        the ``t_monotonic`` timestamps use it.  Default ``time.monotonic``.
 
     Counters: valid_frames, bad_checksums, framing_errors, timeouts,
     replies_sent, replies_dropped, bytes_received, unplugs (wrong_address for PSYONIC).
@@ -167,7 +179,7 @@ class VirtualHand(object):
 
     def __init__(self, protocol, link_path=None, log_path=None,
                  keepalive_timeout_s=DEFAULT_KEEPALIVE_TIMEOUT_S, stuffing=True,
-                 address=psyonic.DEFAULT_ADDRESS, reply=True):
+                 address=psyonic.DEFAULT_ADDRESS, reply=True, clock=time.monotonic):
         if protocol not in PROTOCOLS:
             from neurohand.firmware_bridge.shared.checks import check_option
             check_option("protocol", protocol, PROTOCOLS)
@@ -180,6 +192,7 @@ class VirtualHand(object):
         self.stuffing = stuffing
         self.address = address
         self.reply = reply
+        self._clock = clock
         self.counters = {"valid_frames": 0, "bad_checksums": 0, "framing_errors": 0, "timeouts": 0,
                          "replies_sent": 0, "replies_dropped": 0, "bytes_received": 0, "unplugs": 0}
         self.slave_path = None
@@ -192,6 +205,7 @@ class VirtualHand(object):
         self._log = None
         self._linked = False
         self._receiver = None
+        self._passes = 0            # serving-thread passes completed (see sync)
 
     # -- life cycle -------------------------------------------------------
     def start(self):
@@ -209,7 +223,7 @@ class VirtualHand(object):
             raise
         self._write_log({"event": "start", "protocol": self.protocol, "port": self.slave_path,
                          "link": self.link_path, "keepalive_timeout_s": self.keepalive_timeout_s,
-                         "t_monotonic": time.monotonic(), "t_wall": time.time()})
+                         "t_monotonic": self._clock(), "t_wall": time.time()})
         return self
 
     def stop(self):
@@ -218,7 +232,7 @@ class VirtualHand(object):
             return
         self._unplug()
         self._write_log({"event": "stop", "counters": dict(self.counters),
-                         "t_monotonic": time.monotonic(), "t_wall": time.time()})
+                         "t_monotonic": self._clock(), "t_wall": time.time()})
         self._close_fds()
 
     def unplug(self):
@@ -228,7 +242,7 @@ class VirtualHand(object):
             raise UsageError("virtual hand is not plugged in")
         self._unplug()
         self.counters["unplugs"] += 1
-        self._write_log({"event": "unplug", "t_monotonic": time.monotonic(), "t_wall": time.time()})
+        self._write_log({"event": "unplug", "t_monotonic": self._clock(), "t_wall": time.time()})
 
     def replug(self):
         """Plug the cable back: a new pseudo-terminal, the same ``link_path`` symlink
@@ -237,7 +251,7 @@ class VirtualHand(object):
         if self._thread is not None:
             raise UsageError("virtual hand is already plugged in")
         self._plug()
-        self._write_log({"event": "replug", "port": self.slave_path, "t_monotonic": time.monotonic(),
+        self._write_log({"event": "replug", "port": self.slave_path, "t_monotonic": self._clock(),
                          "t_wall": time.time()})
 
     def _plug(self):
@@ -326,39 +340,73 @@ class VirtualHand(object):
                 self._condition.wait(remaining)
             return True
 
+    def sync(self, timeout_s=5.0):
+        """Block until the serving thread completed a whole pass that began after
+        this call: it looked at the clock (so a timeout due by then is counted)
+        and read and handled what was waiting on the terminal (up to one read).
+        Return whether it did within ``timeout_s`` (real time); False at once when
+        not plugged in."""
+        deadline = time.monotonic() + timeout_s
+        with self._condition:
+            if self._thread is None:
+                return False
+            # The pass under way may have looked at the clock before this call.
+            target = self._passes + 2
+            while self._passes < target:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._thread is None:
+                    return False
+                self._condition.wait(min(remaining, 0.1))
+            return True
+
+    def unread_bytes(self):
+        """Bytes the driver wrote to the terminal that the hand has not read yet."""
+        if self._master is None:
+            return 0
+        return struct.unpack("i", fcntl.ioctl(self._master, termios.FIONREAD, b"\0" * 4))[0]
+
     # -- serving thread -----------------------------------------------------
     def _serve(self, receiver):
-        last_valid = None
-        timed_out = False
+        state = {"last_valid": None, "timed_out": False}
         while not self._stop.is_set():
-            ready, _, _ = select.select([self._master, self._wake_r], [], [], _POLL_S)
-            now = time.monotonic()
-            # Look at the clock before reading: a frame arriving late still means a timeout happened.
-            if last_valid is not None and not timed_out and now - last_valid > self.keepalive_timeout_s:
-                timed_out = True
-                self.counters["timeouts"] += 1
-                if self.protocol == "neurohand":
-                    receiver.watchdog_expired = True
-                self._write_log({"event": "keepalive_timeout", "t_monotonic": now, "t_wall": time.time(),
-                                 "since_last_command_s": now - last_valid})
-            if self._master not in ready:
-                continue
-            data = self._read_master()
-            if not data:
-                continue
-            self.counters["bytes_received"] += len(data)
-            for seq, positions, raw in receiver.feed(data):
-                t_mono, t_wall = time.monotonic(), time.time()
-                last_valid, timed_out = t_mono, False
-                command = ReceivedCommand(t_mono, t_wall, seq, tuple(positions), tuple(raw))
+            try:
+                self._serve_once(receiver, state)
+            finally:
                 with self._condition:
-                    self._commands.append(command)
-                    self.counters["valid_frames"] += 1
+                    self._passes += 1
                     self._condition.notify_all()
-                self._write_log({"event": "command", "t_monotonic": t_mono, "t_wall": t_wall, "seq": seq,
-                                 "positions": list(command.positions), "raw": list(raw)})
-                if self.reply:
-                    self._send_reply(receiver.reply(seq, positions))
+
+    def _serve_once(self, receiver, state):
+        """One pass: wait for input (at most _POLL_S), look at the keep-alive clock, read and handle."""
+        ready, _, _ = select.select([self._master, self._wake_r], [], [], _POLL_S)
+        now = self._clock()
+        last_valid = state["last_valid"]
+        # Look at the clock before reading: a frame arriving late still means a timeout happened.
+        if last_valid is not None and not state["timed_out"] and now - last_valid > self.keepalive_timeout_s:
+            state["timed_out"] = True
+            self.counters["timeouts"] += 1
+            if self.protocol == "neurohand":
+                receiver.watchdog_expired = True
+            self._write_log({"event": "keepalive_timeout", "t_monotonic": now, "t_wall": time.time(),
+                             "since_last_command_s": now - last_valid})
+        if self._master not in ready:
+            return
+        data = self._read_master()
+        if not data:
+            return
+        self.counters["bytes_received"] += len(data)
+        for seq, positions, raw in receiver.feed(data):
+            t_mono, t_wall = self._clock(), time.time()
+            state["last_valid"], state["timed_out"] = t_mono, False
+            command = ReceivedCommand(t_mono, t_wall, seq, tuple(positions), tuple(raw))
+            with self._condition:
+                self._commands.append(command)
+                self.counters["valid_frames"] += 1
+                self._condition.notify_all()
+            self._write_log({"event": "command", "t_monotonic": t_mono, "t_wall": t_wall, "seq": seq,
+                             "positions": list(command.positions), "raw": list(raw)})
+            if self.reply:
+                self._send_reply(receiver.reply(seq, positions))
 
     def _read_master(self):
         try:

@@ -10,6 +10,8 @@ hand received are known exactly.
   (docs/runtime.md: 20 ms drain + 80 ms chunks).  Nothing can be sent to the
   hand after a kill -9: the hand's own keep-alive watchdog notices (the
   virtual hand counts one timeout), which is why a real hand must have one.
+  The virtual hand's watchdog runs on a clock the test moves (``FakeClock``), so
+  a loaded machine can neither fake a timeout during the run nor hide one after.
 * SIGTERM / SIGINT: exit 0, the last frame the hand received is the safe
   posture (open), the recording is complete.
 """
@@ -44,6 +46,35 @@ SLACK_S = 0.03
 FRAME_BYTES = len(cp.encode_data_frame(0, 0, np.zeros((SPF, N_CHANNELS), dtype=np.int16)))
 
 
+class FakeClock(object):
+    """A monotonic clock that moves only when the test advances it."""
+
+    def __init__(self, start=1000.0):
+        self.now = start
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def wait_until(predicate, timeout_s=5.0):
+    """Poll ``predicate`` until it holds or ``timeout_s`` (real time) passed; return whether it held."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def hand_has_read_everything(hand):
+    """The writer is gone: once the terminal holds nothing unread and a whole pass of the
+    hand's thread followed, every command it was sent is in ``received()``."""
+    return hand.unread_bytes() == 0 and hand.sync()
+
+
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("crash") / "bundle")
@@ -68,7 +99,8 @@ class Bench(object):
         self._stop = threading.Event()
         self._serving = threading.Thread(target=self.chip.serve, args=(self._stop,), daemon=True)
         self._serving.start()
-        self.hand = VirtualHand("neurohand").start()
+        self.hand_clock = FakeClock()
+        self.hand = VirtualHand("neurohand", clock=self.hand_clock).start()
 
     def samples_reached_the_run(self):
         """Samples the chip sent that had left its buffer and the pty (read by the run), approximately."""
@@ -131,10 +163,21 @@ def test_kill_9_at_a_random_moment_loses_at_most_100_ms(bundle, bench, source_sa
         assert lost_s <= MAX_LOSS_S + SLACK_S, (moment_s, lost_s)
         assert "command" in recording.label_streams and "decoded" in recording.label_streams
     # Nobody is sending to the hand any more: its own watchdog must notice (the only protection left).
-    count = len(bench.hand.received())
-    time.sleep(bench.hand.keepalive_timeout_s + 0.2)
-    assert len(bench.hand.received()) == count
-    assert bench.hand.counters["timeouts"] == 1
+    hand, limit = bench.hand, bench.hand.keepalive_timeout_s
+    assert wait_until(lambda: hand_has_read_everything(hand))
+    count = len(hand.received())
+    assert hand.counters["timeouts"] == 0             # the hand's clock stood still during the run
+    bench.hand_clock.advance(limit - 0.001)
+    assert hand.sync()
+    assert hand.counters["timeouts"] == 0             # not before the limit ...
+    bench.hand_clock.advance(0.002)
+    assert hand.sync()
+    assert hand.counters["timeouts"] == 1             # ... but after it
+    # And it stays silent: no late writer (a surviving child of the run, say) shows up.
+    time.sleep(limit)
+    assert hand_has_read_everything(hand)
+    assert len(hand.received()) == count
+    assert hand.counters["timeouts"] == 1
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -151,12 +194,12 @@ def test_a_stop_signal_leaves_the_hand_in_its_safe_posture(bundle, bench, source
     with open(stats) as handle:
         document = json.load(handle)
     assert document["stop_reason"] == signal.Signals(signum).name
-    assert bench.hand.wait_for(document["commands_sent"], 2.0)
+    assert bench.hand.wait_for(document["commands_sent"], 5.0)
     received = bench.hand.received()
     assert len(received) == document["commands_sent"]
     assert any(max(c.positions) > 0 for c in received)              # it had moved the hand
     assert all(p == 0 for p in received[-1].positions)               # the last word is the safe posture
-    time.sleep(0.1)
+    assert wait_until(lambda: hand_has_read_everything(bench.hand))  # the run is gone: all it wrote is in
     assert len(bench.hand.received()) == len(received)               # and nothing followed it
     with open_recording(record) as recording:
         assert recording.integrity["complete"]

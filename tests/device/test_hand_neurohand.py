@@ -1,5 +1,6 @@
 """neurohand hand protocol: the spec's constants and vectors, round trips, and the
 driver talking to the virtual hand through a real pseudo-terminal."""
+import json
 import os
 import time
 
@@ -16,6 +17,29 @@ from neurohand.firmware_bridge.virtual.hand import VirtualHand
 SPEC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "hand-protocol.md")
 VECTORS = read_blocks(SPEC, "hand-vector")
 QUANTUM = 1.0 / 65535
+
+
+class FakeClock(object):
+    """A monotonic clock that moves only when the test advances it."""
+
+    def __init__(self, start=1000.0):
+        self.now = start
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def wait_until(predicate, timeout_s=5.0):
+    """Poll ``predicate`` until it holds or ``timeout_s`` (real time) passed; return whether it held."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def reference_crc_ccitt_false(data):
@@ -149,14 +173,16 @@ def virtual_hand(tmp_path):
     hand.stop()
 
 
-def send_for(hand, positions, duration_s):
-    deadline = time.monotonic() + duration_s
-    sent = 0
-    while time.monotonic() < deadline:
+def send_for(hand, virtual, clock, positions, duration_s):
+    """Send ``positions`` every keep-alive period of ``clock`` (the virtual hand's) for
+    ``duration_s``, checking after each period that the hand saw no timeout."""
+    start = clock.now
+    while clock.now - start < duration_s:
         hand.send(positions)
-        sent += 1
-        time.sleep(hand.keepalive_period_s)
-    return sent
+        assert virtual.wait_for(hand.counters["frames_sent"], 5.0)
+        clock.advance(hand.keepalive_period_s)
+        assert virtual.sync()
+        assert virtual.counters["timeouts"] == 0
 
 
 def test_driver_positions_reach_virtual_hand_with_seq_and_acks(virtual_hand):
@@ -166,10 +192,8 @@ def test_driver_positions_reach_virtual_hand_with_seq_and_acks(virtual_hand):
         assert hand.keepalive_period_s is not None and hand.keepalive_period_s < 0.3
         for positions in sent:
             hand.send(positions)
-        assert virtual_hand.wait_for(len(sent), 2.0)
-        deadline = time.monotonic() + 2.0
-        while hand.counters["acks"] < len(sent) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert virtual_hand.wait_for(len(sent), 5.0)
+        wait_until(lambda: hand.counters["acks"] >= len(sent))
         telemetry = hand.poll_telemetry()
         assert hand.counters["frames_sent"] == len(sent)
         assert hand.counters["acks"] == len(sent)
@@ -183,22 +207,61 @@ def test_driver_positions_reach_virtual_hand_with_seq_and_acks(virtual_hand):
     assert virtual_hand.counters["bad_checksums"] == 0
 
 
-def test_keepalive_no_timeout_at_period_then_timeout_when_silent(virtual_hand, tmp_path):
-    with create_hand("neurohand:" + virtual_hand.slave_path) as hand:
-        send_for(hand, np.full(5, 0.3), 0.6)
-        assert virtual_hand.counters["timeouts"] == 0
-        time.sleep(0.45)  # silence longer than the 300 ms watchdog
-        assert virtual_hand.counters["timeouts"] == 1
-        hand.keepalive()  # resends the last positions: the hand resumes
-        deadline = time.monotonic() + 2.0
-        telemetry = None
-        while telemetry is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+def test_keepalive_no_timeout_at_period_then_timeout_when_silent(tmp_path):
+    # The hand's watchdog runs on a clock the test moves; virtual.sync() makes sure the
+    # hand has looked at the clock before each assertion.
+    clock = FakeClock()
+    log = str(tmp_path / "hand.jsonl")
+    virtual = VirtualHand("neurohand", log_path=log, clock=clock).start()
+    try:
+        limit = virtual.keepalive_timeout_s
+        with create_hand("neurohand:" + virtual.slave_path) as hand:
+            period = hand.keepalive_period_s
+            send_for(hand, virtual, clock, np.full(5, 0.3), 2 * limit)
+            sent = hand.counters["frames_sent"]
+            # The newest ack carries no watchdog flag; taking it leaves the keep-alive's ack to come.
+            assert wait_until(lambda: hand.counters["acks"] >= sent)
+            assert not hand.poll_telemetry().flags & nhp.FLAG_WATCHDOG_EXPIRED
+            # Silence (already one period since the last command): not before the 300 ms watchdog ...
+            clock.advance(limit - period - 0.001)
+            assert virtual.sync()
+            assert virtual.counters["timeouts"] == 0
+            # ... but just after it, and once however long the silence.
+            clock.advance(0.002)
+            assert virtual.sync()
+            assert virtual.counters["timeouts"] == 1
+            clock.advance(10 * limit)
+            assert virtual.sync()
+            assert virtual.counters["timeouts"] == 1
+            hand.keepalive()  # resends the last positions: the hand resumes
+            assert wait_until(lambda: hand.counters["acks"] >= sent + 1)
             telemetry = hand.poll_telemetry()
-        assert telemetry.flags & nhp.FLAG_WATCHDOG_EXPIRED
-        np.testing.assert_allclose(virtual_hand.received()[-1].positions, np.full(5, 0.3), atol=QUANTUM)
-    events = [line for line in open(str(tmp_path / "hand.jsonl"))]
-    assert sum('"keepalive_timeout"' in line for line in events) == 1
+            assert telemetry.seq == sent and telemetry.flags & nhp.FLAG_WATCHDOG_EXPIRED
+            np.testing.assert_allclose(virtual.received()[-1].positions, np.full(5, 0.3), atol=QUANTUM)
+    finally:
+        virtual.stop()
+    events = [json.loads(line) for line in open(log)]
+    timeouts = [e for e in events if e["event"] == "keepalive_timeout"]
+    assert len(timeouts) == 1
+    assert timeouts[0]["since_last_command_s"] == pytest.approx(limit + 0.001, abs=1e-6)
+
+
+def test_keepalive_watchdog_on_the_real_clock(tmp_path):
+    """The default clock: a silence is noticed (generous deadline) and was longer than the limit."""
+    log = str(tmp_path / "hand.jsonl")
+    virtual = VirtualHand("neurohand", log_path=log).start()
+    try:
+        with create_hand("neurohand:" + virtual.slave_path) as hand:
+            hand.send(np.full(5, 0.3))
+            assert virtual.wait_for(1, 5.0)
+            assert wait_until(lambda: virtual.counters["timeouts"] == 1, timeout_s=5.0)
+            command_s = virtual.received()[0].t_monotonic
+    finally:
+        virtual.stop()
+    events = [json.loads(line) for line in open(log)]
+    (timeout,) = [e for e in events if e["event"] == "keepalive_timeout"]
+    assert timeout["since_last_command_s"] > virtual.keepalive_timeout_s
+    assert timeout["t_monotonic"] - command_s == pytest.approx(timeout["since_last_command_s"])
 
 
 @pytest.mark.parametrize("bad", [
@@ -235,7 +298,8 @@ def test_vanished_port_raises_link_error_with_port_name():
         hand.send(np.zeros(5))
         virtual.stop()
         with pytest.raises(LinkError, match=virtual.slave_path):
-            for _ in range(20):  # the reader thread or the next write notices
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline:  # the reader thread or the next write notices
                 hand.send(np.zeros(5))
                 time.sleep(0.02)
     finally:

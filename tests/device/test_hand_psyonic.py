@@ -19,6 +19,29 @@ VECTORS = read_blocks(DOC, "hand-vector")
 COUNT_FRACTION = 150.0 / 32767 / 100
 
 
+class FakeClock(object):
+    """A monotonic clock that moves only when the test advances it."""
+
+    def __init__(self, start=1000.0):
+        self.now = start
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def wait_until(predicate, timeout_s=5.0):
+    """Poll ``predicate`` until it holds or ``timeout_s`` (real time) passed; return whether it held."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def test_doc_has_every_kind_of_vector():
     kinds = {v["kind"] for v in VECTORS}
     assert kinds == {"psyonic-command", "psyonic-driver", "psyonic-reply", "ppp"}
@@ -144,9 +167,7 @@ def test_driver_positions_reach_virtual_hand(stuffing, n_outputs):
                 hand.send(positions)
             assert virtual.wait_for(len(sent), 2.0)
             if stuffing:
-                deadline = time.monotonic() + 2.0
-                while hand.counters["replies"] < len(sent) and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                wait_until(lambda: hand.counters["replies"] >= len(sent))
                 reply = hand.poll_telemetry()
                 assert hand.counters["replies"] == len(sent)
                 # The virtual hand reports the last command (all ones) as measured.
@@ -163,17 +184,39 @@ def test_driver_positions_reach_virtual_hand(stuffing, n_outputs):
 
 
 def test_keepalive_no_timeout_at_period_then_one_timeout_when_silent():
-    with VirtualHand("psyonic") as virtual:
+    # The hand's watchdog runs on a clock the test moves; virtual.sync() makes sure the
+    # hand has looked at the clock before each assertion.
+    clock = FakeClock()
+    with VirtualHand("psyonic", clock=clock) as virtual:
+        limit = virtual.keepalive_timeout_s
         with create_hand("psyonic:" + virtual.slave_path) as hand:
-            deadline = time.monotonic() + 0.6
-            while time.monotonic() < deadline:
+            period = hand.keepalive_period_s
+            sent = 0
+            start = clock.now
+            while clock.now - start < 2 * limit:     # commands every period: never a timeout
                 hand.send(np.full(5, 0.4))
-                time.sleep(hand.keepalive_period_s)
+                sent += 1
+                assert virtual.wait_for(sent, 5.0)
+                clock.advance(period)
+                assert virtual.sync()
+                assert virtual.counters["timeouts"] == 0
+            # Silence (already one period since the last command): not before the limit ...
+            clock.advance(limit - period - 0.001)
+            assert virtual.sync()
             assert virtual.counters["timeouts"] == 0
-            time.sleep(0.45)
+            # ... but just after it.
+            clock.advance(0.002)
+            assert virtual.sync()
             assert virtual.counters["timeouts"] == 1
-            time.sleep(0.35)  # one silence is one timeout, however long
+            clock.advance(10 * limit)  # one silence is one timeout, however long
+            assert virtual.sync()
             assert virtual.counters["timeouts"] == 1
+            # A command ends the silence; the next silence is the next timeout.
+            hand.send(np.full(5, 0.4))
+            assert virtual.wait_for(sent + 1, 5.0)
+            clock.advance(limit + 0.001)
+            assert virtual.sync()
+            assert virtual.counters["timeouts"] == 2
 
 
 def test_virtual_hand_counts_bad_checksum_and_wrong_address():
@@ -193,10 +236,17 @@ def test_virtual_hand_counts_bad_checksum_and_wrong_address():
 
 
 def test_non_finite_refused_before_the_wire():
+    good = np.full(5, 0.5)
     with VirtualHand("psyonic") as virtual:
         with create_hand("psyonic:" + virtual.slave_path) as hand:
             for bad in ([np.nan] * 5, [0, 0, 0, 0, np.inf], [2, 0, 0, 0, 0]):
                 with pytest.raises(HandError):
                     hand.send(np.array(bad, dtype=float))
-            time.sleep(0.1)
-        assert virtual.counters["bytes_received"] == 0
+            # A good frame after the refused ones: the terminal keeps order, so once it
+            # arrived, anything written before it has arrived too.
+            hand.send(good)
+            assert virtual.wait_for(1, 5.0)
+            expected_bytes = len(hand.frame_for(good))
+        assert virtual.counters["bytes_received"] == expected_bytes
+        assert virtual.counters["valid_frames"] == 1
+        assert virtual.counters["bad_checksums"] == virtual.counters["framing_errors"] == 0
