@@ -23,6 +23,7 @@ import threading
 import time
 
 from neurohand.firmware_bridge.shared.backoff import Backoff
+from neurohand.firmware_bridge.shared.counters import new_counters
 from neurohand.firmware_bridge.shared.errors import LinkError
 
 PATH_CHECK_INTERVAL_S = 0.5
@@ -44,19 +45,10 @@ class LinkProtocol:
         """The port failed (``exc``) or was closed by ``close()`` (``exc`` is None)."""
 
 
-class LinkCounters:
-    """disconnects: port failures; reconnects: successful reopens after one;
-    open_failures: failed (re)open attempts; write_timeouts: writes that timed out."""
-    FIELDS = ("opens", "disconnects", "reconnects", "open_failures", "bytes_read", "bytes_written",
-              "write_timeouts")
-    __slots__ = FIELDS
-
-    def __init__(self):
-        for name in self.FIELDS:
-            setattr(self, name, 0)
-
-    def as_dict(self):
-        return {name: getattr(self, name) for name in self.FIELDS}
+#: disconnects: port failures; reconnects: successful reopens after one;
+#: open_failures: failed (re)open attempts; write_timeouts: writes that timed out.
+LINK_COUNTERS = ("opens", "disconnects", "reconnects", "open_failures", "bytes_read", "bytes_written",
+                 "write_timeouts")
 
 
 class FeedProtocol(LinkProtocol):
@@ -103,7 +95,7 @@ class SerialLink:
             def open_port(url, baudrate, read_timeout_s, write_timeout_s):
                 return open_serial_port(url, baudrate, read_timeout_s, write_timeout_s, exclusive)
         self._open_port = open_port
-        self.counters = LinkCounters()
+        self.counters = new_counters(LINK_COUNTERS)
         self.error = None                      # exception that stopped the reader thread, if any
         self._port = None
         self._write_lock = threading.Lock()    # guards _port for writers and for replacing it
@@ -170,24 +162,24 @@ class SerialLink:
             try:
                 port.write(data)
             except serial.SerialTimeoutException as exc:
-                self.counters.write_timeouts += 1
+                self.counters["write_timeouts"] += 1
                 raise LinkError("write to {} timed out after {} s".format(self.url, self.write_timeout_s)) from exc
             except (serial.SerialException, OSError) as exc:
                 raise LinkError("write to {} failed: {}".format(self.url, exc)) from exc
-            self.counters.bytes_written += len(data)
+            self.counters["bytes_written"] += len(data)
 
     # -- the reader thread -------------------------------------------------------
     def _connect(self):
         try:
             port = self._open_port(self.url, self.baudrate, self.read_timeout_s, self.write_timeout_s)
         except (OSError, ValueError, ImportError) as exc:   # SerialException is an OSError (IOError)
-            self.counters.open_failures += 1
+            self.counters["open_failures"] += 1
             raise LinkError("cannot open serial port {}: {}".format(self.url, exc)) from exc
         with self._write_lock:
             self._port = port
-        if self.counters.opens:
-            self.counters.reconnects += 1
-        self.counters.opens += 1
+        if self.counters["opens"]:
+            self.counters["reconnects"] += 1
+        self.counters["opens"] += 1
         self.protocol.connection_made(self)
 
     def _drop_port(self):
@@ -223,12 +215,12 @@ class SerialLink:
                     # TypeError/AttributeError: pyserial's read on a port closed under it.
                     if self._stop.is_set():
                         break
-                    self.counters.disconnects += 1
+                    self.counters["disconnects"] += 1
                     self._drop_port()
                     self.protocol.connection_lost(exc)
                     continue
                 if data:
-                    self.counters.bytes_read += len(data)
+                    self.counters["bytes_read"] += len(data)
                     self.protocol.data_received(data)
         except Exception as exc:       # a bug in the protocol: stop, keep it for the owner
             self.error = exc

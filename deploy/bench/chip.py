@@ -48,8 +48,8 @@ def run(quick):
     multiples = []
     for _ in range(repeats):
         elapsed, frames, counters = parse_once(stream)
-        if frames != n_frames or counters.frames_good != n_frames or counters.bytes_discarded:
-            raise RuntimeError("parser lost frames in the benchmark: {}".format(counters.as_dict()))
+        if frames != n_frames or counters["frames_good"] != n_frames or counters["bytes_discarded"]:
+            raise RuntimeError("parser lost frames in the benchmark: {}".format(dict(counters)))
         multiples.append(len(stream) / elapsed / stream_bytes_per_s)
     median = statistics.median(multiples)
     return {

@@ -115,6 +115,6 @@ def run_virtual_chip(args):
         chip.close()
         signal.signal(signal.SIGTERM, previous)
         summary = chip.summary()
-        summary["faults"] = faults.counters.as_dict()
+        summary["faults"] = dict(faults.counters)
         print(json.dumps(summary, sort_keys=True), file=sys.stderr, flush=True)
     return 0

@@ -253,9 +253,9 @@ class RealtimeRunner(object):
 
     def frames_summary(self):
         counters = self.parser.counters
-        return {"received": counters.frames_good, "missing": counters.frames_missing,
-                "corrupt": counters.crc_errors + counters.malformed, "resyncs": counters.resyncs,
-                "bad_headers": counters.bad_headers, "bytes_discarded": counters.bytes_discarded,
+        return {"received": counters["frames_good"], "missing": counters["frames_missing"],
+                "corrupt": counters["crc_errors"] + counters["malformed"], "resyncs": counters["resyncs"],
+                "bad_headers": counters["bad_headers"], "bytes_discarded": counters["bytes_discarded"],
                 "dropped_queue_full": self.receiver.counters["frames_dropped_queue_full"],
                 "queue_high_water": self.frames.high_water}
 

@@ -32,6 +32,7 @@ import zlib
 import numpy as np
 
 from neurohand.firmware_bridge.chip import protocol as cp
+from neurohand.firmware_bridge.shared.counters import new_counters
 
 SampleGap = collections.namedtuple("SampleGap", "first_missing_sequence missing_frames missing_samples")
 SampleGap.__doc__ = """Frames the chip sent that never arrived intact.
@@ -77,21 +78,9 @@ class SampleFrame:
             self.sequence, self.device_time_us, self.samples.shape[0], self.samples.shape[1])
 
 
-class ParserCounters:
-    """Exact counts of what the parser saw (see the module docstring)."""
-    FIELDS = ("frames_good", "crc_errors", "bad_headers", "malformed", "resyncs", "bytes_discarded",
-              "frames_missing", "gaps", "sequence_restarts", "stream_starts", "replies", "commands")
-    __slots__ = FIELDS
-
-    def __init__(self):
-        for name in self.FIELDS:
-            setattr(self, name, 0)
-
-    def as_dict(self):
-        return {name: getattr(self, name) for name in self.FIELDS}
-
-    def __repr__(self):
-        return "ParserCounters({})".format(", ".join("{}={}".format(k, v) for k, v in self.as_dict().items()))
+#: What the parser counts, exactly (see the module docstring).
+PARSER_COUNTERS = ("frames_good", "crc_errors", "bad_headers", "malformed", "resyncs", "bytes_discarded",
+                   "frames_missing", "gaps", "sequence_restarts", "stream_starts", "replies", "commands")
 
 
 # Smallest and largest body each frame type may declare; anything else is a false sync.
@@ -116,7 +105,7 @@ class ChipParser:
     """
 
     def __init__(self):
-        self.counters = ParserCounters()
+        self.counters = new_counters(PARSER_COUNTERS)
         self._buffer = bytearray()
         self._expected_sequence = None      # None until the first data frame
         self._lost = False                  # discarding since the last accepted frame
@@ -146,7 +135,7 @@ class ChipParser:
                 continue
             limits = _BODY_LIMITS.get(frame_type)
             if version != cp.PROTOCOL_VERSION or limits is None or not limits[0] <= body_len <= limits[1]:
-                counters.bad_headers += 1
+                counters["bad_headers"] += 1
                 self._discard(1)
                 pos += 1
                 continue
@@ -155,7 +144,7 @@ class ChipParser:
             if end > n:
                 break
             if crc32(buf[pos + _SYNC_LEN:crc_at]) != crc_unpack(buf, crc_at)[0]:
-                counters.crc_errors += 1
+                counters["crc_errors"] += 1
                 self._discard(1)
                 pos += 1
                 continue
@@ -164,7 +153,7 @@ class ChipParser:
             else:
                 ok = self._control_frame(frame_type, buf[pos + _HEADER_SIZE:crc_at], events)
             if not ok:
-                counters.malformed += 1
+                counters["malformed"] += 1
                 self._discard(1)
                 pos += 1
                 continue
@@ -189,10 +178,10 @@ class ChipParser:
     def _discard(self, count):
         if count <= 0:
             return
-        self.counters.bytes_discarded += count
+        self.counters["bytes_discarded"] += count
         if not self._lost:
             self._lost = True
-            self.counters.resyncs += 1
+            self.counters["resyncs"] += 1
 
     def _data_frame(self, buf, at, body_len, events):
         sequence, device_time_us, n_channels, spf, flags, _reserved = cp.DATA_HEADER.unpack_from(buf, at)
@@ -205,18 +194,18 @@ class ChipParser:
         expected = self._expected_sequence
         stream_start = bool(flags & cp.FLAG_STREAM_START)
         if stream_start:
-            counters.stream_starts += 1
+            counters["stream_starts"] += 1
         elif expected is not None and sequence != expected:
             missing = cp.sequence_step(expected, sequence)
             if missing > 0:
                 events.append(SampleGap(expected, missing, missing * spf))
-                counters.gaps += 1
-                counters.frames_missing += missing
+                counters["gaps"] += 1
+                counters["frames_missing"] += missing
             else:
                 # Backwards (a chip reset or a replay): the gap cannot be measured.
-                counters.sequence_restarts += 1
+                counters["sequence_restarts"] += 1
         self._expected_sequence = (sequence + 1) % cp.SEQUENCE_MODULUS
-        counters.frames_good += 1
+        counters["frames_good"] += 1
         events.append(SampleFrame(sequence, device_time_us, samples, stream_start))
         return True
 
@@ -224,7 +213,7 @@ class ChipParser:
         if frame_type == cp.FRAME_COMMAND:
             command, token = cp.COMMAND_HEADER.unpack_from(body, 0)
             events.append(ChipCommand(command, token, bytes(body[cp.COMMAND_HEADER.size:])))
-            self.counters.commands += 1
+            self.counters["commands"] += 1
             return True
         command, token, status = cp.REPLY_HEADER.unpack_from(body, 0)
         is_ack = frame_type == cp.FRAME_ACK
@@ -232,7 +221,7 @@ class ChipParser:
             return False
         events.append(ChipReply("ack" if is_ack else "nak", command, token, status,
                                 bytes(body[cp.REPLY_HEADER.size:])))
-        self.counters.replies += 1
+        self.counters["replies"] += 1
         return True
 
 

@@ -227,7 +227,7 @@ class ChipSession(object):
 
     @property
     def counters(self):
-        counters = self.link.counters.as_dict()
+        counters = dict(self.link.counters)
         if self.restarter is not None:
             counters.update(self.restarter.counters)
         return counters

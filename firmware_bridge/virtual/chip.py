@@ -17,7 +17,6 @@ Standard library and numpy only (runs on the Jetson's Python 3.6 too).
 """
 import errno
 import fcntl
-import json
 import os
 import random
 import select
@@ -31,6 +30,7 @@ import numpy as np
 from neurohand.firmware_bridge.chip import protocol as cp
 from neurohand.firmware_bridge.chip.parser import ChipCommand, ChipParser
 from neurohand.firmware_bridge.shared.checks import check_int, check_number
+from neurohand.firmware_bridge.shared.counters import new_counters
 from neurohand.firmware_bridge.shared.errors import LinkError, UsageError
 
 INT16_MAX = 32767
@@ -167,22 +167,11 @@ class PacingScheduler:
 
 
 # --- fault injection ---------------------------------------------------------
-class FaultCounters:
-    """What the injector did, and what a receiver that saw every byte (and
-    flushed at the end) should therefore count.  ``expected_frames_missing`` only
-    includes losses followed by an intact frame, as a receiver cannot see others."""
-    FIELDS = ("frames_in", "frames_dropped", "frames_corrupted", "garbage_bursts", "garbage_bytes",
-              "expected_resyncs", "expected_bytes_discarded", "expected_frames_missing")
-    __slots__ = FIELDS + ("_pending_missing", "_in_bad_run")
-
-    def __init__(self):
-        for name in self.FIELDS:
-            setattr(self, name, 0)
-        self._pending_missing = 0
-        self._in_bad_run = False
-
-    def as_dict(self):
-        return {name: getattr(self, name) for name in self.FIELDS}
+#: What the injector did, and what a receiver that saw every byte (and flushed
+#: at the end) should therefore count.  ``expected_frames_missing`` only
+#: includes losses followed by an intact frame, as a receiver cannot see others.
+FAULT_COUNTERS = ("frames_in", "frames_dropped", "frames_corrupted", "garbage_bursts", "garbage_bytes",
+                  "expected_resyncs", "expected_bytes_discarded", "expected_frames_missing")
 
 
 class FaultInjector:
@@ -201,7 +190,9 @@ class FaultInjector:
         self.garbage_probability = check_number("garbage probability", garbage_probability, minimum=0, maximum=1)
         self.garbage_max_bytes = check_int("garbage max bytes", garbage_max_bytes, minimum=1, maximum=65536)
         self._random = random.Random(seed)
-        self.counters = FaultCounters()
+        self.counters = new_counters(FAULT_COUNTERS)
+        self._pending_missing = 0       # frames lost since the last intact one
+        self._in_bad_run = False        # inside a run of bytes the receiver will discard
 
     @property
     def active(self):
@@ -212,39 +203,39 @@ class FaultInjector:
         frame (the first of a stream) is never dropped or corrupted."""
         rnd = self._random
         c = self.counters
-        c.frames_in += 1
+        c["frames_in"] += 1
         out = b""
         if self.garbage_probability and rnd.random() < self.garbage_probability:
             out = self._garbage(rnd.randint(1, self.garbage_max_bytes))
-            c.garbage_bursts += 1
-            c.garbage_bytes += len(out)
+            c["garbage_bursts"] += 1
+            c["garbage_bytes"] += len(out)
             self._bad_bytes(len(out))
         if not protected and self.drop_rate and rnd.random() < self.drop_rate:
-            c.frames_dropped += 1
-            c._pending_missing += 1
+            c["frames_dropped"] += 1
+            self._pending_missing += 1
             return out
         if not protected and self.corrupt_rate and rnd.random() < self.corrupt_rate:
             damaged = bytearray(frame)
             damaged[rnd.randrange(cp.HEADER_SIZE, len(frame))] ^= rnd.randint(1, 255)
-            c.frames_corrupted += 1
-            c._pending_missing += 1
+            c["frames_corrupted"] += 1
+            self._pending_missing += 1
             self._bad_bytes(len(damaged))
             return out + bytes(damaged)
-        c._in_bad_run = False
-        c.expected_frames_missing += c._pending_missing
-        c._pending_missing = 0
+        self._in_bad_run = False
+        c["expected_frames_missing"] += self._pending_missing
+        self._pending_missing = 0
         return out + frame
 
     def stream_restarted(self):
         """A new stream starts (its first frame resets the receiver's sequence)."""
-        self.counters._pending_missing = 0
+        self._pending_missing = 0
 
     def _bad_bytes(self, count):
         c = self.counters
-        if not c._in_bad_run:
-            c._in_bad_run = True
-            c.expected_resyncs += 1
-        c.expected_bytes_discarded += count
+        if not self._in_bad_run:
+            self._in_bad_run = True
+            c["expected_resyncs"] += 1
+        c["expected_bytes_discarded"] += count
 
     def _garbage(self, length):
         while True:
@@ -254,17 +245,8 @@ class FaultInjector:
 
 
 # --- the chip ----------------------------------------------------------------
-class ChipCounters:
-    FIELDS = ("frames_sent", "samples_sent", "frames_overflowed", "frames_lost_unplugged", "commands",
-              "naks", "disconnects", "loops")
-    __slots__ = FIELDS
-
-    def __init__(self):
-        for name in self.FIELDS:
-            setattr(self, name, 0)
-
-    def as_dict(self):
-        return {name: getattr(self, name) for name in self.FIELDS}
+CHIP_COUNTERS = ("frames_sent", "samples_sent", "frames_overflowed", "frames_lost_unplugged", "commands",
+                 "naks", "disconnects", "loops")
 
 
 class VirtualChip:
@@ -316,7 +298,7 @@ class VirtualChip:
         self.firmware = firmware
         self.reset_on_unplug = bool(reset_on_unplug)
         self._clock = clock
-        self.counters = ChipCounters()
+        self.counters = new_counters(CHIP_COUNTERS)
         self.n_channels = source.n_channels
         self.streaming = False
         self.finished = False
@@ -417,7 +399,7 @@ class VirtualChip:
             if self._read_frame_samples() is None:
                 self.finished = True
                 return
-            self.counters.frames_lost_unplugged += 1
+            self.counters["frames_lost_unplugged"] += 1
 
     def _start_stream(self):
         self.streaming = True
@@ -438,7 +420,7 @@ class VirtualChip:
             rest = spf - head.shape[0]
             samples = np.concatenate([head, self.source.read(self.start_sample, self.start_sample + rest)])
             self._position = self.start_sample + rest
-            self.counters.loops += 1
+            self.counters["loops"] += 1
         else:
             return None     # a trailing partial frame is not sent
         return samples[:, :self.n_channels]
@@ -457,20 +439,20 @@ class VirtualChip:
         self._sequence = (self._sequence + 1) % cp.SEQUENCE_MODULUS
         self._stream_samples += samples.shape[0]
         if not self.connected:
-            self.counters.frames_lost_unplugged += 1
+            self.counters["frames_lost_unplugged"] += 1
             return
         data = frame if self.faults is None else self.faults.apply(frame, protected=first)
         if len(self._out) + len(data) > OUTPUT_LIMIT_BYTES:
-            self.counters.frames_overflowed += 1
+            self.counters["frames_overflowed"] += 1
             return
         self._out += data
-        self.counters.frames_sent += 1
-        self.counters.samples_sent += samples.shape[0]
+        self.counters["frames_sent"] += 1
+        self.counters["samples_sent"] += samples.shape[0]
 
     # -- commands --------------------------------------------------------------
     def handle_command(self, command):
         """Carry out one ChipCommand; return the reply frame (bytes)."""
-        self.counters.commands += 1
+        self.counters["commands"] += 1
         code, token = command.command, command.token
         if code == cp.CMD_START:
             if not self.streaming and not self.finished:
@@ -504,7 +486,7 @@ class VirtualChip:
         return self._nak(code, token, cp.STATUS_UNKNOWN_COMMAND)
 
     def _nak(self, code, token, status):
-        self.counters.naks += 1
+        self.counters["naks"] += 1
         return cp.encode_nak(code, token, status)
 
     # -- the loop --------------------------------------------------------------
@@ -566,7 +548,7 @@ class VirtualChip:
         elif (self.connected and self.disconnect_after_s is not None and not self._unplugged_once
               and now - self._connected_at >= self.disconnect_after_s):
             self._unplugged_once = True
-            self.counters.disconnects += 1
+            self.counters["disconnects"] += 1
             self._out = bytearray()       # unsent bytes die with the link
             if self.reset_on_unplug and self.streaming:
                 self.streaming = False
@@ -598,10 +580,8 @@ class VirtualChip:
 
     def summary(self):
         """Counters of the chip and of injected faults, as one dict."""
-        result = {"chip": self.counters.as_dict()}
+        result = {"chip": dict(self.counters)}
         if self.faults is not None:
-            result["faults"] = self.faults.counters.as_dict()
+            result["faults"] = dict(self.faults.counters)
         return result
 
-    def summary_json(self):
-        return json.dumps(self.summary(), sort_keys=True)

@@ -105,7 +105,7 @@ class Bench(object):
     def samples_reached_the_run(self):
         """Samples the chip sent that had left its buffer and the pty (read by the run), approximately."""
         in_transit = (len(self.chip._out) + self.chip.unread_bytes()) // FRAME_BYTES
-        return self.chip.counters.samples_sent - SPF * in_transit
+        return self.chip.counters["samples_sent"] - SPF * in_transit
 
     def close(self):
         self._stop.set()
@@ -144,7 +144,7 @@ def test_kill_9_at_a_random_moment_loses_at_most_100_ms(bundle, bench, source_sa
     try:
         time.sleep(moment_s)
         reached = bench.samples_reached_the_run()
-        sent = bench.chip.counters.samples_sent
+        sent = bench.chip.counters["samples_sent"]
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=10)
     finally:

@@ -109,9 +109,9 @@ class WatchedChip(StampedVirtualChip):
         self._connected_at = self._clock()
 
     def _emit_frame(self):
-        sent = self.counters.frames_sent
+        sent = self.counters["frames_sent"]
         StampedVirtualChip._emit_frame(self)
-        if self.counters.frames_sent != sent:
+        if self.counters["frames_sent"] != sent:
             self.last_frame_s = self._clock()
 
     def _maybe_unplug_or_replug(self, now):
@@ -252,11 +252,11 @@ def check_link_counters_exact(run):
     """The parser counted exactly what the chip injected (docs/chip-protocol.md)."""
     frames, faults, chip = run.frames, run.faults, run.chip.counters
     assert run.chip.finished                                 # the host read every byte of the stream
-    assert frames["received"] == chip.frames_sent - faults.frames_dropped - faults.frames_corrupted
-    assert frames["corrupt"] == faults.frames_corrupted
-    assert frames["missing"] == faults.expected_frames_missing
-    assert frames["bytes_discarded"] == faults.expected_bytes_discarded
-    assert frames["resyncs"] == faults.expected_resyncs
+    assert frames["received"] == chip["frames_sent"] - faults["frames_dropped"] - faults["frames_corrupted"]
+    assert frames["corrupt"] == faults["frames_corrupted"]
+    assert frames["missing"] == faults["expected_frames_missing"]
+    assert frames["bytes_discarded"] == faults["expected_bytes_discarded"]
+    assert frames["resyncs"] == faults["expected_resyncs"]
     assert frames["bad_headers"] == 0 and frames["dropped_queue_full"] == 0
     # The decoder was told of every lost sample (the DSP's time axis stays right).
     assert run.document["decoder"]["missing_frames"] == frames["missing"]
@@ -280,14 +280,14 @@ def test_link_faults_are_counted_exactly_and_never_reach_the_hand(bench, monkeyp
     run = replay(bench, monkeypatch, faults=FaultInjector(**settings))
     faults = run.faults
     # Each run injected what it says, and only that.
-    injected = {"1 % dropped frames": faults.frames_dropped, "corrupted frames": faults.frames_corrupted,
-                "garbage bursts": faults.garbage_bursts}
+    injected = {"1 % dropped frames": faults["frames_dropped"], "corrupted frames": faults["frames_corrupted"],
+                "garbage bursts": faults["garbage_bursts"]}
     assert injected[name] >= 3, faults.as_dict()
     assert sum(injected.values()) == injected[name]
     check_link_counters_exact(run)
     if name == "garbage bursts":
         assert run.frames["missing"] == 0 and run.frames["corrupt"] == 0
-        assert run.frames["bytes_discarded"] == faults.garbage_bytes
+        assert run.frames["bytes_discarded"] == faults["garbage_bytes"]
     # A lost 10 ms frame is far below the 100 ms data timeout: no fault until the stream ends.
     only_the_end_of_stream_fault(run)
     check_data_stop(run, run.chip.last_frame_s)
@@ -327,7 +327,7 @@ def test_chip_unplug_and_replug(bench, monkeypatch):
     assert link["stream_restarts"] == 1
     # Samples due while unplugged and until START were never sent: the new stream's sequence starts
     # at 0, so the receiver told the decoder one gap estimated from its clock.
-    lost = chip.counters.frames_lost_unplugged
+    lost = chip.counters["frames_lost_unplugged"]
     assert lost >= 0.9 * 1.0 / FRAME_S                                # ~1 s unplugged
     assert document["decoder"]["gaps"] == 1
     missing_samples = document["decoder"]["missing_samples"]
@@ -335,7 +335,7 @@ def test_chip_unplug_and_replug(bench, monkeypatch):
     # At least what the chip skipped; at most that plus frames that died in the pty and arrival jitter.
     assert lost * SPF - JITTER_S * RATE <= missing_samples <= lost * SPF + (0.1 + JITTER_S) * RATE
     assert run.frames["missing"] == 0
-    assert chip.counters.frames_sent - 0.1 / FRAME_S <= run.frames["received"] <= chip.counters.frames_sent
+    assert chip.counters["frames_sent"] - 0.1 / FRAME_S <= run.frames["received"] <= chip.counters["frames_sent"]
     resumed = check_recovery_after_replug(run)
     # Recovery soon after the replug: the link's reopen backoff (a 1 s outage: next try within
     # ~0.8 s), the re-start, then recovery_windows windows.
@@ -351,12 +351,12 @@ def test_self_powered_chip_unplug_and_replug(bench, monkeypatch):
     link = document["chip_link"]
     assert link["disconnects"] == 1 and link["reconnects"] == 1
     assert link["chip_restarts"] == 1 and link["stream_restarts"] == 0   # START again: harmless
-    lost = chip.counters.frames_lost_unplugged
+    lost = chip.counters["frames_lost_unplugged"]
     assert lost >= 0.9 * 1.0 / FRAME_S
     assert document["decoder"]["gaps"] == 1
     # Every sequence number is accounted for: received or reported missing (frames held while the
     # configuration was checked again are received by the parser and handed on as part of the gap).
-    assert run.frames["received"] + run.frames["missing"] == chip.counters.frames_sent + lost
+    assert run.frames["received"] + run.frames["missing"] == chip.counters["frames_sent"] + lost
     held = link["frames_held_after_reconnect"]
     assert document["decoder"]["missing_samples"] == SPF * (run.frames["missing"] + held)
     assert lost <= run.frames["missing"] <= lost + 2.5 / FRAME_S
@@ -575,4 +575,4 @@ def test_a_chip_reporting_a_non_finite_scale_is_refused_before_the_hand_is_opene
         stop.set()
         serving.join(5.0)
         chip.close()
-    assert not chip.streaming and chip.counters.frames_sent == 0
+    assert not chip.streaming and chip.counters["frames_sent"] == 0

@@ -392,7 +392,7 @@ def check_run(n_frames, seed, max_chunk):
         seed, seed, n_frames, len(stream))
     seen = Collector(builder)
     parser = parse_in_random_chunks(stream, seed, max_chunk, seen)
-    counters = parser.counters.as_dict()
+    counters = dict(parser.counters)
     assert counters == expected.counters, "{}\nparser:   {}\nexpected: {}".format(
         context, counters, expected.counters)
     assert seen.controls == {"replies": expected.counters["replies"],
@@ -438,6 +438,6 @@ def test_random_bytes_dense_with_sync_words_conserve_every_byte():
     seen = Collector()
     parser = parse_in_random_chunks(bytes(data), seed, 1 << 14, seen)
     c = parser.counters
-    assert seen.accepted_bytes + c.bytes_discarded == len(data), "seed {}".format(seed)
-    assert c.bad_headers + c.crc_errors + c.malformed > 10000, "seed {}: {}".format(seed, c)
-    assert c.bad_headers + c.crc_errors + c.malformed + c.frames_good + c.replies + c.commands <= data.count(SYNC)
+    assert seen.accepted_bytes + c["bytes_discarded"] == len(data), "seed {}".format(seed)
+    assert c["bad_headers"] + c["crc_errors"] + c["malformed"] > 10000, "seed {}: {}".format(seed, c)
+    assert c["bad_headers"] + c["crc_errors"] + c["malformed"] + c["frames_good"] + c["replies"] + c["commands"] <= data.count(SYNC)

@@ -183,7 +183,7 @@ def test_the_virtual_chip_waits_for_start_after_a_replug_unless_autostart(tmp_pa
         channel = ChipCommandChannel(link.write)
         host.on_reply = channel.handle_reply
         channel.start_streaming()
-        assert wait_until(lambda: link.counters.reconnects == 1)
+        assert wait_until(lambda: link.counters["reconnects"] == 1)
         time.sleep(0.3)
         starts = host.parser.counters
         if autostart:
@@ -195,22 +195,22 @@ def test_the_virtual_chip_waits_for_start_after_a_replug_unless_autostart(tmp_pa
             sequences = [f.sequence for f in host.frames]
             restarts = [i for i in range(1, len(sequences))
                         if host.frames[i].stream_start or sequences[i] < sequences[i - 1]]
-            assert len(restarts) == 1 and starts.gaps == 0
+            assert len(restarts) == 1 and starts["gaps"] == 0
             assert min(f.sequence for f in host.frames[count:]) < 0.5 * 2000 / 20
         else:
-            assert starts.stream_starts == 1 and not channel.get_config().streaming
+            assert starts["stream_starts"] == 1 and not channel.get_config().streaming
             count = len(host.frames)
             assert count < 0.4 * 2000 / 20                    # nothing since the unplug
             channel.start_streaming()
             assert wait_until(lambda: len(host.frames) > count + 10)
             first = host.frames[count]
             assert first.stream_start and first.sequence == 0 and first.device_time_us == 0
-            assert starts.stream_starts == 2 and starts.sequence_restarts == 0
+            assert starts["stream_starts"] == 2 and starts["sequence_restarts"] == 0
             # The signal went on while the chip was off: the new stream carries later samples.
             # (at least every frame received and skipped before it; more if frames died in the pty)
-            skipped_to = 20 * (count + chip.counters.frames_lost_unplugged)
+            skipped_to = 20 * (count + chip.counters["frames_lost_unplugged"])
             assert skipped_to <= first.samples[0, 0] <= skipped_to + 20 * 10
-        assert chip.counters.frames_lost_unplugged >= 0.9 * 0.2 * 2000 / 20
+        assert chip.counters["frames_lost_unplugged"] >= 0.9 * 0.2 * 2000 / 20
     finally:
         link.close()
         stop.set()
@@ -297,7 +297,7 @@ class ReconfiguredChip(VirtualChip):
     """Comes back from its replug with another scale (someone reflashed it): must never be decoded."""
 
     def open(self):
-        if self.counters.disconnects:
+        if self.counters["disconnects"]:
             self.source.scale_uv = 2.0 * self.source.scale_uv
         return VirtualChip.open(self)
 
