@@ -17,7 +17,6 @@ draws another patient's nerve fibres, and a decoder is trained per patient.
 Workstation only (training needs torch); the helpers :func:`write_session_parts`
 and :func:`hand_delays` are numpy-only.
 """
-import json
 import os
 import shutil
 import sys
@@ -339,9 +338,8 @@ def _summarize(out, settings, progress, training, selftest, evaluation, replayed
 
 
 def _write_summary(out, summary):
-    with open(os.path.join(out, SUMMARY_JSON), "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=1, sort_keys=True, allow_nan=False)
-        handle.write("\n")
+    from neurohand.firmware_bridge.shared.atomic import write_json_atomic
+    write_json_atomic(os.path.join(out, SUMMARY_JSON), summary)
 
 
 def _fmt(value, pattern):

@@ -14,6 +14,8 @@ from neurohand.firmware_bridge.shared.errors import LinkError
 from neurohand.firmware_bridge.link import LinkProtocol, SerialLink
 from neurohand.firmware_bridge.virtual.chip import ArraySource, FaultInjector, VirtualChip
 
+from timing import wait_until
+
 
 class ChipHost(LinkProtocol):
     """What the runtime does: parse, route replies to the command channel, keep data events."""
@@ -76,15 +78,6 @@ def connect(path, host, **kwargs):
     host.channel = cp.ChipCommandChannel(link.write, timeout_s=1.0)
     return link
 
-
-def wait_until(condition, timeout_s=5.0):
-    """Poll ``condition`` until it holds or ``timeout_s`` passed; return whether it held."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def drain(host, chip, timeout_s=5.0):

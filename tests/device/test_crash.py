@@ -34,6 +34,8 @@ from neurohand.firmware_bridge.recording.file_format import RecordingTruncatedWa
 from neurohand.firmware_bridge.virtual.chip import ArraySource, VirtualChip
 from neurohand.firmware_bridge.virtual.hand import VirtualHand
 
+from timing import FakeClock, wait_until
+
 RUN_DIR = os.path.join(os.path.dirname(__file__), "data", "replay_run")
 RATE = 2000.0
 N_CHANNELS = 4
@@ -46,27 +48,6 @@ SLACK_S = 0.03
 FRAME_BYTES = len(cp.encode_data_frame(0, 0, np.zeros((SPF, N_CHANNELS), dtype=np.int16)))
 
 
-class FakeClock(object):
-    """A monotonic clock that moves only when the test advances it."""
-
-    def __init__(self, start=1000.0):
-        self.now = start
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
-
-
-def wait_until(predicate, timeout_s=5.0):
-    """Poll ``predicate`` until it holds or ``timeout_s`` (real time) passed; return whether it held."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def hand_has_read_everything(hand):

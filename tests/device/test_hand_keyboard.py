@@ -8,6 +8,7 @@ import pytest
 from neurohand.firmware_bridge.shared.errors import ConfigError
 from neurohand.firmware_bridge.hands import HandError, create_hand
 from neurohand.firmware_bridge.hands import keyboard
+
 from spec_blocks import read_blocks
 
 SPEC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "hand-protocol.md")

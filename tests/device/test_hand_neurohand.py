@@ -11,35 +11,16 @@ from hypothesis import given, settings, strategies as st
 from neurohand.firmware_bridge.shared.errors import LinkError, ProtocolError
 from neurohand.firmware_bridge.hands import HandError, create_hand
 from neurohand.firmware_bridge.hands import neurohand_protocol as nhp
-from spec_blocks import hex_bytes, read_blocks
 from neurohand.firmware_bridge.virtual.hand import VirtualHand
+
+from spec_blocks import hex_bytes, read_blocks
+from timing import FakeClock, wait_until
 
 SPEC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "hand-protocol.md")
 VECTORS = read_blocks(SPEC, "hand-vector")
 QUANTUM = 1.0 / 65535
 
 
-class FakeClock(object):
-    """A monotonic clock that moves only when the test advances it."""
-
-    def __init__(self, start=1000.0):
-        self.now = start
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
-
-
-def wait_until(predicate, timeout_s=5.0):
-    """Poll ``predicate`` until it holds or ``timeout_s`` (real time) passed; return whether it held."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def reference_crc_ccitt_false(data):

@@ -1,7 +1,6 @@
 """PSYONIC Ability Hand: the vectors in docs/psyonic.md, PPP stuffing, checksums,
 and the driver talking to the virtual hand through a real pseudo-terminal."""
 import os
-import time
 
 import numpy as np
 import pytest
@@ -10,8 +9,10 @@ from hypothesis import given, settings, strategies as st
 from neurohand.firmware_bridge.shared.errors import ProtocolError
 from neurohand.firmware_bridge.hands import HandError, create_hand, ppp
 from neurohand.firmware_bridge.hands import psyonic
-from spec_blocks import hex_bytes, read_blocks
 from neurohand.firmware_bridge.virtual.hand import VirtualHand
+
+from spec_blocks import hex_bytes, read_blocks
+from timing import FakeClock, wait_until
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "psyonic.md")
 VECTORS = read_blocks(DOC, "hand-vector")
@@ -19,27 +20,6 @@ VECTORS = read_blocks(DOC, "hand-vector")
 COUNT_FRACTION = 150.0 / 32767 / 100
 
 
-class FakeClock(object):
-    """A monotonic clock that moves only when the test advances it."""
-
-    def __init__(self, start=1000.0):
-        self.now = start
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
-
-
-def wait_until(predicate, timeout_s=5.0):
-    """Poll ``predicate`` until it holds or ``timeout_s`` (real time) passed; return whether it held."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def test_doc_has_every_kind_of_vector():
