@@ -8,7 +8,7 @@ Two modes, one decoding:
   driver into a virtual hand (pseudo-terminal), which timestamps every
   command it receives.
 * fast: the same stage objects in this thread on a virtual clock
-  (``replay_fast``), half-second items; with ``jobs=2`` a child process
+  (``run_fast_replay``), half-second items; with ``jobs=2`` a child process
   computes the features one item ahead (runtime/feature_worker.py).
 
 Scoring (identical rules for both modes).  Each command is placed on the
@@ -272,7 +272,7 @@ def replay_fast(decoder, recording, replay_range, config, record_path=None, stat
     one block ahead while this one decodes (runtime/feature_worker.py; same
     numbers); 1: all in this process; None: 2 where two CPUs and fork exist.
     """
-    from neurohand.deploy.runtime import replay_fast as run_fast_replay
+    from neurohand.deploy.runtime import run_fast_replay
     from neurohand.deploy.runtime.feature_worker import FeatureWorker, default_jobs
     from neurohand.deploy.runtime.replay_source import recording_items
     from neurohand.firmware_bridge.recording.file_format import open_recording

@@ -20,7 +20,7 @@ Jetson (docs/runtime.md)::
     replay_source.py  recording -> (event, time) items for replay --fast
     feature_worker.py  replay --fast on two CPUs: features computed ahead in a child process
 
-Entry points for the CLI: :func:`run_realtime` and :func:`replay_fast`.
+Entry points for the CLI: :func:`run_realtime` and :func:`run_fast_replay`.
 This module imports numpy only when they are called.
 """
 import sys
@@ -79,7 +79,7 @@ def run_realtime(pipeline, backend, hand, open_chip, scale_uv, channel_names, co
         return runner.run(duration_s)
 
 
-def replay_fast(pipeline, backend, items, scale_uv, channel_names=None, config=None, hand=None,
+def run_fast_replay(pipeline, backend, items, scale_uv, channel_names=None, config=None, hand=None,
                 record_path=None, stats_path=None, metadata=None, on_command=None, stream=None):
     """Decode ``items`` ((event, t_s) pairs, see :mod:`.replay`) as fast as possible.
 

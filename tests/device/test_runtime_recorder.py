@@ -12,7 +12,7 @@ import pytest
 
 from neurohand.decoder.backends import create_backend
 from neurohand.decoder.pipeline import FeaturePipeline
-from neurohand.deploy.runtime import replay_fast
+from neurohand.deploy.runtime import run_fast_replay
 from neurohand.deploy.runtime.config import RuntimeConfig
 from neurohand.deploy.runtime.recorder import ThreadedRecorder, open_run_recording
 from neurohand.deploy.runtime.replay_source import recording_gaps, recording_items
@@ -48,7 +48,7 @@ def chip_items(n_frames, gap_at=None, gap_frames=0, seed=0):
 
 def run_and_record(path, items, **config):
     commands = []
-    replay_fast(FeaturePipeline.from_config(PIPELINE), create_backend("numpy", MODEL), items, [0.5] * 3,
+    run_fast_replay(FeaturePipeline.from_config(PIPELINE), create_backend("numpy", MODEL), items, [0.5] * 3,
                 channel_names=["a", "b", "c"], config=RuntimeConfig(**config), record_path=path,
                 on_command=commands.append)
     return commands

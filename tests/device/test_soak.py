@@ -8,7 +8,7 @@ NEUROHAND_SOAK_S sets the seconds of stream per path (default 3600):
   its own process (as on the device) into a virtual hand; its memory, threads
   and descriptors are read from /proc/PID (the virtual hand keeps every
   command it receives, so this process's own memory grows by design);
-* fast path: the runtime's ``replay_fast`` over a recording of that length
+* fast path: the runtime's ``run_fast_replay`` over a recording of that length
   (written here, 4 channels x 2 kHz like the fixture bundle).
 
 Pass criteria: resident memory (VmRSS) grows by at most MAX_RSS_GROWTH_MB
@@ -156,7 +156,7 @@ def test_soak_pseudo_terminal_path(decoder_bundle, tmp_path):
 
 
 def test_soak_fast_path(decoder_bundle, tmp_path):
-    from neurohand.deploy.runtime import replay_fast
+    from neurohand.deploy.runtime import run_fast_replay
     from neurohand.deploy.runtime.replay_source import recording_items
     from neurohand.deploy.session import load_decoder
     from neurohand.firmware_bridge.recording.file_format import RecordingWriter, open_recording
@@ -182,7 +182,7 @@ def test_soak_fast_path(decoder_bundle, tmp_path):
 
     started = time.perf_counter()
     with open_recording(path) as recording:
-        document = replay_fast(decoder.pipeline, decoder.backend, items(recording), recording.scale_uv,
+        document = run_fast_replay(decoder.pipeline, decoder.backend, items(recording), recording.scale_uv,
                                names, RuntimeConfig())
     elapsed = time.perf_counter() - started
     decoder.close()
