@@ -1,3 +1,4 @@
-"""Workstation side: importers, training, evaluation, reports and export.
+"""Workstation side: the PyTorch model and its backend, importers, training,
+evaluation, baselines, reports and ONNX export.
 
-Modern Python and torch are fine here; nothing on the device imports this."""
+Modern Python and torch are fine here; nothing ``neurohand run`` imports reaches this."""
