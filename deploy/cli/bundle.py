@@ -43,6 +43,7 @@ def register(subparsers):
     parser.set_defaults(func=_selftest)
 
     register_flash(subparsers)
+    register_doctor(subparsers)
 
 
 def _bundle(args):
@@ -159,3 +160,48 @@ def _flash(args):
         if not outcome.ok:
             print("  " + outcome.log.strip().replace("\n", "\n  "))
     return 0 if all(outcome.ok for outcome in outcomes) else 1
+
+
+def register_doctor(subparsers):
+    parser = subparsers.add_parser(
+        "doctor", help="check this device end to end and write one report file to send back",
+        description="Check this machine end to end with BUNDLE and write everything into one JSON report: "
+                    "the system (JetPack, TensorRT, pycuda, GPU, power mode, which backends are available "
+                    "and why not), trtexec on the bundle's model, build-engine, selftest on every available "
+                    "backend, and a real-time replay through the virtual chip and hand with latency and "
+                    "per-stage timings. Runs on a copy of the bundle: the installed one and its self-test "
+                    "record are not changed. Each step has a time limit; one that fails or hangs is recorded "
+                    "and the others go on. Run it on a Jetson after 'neurohand flash' and send the file back.",
+        epilog="Example: neurohand doctor /opt/neurohand/current --seconds 60")
+    parser.add_argument("bundle", metavar="BUNDLE", help="bundle directory")
+    parser.add_argument("--out", metavar="FILE", default=None,
+                        help="report file to write (must not exist; default: "
+                             "neurohand-doctor-HOST-DATE-TIME.json in the current folder)")
+    parser.add_argument("--seconds", type=float, default=60.0, metavar="S",
+                        help="length of the real-time replay, 2..600 s (default 60)")
+    parser.add_argument("--recording", metavar="FILE", default=None,
+                        help="recording with the bundle's channels, rate and labels for the replay (default: "
+                             "one simulated for the bundle's channels and rate, which fits bundles trained on "
+                             "simulated data)")
+    parser.set_defaults(func=_doctor)
+
+
+def _doctor(args):
+    import sys
+    from neurohand.deploy.doctor import default_report_path, run_doctor
+    from neurohand.firmware_bridge.shared.checks import check_number
+    seconds = check_number("--seconds", args.seconds, minimum=2, maximum=600)
+    out = args.out or default_report_path()
+
+    def progress(line):
+        print(line, file=sys.stderr)
+
+    report = run_doctor(args.bundle, out, seconds=seconds, recording=args.recording, progress=progress)
+    for line in report["summary"]:
+        print(line)
+    print("report written to {}".format(out))
+    failed = [name for name, step in report["steps"].items()
+              if isinstance(step, dict) and step.get("status") == "failed"]
+    failed += ["selftest " + name for name, step in (report["steps"].get("selftest") or {}).items()
+               if step.get("status") == "failed"]
+    return 1 if failed else 0
