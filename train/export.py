@@ -56,6 +56,162 @@ class _StepGraph(torch.nn.Module):
         return positions, state
 
 
+class _PlainStepGraph(torch.nn.Module):
+    """The same step written out as matrix products and pointwise functions.
+
+    TensorRT 8.2's ONNX parser turns a GRU/LSTM node into an ``ILoop`` even for
+    one time step, and builds on 8.x up to 8.4 are reported to fail inside such
+    loops ("operation not supported within a loop body").  This graph has no
+    RNN node and no loop: MatMul/Gemm, Add, Mul, Sub, Sigmoid, Tanh, Relu and
+    slicing only, with PyTorch's gate equations (GRU: r, z, n with the reset
+    gate applied after the recurrent product, which is ONNX's
+    ``linear_before_reset=1``; LSTM: i, f, g, o).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.lstm = model.config.cell == "lstm"
+
+    def forward(self, features, h_in, c_in=None):
+        model = self.model
+        x = features
+        if model.projection is not None:
+            x = torch.relu(model.projection(x))
+        hidden, cells = [], []
+        size = model.config.hidden_size
+        for layer in range(model.config.num_layers):
+            h = h_in[layer]
+            gates_x = torch.matmul(x, getattr(model.rnn, "weight_ih_l{}".format(layer)).t()) + \
+                getattr(model.rnn, "bias_ih_l{}".format(layer))
+            gates_h = torch.matmul(h, getattr(model.rnn, "weight_hh_l{}".format(layer)).t()) + \
+                getattr(model.rnn, "bias_hh_l{}".format(layer))
+            if self.lstm:
+                gates = gates_x + gates_h
+                i = torch.sigmoid(gates[:, :size])
+                f = torch.sigmoid(gates[:, size:2 * size])
+                g = torch.tanh(gates[:, 2 * size:3 * size])
+                o = torch.sigmoid(gates[:, 3 * size:])
+                c = f * c_in[layer] + i * g
+                h = o * torch.tanh(c)
+                cells.append(c)
+            else:
+                r = torch.sigmoid(gates_x[:, :size] + gates_h[:, :size])
+                z = torch.sigmoid(gates_x[:, size:2 * size] + gates_h[:, size:2 * size])
+                n = torch.tanh(gates_x[:, 2 * size:] + r * gates_h[:, 2 * size:])
+                h = (1.0 - z) * n + z * h
+            hidden.append(h)
+            x = h
+        positions = torch.sigmoid(model.head(x))
+        if self.lstm:
+            return positions, torch.stack(hidden), torch.stack(cells)
+        return positions, torch.stack(hidden)
+
+
+#: Operators the loop-free graph may hold (what TensorRT 8.2 builds outside any loop).
+PLAIN_OPS = frozenset(("Gemm", "MatMul", "Add", "Sub", "Mul", "Sigmoid", "Tanh", "Relu", "Slice", "Split",
+                       "Concat", "Unsqueeze", "Squeeze", "Gather", "Constant", "Transpose", "Reshape",
+                       "Identity", "Shape"))
+PLAIN_GRAPH_FORMAT = "rnn-step-plain-1"
+
+
+def export_plain_onnx(model, config, path, reference_onnx=None, check_steps=200, tolerance=DEFAULT_TOLERANCE,
+                      seed=0):
+    """Export the step without any GRU/LSTM node or loop (for TensorRT 8.x) and prove it equal.
+
+    The file appears at ``path`` only after ONNX Runtime has reproduced torch's
+    outputs and states over ``check_steps`` stateful steps within
+    ``tolerance`` and, where ``reference_onnx`` (the regular export) is given,
+    that file's outputs and states too.  Same inputs and outputs (names,
+    shapes) as :func:`export_onnx`; the model config is in the metadata with
+    graph format ``rnn-step-plain-1``.  Returns a report like export_onnx's.
+    """
+    path = os.fspath(path)
+    inputs, outputs = io_names(config.cell)
+    was_training = model.training
+    model.eval()
+    try:
+        with atomic_path(path, suffix=".onnx") as temporary:
+            state = model.initial_state(1)
+            args = (torch.zeros(1, config.n_features),) + (state if isinstance(state, tuple) else (state,))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")      # the TorchScript exporter's deprecation, as above
+                torch.onnx.export(_PlainStepGraph(model).eval(), args, temporary, dynamo=False,
+                                  opset_version=OPSET, input_names=inputs, output_names=outputs,
+                                  do_constant_folding=True)
+            _label_plain(temporary, config)
+            errors = check_plain_parity(model, config, temporary, check_steps, reference_onnx, seed=seed)
+            worst = max(errors.values())
+            if not worst <= tolerance:
+                raise ExportError("the loop-free graph differs by {:.3g} (tolerance {:.3g}) over {} steps: {}"
+                                  .format(worst, tolerance, check_steps, errors))
+    finally:
+        model.train(was_training)
+    with open(path, "rb") as handle:
+        digest = hashlib.sha256(handle.read()).hexdigest()
+    return {"path": path, "sha256": digest, "opset": OPSET, "graph_format": PLAIN_GRAPH_FORMAT,
+            "check_steps": check_steps, "max_abs_error": errors}
+
+
+def _label_plain(path, config):
+    """Check the graph holds only plain operators; static output shapes; metadata."""
+    import onnx
+
+    proto = onnx.load(path)
+    found = sorted({node.op_type for node in proto.graph.node} - PLAIN_OPS)
+    if found:
+        raise ExportError("the loop-free export holds operators {} (allowed: plain arithmetic only)".format(found))
+    _set_output_shapes(proto.graph, config)
+    del proto.metadata_props[:]
+    for key, value in ((names.GRAPH_FORMAT_KEY, PLAIN_GRAPH_FORMAT),
+                       (names.CONFIG_METADATA_KEY, json.dumps(config.to_dict(), sort_keys=True))):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    onnx.save(proto, path)
+
+
+def _onnxruntime_steps(path, features, lstm, hidden_shape):
+    """Outputs and per-step states of an exported step graph under ONNX Runtime."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    inputs, outputs = io_names("lstm" if lstm else "gru")
+    state = [np.zeros(hidden_shape, dtype=np.float32) for _ in inputs[1:]]
+    results, states = [], []
+    for row in features:
+        feed = dict(zip(inputs, [row[None, :]] + state))
+        values = session.run(outputs, feed)
+        results.append(values[0][0])
+        state = values[1:]
+        states.append(state)
+    return np.stack(results), states
+
+
+def check_plain_parity(model, config, path, steps, reference_onnx=None, seed=0):
+    """Max abs error of the loop-free graph (ONNX Runtime) against torch and the regular export."""
+    features = np.random.RandomState(seed).standard_normal((steps, config.n_features)).astype(np.float32)
+    expected, expected_states = torch_reference(model, features)
+    shape = (config.num_layers, 1, config.hidden_size)
+    lstm = config.cell == "lstm"
+    got, got_states = _onnxruntime_steps(path, features, lstm, shape)
+
+    def worst(outputs, states, want_outputs, want_states):
+        error = float(np.max(np.abs(outputs - want_outputs)))
+        for step_got, step_want in zip(states, want_states):
+            for a, b in zip(step_got, step_want):
+                error = max(error, float(np.max(np.abs(a - b))))
+        return error
+
+    errors = {"torch": worst(got, got_states, expected, expected_states)}
+    if reference_onnx is not None:
+        ref, ref_states = _onnxruntime_steps(reference_onnx, features, lstm, shape)
+        errors["rnn_export"] = worst(got, got_states, ref, ref_states)
+    return errors
+
+
 def io_names(cell):
     """(input names, output names) of the exported graph for ``cell``."""
     inputs = [names.INPUT_FEATURES, names.INPUT_H]

@@ -132,3 +132,38 @@ def test_model_with_dropout_exports_and_keeps_its_mode(tmp_path, cell):
     model.eval()
     export_onnx(model, config, str(tmp_path / "again.onnx"), check_steps=20)
     assert not model.training
+
+
+# --- the loop-free export (TensorRT 8.x builds GRU/LSTM nodes as loops) ---------------------------
+
+@pytest.mark.parametrize("cell,projection", [("gru", 8), ("lstm", None)])
+def test_loop_free_export_has_no_rnn_node_and_matches_torch_and_the_rnn_export(tmp_path, cell, projection):
+    model, config, path, _ = exported(tmp_path, cell=cell, projection=projection)
+    plain = str(tmp_path / "plain.onnx")
+    report = export.export_plain_onnx(model, config, plain, reference_onnx=path, check_steps=60)
+    assert report["max_abs_error"]["torch"] <= 1e-5 and report["max_abs_error"]["rnn_export"] <= 1e-5
+    proto = onnx.load(plain)
+    ops = {node.op_type for node in proto.graph.node}
+    assert ops <= export.PLAIN_OPS and not ops & {"GRU", "LSTM", "RNN", "Loop", "Scan", "If"}
+    assert {"MatMul", "Sigmoid", "Tanh"} <= ops
+    regular = onnx.load(path)
+    shape = lambda values: [(v.name, [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]  # noqa: E731
+    assert shape(proto.graph.input) == shape(regular.graph.input)
+    assert shape(proto.graph.output) == shape(regular.graph.output)
+    metadata = {entry.key: entry.value for entry in proto.metadata_props}
+    assert metadata[onnx_weights.GRAPH_FORMAT_KEY] == export.PLAIN_GRAPH_FORMAT
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [13]
+
+
+def test_loop_free_export_that_fails_its_check_leaves_nothing(tmp_path, monkeypatch):
+    model, config, path, _ = exported(tmp_path)
+    plain = tmp_path / "plain.onnx"
+    with pytest.raises(ExportError, match="differs"):
+        export.export_plain_onnx(model, config, str(plain), check_steps=5, tolerance=-1.0)
+    assert not plain.exists()
+    # An operator outside the plain set (here: Tanh, pretended forbidden) is refused as well.
+    monkeypatch.setattr(export, "PLAIN_OPS", export.PLAIN_OPS - {"Tanh"})
+    with pytest.raises(ExportError, match="Tanh"):
+        export.export_plain_onnx(model, config, str(plain), check_steps=5)
+    assert not plain.exists()
+    assert sorted(os.listdir(str(tmp_path))) == ["model.onnx"]
