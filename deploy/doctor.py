@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,7 @@ OUTPUT_TAIL_LINES = 40
 def default_report_path(directory="."):
     """``neurohand-doctor-HOST-YYYYmmdd-HHMMSS.json`` in ``directory``."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname()) or "host"
+    host = "".join(c if c.isalnum() or c in "-_" else "_" for c in platform.node()) or "host"
     return os.path.join(directory, "neurohand-doctor-{}-{}.json".format(host, stamp))
 
 
