@@ -9,6 +9,7 @@ without one.
 """
 import os
 import platform
+import threading
 import time
 
 import numpy as np
@@ -39,24 +40,58 @@ def _percentile_us(seconds, q):
     return float(np.percentile(np.asarray(seconds) * 1e6, q)) if seconds else float("nan")
 
 
+def _on_own_thread(function, name):
+    """``function()`` on a new thread; its result, or its exception raised here."""
+    outcome = {}
+
+    def body():
+        try:
+            outcome["result"] = function()
+        except BaseException as exc:   # raised again in the caller
+            outcome["error"] = exc
+    # Daemon: a Ctrl-C in the caller's join must not leave the process waiting for the steps.
+    thread = threading.Thread(target=body, name=name, daemon=True)
+    thread.start()
+    thread.join()
+    error = outcome.pop("error", None)
+    if error is not None:
+        try:
+            raise error
+        finally:
+            del error   # no reference cycle through this frame (it would hold GPU objects in the traceback)
+    return outcome["result"]
+
+
 def run_selftest(bundle, backend, fp16=False):
-    """Run the golden vectors through ``backend``; return a JSON-able report."""
+    """Run the golden vectors through ``backend``; return a JSON-able report.
+
+    The steps run on a thread of their own, as ``neurohand run`` steps the
+    backend on its decoder thread, not on the thread that created it: a
+    backend that only works where it was created (a CUDA context current on
+    one thread only) fails here rather than in the run.  An exception on that
+    thread is raised here.
+    """
     features, expected = bundle.golden_vectors()
     if features.shape[2] != backend.n_features or expected.shape[2] != backend.n_outputs:
         raise BundleError("backend {} takes {} features and gives {} outputs, but the golden vectors have {} and {}".format(
             backend.name, backend.n_features, backend.n_outputs, features.shape[2], expected.shape[2]))
     tolerance = TOLERANCE_FP16 if fp16 else TOLERANCE_FP32
-    worst = 0.0
-    step_seconds = []
-    for sequence in range(features.shape[0]):
-        state = backend.initial_state()
-        for step in range(features.shape[1]):
-            started = time.perf_counter()
-            outputs, state = backend.step(features[sequence, step], state)
-            step_seconds.append(time.perf_counter() - started)
-            error = float(np.max(np.abs(np.asarray(outputs, dtype=np.float64) - expected[sequence, step])))
-            if not error <= worst:  # also catches NaN
-                worst = error if error == error else float("inf")
+
+    def steps():
+        worst = 0.0
+        step_seconds = []
+        for sequence in range(features.shape[0]):
+            state = backend.initial_state()
+            for step in range(features.shape[1]):
+                started = time.perf_counter()
+                outputs, state = backend.step(features[sequence, step], state)
+                step_seconds.append(time.perf_counter() - started)
+                error = float(np.max(np.abs(np.asarray(outputs, dtype=np.float64) - expected[sequence, step])))
+                if not error <= worst:  # also catches NaN
+                    worst = error if error == error else float("inf")
+        return worst, step_seconds
+
+    worst, step_seconds = _on_own_thread(steps, "neurohand-selftest")
     return {
         "passed": bool(worst <= tolerance),
         "backend": backend.name,

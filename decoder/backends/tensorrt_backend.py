@@ -24,14 +24,26 @@ class each; everything else here is shared:
   ``config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, n)``; networks
   are always explicit-batch (flags 0).
 
-The CUDA context is created by :meth:`TensorRTBackend.from_onnx` on the
-calling thread; call ``step`` from that same thread.
+CUDA context.  pycuda's context stack is per thread, and ``neurohand run``
+creates the backend on the main thread but steps it on its decoder thread.
+So the backend's one context is current nowhere between calls: every call
+that touches CUDA (set-up, ``initial_state``, ``step``, ``state_arrays``,
+``close``) pushes it on the calling thread and pops it after, under a lock,
+whichever thread calls.  ``close`` releases everything made in the context
+while it is current, then destroys it.  A build followed by a run
+(:meth:`TensorRTBackend.from_onnx` without a saved engine) uses the same
+context.
+
+Supported TensorRT majors are 8 (JetPack 4.6), 9 and 10; others are refused
+(7 is too old, 11 removed ``BuilderFlag.FP16`` and weakly typed networks).
+FP32 engines are built with TF32 cleared (see :func:`_clear_tf32`).
 
 Only fakes of both APIs (tests/device/fake_tensorrt.py) exercise this module
 here; real-GPU verification is the on-device self-test with golden vectors.
 """
 import hashlib
 import os
+import threading
 
 import numpy as np
 
@@ -43,6 +55,7 @@ from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 
 ENGINE_METADATA_SUFFIX = ".json"
 DEFAULT_WORKSPACE_MB = 256
+SUPPORTED_MAJORS = (8, 9, 10)          # also named in select_api's message
 
 
 def import_tensorrt():
@@ -102,6 +115,9 @@ class BindingsApi(object):
     def execute(self, stream):
         return self._context.execute_async_v2(self._bindings, stream.handle)
 
+    def release(self):
+        self._engine = self._context = None
+
 
 class TensorsApi(object):
     """TensorRT 10.x (named tensors, ``execute_async_v3``)."""
@@ -144,6 +160,9 @@ class TensorsApi(object):
     def execute(self, stream):
         return self._context.execute_async_v3(stream.handle)
 
+    def release(self):
+        self._engine = self._context = None
+
 
 def tensorrt_major(trt):
     try:
@@ -157,12 +176,16 @@ def select_api(trt):
 
     8.x uses bindings (8.5/8.6 also have named tensors, but 8.2 -- JetPack 4.6 --
     does not, and the bindings API is the one 8.x is known to run well with);
-    10.x and later use named tensors, which is all they have.
+    10.x uses named tensors, which is all it has.  Other majors are refused
+    before any CUDA is touched: 7 lacks what the engines here need, and 11
+    removed ``BuilderFlag.FP16`` and weakly typed networks, so the build
+    could not even be asked for what the self-test was run with.
     """
     major = tensorrt_major(trt)
-    if major < 8:
+    if major not in SUPPORTED_MAJORS:
         raise BackendUnavailableError(
-            "TensorRT {} is too old; neurohand needs 8.2 or newer (JetPack 4.6)".format(trt.__version__))
+            "TensorRT {} is not supported; neurohand supports TensorRT 8.x (JetPack 4.6), 9.x and 10.x".format(
+                trt.__version__))
     preferred = (BindingsApi, TensorsApi) if major < 10 else (TensorsApi,)
     for api in preferred:
         if api.supported(trt):
@@ -177,38 +200,118 @@ def _sha256_file(path):
         return hashlib.sha256(handle.read()).hexdigest()
 
 
+def _clear_tf32(trt, config):
+    # TF32 is on by default (TensorRT 7.1 and later) and used on Ampere and newer GPUs (Orin, not
+    # the Nano): it rounds FP32 inner products to 10-bit mantissas, errors of the order of 1e-4, so
+    # an "FP32" engine would meet the self-test's 1e-4 tolerance only by luck, or miss it.
+    flag = getattr(trt.BuilderFlag, "TF32", None)
+    if flag is not None:
+        config.clear_flag(flag)
+
+
 def _build_serialized(trt, api, onnx_bytes, fp16, workspace_mb):
-    """Parse and build; return the serialized engine (bytes)."""
+    """Parse and build with the CUDA context current; return the serialized engine (bytes).
+
+    Every TensorRT object made here is released before this returns or
+    raises, newest first: a raised exception's traceback holds this frame,
+    and would keep the builder (which holds CUDA resources) alive until after
+    the caller has popped the context.
+    """
     logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(api.network_flags(trt))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_bytes):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise ConfigError("TensorRT's ONNX parser rejected the model: {}".format("; ".join(errors) or "no detail"))
-    config = builder.create_builder_config()
-    api.set_workspace(trt, config, int(workspace_mb) << 20)
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise ConfigError("TensorRT could not build an engine (see its log above); "
-                          "try a larger workspace_mb than {}".format(workspace_mb))
-    return bytes(serialized)
+    builder = network = parser = config = serialized = None
+    try:
+        builder = trt.Builder(logger)
+        network = builder.create_network(api.network_flags(trt))
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse(onnx_bytes):
+            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+            raise ConfigError("TensorRT's ONNX parser rejected the model: {}".format(
+                "; ".join(errors) or "no detail"))
+        config = builder.create_builder_config()
+        api.set_workspace(trt, config, int(workspace_mb) << 20)
+        if fp16:
+            config.set_flag(trt.BuilderFlag.FP16)
+        else:
+            _clear_tf32(trt, config)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise ConfigError("TensorRT could not build an engine (see its log above); "
+                              "try a larger workspace_mb than {}".format(workspace_mb))
+        return bytes(serialized)
+    finally:
+        serialized = config = parser = network = None
+        builder = None
 
 
 class _CudaContext(object):
-    """A CUDA context made current on this thread, popped on close."""
+    """The one CUDA context of a build or a backend; ``with context:`` makes it current.
+
+    pycuda's ``make_context`` leaves the new context current on the creating
+    thread only, and its context stack is per thread: so it is popped at once,
+    and each use pushes it on the thread that uses it and pops it after, also
+    when the use raises.  The lock makes the uses one at a time: they share the
+    stream and the buffers, and ``destroy`` must not free them under a step.
+    """
 
     def __init__(self, cuda):
         cuda.init()
         self.device = cuda.Device(0)
+        self.gpu_name = self.device.name()
+        self._lock = threading.Lock()
         self._context = self.device.make_context()
+        self._context.pop()
 
-    def close(self):
-        if self._context is not None:
+    def __enter__(self):
+        self._lock.acquire()
+        try:
+            if self._context is None:
+                raise UsageError("tensorrt backend: used after close()")
+            self._context.push()
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc_info):
+        try:
             self._context.pop()
-            self._context = None
+        finally:
+            self._lock.release()
+
+    def destroy(self, release=None):
+        """Call ``release()`` with the context current, then destroy the context; idempotent.
+
+        The context is detached while current: that destroys it and takes it off
+        this thread's stack, on any thread.  (Popped first, pycuda could only
+        destroy it on the thread that made it; elsewhere it leaks it silently.)
+        """
+        with self._lock:
+            context, self._context = self._context, None
+            if context is None:
+                return
+            context.push()
+            try:
+                if release is not None:
+                    release()
+            finally:
+                context.detach()
+
+
+def _build_and_save(trt, api, context, onnx_path, engine_path, fp16, workspace_mb):
+    """Build in ``context`` and save the engine and its metadata; return (metadata, serialized)."""
+    with open(onnx_path, "rb") as handle:
+        onnx_bytes = handle.read()
+    with context:
+        serialized = _build_serialized(trt, api, onnx_bytes, fp16, workspace_mb)
+    metadata = {
+        "tensorrt_version": str(trt.__version__), "api": api.name, "gpu_name": context.gpu_name,
+        "fp16": bool(fp16), "workspace_mb": int(workspace_mb),
+        "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
+        "engine_sha256": hashlib.sha256(serialized).hexdigest(),
+    }
+    write_atomic(engine_path, serialized)
+    write_json_atomic(engine_path + ENGINE_METADATA_SUFFIX, metadata, indent=2)
+    return metadata, serialized
 
 
 def build_engine(onnx_path, engine_path, fp16=False, workspace_mb=DEFAULT_WORKSPACE_MB):
@@ -216,7 +319,7 @@ def build_engine(onnx_path, engine_path, fp16=False, workspace_mb=DEFAULT_WORKSP
 
     Also writes ``engine_path + ".json"`` with the metadata returned here, so a
     later load can tell whether the engine still belongs to that model and
-    TensorRT version.
+    TensorRT version.  FP32 engines are built without TF32.
 
     Returns
     -------
@@ -226,22 +329,11 @@ def build_engine(onnx_path, engine_path, fp16=False, workspace_mb=DEFAULT_WORKSP
     trt, cuda = import_tensorrt()
     api = select_api(trt)
     onnx_weights.load_rnn_weights(onnx_path)          # refuse a graph that is not ours, early
-    with open(onnx_path, "rb") as handle:
-        onnx_bytes = handle.read()
     context = _CudaContext(cuda)
     try:
-        serialized = _build_serialized(trt, api, onnx_bytes, fp16, workspace_mb)
-        gpu_name = context.device.name()
+        metadata, _ = _build_and_save(trt, api, context, onnx_path, engine_path, fp16, workspace_mb)
     finally:
-        context.close()
-    metadata = {
-        "tensorrt_version": str(trt.__version__), "api": api.name, "gpu_name": gpu_name,
-        "fp16": bool(fp16), "workspace_mb": int(workspace_mb),
-        "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
-        "engine_sha256": hashlib.sha256(serialized).hexdigest(),
-    }
-    write_atomic(engine_path, serialized)
-    write_json_atomic(engine_path + ENGINE_METADATA_SUFFIX, metadata, indent=2)
+        context.destroy()
     return metadata
 
 
@@ -297,20 +389,40 @@ class TensorRTBackend(Backend):
     install_hint = "JetPack's python3-libnvinfer and pip install pycuda"
 
     def __init__(self, weights, trt, cuda, api_class, serialized, cuda_context, engine_source):
+        """Set up on the GPU; call with ``cuda_context`` current (``with cuda_context:``).
+
+        On failure everything made so far is released before the exception
+        leaves, while the context is still current.  (GPU objects live only in
+        attributes, never in locals, which a traceback would keep alive.)
+        """
         super().__init__(weights)
         self._cuda = cuda
         self._cuda_context = cuda_context
         self.engine_source = engine_source
         self.tensorrt_version = str(trt.__version__)
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        engine = runtime.deserialize_cuda_engine(serialized)
-        if engine is None:
-            raise ConfigError("TensorRT could not load the engine ({}); rebuild it with build_engine "
-                              "on this device".format(engine_source))
-        self._runtime, self._engine = runtime, engine
-        self._context = engine.create_execution_context()
-        self.api = api_class(trt, engine, self._context)
+        self.api = None
+        self._runtime = self._engine = self._context = self._stream = None
         self._allocations = []
+        self._device_features = self._device_positions = None
+        self._device_states = []
+        self._host_features = self._host_positions = None
+        self._host_zero_state = self._host_state_readback = None
+        try:
+            self._set_up(weights, trt, cuda, api_class, serialized)
+        except BaseException:
+            self._release()
+            raise
+        self._current = 0
+        self._serial = 0
+
+    def _set_up(self, weights, trt, cuda, api_class, serialized):
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._engine = self._runtime.deserialize_cuda_engine(serialized)
+        if self._engine is None:
+            raise ConfigError("TensorRT could not load the engine ({}); rebuild it with build_engine "
+                              "on this device".format(self.engine_source))
+        self._context = self._engine.create_execution_context()
+        self.api = api_class(trt, self._engine, self._context)
         self._stream = cuda.Stream()
         self._state_in, self._state_out = weights.state_names
         self._check_io(weights)
@@ -326,8 +438,37 @@ class TensorRTBackend(Backend):
                                for _ in self._state_in]
         self.api.set_address(onnx_weights.INPUT_FEATURES, self._device_features)
         self.api.set_address(onnx_weights.OUTPUT_POSITIONS, self._device_positions)
-        self._current = 0
-        self._serial = 0
+
+    def _release(self):
+        """Release every GPU object, users before what they use; the context must be current.
+
+        Each release happens even if an earlier one raised: one skipped would
+        be destroyed later, without its context (allocator errors or a crash at
+        exit on TensorRT 8.x).
+        """
+        try:
+            if self._stream is not None:
+                self._stream.synchronize()    # nothing queued may touch what is freed below
+        finally:
+            if self.api is not None:
+                self.api.release()
+            self._context = None              # the execution context, before its engine
+            self._engine = None               # the engine, before its runtime
+            self._runtime = None
+            self._stream = None
+            allocations, self._allocations = self._allocations, []
+            self._device_features = self._device_positions = None
+            self._device_states = []
+            failure = None
+            while allocations:
+                try:
+                    allocations.pop().free()
+                except Exception as exc:      # pycuda: freed twice, or a dead context
+                    failure = failure or exc
+            self._host_features = self._host_positions = None
+            self._host_zero_state = self._host_state_readback = None
+            if failure is not None:
+                raise failure
 
     def _alloc(self, nbytes):
         allocation = self._cuda.mem_alloc(nbytes)
@@ -364,32 +505,34 @@ class TensorRTBackend(Backend):
         """Load ``engine_path`` if it exists (checked against the model), else build.
 
         With ``engine_path`` given but absent, the engine is built and saved
-        there; with None, it is built in memory for this run only.
+        there; with None, it is built in memory for this run only.  Building
+        and running share one CUDA context.
         """
         trt, cuda = import_tensorrt()
         api = select_api(trt)
         weights = onnx_weights.load_rnn_weights(onnx_path)
-        if engine_path is not None and not os.path.exists(engine_path):
-            build_engine(onnx_path, engine_path, fp16=fp16, workspace_mb=workspace_mb)
-            source = "built and saved to {}".format(engine_path)
-        elif engine_path is not None:
-            source = "loaded from {}".format(engine_path)
-        else:
-            source = "built in memory"
         context = _CudaContext(cuda)
         try:
-            if source.startswith("loaded"):
-                _check_engine_metadata(trt, onnx_path, engine_path, fp16, context.device.name())
-            if engine_path is not None:
+            if engine_path is None:
+                with open(onnx_path, "rb") as handle:
+                    onnx_bytes = handle.read()
+                with context:
+                    serialized = _build_serialized(trt, api, onnx_bytes, fp16, workspace_mb)
+                source = "built in memory"
+            elif not os.path.exists(engine_path):
+                _, serialized = _build_and_save(trt, api, context, onnx_path, engine_path, fp16, workspace_mb)
+                source = "built and saved to {}".format(engine_path)
+            else:
+                _check_engine_metadata(trt, onnx_path, engine_path, fp16, context.gpu_name)
                 with open(engine_path, "rb") as handle:
                     serialized = handle.read()
-            else:
-                with open(onnx_path, "rb") as handle:
-                    serialized = _build_serialized(trt, api, handle.read(), fp16, workspace_mb)
-            return cls(weights, trt, cuda, api, serialized, context, source)
+                source = "loaded from {}".format(engine_path)
+            with context:
+                backend = cls(weights, trt, cuda, api, serialized, context, source)
         except BaseException:
-            context.close()
+            context.destroy()
             raise
+        return backend
 
     def _check_state(self, state):
         if not isinstance(state, _GpuState) or state.owner is not self:
@@ -398,48 +541,54 @@ class TensorRTBackend(Backend):
             raise UsageError("tensorrt backend: stale state (the GPU holds only the latest state); "
                              "pass the state returned by the previous step")
 
+    def _in_context(self):
+        """``with self._in_context():`` -- this backend's context, current on the calling thread."""
+        context = self._cuda_context
+        if context is None:
+            raise UsageError("tensorrt backend: used after close()")
+        return context
+
     def initial_state(self):
-        cuda, stream = self._cuda, self._stream
-        for buffers in self._device_states:
-            cuda.memcpy_htod_async(buffers[0], self._host_zero_state, stream)
-        stream.synchronize()
-        self._current = 0
-        self._serial += 1
-        return _GpuState(self, self._serial)
+        with self._in_context():
+            for buffers in self._device_states:
+                self._cuda.memcpy_htod_async(buffers[0], self._host_zero_state, self._stream)
+            self._stream.synchronize()
+            self._current = 0
+            self._serial += 1
+            return _GpuState(self, self._serial)
 
     def step(self, features, state):
         self._check_state(state)
         features = self._features(features)
-        cuda, stream, api = self._cuda, self._stream, self.api
-        read, write = self._current, 1 - self._current
-        self._host_features[0] = features
-        cuda.memcpy_htod_async(self._device_features, self._host_features, stream)
-        for name_in, name_out, buffers in zip(self._state_in, self._state_out, self._device_states):
-            api.set_address(name_in, buffers[read])
-            api.set_address(name_out, buffers[write])
-        if not api.execute(stream):
-            raise RuntimeError("TensorRT failed to enqueue the decoder step (see its log)")
-        cuda.memcpy_dtoh_async(self._host_positions, self._device_positions, stream)
-        stream.synchronize()
-        self._current = write
-        self._serial += 1
-        return self._host_positions[0].copy(), _GpuState(self, self._serial)
+        with self._in_context():
+            cuda, api = self._cuda, self.api
+            read, write = self._current, 1 - self._current
+            self._host_features[0] = features
+            cuda.memcpy_htod_async(self._device_features, self._host_features, self._stream)
+            for name_in, name_out, buffers in zip(self._state_in, self._state_out, self._device_states):
+                api.set_address(name_in, buffers[read])
+                api.set_address(name_out, buffers[write])
+            if not api.execute(self._stream):
+                raise RuntimeError("TensorRT failed to enqueue the decoder step (see its log)")
+            cuda.memcpy_dtoh_async(self._host_positions, self._device_positions, self._stream)
+            self._stream.synchronize()
+            self._current = write
+            self._serial += 1
+            return self._host_positions[0].copy(), _GpuState(self, self._serial)
 
     def state_arrays(self, state):
         self._check_state(state)
         arrays = []
-        for buffers in self._device_states:
-            self._cuda.memcpy_dtoh_async(self._host_state_readback, buffers[self._current], self._stream)
-            self._stream.synchronize()
-            arrays.append(self._host_state_readback.copy())
+        with self._in_context():
+            for buffers in self._device_states:
+                self._cuda.memcpy_dtoh_async(self._host_state_readback, buffers[self._current], self._stream)
+                self._stream.synchronize()
+                arrays.append(self._host_state_readback.copy())
         return arrays
 
     def close(self):
-        if self._cuda_context is None:
-            return
-        for allocation in self._allocations:
-            allocation.free()
-        self._allocations = []
-        self._context = self._engine = self._runtime = None
-        self._cuda_context.close()
-        self._cuda_context = None
+        """Release the engine, its context, the stream and the buffers in the CUDA context, then
+        destroy it; idempotent, from any thread."""
+        context, self._cuda_context = self._cuda_context, None
+        if context is not None:
+            context.destroy(self._release)

@@ -128,6 +128,37 @@ def test_selftest_fails_when_backend_disagrees_with_golden_vectors(bundle_path):
         selftest.require_passed_selftest(bundle, "numpy")
 
 
+def test_selftest_steps_on_a_thread_of_its_own_and_raises_its_errors(bundle_path):
+    """As ``neurohand run`` steps on its decoder thread, not on the thread that made the backend."""
+    import threading
+    from neurohand.decoder.backends import create_backend
+    bundle = load_bundle(str(bundle_path))
+
+    class Watched(object):
+        name = "numpy"
+
+        def __init__(self, backend, fail_at=None):
+            self.inner, self.n_features, self.n_outputs = backend, backend.n_features, backend.n_outputs
+            self.threads, self.fail_at, self.steps = set(), fail_at, 0
+
+        def initial_state(self):
+            self.threads.add(threading.get_ident())
+            return self.inner.initial_state()
+
+        def step(self, features, state):
+            self.threads.add(threading.get_ident())
+            self.steps += 1
+            if self.steps == self.fail_at:
+                raise RuntimeError("invalid device context")
+            return self.inner.step(features, state)
+
+    watched = Watched(create_backend("numpy", bundle.model_path))
+    assert selftest.run_selftest(bundle, watched)["passed"]
+    assert len(watched.threads) == 1 and threading.get_ident() not in watched.threads
+    with pytest.raises(RuntimeError, match="invalid device context"):
+        selftest.run_selftest(bundle, Watched(create_backend("numpy", bundle.model_path), fail_at=3))
+
+
 def test_selftest_record_does_not_carry_over_to_changed_bundle(bundle_path, tmp_path, run_dir):
     assert neurohand("selftest", bundle_path, "--backend", "numpy").returncode == 0
     other = tmp_path / "other"
