@@ -40,8 +40,8 @@ def _percentile_us(seconds, q):
     return float(np.percentile(np.asarray(seconds) * 1e6, q)) if seconds else float("nan")
 
 
-def _on_own_thread(function, name):
-    """``function()`` on a new thread; its result, or its exception raised here."""
+def on_own_thread(function, name):
+    """``function()`` on a new thread named ``name``; its result, or its exception raised here."""
     outcome = {}
 
     def body():
@@ -91,7 +91,7 @@ def run_selftest(bundle, backend, fp16=False):
                     worst = error if error == error else float("inf")
         return worst, step_seconds
 
-    worst, step_seconds = _on_own_thread(steps, "neurohand-selftest")
+    worst, step_seconds = on_own_thread(steps, "neurohand-selftest")
     return {
         "passed": bool(worst <= tolerance),
         "backend": backend.name,

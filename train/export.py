@@ -126,31 +126,40 @@ def export_plain_onnx(model, config, path, reference_onnx=None, check_steps=200,
     shapes) as :func:`export_onnx`; the model config is in the metadata with
     graph format ``rnn-step-plain-1``.  Returns a report like export_onnx's.
     """
-    path = os.fspath(path)
     inputs, outputs = io_names(config.cell)
+
+    def write(temporary):
+        state = model.initial_state(1)
+        args = (torch.zeros(1, config.n_features),) + (state if isinstance(state, tuple) else (state,))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")      # the TorchScript exporter's deprecation, as in _export_raw
+            torch.onnx.export(_PlainStepGraph(model).eval(), args, temporary, dynamo=False, opset_version=OPSET,
+                              input_names=inputs, output_names=outputs, do_constant_folding=True)
+        _label_plain(temporary, config)
+        return check_plain_parity(model, config, temporary, check_steps, reference_onnx, seed=seed)
+
+    path = os.fspath(path)
+    errors, digest = _write_checked(model, path, write, tolerance, check_steps, "the loop-free graph differs")
+    return {"path": path, "sha256": digest, "opset": OPSET, "graph_format": PLAIN_GRAPH_FORMAT,
+            "check_steps": check_steps, "max_abs_error": errors}
+
+
+def _write_checked(model, path, write, tolerance, check_steps, what):
+    """``write(temporary) -> {name: max abs error}`` in eval mode; the file lands at ``path`` only
+    within ``tolerance`` (else ExportError, nothing left).  Returns (errors, sha256 of the file)."""
     was_training = model.training
     model.eval()
     try:
         with atomic_path(path, suffix=".onnx") as temporary:
-            state = model.initial_state(1)
-            args = (torch.zeros(1, config.n_features),) + (state if isinstance(state, tuple) else (state,))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")      # the TorchScript exporter's deprecation, as above
-                torch.onnx.export(_PlainStepGraph(model).eval(), args, temporary, dynamo=False,
-                                  opset_version=OPSET, input_names=inputs, output_names=outputs,
-                                  do_constant_folding=True)
-            _label_plain(temporary, config)
-            errors = check_plain_parity(model, config, temporary, check_steps, reference_onnx, seed=seed)
+            errors = write(temporary)
             worst = max(errors.values())
             if not worst <= tolerance:
-                raise ExportError("the loop-free graph differs by {:.3g} (tolerance {:.3g}) over {} steps: {}"
-                                  .format(worst, tolerance, check_steps, errors))
+                raise ExportError("{} by {:.3g} (tolerance {:.3g}) over {} steps: {}".format(
+                    what, worst, tolerance, check_steps, errors))
     finally:
         model.train(was_training)
     with open(path, "rb") as handle:
-        digest = hashlib.sha256(handle.read()).hexdigest()
-    return {"path": path, "sha256": digest, "opset": OPSET, "graph_format": PLAIN_GRAPH_FORMAT,
-            "check_steps": check_steps, "max_abs_error": errors}
+        return errors, hashlib.sha256(handle.read()).hexdigest()
 
 
 def _label_plain(path, config):
@@ -241,22 +250,13 @@ def export_onnx(model, config, path, check_steps=200, tolerance=DEFAULT_TOLERANC
     Raises ExportError (and leaves nothing at ``path``) when the graph or the
     parity check fails.
     """
+    def write(temporary):
+        _export_raw(model, config, temporary)
+        _normalize(temporary, config)
+        return check_parity(model, config, temporary, check_steps, seed=seed)
+
     path = os.fspath(path)
-    was_training = model.training
-    model.eval()
-    try:
-        with atomic_path(path, suffix=".onnx") as temporary:
-            _export_raw(model, config, temporary)
-            _normalize(temporary, config)
-            errors = check_parity(model, config, temporary, check_steps, seed=seed)
-            worst = max(errors.values())
-            if not worst <= tolerance:
-                raise ExportError("exported graph differs from torch by {:.3g} (tolerance {:.3g}) over {} steps: {}"
-                                  .format(worst, tolerance, check_steps, errors))
-    finally:
-        model.train(was_training)
-    with open(path, "rb") as handle:
-        digest = hashlib.sha256(handle.read()).hexdigest()
+    errors, digest = _write_checked(model, path, write, tolerance, check_steps, "exported graph differs from torch")
     inputs, outputs = io_names(config.cell)
     state_shape = [config.num_layers, 1, config.hidden_size]
     shapes = {names.INPUT_FEATURES: [1, config.n_features], names.OUTPUT_POSITIONS: [1, config.n_outputs]}

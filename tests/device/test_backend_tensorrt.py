@@ -15,7 +15,6 @@ import gc
 import json
 import os
 import re
-import threading
 
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ from neurohand.decoder.backends import tensorrt_backend
 from neurohand.decoder.backends.base import BackendUnavailableError
 from neurohand.decoder.backends.tensorrt_backend import (
     BindingsApi, TensorRTBackend, TensorsApi, build_engine, select_api)
+from neurohand.deploy.selftest import on_own_thread
 from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -51,23 +51,7 @@ def fake(request, monkeypatch):
 
 def on_thread(function, *args):
     """``function(*args)`` on a new thread (like ``neurohand run``'s decoder thread); its result, or its error."""
-    outcome = {}
-
-    def body():
-        try:
-            outcome["value"] = function(*args)
-        except BaseException as exc:
-            outcome["error"] = exc
-    thread = threading.Thread(target=body, name="test-decoder")
-    thread.start()
-    thread.join()
-    error = outcome.pop("error", None)
-    if error is not None:
-        try:
-            raise error
-        finally:
-            del error                      # no cycle through this frame: what it holds dies on time
-    return outcome.get("value")
+    return on_own_thread(lambda: function(*args), "test-decoder")
 
 
 def run_all(backend, features):
