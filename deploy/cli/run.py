@@ -113,7 +113,8 @@ def _add_demo_parser(subparsers):
     parser.add_argument("--out", default="demo-output", metavar="DIR",
                         help="report folder (default ./demo-output; replaced if it holds an earlier demo)")
     parser.add_argument("--seed", type=int, default=1, metavar="K",
-                        help="seed of the training recording; the held-out one uses K + 1 (default 1)")
+                        help="seed of the simulated session (default 1); the held-out recording is its continuation, "
+                             "later in time, not another seed")
     parser.add_argument("--max-minutes", type=float, default=2.0, metavar="MIN",
                         help="training time budget in minutes (default 2)")
     parser.add_argument("--backend", default="numpy", choices=BACKEND_CHOICES,
