@@ -376,6 +376,8 @@ HEAD_BIAS = "head.bias"                   # (n_outputs,)
 CONFIG_METADATA_KEY = "neurohand.model_config"   # JSON of ModelConfig.to_dict()
 GRAPH_FORMAT_KEY = "neurohand.graph_format"
 GRAPH_FORMAT = "rnn-step-1"
+# The same step as plain arithmetic, no GRU/LSTM node (train/export.py: export_plain_onnx).
+PLAIN_GRAPH_FORMAT = "rnn-step-plain-1"
 
 
 def rnn_weight_names(layer):

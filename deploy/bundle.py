@@ -38,7 +38,11 @@ MODEL = "model.onnx"
 CONFIG = "config.json"
 GOLDEN = "golden.npz"
 ENGINE = "model.plan"
+#: The same model step without a GRU/LSTM node, for TensorRT 8.x (train/export.py: export_plain_onnx);
+#: bundled where the training run wrote it.
+PLAIN_MODEL = "model_plain.onnx"
 BUNDLED_FILES = (MODEL, CONFIG, GOLDEN)
+OPTIONAL_FILES = (PLAIN_MODEL,)
 
 GOLDEN_SEQUENCES = 3
 GOLDEN_STEPS = 100
@@ -72,6 +76,11 @@ class Bundle(object):
     @property
     def model_path(self):
         return os.path.join(self.path, MODEL)
+
+    @property
+    def plain_model_path(self):
+        """The loop-free export, or None in a bundle without one."""
+        return os.path.join(self.path, PLAIN_MODEL) if PLAIN_MODEL in self.manifest["files"] else None
 
     @property
     def engine_dir(self):
@@ -194,9 +203,10 @@ def verify_manifest(path):
         raise BundleError("bundle {!r} has format version {!r}; this neurohand reads version {}".format(
             path, manifest.get("format_version"), BUNDLE_FORMAT_VERSION))
     files = manifest.get("files")
-    if not isinstance(files, dict) or set(files) != set(BUNDLED_FILES):
-        raise BundleError("bundle manifest {!r} must list exactly {}".format(manifest_path, ", ".join(BUNDLED_FILES)))
-    for name in BUNDLED_FILES:
+    if not isinstance(files, dict) or not set(BUNDLED_FILES) <= set(files) <= set(BUNDLED_FILES + OPTIONAL_FILES):
+        raise BundleError("bundle manifest {!r} must list exactly {} (and {} where the run has it)".format(
+            manifest_path, ", ".join(BUNDLED_FILES), ", ".join(OPTIONAL_FILES)))
+    for name in sorted(files):
         file_path = os.path.join(path, name)
         expected = files[name]
         if not isinstance(expected, dict):
@@ -275,6 +285,10 @@ def make_bundle(run_dir, out):
     staging = tempfile.mkdtemp(prefix=".bundle-", dir=parent)
     try:
         shutil.copyfile(os.path.join(run_dir, MODEL), os.path.join(staging, MODEL))
+        bundled = list(BUNDLED_FILES)
+        if os.path.isfile(os.path.join(run_dir, PLAIN_MODEL)):
+            shutil.copyfile(os.path.join(run_dir, PLAIN_MODEL), os.path.join(staging, PLAIN_MODEL))
+            bundled.append(PLAIN_MODEL)
         features, outputs, io_spec = make_golden_vectors(os.path.join(staging, MODEL))
         config["io"] = io_spec
         with open(os.path.join(staging, CONFIG), "w", encoding="utf-8") as handle:
@@ -288,7 +302,7 @@ def make_bundle(run_dir, out):
             "io": io_spec,
             "files": {name: {"sha256": sha256_of(os.path.join(staging, name)),
                              "bytes": os.path.getsize(os.path.join(staging, name))}
-                      for name in BUNDLED_FILES},
+                      for name in bundled},
         }
         with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=1, sort_keys=True)

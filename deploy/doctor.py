@@ -5,7 +5,8 @@ this order, each step recorded whether it passed, failed or could not run::
 
     system      platform, Python, numpy, JetPack (/etc/nv_tegra_release), power mode
                 (nvpmodel -q), TensorRT, pycuda and the GPU, the backends and why any is missing
-    trtexec     TensorRT's own tool on the bundle's model.onnx (where trtexec exists)
+    trtexec     TensorRT's own tool on the bundle's model.onnx and, where the bundle has it, the
+                loop-free model_plain.onnx (where trtexec exists)
     engine      neurohand build-engine (where TensorRT is available)
     selftest    neurohand selftest on every available backend
     replay      neurohand replay --realtime for --seconds (default 60) through the virtual
@@ -174,11 +175,14 @@ def run_doctor(bundle_path, out_path, seconds=60.0, recording=None, progress=Non
 
         progress("[2/5] trtexec ...")
         trtexec = find_trtexec()
-        if trtexec is None:
-            steps["trtexec"] = {"status": "not run", "reason": "trtexec not found (it comes with TensorRT)"}
-        else:
-            steps["trtexec"] = _run([trtexec, "--onnx={}".format(bundle.model_path)], STEP_TIMEOUT_S["trtexec"],
-                                    progress)
+        exports = [("trtexec", bundle.model_path)]
+        if bundle.plain_model_path is not None:
+            exports.append(("trtexec_plain", bundle.plain_model_path))
+        for name, model_path in exports:
+            if trtexec is None:
+                steps[name] = {"status": "not run", "reason": "trtexec not found (it comes with TensorRT)"}
+            else:
+                steps[name] = _run([trtexec, "--onnx={}".format(model_path)], STEP_TIMEOUT_S["trtexec"], progress)
         save()
 
         progress("[3/5] build-engine ...")
@@ -236,8 +240,10 @@ def summarise(report):
     """One line per step: what a reader checks first."""
     steps = report["steps"]
     lines = []
-    for name in ("trtexec", "engine"):
-        step = steps.get(name, {})
+    for name in ("trtexec", "trtexec_plain", "engine"):
+        if name not in steps:
+            continue
+        step = steps[name]
         lines.append("{}: {}{}".format(name, step.get("status"),
                                        " ({})".format(step["reason"]) if step.get("reason") else ""))
     for backend, step in sorted((steps.get("selftest") or {}).items()):

@@ -112,7 +112,7 @@ class _PlainStepGraph(torch.nn.Module):
 PLAIN_OPS = frozenset(("Gemm", "MatMul", "Add", "Sub", "Mul", "Sigmoid", "Tanh", "Relu", "Slice", "Split",
                        "Concat", "Unsqueeze", "Squeeze", "Gather", "Constant", "Transpose", "Reshape",
                        "Identity", "Shape"))
-PLAIN_GRAPH_FORMAT = "rnn-step-plain-1"
+PLAIN_GRAPH_FORMAT = names.PLAIN_GRAPH_FORMAT
 
 
 def export_plain_onnx(model, config, path, reference_onnx=None, check_steps=200, tolerance=DEFAULT_TOLERANCE,

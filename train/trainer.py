@@ -45,7 +45,7 @@ RUN_VERSION = 1
 CHECKPOINT_FORMAT = "neurohand-training-checkpoint"
 CHECKPOINT_VERSION = 1
 FILES = {"config": "config.json", "checkpoint": "checkpoint.pt", "onnx": "model.onnx",
-         "metrics": "metrics.json", "report": "report.png"}
+         "onnx_plain": "model_plain.onnx", "metrics": "metrics.json", "report": "report.png"}
 
 # Recordings below this rate hold envelopes (rectified, smoothed EMG such as
 # NinaPro DB1's 100 Hz RMS); at kHz rates they are raw potentials.
@@ -762,8 +762,8 @@ def inference_copy(model, model_config):
 
 
 def _write_outputs(prepared, run_dir, seed, context, result):
-    """config.json, model.onnx, metrics.json and report.png from the best model (rank 0)."""
-    from neurohand.train.export import export_onnx
+    """config.json, model.onnx, model_plain.onnx, metrics.json and report.png from the best model (rank 0)."""
+    from neurohand.train.export import export_onnx, export_plain_onnx
     from neurohand.train import report
 
     model, model_config, state = result["model"], result["model_config"], result["state"]
@@ -786,7 +786,11 @@ def _write_outputs(prepared, run_dir, seed, context, result):
     }
     write_json_atomic(os.path.join(run_dir, FILES["config"]), config)
     model = model.cpu()
-    onnx_report = export_onnx(*inference_copy(model, model_config), path=os.path.join(run_dir, FILES["onnx"]))
+    onnx_path = os.path.join(run_dir, FILES["onnx"])
+    onnx_report = export_onnx(*inference_copy(model, model_config), path=onnx_path)
+    # The same step without a GRU/LSTM node, for TensorRT 8.x (build-engine --graph plain, or its fallback).
+    export_plain_onnx(*inference_copy(model, model_config), path=os.path.join(run_dir, FILES["onnx_plain"]),
+                      reference_onnx=onnx_path)
     scores, predictions = {}, {}
     for name in splits.SPLIT_NAMES:
         scores[name], predictions[name] = score_sequences(model, prepared.sequences[name], torch.device("cpu"))

@@ -49,7 +49,7 @@ import numpy as np
 
 from neurohand.decoder import onnx_weights
 from neurohand.decoder.backends.base import Backend, BackendUnavailableError
-from neurohand.firmware_bridge.shared.checks import load_json_file
+from neurohand.firmware_bridge.shared.checks import check_option, load_json_file
 from neurohand.firmware_bridge.shared.atomic import write_atomic, write_json_atomic
 from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 
@@ -297,16 +297,26 @@ class _CudaContext(object):
                 context.detach()
 
 
-def _build_and_save(trt, api, context, onnx_path, engine_path, fp16, workspace_mb):
-    """Build in ``context`` and save the engine and its metadata; return (metadata, serialized)."""
+def _build_and_save(trt, api, context, onnx_path, engine_path, fp16, workspace_mb, graph_path=None):
+    """Build in ``context`` and save the engine and its metadata; return (metadata, serialized).
+
+    ``graph_path``: the loop-free export of the same model to build from instead
+    (the engine still belongs to ``onnx_path``, which the metadata names).
+    """
     with open(onnx_path, "rb") as handle:
         onnx_bytes = handle.read()
+    graph_bytes = onnx_bytes
+    if graph_path is not None:
+        with open(graph_path, "rb") as handle:
+            graph_bytes = handle.read()
     with context:
-        serialized = _build_serialized(trt, api, onnx_bytes, fp16, workspace_mb)
+        serialized = _build_serialized(trt, api, graph_bytes, fp16, workspace_mb)
     metadata = {
         "tensorrt_version": str(trt.__version__), "api": api.name, "gpu_name": context.gpu_name,
         "fp16": bool(fp16), "workspace_mb": int(workspace_mb),
         "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
+        "graph": "rnn" if graph_path is None else "plain",
+        "graph_sha256": hashlib.sha256(graph_bytes).hexdigest(),
         "engine_sha256": hashlib.sha256(serialized).hexdigest(),
     }
     write_atomic(engine_path, serialized)
@@ -314,8 +324,18 @@ def _build_and_save(trt, api, context, onnx_path, engine_path, fp16, workspace_m
     return metadata, serialized
 
 
-def build_engine(onnx_path, engine_path, fp16=False, workspace_mb=DEFAULT_WORKSPACE_MB):
-    """Build a TensorRT engine from ``onnx_path`` and save it to ``engine_path``.
+GRAPHS = ("auto", "rnn", "plain")
+
+
+def build_engine(onnx_path, engine_path, fp16=False, workspace_mb=DEFAULT_WORKSPACE_MB, plain_path=None,
+                 graph="auto"):
+    """Build a TensorRT engine for the model ``onnx_path`` and save it to ``engine_path``.
+
+    ``graph``: "rnn" builds from ``onnx_path`` (GRU/LSTM nodes); "plain" from
+    ``plain_path``, the loop-free export of the same model (TensorRT 8.x makes
+    a GRU/LSTM node a loop, and some 8.x builds fail inside it); "auto" tries
+    "rnn" and, where that build fails and ``plain_path`` is given, "plain"
+    (``metadata["fallback"]`` says why).
 
     Also writes ``engine_path + ".json"`` with the metadata returned here, so a
     later load can tell whether the engine still belongs to that model and
@@ -324,17 +344,45 @@ def build_engine(onnx_path, engine_path, fp16=False, workspace_mb=DEFAULT_WORKSP
     Returns
     -------
     dict: tensorrt_version, api ("bindings"|"tensors"), gpu_name, fp16,
-    workspace_mb, onnx_sha256, engine_sha256
+    workspace_mb, onnx_sha256, graph ("rnn"|"plain"), graph_sha256, engine_sha256
     """
+    check_option("graph", graph, GRAPHS)
     trt, cuda = import_tensorrt()
     api = select_api(trt)
-    onnx_weights.load_rnn_weights(onnx_path)          # refuse a graph that is not ours, early
+    weights = onnx_weights.load_rnn_weights(onnx_path)          # refuse a graph that is not ours, early
+    if plain_path is not None:
+        check_plain_graph(plain_path, weights)
+    elif graph == "plain":
+        raise UsageError("--graph plain needs the loop-free export (model_plain.onnx), which this bundle lacks")
     context = _CudaContext(cuda)
     try:
-        metadata, _ = _build_and_save(trt, api, context, onnx_path, engine_path, fp16, workspace_mb)
+        if graph == "plain":
+            metadata, _ = _build_and_save(trt, api, context, onnx_path, engine_path, fp16, workspace_mb, plain_path)
+        else:
+            try:
+                metadata, _ = _build_and_save(trt, api, context, onnx_path, engine_path, fp16, workspace_mb)
+            except ConfigError as exc:
+                if graph == "rnn" or plain_path is None:
+                    raise
+                metadata, _ = _build_and_save(trt, api, context, onnx_path, engine_path, fp16, workspace_mb,
+                                              plain_path)
+                metadata["fallback"] = "the GRU/LSTM graph did not build ({}); built the loop-free one".format(exc)
     finally:
         context.destroy()
     return metadata
+
+
+def check_plain_graph(plain_path, weights):
+    """ConfigError unless ``plain_path`` is the loop-free export of the model ``weights`` came from."""
+    plain = onnx_weights.read_onnx(plain_path)
+    if plain.metadata.get(onnx_weights.GRAPH_FORMAT_KEY) != onnx_weights.PLAIN_GRAPH_FORMAT:
+        raise ConfigError("{!r} is not a loop-free export (graph format {!r}, expected {!r})".format(
+            plain_path, plain.metadata.get(onnx_weights.GRAPH_FORMAT_KEY), onnx_weights.PLAIN_GRAPH_FORMAT))
+    if plain.metadata.get(onnx_weights.CONFIG_METADATA_KEY) != weights.metadata.get(onnx_weights.CONFIG_METADATA_KEY):
+        raise ConfigError("{!r} was exported from another model than the bundle's model.onnx".format(plain_path))
+    found = sorted({node.op_type for node in plain.nodes} & {"GRU", "LSTM", "RNN", "Loop", "Scan"})
+    if found:
+        raise ConfigError("{!r} holds {} nodes; the loop-free export has none".format(plain_path, found))
 
 
 def _check_engine_metadata(trt, onnx_path, engine_path, fp16, gpu_name):

@@ -28,6 +28,10 @@ def register(subparsers):
     parser.add_argument("--fp16", action="store_true", help="build in half precision (self-test tolerance 1e-2)")
     parser.add_argument("--workspace-mb", type=int, default=256, metavar="N",
                         help="builder workspace in MiB (default 256; the Nano has 4 GB shared)")
+    parser.add_argument("--graph", default="auto", choices=("auto", "rnn", "plain"),
+                        help="which export to build from: rnn (model.onnx, GRU/LSTM nodes, which TensorRT 8.x "
+                             "turns into a loop), plain (model_plain.onnx, the same step as plain arithmetic, no "
+                             "loop), or auto (default): rnn, and plain where the rnn build fails")
     parser.set_defaults(func=_build_engine)
 
     parser = subparsers.add_parser(
@@ -60,9 +64,13 @@ def _build_engine(args):
     workspace_mb = check_int("--workspace-mb", args.workspace_mb, minimum=16, maximum=65536)
     bundle = load_bundle(args.bundle)
     os.makedirs(bundle.engine_dir, exist_ok=True)
-    metadata = build_engine(bundle.model_path, bundle.engine_path, fp16=args.fp16, workspace_mb=workspace_mb)
-    print("engine built with TensorRT {} for {} ({}) -> {}".format(
-        metadata["tensorrt_version"], metadata["gpu_name"], "fp16" if args.fp16 else "fp32", bundle.engine_path))
+    metadata = build_engine(bundle.model_path, bundle.engine_path, fp16=args.fp16, workspace_mb=workspace_mb,
+                            plain_path=bundle.plain_model_path, graph=args.graph)
+    if metadata.get("fallback"):
+        print("neurohand build-engine: note: {}".format(metadata["fallback"]))
+    print("engine built with TensorRT {} for {} ({}, {} graph) -> {}".format(
+        metadata["tensorrt_version"], metadata["gpu_name"], "fp16" if args.fp16 else "fp32", metadata["graph"],
+        bundle.engine_path))
 
 
 def _selftest(args):

@@ -83,6 +83,9 @@ class FakeGpu(object):
         self.live_contexts = []
         self.errors = []
         self.tf32_cores = True
+        # TensorRT 8.x up to 8.4 builds a GRU/LSTM node as an ILoop, and Myelin failures inside
+        # such loops are reported on some of those versions: a test sets this to see that build fail.
+        self.rnn_loop_fails = False
         self._threads = threading.local()
 
     @property
@@ -527,6 +530,11 @@ def _make_tensorrt(version, gpu):
                 return None
             if major < 10 and config.max_workspace_size <= 0:
                 return None          # "no implementation obeys reformatting-free rules" etc.
+            if major == 8 and gpu.rnn_loop_fails and any(
+                    node.op_type in ("GRU", "LSTM") for node in onnx_weights.parse_onnx(network.onnx_bytes).nodes):
+                self.logger.errors = getattr(self.logger, "errors", []) + [
+                    "[ltWrapper] operation not supported within a loop body"]
+                return None
             header = {"version": version,
                       "fp16": fp16_flag is not None and config.get_flag(fp16_flag),
                       "tf32": config.get_flag(BuilderFlag.TF32),
@@ -542,13 +550,16 @@ def _make_tensorrt(version, gpu):
             self._bind(gpu, "ICudaEngine")
             self.header = header
             parsed = onnx_weights.parse_onnx(onnx_bytes)
-            weights = onnx_weights.load_rnn_weights(parsed)
             self.fp16 = header["fp16"]
-            if self.fp16:
-                weights = _round_weights(weights, _to_float16)
-            elif header.get("tf32") and gpu.tf32_cores:
-                weights = _round_weights(weights, _to_tf32)
-            self.rnn = NumpyRnn(weights)
+            rounding = _to_float16 if self.fp16 else (_to_tf32 if header.get("tf32") and gpu.tf32_cores else None)
+            if any(node.op_type in ("GRU", "LSTM") for node in parsed.nodes):
+                weights = onnx_weights.load_rnn_weights(parsed)
+                if rounding is not None:
+                    weights = _round_weights(weights, rounding)
+                self.rnn = NumpyRnn(weights)
+            else:
+                # The loop-free export: evaluated node by node, as TensorRT runs its layers.
+                weights = self.rnn = _PlainGraph(parsed, rounding)
             self.weights = weights
             self.io = ([(name, True, shape) for name, shape in parsed.inputs]
                        + [(name, False, shape) for name, shape in parsed.outputs])
@@ -724,6 +735,85 @@ def _round_weights(weights, rounding):
     head = tuple(rounded(a) for a in weights.head)
     return onnx_weights.RnnWeights(weights.cell, weights.n_features, weights.n_outputs,
                                    weights.hidden_size, projection, layers, head, weights.metadata)
+
+
+class _PlainGraph(object):
+    """The loop-free export (train/export.py: export_plain_onnx) evaluated node by node in numpy.
+
+    Knows exactly the operators that export writes; anything else is an error,
+    as it would be a graph the project does not make.  Offers what the fake
+    engine asks of a NumpyRnn and its weights (state names and shape, outputs,
+    ``run``).
+    """
+
+    def __init__(self, parsed, rounding=None):
+        self.parsed = parsed
+        self.initializers = {name: (rounding(value) if rounding is not None and value.dtype == np.float32
+                                    else value) for name, value in parsed.initializers.items()}
+        inputs = [name for name, _ in parsed.inputs]
+        lstm = onnx_weights.INPUT_C in inputs
+        self.state_names = (([onnx_weights.INPUT_H, onnx_weights.INPUT_C] if lstm else [onnx_weights.INPUT_H]),
+                            ([onnx_weights.OUTPUT_H, onnx_weights.OUTPUT_C] if lstm else [onnx_weights.OUTPUT_H]))
+        shapes = dict(parsed.outputs)
+        self.state_shape = tuple(shapes[onnx_weights.OUTPUT_H])
+        self.n_outputs = shapes[onnx_weights.OUTPUT_POSITIONS][1]
+
+    def run(self, features, states_in, positions, states_out):
+        values = dict(self.initializers)
+        values[onnx_weights.INPUT_FEATURES] = features.reshape(1, -1).astype(np.float32)
+        for name, value in zip(self.state_names[0], states_in):
+            values[name] = value
+        for node in self.parsed.nodes:
+            args = [values[name] if name else None for name in node.inputs]
+            values[node.outputs[0]] = _plain_op(node, args)
+        positions[:] = values[onnx_weights.OUTPUT_POSITIONS][0]
+        for out, name in zip(states_out, self.state_names[1]):
+            out[:] = values[name]
+
+
+def _plain_op(node, args):
+    op, attributes = node.op_type, node.attributes
+    if op == "Constant":
+        return attributes["value"]
+    if op == "Gemm":
+        a, b = args[0], args[1]
+        if attributes.get("transA"):
+            a = a.T
+        if attributes.get("transB"):
+            b = b.T
+        result = attributes.get("alpha", 1.0) * a.dot(b)
+        if len(args) > 2 and args[2] is not None:
+            result = result + attributes.get("beta", 1.0) * args[2]
+        return result.astype(np.float32)
+    if op == "MatMul":
+        return np.matmul(args[0], args[1]).astype(np.float32)
+    if op in ("Add", "Sub", "Mul"):
+        function = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}[op]
+        return function(args[0], args[1]).astype(args[0].dtype)
+    if op == "Sigmoid":
+        return (1.0 / (1.0 + np.exp(-args[0]))).astype(np.float32)
+    if op == "Tanh":
+        return np.tanh(args[0]).astype(np.float32)
+    if op == "Relu":
+        return np.maximum(args[0], 0).astype(np.float32)
+    if op == "Slice":
+        data, starts, ends = args[0], args[1], args[2]
+        axes = args[3] if len(args) > 3 and args[3] is not None else range(len(starts))
+        steps = args[4] if len(args) > 4 and args[4] is not None else [1] * len(starts)
+        index = [slice(None)] * data.ndim
+        for start, end, axis, step in zip(starts, ends, axes, steps):
+            index[int(axis)] = slice(int(start), int(min(end, 2 ** 62)), int(step))
+        return data[tuple(index)]
+    if op == "Gather":
+        return np.take(args[0], args[1].astype(np.int64), axis=attributes.get("axis", 0))
+    if op == "Unsqueeze":
+        result = args[0]
+        for axis in sorted(int(a) for a in args[1]):
+            result = np.expand_dims(result, axis)
+        return result
+    if op == "Concat":
+        return np.concatenate(args, axis=attributes["axis"])
+    raise FakeCudaError("the fake TensorRT does not know operator {!r}".format(op))
 
 
 class FakeGpuStack(object):

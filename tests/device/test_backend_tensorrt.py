@@ -487,3 +487,60 @@ def test_fake_complains_about_tensorrt_objects_outliving_their_context():
     context.pop()
     on_thread(context.detach)
     assert gpu.errors == ["context detached on a thread that neither made it nor had it current: leaked"]
+
+
+# --- the loop-free graph: TensorRT 8.x makes a GRU/LSTM node a loop, and some 8.x builds fail in it --
+
+def plain(cell):
+    return os.path.join(DATA, "golden_{}_plain.onnx".format(cell))
+
+
+def decode_all(backend, features):
+    state = backend.initial_state()
+    outputs = []
+    for row in features:
+        positions, state = backend.step(row, state)
+        outputs.append(positions)
+    return np.stack(outputs), backend.state_arrays(state)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_an_engine_built_from_the_loop_free_graph_decodes_like_torch(fake, tmp_path, cell):
+    path, reference = golden(cell)
+    engine_path = str(tmp_path / "plain.engine")
+    metadata = build_engine(path, engine_path, plain_path=plain(cell), graph="plain")
+    assert metadata["graph"] == "plain" and metadata["graph_sha256"] != metadata["onnx_sha256"]
+    with create_backend("tensorrt", path, engine_path=engine_path) as backend:
+        assert backend.engine_source.startswith("loaded")
+        positions, state = decode_all(backend, reference["features"])
+    assert np.max(np.abs(positions - reference["positions"])) < 1e-4
+    assert np.max(np.abs(state[0] - reference["h_final"])) < 1e-4
+
+
+def test_auto_falls_back_to_the_loop_free_graph_where_the_rnn_build_fails(fake, tmp_path):
+    path, reference = golden("gru")
+    fake.gpu.rnn_loop_fails = True
+    major = int(fake.trt.__version__.split(".")[0])
+    engine_path = str(tmp_path / "auto.engine")
+    if major != 8:
+        assert build_engine(path, engine_path, plain_path=plain("gru"))["graph"] == "rnn"    # only 8.x fails
+        return
+    with pytest.raises(ConfigError, match="could not build"):
+        build_engine(path, engine_path, plain_path=plain("gru"), graph="rnn")
+    with pytest.raises(ConfigError, match="could not build"):
+        build_engine(path, engine_path)                           # no loop-free graph to fall back on
+    metadata = build_engine(path, engine_path, plain_path=plain("gru"))
+    assert metadata["graph"] == "plain" and "did not build" in metadata["fallback"]
+    with create_backend("tensorrt", path, engine_path=engine_path) as backend:
+        positions, _ = decode_all(backend, reference["features"])
+    assert np.max(np.abs(positions - reference["positions"])) < 1e-4
+
+
+def test_a_loop_free_graph_of_another_model_or_a_missing_one_is_refused(fake, tmp_path):
+    with pytest.raises(ConfigError, match="another model"):
+        build_engine(golden("gru")[0], str(tmp_path / "x.engine"), plain_path=plain("lstm"), graph="plain")
+    with pytest.raises(ConfigError, match="not a loop-free export"):
+        build_engine(golden("gru")[0], str(tmp_path / "x.engine"), plain_path=golden("gru")[0], graph="plain")
+    with pytest.raises(UsageError, match="lacks"):
+        build_engine(golden("gru")[0], str(tmp_path / "x.engine"), graph="plain")
+    assert not os.path.exists(str(tmp_path / "x.engine"))

@@ -203,3 +203,43 @@ def test_tensorrt_build_selftest_and_rebuilt_engine_needs_a_new_selftest(bundle_
     assert main(["selftest", str(bundle_path), "--backend", "tensorrt"]) == 0
     assert "tolerance 0.01" in capsys.readouterr().out
     selftest.require_passed_selftest(bundle, "tensorrt")
+
+
+@pytest.mark.parametrize("version", ["8.2.1.8", "10.3.0"])
+def test_the_loop_free_export_travels_in_the_bundle_and_builds_the_engine(run_dir, tmp_path, monkeypatch, capsys,
+                                                                          version):
+    shutil.copyfile(os.path.join(DATA, "golden_gru_plain.onnx"), str(run_dir / "model_plain.onnx"))
+    out = str(tmp_path / "with-plain")
+    manifest = make_bundle(str(run_dir), out)
+    assert "model_plain.onnx" in manifest["files"]
+    bundle = load_bundle(out)
+    assert bundle.plain_model_path == os.path.join(out, "model_plain.onnx")
+    sys.path.insert(0, os.path.dirname(__file__))
+    try:
+        from fake_tensorrt import FakeGpuStack
+    finally:
+        sys.path.pop(0)
+    from neurohand.deploy.cli.main import main
+    stack = FakeGpuStack(version)
+    stack.install(monkeypatch)
+    stack.gpu.rnn_loop_fails = True          # as some TensorRT 8.x builds do with the GRU's loop
+    assert main(["build-engine", out]) == 0
+    printed = capsys.readouterr().out
+    expected_graph = "plain" if version.startswith("8.") else "rnn"
+    assert "{} graph".format(expected_graph) in printed
+    assert ("did not build" in printed) == version.startswith("8.")
+    assert main(["selftest", out, "--backend", "tensorrt", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["passed"]
+    # The loop-free file is as protected as the others: a changed byte is refused by name.
+    path = os.path.join(out, "model_plain.onnx")
+    with open(path, "rb") as handle:
+        data = bytearray(handle.read())
+    data[200] ^= 1
+    with open(path, "wb") as handle:
+        handle.write(bytes(data))
+    with pytest.raises(BundleError, match="model_plain.onnx"):
+        load_bundle(out)
+
+
+def test_a_bundle_without_the_loop_free_export_has_none(bundle_path):
+    assert load_bundle(str(bundle_path)).plain_model_path is None

@@ -42,7 +42,7 @@ def best_weights(run_dir):
 
 def test_run_directory_holds_every_output(trained):
     run_dir, summary = trained
-    for name in ("config.json", "checkpoint.pt", "model.onnx", "metrics.json", "report.png"):
+    for name in ("config.json", "checkpoint.pt", "model.onnx", "model_plain.onnx", "metrics.json", "report.png"):
         assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
     with open(os.path.join(run_dir, "config.json")) as handle:
         config = json.load(handle)
