@@ -45,7 +45,9 @@ BUNDLED_FILES = (MODEL, CONFIG, GOLDEN)
 OPTIONAL_FILES = (PLAIN_MODEL,)
 
 GOLDEN_SEQUENCES = 3
-GOLDEN_STEPS = 100
+# 250 steps = 5 s at the default 20 ms stride: long enough for a reduced-precision (FP16) engine's
+# error to build up through the recurrence, where it would show.
+GOLDEN_STEPS = 250
 GOLDEN_SEED = 20261128
 # golden.npz holds 3 x 100 steps of features and outputs (tens of kB); a member
 # declaring more than this is damage, refused before it is read.
@@ -123,6 +125,20 @@ class Bundle(object):
                 path, features.shape, outputs.shape))
         return features, outputs
 
+    def golden_states(self):
+        """The reference recurrent state at the end of each golden sequence, float32
+        (n_seq, n_state_arrays, layers, 1, hidden); None in a bundle made before they were kept."""
+        path = os.path.join(self.path, GOLDEN)
+        try:
+            arrays = _read_npz(path, (), optional=("states",))
+        except _ZIP_ERRORS as exc:
+            raise BundleError("golden vectors {!r} cannot be read: {}".format(
+                path, str(exc) or type(exc).__name__)) from exc
+        states = arrays.get("states")
+        if states is not None and states.ndim != 5:
+            raise BundleError("golden states in {!r} have the impossible shape {}".format(path, states.shape))
+        return None if states is None else states.astype(np.float32)
+
 
 def open_bundle_backend(bundle, backend_name):
     """Create the backend a bundle runs on; TensorRT uses the bundle's engine."""
@@ -136,7 +152,7 @@ def open_bundle_backend(bundle, backend_name):
     return create_backend(backend_name, bundle.model_path), False
 
 
-def _read_npz(path, names):
+def _read_npz(path, names, optional=()):
     """Arrays ``names`` of the .npz archive at ``path``, as a dict name -> ndarray.
 
     Not ``np.load``: on a damaged archive its NpzFile leaks the open file (and
@@ -147,7 +163,8 @@ def _read_npz(path, names):
     """
     arrays = {}
     with open(path, "rb") as handle, zipfile.ZipFile(handle) as archive:
-        for name in names:
+        present = set(archive.namelist())
+        for name in tuple(names) + tuple(n for n in optional if n + ".npy" in present):
             info = archive.getinfo(name + ".npy")
             if info.file_size > MAX_GOLDEN_MEMBER_BYTES:
                 raise ValueError("{}.npy declares {} bytes (at most {})".format(
@@ -242,7 +259,7 @@ def _versions():
 
 
 def make_golden_vectors(onnx_path, sequences=GOLDEN_SEQUENCES, steps=GOLDEN_STEPS, seed=GOLDEN_SEED):
-    """Feature sequences and the numpy backend's stateful outputs for them.
+    """Feature sequences, the numpy backend's stateful outputs for them, and its final states.
 
     Normalised features are roughly standard normal, so the sequences are
     seeded standard-normal draws (plus one all-zero sequence, the rest input).
@@ -254,14 +271,17 @@ def make_golden_vectors(onnx_path, sequences=GOLDEN_SEQUENCES, steps=GOLDEN_STEP
         features = rng.standard_normal((sequences, steps, backend.n_features)).astype(np.float32)
         features[0] = 0.0
         outputs = np.empty((sequences, steps, backend.n_outputs), dtype=np.float32)
+        finals = []
         for index in range(sequences):
             state = backend.initial_state()
             for step in range(steps):
                 outputs[index, step], state = backend.step(features[index, step], state)
+            finals.append(np.stack([np.asarray(a, dtype=np.float32) for a in backend.state_arrays(state)]))
+        states = np.stack(finals)
         io_spec = {"n_features": int(backend.n_features), "n_outputs": int(backend.n_outputs)}
     finally:
         backend.close()
-    return features, outputs, io_spec
+    return features, outputs, states, io_spec
 
 
 def make_bundle(run_dir, out):
@@ -289,12 +309,12 @@ def make_bundle(run_dir, out):
         if os.path.isfile(os.path.join(run_dir, PLAIN_MODEL)):
             shutil.copyfile(os.path.join(run_dir, PLAIN_MODEL), os.path.join(staging, PLAIN_MODEL))
             bundled.append(PLAIN_MODEL)
-        features, outputs, io_spec = make_golden_vectors(os.path.join(staging, MODEL))
+        features, outputs, states, io_spec = make_golden_vectors(os.path.join(staging, MODEL))
         config["io"] = io_spec
         with open(os.path.join(staging, CONFIG), "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=1, sort_keys=True)
         with open(os.path.join(staging, GOLDEN), "wb") as handle:
-            np.savez(handle, features=features, outputs=outputs)
+            np.savez(handle, features=features, outputs=outputs, states=states)
         manifest = {
             "format": BUNDLE_FORMAT,
             "format_version": BUNDLE_FORMAT_VERSION,

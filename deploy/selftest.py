@@ -62,6 +62,14 @@ def on_own_thread(function, name):
     return outcome["result"]
 
 
+def _worse(worst, got, expected):
+    """The larger of ``worst`` and the max abs difference of ``got`` and ``expected`` (NaN: inf)."""
+    error = float(np.max(np.abs(np.asarray(got, dtype=np.float64) - expected)))
+    if error <= worst:
+        return worst
+    return error if error == error else float("inf")
+
+
 def run_selftest(bundle, backend, fp16=False):
     """Run the golden vectors through ``backend``; return a JSON-able report.
 
@@ -72,13 +80,14 @@ def run_selftest(bundle, backend, fp16=False):
     thread is raised here.
     """
     features, expected = bundle.golden_vectors()
+    expected_states = bundle.golden_states()
     if features.shape[2] != backend.n_features or expected.shape[2] != backend.n_outputs:
         raise BundleError("backend {} takes {} features and gives {} outputs, but the golden vectors have {} and {}".format(
             backend.name, backend.n_features, backend.n_outputs, features.shape[2], expected.shape[2]))
     tolerance = TOLERANCE_FP16 if fp16 else TOLERANCE_FP32
 
     def steps():
-        worst = 0.0
+        worst = worst_state = 0.0
         step_seconds = []
         for sequence in range(features.shape[0]):
             state = backend.initial_state()
@@ -86,17 +95,26 @@ def run_selftest(bundle, backend, fp16=False):
                 started = time.perf_counter()
                 outputs, state = backend.step(features[sequence, step], state)
                 step_seconds.append(time.perf_counter() - started)
-                error = float(np.max(np.abs(np.asarray(outputs, dtype=np.float64) - expected[sequence, step])))
-                if not error <= worst:  # also catches NaN
-                    worst = error if error == error else float("inf")
-        return worst, step_seconds
+                worst = _worse(worst, outputs, expected[sequence, step])
+            if expected_states is not None:
+                # The recurrent state too: a reduced-precision engine can drift there before the outputs show it.
+                got = np.stack([np.asarray(a, dtype=np.float64) for a in backend.state_arrays(state)])
+                if got.shape != expected_states[sequence].shape:
+                    raise BundleError("backend {} keeps a state of shape {}, the golden states have {}".format(
+                        backend.name, got.shape, expected_states[sequence].shape))
+                worst_state = _worse(worst_state, got, expected_states[sequence])
+        return worst, worst_state, step_seconds
 
-    worst, step_seconds = on_own_thread(steps, "neurohand-selftest")
+    worst_output, worst_state, step_seconds = on_own_thread(steps, "neurohand-selftest")
+    worst = max(worst_output, worst_state)
     return {
         "passed": bool(worst <= tolerance),
         "backend": backend.name,
         "fp16": bool(fp16),
         "max_abs_error": worst,
+        "max_abs_error_outputs": worst_output,
+        "max_abs_error_state": worst_state if expected_states is not None else None,
+        "states_checked": expected_states is not None,
         "tolerance": tolerance,
         "steps": int(features.shape[0] * features.shape[1]),
         "step_us": {"p50": _percentile_us(step_seconds, 50), "p99": _percentile_us(step_seconds, 99),

@@ -119,10 +119,14 @@ def test_selftest_fails_when_backend_disagrees_with_golden_vectors(bundle_path):
             outputs, state = self.inner.step(features, state)
             return outputs + 2e-4, state
 
+        def state_arrays(self, state):
+            return self.inner.state_arrays(state)
+
     from neurohand.decoder.backends import create_backend
     report = selftest.run_selftest(bundle, OffByOne(create_backend("numpy", bundle.model_path)))
     assert not report["passed"]
     assert report["max_abs_error"] == pytest.approx(2e-4, rel=1e-2)
+    assert report["states_checked"] and report["max_abs_error_state"] == 0.0
     selftest.record_result(bundle, report)
     with pytest.raises(BundleError, match="FAILED"):
         selftest.require_passed_selftest(bundle, "numpy")
@@ -151,6 +155,10 @@ def test_selftest_steps_on_a_thread_of_its_own_and_raises_its_errors(bundle_path
             if self.steps == self.fail_at:
                 raise RuntimeError("invalid device context")
             return self.inner.step(features, state)
+
+        def state_arrays(self, state):
+            self.threads.add(threading.get_ident())
+            return self.inner.state_arrays(state)
 
     watched = Watched(create_backend("numpy", bundle.model_path))
     assert selftest.run_selftest(bundle, watched)["passed"]
@@ -243,3 +251,47 @@ def test_the_loop_free_export_travels_in_the_bundle_and_builds_the_engine(run_di
 
 def test_a_bundle_without_the_loop_free_export_has_none(bundle_path):
     assert load_bundle(str(bundle_path)).plain_model_path is None
+
+
+def test_selftest_checks_the_recurrent_state_as_well_as_the_outputs(bundle_path):
+    """A backend whose outputs match but whose state drifts (as an FP16 engine's can) fails."""
+    bundle = load_bundle(str(bundle_path))
+    features, _ = bundle.golden_vectors()
+    states = bundle.golden_states()
+    assert states is not None and states.shape[0] == features.shape[0] and features.shape[1] == 250
+
+    class StateDrift(object):
+        name = "numpy"
+
+        def __init__(self, backend):
+            self.inner, self.n_features, self.n_outputs = backend, backend.n_features, backend.n_outputs
+
+        def initial_state(self):
+            return self.inner.initial_state()
+
+        def step(self, features, state):
+            return self.inner.step(features, state)
+
+        def state_arrays(self, state):
+            return [a + 3e-4 for a in self.inner.state_arrays(state)]
+
+    from neurohand.decoder.backends import create_backend
+    report = selftest.run_selftest(bundle, StateDrift(create_backend("numpy", bundle.model_path)))
+    assert not report["passed"] and report["max_abs_error_outputs"] == 0.0
+    assert report["max_abs_error_state"] == pytest.approx(3e-4, rel=1e-2)
+    honest = selftest.run_selftest(bundle, create_backend("numpy", bundle.model_path))
+    assert honest["passed"] and honest["max_abs_error"] == 0.0 and honest["steps"] == 3 * 250
+
+
+def test_a_bundle_made_before_golden_states_still_self_tests_on_its_outputs(bundle_path, tmp_path):
+    from neurohand.deploy.bundle import Bundle
+    from neurohand.decoder.backends import create_backend
+    bundle = load_bundle(str(bundle_path))
+    features, outputs = bundle.golden_vectors()
+    old = tmp_path / "old"
+    shutil.copytree(str(bundle_path), str(old))
+    np.savez(str(old / "golden.npz"), features=features, outputs=outputs)      # as bundles were written before
+    older = Bundle(str(old), bundle.manifest, bundle.config)
+    assert older.golden_states() is None
+    report = selftest.run_selftest(older, create_backend("numpy", bundle.model_path))
+    assert report["passed"] and report["states_checked"] is False and report["max_abs_error_state"] is None

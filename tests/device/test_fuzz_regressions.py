@@ -544,7 +544,7 @@ def test_bundle_golden_vectors_damaged_leave_no_open_file_behind(bundle):
 
 def test_bundle_golden_vectors_still_read(pristine_bundle):
     features, outputs = load_bundle(str(pristine_bundle)).golden_vectors()
-    assert features.shape[:2] == outputs.shape[:2] == (3, 100) and features.dtype == outputs.dtype == "float32"
+    assert features.shape[:2] == outputs.shape[:2] == (3, 250) and features.dtype == outputs.dtype == "float32"
 
 
 # --- text files are UTF-8 whatever the locale -----------------------------------------------
