@@ -31,7 +31,7 @@ def test_two_gloo_processes_shard_batches_and_rank_0_writes(tmp_path):
     summary = json.loads(lines[0])
     assert summary["world_size"] == 2 and summary["epochs_run"] == 2
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint.pt", "config.json", "metrics.json", "model.onnx",
-                                                     "report.png"]
+                                                     "model_plain.onnx", "report.png"]
     # Each process ran half of the epoch's batches (the plan is padded to an even count).
     from neurohand.train import trainer
     single = trainer.train_run([recording], str(tmp_path / "single"), TINY_CONFIG, seed=0, progress=False)
