@@ -74,7 +74,9 @@ def open_serial_port(url, baudrate, read_timeout_s, write_timeout_s, exclusive=F
 class SerialLink:
     """Own one serial port in a reader thread; see the module docstring.
 
-    url: device path, pty path or pyserial URL.  protocol: a LinkProtocol.
+    url: device path, pty path or pyserial URL.  protocol: a LinkProtocol; it
+    may be replaced while the link runs (the reader thread looks it up for
+    every call), as a chip session does when it starts streaming.
     read_timeout_s bounds each blocking read (how fast close() and a vanished
     path are noticed); write_timeout_s bounds each write.  Reopen attempts wait
     backoff_initial_s, doubling up to backoff_max_s.  ``exclusive``: no other

@@ -26,8 +26,7 @@ for the Jetson Nano neuroprosthetic hand (Nguyen et al. 2021) and under 8 ms
 from neural data to RNN prediction in BRAND (Ali et al. 2024).  The goal of
 this project on a 2-core workstation: p99 <= 2 ms and max <= 10 ms.
 
-Output: ``{"available": false, "reason": str}`` where ``replay --realtime``
-does not exist in this build, else ``{"available": true, "latency_us":
+Output: ``{"available": true, "latency_us":
 {"p50", "p90", "p99", "max", "count"}, "frames", "mean_r2", "seconds",
 "commands", "backend", "safety_events", "skips", "goal": {"p99_ms",
 "max_ms", "met"}, "load_average_before", "load_average_after", ...}``.

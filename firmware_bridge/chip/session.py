@@ -3,9 +3,9 @@ channel, a configuration check, START on open and STOP on close.
 
 :class:`ChipSession` opens the port once, reads the configuration, and then
 streams on the same connection; :func:`chip_opener` returns the ``open_chip(receiver)`` callable that
-:class:`~neurohand.deploy.runtime.realtime.RealtimeRunner` calls; the receiver
-(a ChipReceiver) becomes the link's protocol object, so the link's reader
-thread feeds the parser directly.
+:class:`~neurohand.deploy.runtime.realtime.RealtimeRunner` calls.  Once streaming,
+the receiver (a ChipReceiver) is the link's protocol object, so the link's
+reader thread feeds the parser directly.
 
 **After a reconnect** (USB unplug and replug: the link reopens the port) a
 chip that reset waits for START.  The link reports the reopen from its reader
@@ -42,7 +42,7 @@ class ChipRestarter(object):
     Parameters
     ----------
     channel : ChipCommandChannel
-    receiver : ChipReceiver (``hold_frames``, ``release_frames``, ``report_fault``)
+    receiver : ChipReceiver (``release_frames``, ``report_fault``)
     check_config : callable(ChipConfig), raises ConfigError on a mismatch
     is_connected : callable () -> bool, whether the link has a port now
 
@@ -129,37 +129,25 @@ class ChipRestarter(object):
         return False
 
 
-class _Relay(object):
-    """The link's protocol object for one chip connection.
+class _ReplyReader(object):
+    """The link's protocol object while the configuration is read: passes the
+    chip's replies on, ignores anything else.  Streaming replaces it with the
+    receiver itself, so the reader thread's path to the decoder has no extra hop."""
 
-    Until a receiver is attached (the configuration is being read) it passes
-    only the chip's replies on; from then on every byte goes to the receiver,
-    which parses the data frames and passes replies on itself.
-    """
-
-    def __init__(self):
+    def __init__(self, on_reply):
         self.parser = ChipParser()
-        self.on_reply = None
-        self.receiver = None
+        self.on_reply = on_reply
 
     def connection_made(self, link):
-        if self.receiver is not None:
-            self.receiver.connection_made(link)
+        pass
 
     def data_received(self, data):
-        receiver = self.receiver
-        if receiver is not None:
-            receiver.data_received(data)
-            return
         for event in self.parser.feed(data):
-            if type(event) is ChipReply and self.on_reply is not None:
+            if type(event) is ChipReply:
                 self.on_reply(event)
 
     def connection_lost(self, exc):
-        if self.receiver is not None:
-            self.receiver.connection_lost(exc)
-        else:
-            self.parser.flush()
+        self.parser.flush()
 
 
 class ChipSession(object):
@@ -176,10 +164,10 @@ class ChipSession(object):
 
     def __init__(self, url, baudrate=BAUDRATE, command_timeout_s=0.5):
         self.url = url
-        self._relay = _Relay()
-        self.link = SerialLink(url, self._relay, baudrate=baudrate)
+        self.link = SerialLink(url, None, baudrate=baudrate)
         self.channel = ChipCommandChannel(self.link.write, timeout_s=command_timeout_s)
-        self._relay.on_reply = self.channel.handle_reply
+        self.link.protocol = _ReplyReader(self.channel.handle_reply)
+        self._streaming = False
         self.chip_config = None
         self.restarter = None
         self._closed = False
@@ -212,7 +200,8 @@ class ChipSession(object):
         # so only a later one is taken for a reconnect.
         receiver.connection_made(self.link)
         receiver.on_reply = self.channel.handle_reply
-        self._relay.receiver = receiver
+        self.link.protocol = receiver     # the reader thread reads this attribute for every chunk
+        self._streaming = True
         try:
             if check_config is not None:
                 link = self.link
@@ -240,7 +229,7 @@ class ChipSession(object):
         try:
             if self.restarter is not None:
                 self.restarter.stop()
-            if self._relay.receiver is not None:
+            if self._streaming:
                 self.channel.stop_streaming()
         except (LinkError, ProtocolError):
             pass  # the chip may be gone already; closing the port is what matters now
