@@ -63,6 +63,7 @@ def main(argv=None):
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    _warnings_as_one_line(args.command)
     try:
         result = args.func(args)
     except NeurohandError as exc:
@@ -76,6 +77,23 @@ def main(argv=None):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         return 0
     return 0 if result is None else int(result)
+
+
+def _warnings_as_one_line(command):
+    """Python warnings print as ``neurohand CMD: warning: ...``, not as a file name and source line.
+
+    A user of the CLI cannot act on our source line; the message is what counts.
+    """
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        stream = sys.stderr if file is None else file
+        try:
+            stream.write("neurohand {}: warning: {}\n".format(command, " ".join(str(message).split())))
+        except (OSError, ValueError):
+            pass  # stderr gone: a warning is not worth dying for
+
+    warnings.showwarning = show
 
 
 if __name__ == "__main__":
