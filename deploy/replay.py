@@ -54,6 +54,12 @@ REALTIME_DEFAULT_MAX_S = 600.0
 #: How long to wait for the virtual hand to have read every command sent.
 HAND_DRAIN_S = 2.0
 MODES = ("fast", "realtime")
+#: Largest scaled label scored: hand positions are 0..1, so a truth a million
+#: times that is damage, and its square would overflow far sooner than R2 says so.
+MAX_SCALED_LABEL = 1e6
+#: Longest --start / --seconds accepted (about 11.6 days of recording): far beyond any
+#: recording, and far below where sample arithmetic overflows.
+MAX_SECONDS = 1e6
 
 
 # --- labels and scores ---------------------------------------------------------
@@ -125,7 +131,15 @@ class LabelTruth(object):
         self.names = names
         self.rate = float(stream.rate)
         self.signal_rate = float(recording.signal_rate)
-        self.values = scale_labels(stream.data, labels_config.get("scaling", {"kind": "none"}))
+        with np.errstate(all="ignore"):     # judged below, with a message a user can act on
+            values = scale_labels(stream.data, labels_config.get("scaling", {"kind": "none"}))
+        bad = ~np.isfinite(values) | (np.abs(values) > MAX_SCALED_LABEL)
+        if np.any(bad):
+            raise UsageError("{}: label stream {!r} has {} values that are not finite or out of range "
+                             "(beyond +-{:g} once scaled as in training, first at row {}); they cannot be "
+                             "scored".format(source, name, int(np.count_nonzero(bad)), MAX_SCALED_LABEL,
+                                             int(np.flatnonzero(bad.any(axis=1))[0])))
+        self.values = values
 
     def at(self, end_samples):
         """Scaled labels (n, n_outputs) in force at each position (samples on the recording's axis).
@@ -164,7 +178,8 @@ def repeated_commands(wire_positions):
 def wire_positions(positions):
     """Positions (n, n_outputs) 0..1 as the neurohand hand protocol quantises them (int64)."""
     from neurohand.firmware_bridge.hands.neurohand_protocol import quantise
-    return np.array([quantise(row) for row in positions], dtype=np.int64).reshape(len(positions), -1)
+    positions = np.asarray(positions, dtype=np.float64)
+    return np.array([quantise(row) for row in positions], dtype=np.int64).reshape(positions.shape)
 
 
 def score_commands(truth, start_sample, samples, positions, wire, score_from):
@@ -189,7 +204,7 @@ class ReplayRange(object):
 
     def __init__(self, recording, start_s, seconds, mode):
         rate = float(recording.signal_rate)
-        start_s = check_number("--start", start_s, minimum=0.0)
+        start_s = check_number("--start", start_s, minimum=0.0, maximum=MAX_SECONDS)
         self.start = int(round(start_s * rate))
         margin = int(round(REALTIME_MARGIN_S * rate)) if mode == "realtime" else 0
         available = recording.n_samples - self.start - margin
@@ -201,7 +216,7 @@ class ReplayRange(object):
         if seconds is None:
             wanted = available if mode == "fast" else min(available, int(round(REALTIME_DEFAULT_MAX_S * rate)))
         else:
-            seconds = check_number("--seconds", seconds, minimum=2 * WARMUP_S)
+            seconds = check_number("--seconds", seconds, minimum=2 * WARMUP_S, maximum=MAX_SECONDS)
             wanted = int(round(seconds * rate))
             if wanted > available:
                 raise UsageError("--seconds {:g}: {} has only {:.1f} s after --start {:g} s{}".format(
@@ -383,6 +398,17 @@ def replay_realtime(decoder, recording, replay_range, config, faults=None, disco
 
 def _outcome(mode, decoder, recording, replay_range, truth, samples, positions, wire, document, wall_s, extra):
     rate = replay_range.rate
+    if mode == "fast" and len(samples) == 0:
+        # Nothing to score is not a score: say why no window became a command.
+        counts = document.get("decoder") or {}
+        faults = [e for e in (document.get("safety_events") or {}).get("events", [])
+                  if e["kind"] in ("decoder_error", "non_finite_output")]
+        raise UsageError("{}: no command was decoded from {:g} s of it (from {:g} s): {} windows with non-finite "
+                         "outputs, {} decoder errors, {} windows dropped for gaps{}; nothing to score".format(
+                             recording.path, replay_range.seconds, replay_range.start / rate,
+                             counts.get("non_finite_outputs", 0), counts.get("decoder_errors", 0),
+                             (document.get("feature_stream") or {}).get("windows_dropped_for_gaps", 0),
+                             "; first: {}".format(faults[0]["reason"]) if faults else ""))
     ready = ready_sample(document)
     score_from = max(int(round(WARMUP_S * rate)), ready if ready is not None else replay_range.stop)
     r2, scored, repeated = score_commands(truth, replay_range.start, samples, positions, wire, score_from)

@@ -72,7 +72,7 @@ def load_decoder(bundle_path, backend_name="auto"):
 
 
 def run_on_chip(decoder, chip_url, hand_spec, config, record_path=None, stats_path=None, duration_s=None,
-                quiet=False, install_signals=True, metadata=None, baudrate=None, announce=None):
+                quiet=False, install_signals=True, metadata=None, baudrate=None, announce=None, signals=None):
     """Decode the chip at ``chip_url`` into the hand ``hand_spec`` until stopped; return the stats document.
 
     Reads the chip's configuration first (scale, channels, rate) and refuses a
@@ -82,6 +82,10 @@ def run_on_chip(decoder, chip_url, hand_spec, config, record_path=None, stats_pa
     are closed on return, whatever happened (the hand after its safe posture).
     ``announce(chip_config)``, if given, is called once the chip and the hand
     have been checked and opened, right before decoding starts.
+    ``signals`` (a StopSignals the command installed first, or None): a stop
+    noted before the hand is opened ends here with StoppedDuringStartup; one
+    noted later ends the run at once through its shutdown (safe posture,
+    recording closed complete).
     """
     from neurohand.deploy.runtime import run_realtime
     from neurohand.firmware_bridge.chip.protocol import BAUDRATE
@@ -97,6 +101,8 @@ def run_on_chip(decoder, chip_url, hand_spec, config, record_path=None, stats_pa
         chip_config = session.chip_config
         scale = [chip_scale_uv(chip_url, chip_config)] * pipeline.n_channels
         session.check(pipeline.n_channels, pipeline.signal_rate)
+        if signals is not None:
+            signals.raise_if_stopped()
         hand = create_hand(hand_spec, n_outputs=decoder.backend.n_outputs)
     except BaseException:
         if session is not None:
@@ -116,6 +122,7 @@ def run_on_chip(decoder, chip_url, hand_spec, config, record_path=None, stats_pa
     try:
         return run_realtime(pipeline, decoder.backend, hand, lambda receiver: session.start_streaming(receiver, check),
                             scale, decoder.channel_names, config, record_path=record_path, stats_path=stats_path,
-                            duration_s=duration_s, quiet=quiet, metadata=info, install_signals=install_signals)
+                            duration_s=duration_s, quiet=quiet, metadata=info, install_signals=install_signals,
+                            signals=signals)
     finally:
         session.close()   # already closed by the run, unless it failed before streaming

@@ -43,7 +43,7 @@ def _add_run_parser(subparsers):
                         help="inference backend (default auto: TensorRT, then ONNX Runtime, then numpy); it must "
                              "have passed 'neurohand selftest' here")
     parser.add_argument("--duration", type=float, default=None, metavar="S",
-                        help="stop after this many seconds (bench use; default: run until stopped)")
+                        help="stop after this many seconds, at most 1e6 (bench use; default: run until stopped)")
     parser.add_argument("--skip-selftest-check", action="store_true",
                         help="start even if the bundle has not passed its self-test on this device "
                              "(bench use only: never with a hand on a patient)")
@@ -75,8 +75,8 @@ def _add_replay_parser(subparsers):
                       help="stream through a virtual chip and a virtual hand on pseudo-terminals at the true rate")
     parser.set_defaults(mode="fast")
     parser.add_argument("--seconds", type=float, default=None, metavar="S",
-                        help="replay this much of the recording (default: all of it; in real time at most "
-                             "600 s, and the last 0.5 s are kept in reserve)")
+                        help="replay this much of the recording, 2 s or more (default: all of it; in real time "
+                             "at most 600 s, and the last 0.5 s are kept in reserve)")
     parser.add_argument("--start", type=float, default=0.0, metavar="S",
                         help="start this many seconds into the recording (default 0)")
     parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
@@ -133,6 +133,20 @@ def _add_demo_parser(subparsers):
 
 
 def _run(args):
+    # First of all: a SIGTERM (systemd stop) while the bundle loads or the ports open must not kill
+    # the process half-way; it is noted and ends the command cleanly (docs/safety.md).
+    from neurohand.deploy.runtime.signals import StopSignals, StoppedDuringStartup
+
+    with StopSignals() as signals:
+        try:
+            return _run_command(args, signals)
+        except StoppedDuringStartup as stopped:
+            print("neurohand run: stopped by {} during start-up; nothing was sent to the hand".format(
+                stopped.reason), file=sys.stderr)
+            return 0
+
+
+def _run_command(args, signals):
     from neurohand.deploy.runtime.options import config_from_args
     from neurohand.deploy.selftest import require_passed_selftest
     from neurohand.deploy.session import load_decoder, run_on_chip
@@ -140,11 +154,14 @@ def _run(args):
     from neurohand.firmware_bridge.hands import parse_hand_spec
 
     duration = None if args.duration is None else check_number("--duration", args.duration, minimum=0.0,
-                                                                exclusive_minimum=True)
+                                                                exclusive_minimum=True, maximum=MAX_DURATION_S)
     parse_hand_spec(args.hand)
     config = config_from_args(args)
+    _check_outputs(args, [args.bundle])
+    signals.raise_if_stopped()
     decoder = load_decoder(args.bundle, args.backend)
     try:
+        signals.raise_if_stopped()
         if args.skip_selftest_check:
             print("neurohand run: WARNING: --skip-selftest-check: the {} backend has NOT been proven on this "
                   "device against the bundle's golden vectors. Never use this with a hand on a patient."
@@ -162,7 +179,8 @@ def _run(args):
                   file=sys.stderr)
 
     document = run_on_chip(decoder, args.chip, args.hand, config, record_path=args.record,
-                           stats_path=args.stats_json, duration_s=duration, quiet=args.quiet, announce=announce)
+                           stats_path=args.stats_json, duration_s=duration, quiet=args.quiet, announce=announce,
+                           signals=signals)
     if not args.quiet:
         latency = document["latency_us"]
         print("neurohand run: stopped ({}); {} commands sent, latency p50 {} us p99 {} us, {} safety events, "
@@ -171,6 +189,27 @@ def _run(args):
                                         document["safety_events"]["count"], document["frames"]["missing"]),
               file=sys.stderr)
     return 0
+
+
+#: Longest --duration of ``run`` and --seconds / --start of ``replay`` (about 11.6 days):
+#: beyond it a number is a typo, and far beyond it arithmetic on it overflows.
+MAX_DURATION_S = 1e6
+
+
+def _check_outputs(args, inputs):
+    """--record and --stats-json: writable, never an input nor each other, replaced only with --force."""
+    import os
+    from neurohand.firmware_bridge.shared.errors import UsageError
+    from neurohand.firmware_bridge.shared.outputs import check_output_path
+
+    checked = []
+    for name, path in (("--record", args.record), ("--stats-json", args.stats_json)):
+        if path is not None:
+            checked.append((name, check_output_path(name, path, inputs=inputs, force=args.force)))
+    if len(checked) == 2 and checked[0][1] != os.devnull and \
+            os.path.realpath(checked[0][1]) == os.path.realpath(checked[1][1]):
+        raise UsageError("--record and --stats-json are the same file {!r}; give each its own".format(
+            args.record))
 
 
 def _us(value):
@@ -199,6 +238,7 @@ def _replay(args):
             raise UsageError("--jobs 2 needs processes that fork (Linux), which this system has not; use --jobs 1")
     config = config_from_args(args)
     checks.check_file_exists("RECORDING", args.recording)
+    _check_outputs(args, [args.bundle, args.recording])
     with open_recording(args.recording) as recording:
         replay_range = replay.ReplayRange(recording, args.start, args.seconds, args.mode)
         if faults is not None:
@@ -228,7 +268,8 @@ def _fault_options(args):
     bursts = checks.check_number("--garbage-bursts", args.garbage_bursts, minimum=0)
     disconnect_after = None
     if args.disconnect_after is not None:
-        disconnect_after = checks.check_number("--disconnect-after", args.disconnect_after, minimum=0)
+        disconnect_after = checks.check_number("--disconnect-after", args.disconnect_after, minimum=0,
+                                               maximum=MAX_DURATION_S)
     if not (drop or corrupt or bursts):
         return None, disconnect_after
 

@@ -17,6 +17,7 @@ Jetson (docs/runtime.md)::
     realtime.py     RealtimeRunner: threads, signals, shutdown (run, replay --realtime)
     fast.py         run_fast: the same stages in one thread, virtual clock (replay --fast)
     options.py      argparse options (standard library only)
+    signals.py      StopSignals: SIGINT/SIGTERM noted from a command's first moment (standard library only)
     replay_source.py  recording -> (event, time) items for replay --fast
     feature_worker.py  replay --fast on two CPUs: features computed ahead in a child process
 
@@ -29,7 +30,7 @@ import time
 
 def run_realtime(pipeline, backend, hand, open_chip, scale_uv, channel_names, config=None,
                  record_path=None, stats_path=None, duration_s=None, quiet=False, metadata=None,
-                 install_signals=True, clock=time.perf_counter):
+                 install_signals=True, clock=time.perf_counter, signals=None):
     """Run the decode loop on live links until SIGINT/SIGTERM or ``duration_s``.
 
     Parameters
@@ -50,6 +51,9 @@ def run_realtime(pipeline, backend, hand, open_chip, scale_uv, channel_names, co
     quiet : bool, no status/safety lines on stderr
     metadata : dict for the recording's header (bundle digest, patient, ...)
     install_signals : bool, SIGINT/SIGTERM -> clean shutdown (main thread only)
+    signals : StopSignals or None, handlers the caller installed already (at
+        the start of its command); used instead of installing new ones, and a
+        stop they noted during start-up ends the run at once, cleanly
 
     Returns the stats document (dict).  The hand, the backend and the
     recording are closed on return, whatever happened.
@@ -72,7 +76,13 @@ def run_realtime(pipeline, backend, hand, open_chip, scale_uv, channel_names, co
         _close_quietly(recorder, hand, backend)
         raise
     runner = RealtimeRunner(parts, open_chip, clock=clock, stats_path=stats_path,
-                            status_stream=None if quiet else sys.stderr)
+                            status_stream=None if quiet else sys.stderr, warning_stream=sys.stderr)
+    if signals is not None:
+        signals.attach(runner)
+        try:
+            return runner.run(duration_s)
+        finally:
+            signals.detach()
     if not install_signals:
         return runner.run(duration_s)
     with installed_signal_handlers(runner):

@@ -87,6 +87,12 @@ def build_runtime(pipeline, backend, hand, config, scale_uv, clock, timer=None, 
                               "stride of {} samples ({:g} ms); build the pipeline with that stride".format(
                                   config.stride_ms, wanted, pipeline.stride_samples,
                                   1000.0 * pipeline.stride_samples / rate))
+    stride_ms = 1000.0 * pipeline.stride_samples / rate
+    if config.data_timeout_ms < 2 * stride_ms:
+        # A window every stride is the normal pace: a timeout shorter than two
+        # strides would trip on a window merely late.
+        raise ConfigError("data_timeout_ms {:g} is shorter than two decoding strides of the bundle's "
+                          "pipeline ({:g} ms each); raise it".format(config.data_timeout_ms, stride_ms))
     config.check_outputs(n_outputs)
     timer = clock if timer is None else timer
     stats = RuntimeStats()

@@ -27,7 +27,8 @@ DEFAULTS = {
     # uses.  Set, it must match the pipeline (checked at start-up).
     "stride_ms": None,
     "safe_posture": "open",
-    # No valid chip frame for this long -> safe posture.
+    # No trustworthy decoded command for this long -> safe posture (frames
+    # missing, windows dropped for gaps or decoding too slow: docs/safety.md).
     "data_timeout_ms": 100.0,
     # The hand writer wakes at least this often (keep-alive, watchdog); the
     # hand driver's keep-alive period shortens it further when smaller.
@@ -50,11 +51,40 @@ DEFAULTS = {
 }
 
 
+#: Accepted range of every numeric setting, (minimum, maximum), inclusive;
+#: checked at start (docs/runtime.md lists them).  Outside them a setting is
+#: no longer a choice but a mistake: a timeout that never fires, a writer
+#: that spins, a queue that fills the Jetson's memory.
+RANGES = {
+    "stride_ms": (0.1, 1000.0),
+    "data_timeout_ms": (10.0, 1000.0),
+    "writer_period_ms": (1.0, 500.0),
+    "recovery_windows": (1, 1000),
+    "smoothing_tau_ms": (0.0, 10000.0),
+    "max_slew_per_s": (0.01, 1000.0),
+    "calibration": (-1e6, 1e6),
+    "frame_queue_events": (16, 65536),
+    "record_backlog_ms": (20.0, 10000.0),
+    "status_interval_s": (0.0, 86400.0),
+}
+#: Narrowest calibration range |hi - lo|: a narrower one multiplies the
+#: decoder's noise by more than a million.
+MIN_CALIBRATION_SPAN = 1e-6
+#: Shortest status interval other than 0 (off): the main loop wakes every 0.1 s.
+MIN_STATUS_INTERVAL_S = 0.1
+
+
+def describe_range(name):
+    """The accepted values of setting ``name`` in a few words (for --help and errors)."""
+    low, high = RANGES[name]
+    return "{:g} to {:g}".format(low, high)
+
+
 class RuntimeConfig(object):
     """Validated runtime settings.  Build with ``RuntimeConfig(**overrides)``.
 
     Raises UsageError (a NeurohandError) naming the setting for any bad
-    value or unknown name.
+    value, a value outside :data:`RANGES`, or an unknown name.
     """
 
     def __init__(self, **settings):
@@ -63,24 +93,29 @@ class RuntimeConfig(object):
             checks.check_option("runtime setting", unknown[0], sorted(DEFAULTS))
         values = dict(DEFAULTS)
         values.update(settings)
-        self.stride_ms = _optional_positive("stride_ms", values["stride_ms"])
+        stride = values["stride_ms"]
+        self.stride_ms = None if stride is None else _number("stride_ms", stride)
         self.safe_posture = checks.check_option("safe_posture", values["safe_posture"], SAFE_POSTURES)
-        self.data_timeout_ms = checks.check_number("data_timeout_ms", values["data_timeout_ms"],
-                                                   minimum=0.0, exclusive_minimum=True)
-        self.writer_period_ms = checks.check_number("writer_period_ms", values["writer_period_ms"],
-                                                    minimum=0.0, exclusive_minimum=True)
-        self.recovery_windows = checks.check_int("recovery_windows", values["recovery_windows"], minimum=1)
-        self.smoothing_tau_ms = _scalar_or_list("smoothing_tau_ms", values["smoothing_tau_ms"], minimum=0.0)
+        self.data_timeout_ms = _number("data_timeout_ms", values["data_timeout_ms"])
+        self.writer_period_ms = _number("writer_period_ms", values["writer_period_ms"])
+        if self.writer_period_ms > self.data_timeout_ms:
+            # The safe posture follows a timeout within one writer period.
+            raise UsageError("writer_period_ms ({:g}) must not exceed data_timeout_ms ({:g})".format(
+                self.writer_period_ms, self.data_timeout_ms))
+        self.recovery_windows = _integer("recovery_windows", values["recovery_windows"])
+        self.smoothing_tau_ms = _scalar_or_list("smoothing_tau_ms", values["smoothing_tau_ms"])
         slew = values["max_slew_per_s"]
-        self.max_slew_per_s = None if slew is None else _scalar_or_list(
-            "max_slew_per_s", slew, minimum=0.0, exclusive_minimum=True)
+        self.max_slew_per_s = None if slew is None else _scalar_or_list("max_slew_per_s", slew)
         self.calibration = _check_calibration(values["calibration"])
-        self.frame_queue_events = checks.check_int("frame_queue_events", values["frame_queue_events"],
-                                                   minimum=16)
-        self.record_backlog_ms = checks.check_number("record_backlog_ms", values["record_backlog_ms"],
-                                                     minimum=0.0, exclusive_minimum=True)
-        self.status_interval_s = checks.check_number("status_interval_s", values["status_interval_s"],
-                                                     minimum=0.0)
+        lo, hi = self.calibration["lo"], self.calibration["hi"]
+        if not isinstance(lo, list) and not isinstance(hi, list):
+            _check_span(0, lo, hi)   # refused now; per-finger lists once the outputs are known
+        self.frame_queue_events = _integer("frame_queue_events", values["frame_queue_events"])
+        self.record_backlog_ms = _number("record_backlog_ms", values["record_backlog_ms"])
+        self.status_interval_s = _number("status_interval_s", values["status_interval_s"])
+        if 0.0 < self.status_interval_s < MIN_STATUS_INTERVAL_S:
+            raise UsageError("status_interval_s must be 0 (off) or at least {:g}, but got {!r}".format(
+                MIN_STATUS_INTERVAL_S, self.status_interval_s))
 
     def to_dict(self):
         """Plain-JSON form; ``RuntimeConfig(**cfg.to_dict())`` rebuilds it."""
@@ -109,9 +144,7 @@ class RuntimeConfig(object):
         lo = self.per_finger("calibration_lo", n_outputs)
         hi = self.per_finger("calibration_hi", n_outputs)
         for index, (low, high) in enumerate(zip(lo, hi)):
-            if low == high:
-                raise UsageError("calibration of output {}: lo and hi are both {!r}; the range "
-                                 "must not be empty".format(index, low))
+            _check_span(index, low, high)
         for name in ("smoothing_tau_ms", "max_slew_per_s"):
             self.per_finger(name, n_outputs)
 
@@ -138,21 +171,34 @@ def load_runtime_config(path=None, overrides=None):
         raise ConfigError("runtime config {!r}: {}".format(path, exc)) from exc
 
 
-def _optional_positive(name, value):
-    if value is None:
-        return None
-    return checks.check_number(name, value, minimum=0.0, exclusive_minimum=True)
+def _check_span(index, low, high):
+    if abs(high - low) < MIN_CALIBRATION_SPAN:
+        raise UsageError("calibration of output {}: lo {!r} and hi {!r} are less than {:g} apart; "
+                         "the range must not be empty".format(index, low, high, MIN_CALIBRATION_SPAN))
 
 
-def _scalar_or_list(name, value, minimum=None, exclusive_minimum=False):
+def _integer(name, value):
+    low, high = RANGES[name]
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(value) > 10 ** 18:
+        # Not its 400 digits in the message: one line stays one line.
+        raise UsageError("{} must be between {} and {}, but got an integer of {} digits".format(
+            name, low, high, len(str(abs(int(value))))))
+    return checks.check_int(name, value, minimum=low, maximum=high)
+
+
+def _number(name, value, key=None):
+    low, high = RANGES[key or name]
+    return checks.check_number(name, value, minimum=low, maximum=high)
+
+
+def _scalar_or_list(name, value, key=None):
+    key = key or name
     if isinstance(value, (list, tuple)):
         if not value:
             raise UsageError("{} must be a number or a non-empty list of numbers".format(name))
-        return [checks.check_number("{}[{}]".format(name, i), v, minimum=minimum,
-                                    exclusive_minimum=exclusive_minimum)
-                for i, v in enumerate(value)]
+        return [_number("{}[{}]".format(name, i), v, key) for i, v in enumerate(value)]
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return checks.check_number(name, value, minimum=minimum, exclusive_minimum=exclusive_minimum)
+        return _number(name, value, key)
     raise UsageError("{} must be a number or a list of numbers, but got {!r}".format(name, value))
 
 
@@ -165,5 +211,5 @@ def _check_calibration(value):
         checks.check_option("calibration key", unknown[0], ["lo", "hi"])
     merged = dict(DEFAULTS["calibration"])
     merged.update(value)
-    return {"lo": _scalar_or_list("calibration.lo", merged["lo"]),
-            "hi": _scalar_or_list("calibration.hi", merged["hi"])}
+    return {"lo": _scalar_or_list("calibration.lo", merged["lo"], "calibration"),
+            "hi": _scalar_or_list("calibration.hi", merged["hi"], "calibration")}

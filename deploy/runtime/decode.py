@@ -30,7 +30,8 @@ DecodedCommand = collections.namedtuple("DecodedCommand", "sample arrival_s deco
 DecodedCommand.__doc__ = """One window's command for the hand.
 
 sample : int, index (since the run started) one past the window's last sample
-arrival_s : float, monotonic time the bytes completing that sample arrived
+arrival_s : float, monotonic time the bytes completing that sample arrived (fast
+    replay: on the replay's timeline, for each window of a block)
 decoded_s : float, monotonic time the command was ready
 positions : ndarray (n_outputs,), float64, post-processed hand positions in 0..1
 outputs : ndarray (n_outputs,), float32/64, the backend's raw outputs
@@ -153,8 +154,13 @@ class DecodeStage(object):
         if k == 0:
             return
         if self._decode_all:
+            # Fast replay: a block holds many windows, each of which arrived (on
+            # the replay's timeline) as many samples before the block's last one
+            # as it ends earlier; the watchdog judges every command by it.
+            rate = self.sample_rate
+            seen = self.samples_seen
             for row in range(k):
-                self._set_pending(features[row], ends[row], arrival_s)
+                self._set_pending(features[row], ends[row], arrival_s - (seen - int(ends[row])) / rate)
                 self._decode_pending(emit)
             return
         if self._pending_end is not None:
@@ -198,7 +204,10 @@ class DecodeStage(object):
                 outputs.tolist(), end))
             return
         supervisor = self._supervisor
-        ok = supervisor.on_good_window(self._clock())
+        # Fast replay decodes a whole block at once but hands each command over at
+        # its window's own time (fast.py): that is when it is decided.
+        now = self._pending_arrival if self._decode_all else self._clock()
+        ok = supervisor.on_good_window(now, self._pending_arrival)
         last = self._last_decoded_end
         # Time since the previous decoded window: a multiple of the stride after
         # skipped windows or a gap, so smoothing and slew stay in real seconds.
@@ -213,7 +222,8 @@ class DecodeStage(object):
         decoded = self._timer()
         self._post_timer.add(decoded - inferred)
         self.counters["windows_decoded"] += 1
-        command = DecodedCommand(end, self._pending_arrival, self._clock(), positions, outputs.copy())
+        command = DecodedCommand(end, self._pending_arrival, now if self._decode_all else self._clock(), positions,
+                                 outputs.copy())
         if self._recorder is not None:
             self._recorder.on_window(end, command.outputs, positions if ok else supervisor.safe_posture())
         emit(command)

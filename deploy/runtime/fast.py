@@ -55,9 +55,8 @@ def run_fast(parts, items, clock, on_command=None):
         batch[0] = item
         decode.process(batch, emit)
         for command in ready:
-            # The window's own end time: its last sample arrived this many
-            # samples before the item's last one.
-            writer.hand_over(command, t - (decode.samples_seen - command.sample) / rate)
+            # At the window's own end time (decode.py sets arrival_s per window).
+            writer.hand_over(command, command.arrival_s)
             if on_command is not None:
                 on_command(command)
         del ready[:]

@@ -3,7 +3,7 @@
 Standard library only (deploy/cli/main.py builds its parser without numpy), so a
 command module can call :func:`add_runtime_arguments` from ``register``.
 """
-from neurohand.deploy.runtime.config import DEFAULTS, SAFE_POSTURES, load_runtime_config
+from neurohand.deploy.runtime.config import DEFAULTS, SAFE_POSTURES, describe_range, load_runtime_config
 
 
 def add_runtime_arguments(parser):
@@ -11,22 +11,23 @@ def add_runtime_arguments(parser):
     group = parser.add_argument_group("runtime settings (override --runtime-config)")
     group.add_argument("--runtime-config", metavar="FILE",
                        help="JSON file of runtime settings (safe posture, timeouts, smoothing, slew limit, "
-                            "per-patient calibration ranges); see docs/runtime.md")
+                            "per-patient calibration ranges); see docs/runtime.md for each setting's range")
     group.add_argument("--safe-posture", choices=SAFE_POSTURES,
                        help="what the hand does when decoding cannot be trusted: 'open' = all fingers open, "
                             "'hold' = keep the last good command (default: {})".format(DEFAULTS["safe_posture"]))
     group.add_argument("--data-timeout-ms", type=float, metavar="MS",
-                       help="no valid chip data for this long -> safe posture (default: {:g})".format(
-                           DEFAULTS["data_timeout_ms"]))
+                       help="no trustworthy decoded command for this long (chip data missing, windows dropped "
+                            "for gaps, decoding too slow) -> safe posture; {} (default: {:g})".format(
+                                describe_range("data_timeout_ms"), DEFAULTS["data_timeout_ms"]))
     group.add_argument("--smoothing-ms", type=float, metavar="MS",
-                       help="exponential smoothing time constant for every finger, 0 = off (default: {:g})".format(
-                           DEFAULTS["smoothing_tau_ms"]))
+                       help="exponential smoothing time constant for every finger, 0 = off; {} "
+                            "(default: {:g})".format(describe_range("smoothing_tau_ms"), DEFAULTS["smoothing_tau_ms"]))
     group.add_argument("--max-slew", type=float, metavar="PER_S",
-                       help="largest change of a finger position per second, full range = 1 "
-                            "(default: {:g})".format(DEFAULTS["max_slew_per_s"]))
+                       help="largest change of a finger position per second, full range = 1; {} "
+                            "(default: {:g})".format(describe_range("max_slew_per_s"), DEFAULTS["max_slew_per_s"]))
     group.add_argument("--status-interval", type=float, metavar="S",
-                       help="seconds between status lines on stderr, 0 = none (default: {:g})".format(
-                           DEFAULTS["status_interval_s"]))
+                       help="seconds between status lines on stderr, 0 = none, else 0.1 to 86400 "
+                            "(default: {:g})".format(DEFAULTS["status_interval_s"]))
     outputs = parser.add_argument_group("outputs")
     outputs.add_argument("--record", metavar="FILE",
                          help="record the raw chip data, the decoded outputs and events to FILE "
@@ -35,7 +36,10 @@ def add_runtime_arguments(parser):
                          help="write latency percentiles, stage timings, frame, skip and safety counts "
                               "as JSON to FILE on exit")
     outputs.add_argument("--quiet", action="store_true",
-                         help="no status or safety lines on stderr (the stats JSON still has everything)")
+                         help="no status or safety lines on stderr (the stats JSON still has everything; a "
+                              "recording that stops, which loses data, is still said)")
+    outputs.add_argument("--force", action="store_true",
+                         help="replace existing output files (--record, --stats-json)")
     return parser
 
 

@@ -22,9 +22,11 @@ import traceback
 from neurohand.deploy.runtime.assemble import run_document, write_stats_json
 from neurohand.deploy.runtime.queues import BatchQueue, LatestSlot
 from neurohand.deploy.runtime.recorder import ThreadedRecorder
+from neurohand.deploy.runtime.signals import StopSignals
 from neurohand.deploy.runtime.stats import format_status_line
 from neurohand.firmware_bridge.chip.parser import ChipParser
 from neurohand.firmware_bridge.chip.receiver import ChipReceiver
+from neurohand.firmware_bridge.shared.outputs import describe_os_error
 
 #: Longest a thread blocks before it looks at the stop flag again.
 WAKE_S = 0.1
@@ -45,6 +47,8 @@ class RealtimeRunner(object):
     parser : ChipParser or None (a new one)
     clock : callable, the monotonic clock (time.perf_counter)
     status_stream : file for the status and safety lines (stderr); None = silent
+    warning_stream : file for the warning that the recording stopped (stderr, even
+        when quiet: a lost recording is data loss); None = silent
     stats_path : str or None, where :meth:`shutdown` writes the stats JSON
 
     The runner owns the hand, the backend and the recorder of ``parts`` and
@@ -53,12 +57,14 @@ class RealtimeRunner(object):
     """
 
     def __init__(self, parts, open_chip, parser=None, clock=time.perf_counter, status_stream=None,
-                 stats_path=None):
+                 stats_path=None, warning_stream=None):
         self.parts = parts
         self._open_chip = open_chip
         self.parser = ChipParser() if parser is None else parser
         self._clock = clock
         self._status = status_stream
+        self._warnings = warning_stream
+        self._recording_warned = False
         self._stats_path = stats_path
         self.frames = BatchQueue(parts.config.frame_queue_events)
         self.commands = LatestSlot()
@@ -101,8 +107,11 @@ class RealtimeRunner(object):
         after the shutdown has put the hand in its safe posture.
         """
         try:
-            self.start()
-            self._supervise(duration_s)
+            if not self._stop.is_set():
+                self.start()
+                self._supervise(duration_s)
+            # else: stopped before it started (a signal during start-up): nothing to
+            # supervise, but the shutdown still sends the safe posture and closes the recording.
         finally:
             document = self.shutdown()
         if self.thread_errors:
@@ -148,6 +157,7 @@ class RealtimeRunner(object):
                 except Exception as exc:  # keep shutting down; report at the end
                     problems.append("{}: {!r}".format(name, exc))
             self._print_safety_events()
+            self._warn_if_recording_stopped()
             self.document = self.stats_document(problems)
             if self._stats_path is not None:
                 write_stats_json(self._stats_path, self.document)
@@ -226,11 +236,32 @@ class RealtimeRunner(object):
         while not self._stop.wait(WAKE_S):
             now = clock()
             self._print_safety_events()
+            self._warn_if_recording_stopped()
             if interval and now >= next_status and self._status is not None:
                 print(self.status_line(now), file=self._status)
                 next_status = now + interval
             if duration_s is not None and now - self._started_s >= duration_s:
                 self.request_stop("duration of {:g} s reached".format(duration_s))
+
+    def recording_error(self):
+        """Why the recording stopped (one phrase), or None while it records (or there is none)."""
+        error = getattr(self.parts.recorder, "error", None)
+        if error is None:
+            return None
+        cause = error if isinstance(error, OSError) else getattr(error, "__cause__", None)
+        return describe_os_error(cause) if isinstance(cause, OSError) else str(error)
+
+    def _warn_if_recording_stopped(self):
+        if self._recording_warned:
+            return
+        reason = self.recording_error()
+        if reason is None:
+            return
+        self._recording_warned = True
+        if self._warnings is not None:
+            path = self.parts.recorder.summary().get("path")
+            print("neurohand run: warning: recording stopped: {}: {}; the hand is still driven, the data "
+                  "from here on are not recorded".format(path, reason), file=self._warnings)
 
     def _on_chip_fault(self, kind, reason):
         # From the chip restart thread: the safe posture at once, and the reason in the event log.
@@ -262,7 +293,8 @@ class RealtimeRunner(object):
     def status_line(self, now):
         parts = self.parts
         return format_status_line(now - self._started_s, parts.stats, self.frames_summary(),
-                                  parts.decode.counters, parts.writer.counters, parts.supervisor.state)
+                                  parts.decode.counters, parts.writer.counters, parts.supervisor.state,
+                                  recording_error=self.recording_error())
 
     def stats_document(self, problems=()):
         parts = self.parts
@@ -281,16 +313,9 @@ class RealtimeRunner(object):
 @contextlib.contextmanager
 def installed_signal_handlers(runner, signals=(signal.SIGINT, signal.SIGTERM)):
     """SIGINT/SIGTERM ask ``runner`` to stop (its main loop then shuts down);
-    the previous handlers come back on exit.  Main thread only."""
-    previous = {}
-
-    def handler(signum, frame):
-        runner.request_stop(signal.Signals(signum).name)
-
-    try:
-        for signum in signals:
-            previous[signum] = signal.signal(signum, handler)
+    the previous handlers come back on exit.  Main thread only.  (A command
+    that must survive a signal during its start-up installs
+    :class:`~.signals.StopSignals` itself, before loading anything.)"""
+    with StopSignals(signals) as stop:
+        stop.attach(runner)
         yield runner
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)

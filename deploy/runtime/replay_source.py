@@ -10,6 +10,8 @@ import numpy as np
 
 from neurohand.firmware_bridge.chip.parser import SampleFrame, SampleGap
 from neurohand.firmware_bridge.shared.checks import check_int
+from neurohand.firmware_bridge.shared.errors import RecordingError
+from neurohand.firmware_bridge.shared.outputs import describe_os_error
 
 
 def recording_gaps(recording):
@@ -50,7 +52,11 @@ def recording_items(recording, block_samples, start=0, stop=None):
         first = max(first, position)
         while position < first:
             end = min(position + block_samples, first)
-            samples = np.ascontiguousarray(recording.read_signals(position, end))
+            try:
+                samples = np.ascontiguousarray(recording.read_signals(position, end))
+            except OSError as exc:   # a failing card or disk (EIO): the recording, not a bug
+                raise RecordingError("cannot read recording {!r} at sample {}: {}".format(
+                    getattr(recording, "path", "?"), position, describe_os_error(exc))) from None
             yield SampleFrame(sequence, int(round(position * 1e6 / rate)), samples), (end - start) / rate
             sequence += 1
             position = end

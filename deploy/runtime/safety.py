@@ -5,8 +5,10 @@ States::
     starting --N good windows--> ok --fault--> safe --N good windows--> ok
         (safe posture)                          (safe posture)
 
-Faults: ``data_timeout`` (no valid chip frame for ``data_timeout_ms``; checked
-by the writer every time it wakes, i.e. at least once per writer period),
+Faults: ``data_timeout`` (no trustworthy decoded command for
+``data_timeout_ms``, whatever the cause: chip frames missing, every window
+dropped because it touches a gap, or decoding too slow; checked by the writer
+every time it wakes, i.e. at least once per writer period),
 ``decoder_error`` (the backend raised), ``non_finite_output`` (NaN/inf from
 the backend), ``invalid_command`` (the writer's last check found a
 non-finite or out-of-range position), ``hand_error`` (the hand link failed;
@@ -18,8 +20,20 @@ from the bundle: its frames are no longer decoded).
 the hand must start again from its safe posture (``hand_reconnected``: the
 hand's port came back after an outage).
 
+The watchdog's rule.  A command is trustworthy when its window decoded to
+finite outputs and its data are fresh: the command's age (now minus the
+arrival of the window's last sample, ``DecodedCommand.arrival_s``) is at most
+``data_timeout_s``.  The writer reports each command it takes
+(:meth:`on_command`) and then asks :meth:`check`; when the newest command's
+data arrived more than ``data_timeout_s`` ago, the hand gets the safe
+posture.  Frames arriving do not feed the watchdog: a chip that streams while
+every window is dropped for gaps, or a decoder that finishes each window too
+late, leaves the hand as stale as a silent chip.
+
 Recovery rule: ``recovery_windows`` consecutive decoded windows with finite
-outputs and fresh data after the last fault; any fault restarts the count.
+outputs and fresh data after the last fault; "consecutive" means each
+window's data arrived within ``data_timeout_s`` of the previous good one's;
+any fault restarts the count.
 The decoder resets the post-processor to the safe posture while not ``ok``,
 so the first command after recovery moves away from the posture no faster
 than the slew limit.
@@ -32,8 +46,8 @@ sent while ``ok``; open if there was none).
 
 Thread use: the decoder thread calls :meth:`on_valid_data`,
 :meth:`on_good_window`, :meth:`on_fault`; the writer thread calls
-:meth:`check`, :meth:`note_sent`, :meth:`safe_posture`; a lock guards the
-transitions.  Event listeners are called outside the lock and must not block.
+:meth:`on_command`, :meth:`check`, :meth:`note_sent`, :meth:`safe_posture`;
+a lock guards the transitions.  Event listeners are called outside the lock and must not block.
 """
 import threading
 
@@ -57,7 +71,7 @@ class SafetySupervisor(object):
     ----------
     safe_posture : {"open", "hold"}
     data_timeout_s : float
-        Longest time without a valid chip frame before the safe posture.
+        Longest time without a trustworthy decoded command before the safe posture.
     recovery_windows : int
         Consecutive good windows needed to (re)enter ``ok``.
     n_outputs : int
@@ -80,6 +94,10 @@ class SafetySupervisor(object):
         # atomic in CPython and the writer only compares against it.
         self.last_data_s = float(start_s)
         self.last_sample = 0
+        # Arrival of the data of the newest command the writer took (writer thread).
+        self.last_command_data_s = float(start_s)
+        # Arrival of the data of the previous good window (decoder thread, recovery count).
+        self._previous_good_s = None
         self.counts = {kind: 0 for kind in FAULT_KINDS}
         self.events = []
         self.events_dropped = 0
@@ -99,13 +117,26 @@ class SafetySupervisor(object):
         self.last_data_s = now_s
         self.last_sample = sample
 
-    def on_good_window(self, now_s):
-        """A window decoded to finite outputs.  Returns True if the state is ``ok`` after it."""
+    def on_good_window(self, now_s, data_s=None):
+        """A window decoded to finite outputs at ``now_s``; its last sample arrived at ``data_s``
+        (None: ``now_s``).  Returns True if the state is ``ok`` after it.
+
+        A window whose data are older than the data timeout is stale: it does
+        not count towards recovery (and the writer will not send its command).
+        """
+        data_s = now_s if data_s is None else data_s
+        previous, self._previous_good_s = self._previous_good_s, data_s
         if self.state == OK:
             return True
         event = None
         with self._lock:
             if self.state != OK:
+                if now_s - data_s > self.data_timeout_s:
+                    self._good_windows = 0
+                    return False
+                if previous is not None and data_s - previous > self.data_timeout_s:
+                    # The good windows before this one were not followed closely enough.
+                    self._good_windows = 0
                 self._good_windows += 1
                 if self._good_windows >= self.recovery_windows:
                     event = self._log("recovered" if self.state == SAFE else "ready", now_s,
@@ -157,16 +188,22 @@ class SafetySupervisor(object):
             event = self._log(kind, now_s, reason)
         self._notify(event)
 
+    def on_command(self, data_s):
+        """The writer took a decoded command whose window's last sample arrived at ``data_s``."""
+        if data_s > self.last_command_data_s:
+            self.last_command_data_s = data_s
+
     def check(self, now_s):
         """Writer's watchdog.  Returns True if decoded commands may be sent now."""
-        silent_s = now_s - self.last_data_s
-        if silent_s > self.data_timeout_s and self.state == OK:
-            self.on_fault("data_timeout", now_s,
-                          "no valid chip data for {:.0f} ms".format(silent_s * 1000.0))
-        elif silent_s > self.data_timeout_s and self.state == SAFE and self._good_windows:
-            # Data stopped again while recovering: the count starts over.
-            with self._lock:
-                self._good_windows = 0
+        stale_s = now_s - self.last_command_data_s
+        if stale_s > self.data_timeout_s and self.state == OK:
+            chip_silent_s = now_s - self.last_data_s
+            if chip_silent_s > self.data_timeout_s:
+                reason = "no valid chip data for {:.0f} ms".format(chip_silent_s * 1000.0)
+            else:
+                reason = ("no trustworthy decoded command for {:.0f} ms although chip data arrive (windows "
+                          "dropped for gaps, or decoding too slow)".format(stale_s * 1000.0))
+            self.on_fault("data_timeout", now_s, reason)
         return self.state == OK
 
     def note_sent(self, positions):

@@ -126,8 +126,9 @@ def build_stats_document(stats, frames, decoder_counters, writer_counters, safet
     return document
 
 
-def format_status_line(elapsed_s, stats, frames, decoder_counters, writer_counters, safety_state):
-    """One short human line for stderr (recent latency, counts, safety state)."""
+def format_status_line(elapsed_s, stats, frames, decoder_counters, writer_counters, safety_state,
+                       recording_error=None):
+    """One short human line for stderr (recent latency, counts, safety state, a stopped recording)."""
     recent = stats.latency.recent_summary()
     inference = stats.stages["inference"].recent_summary()
     return ("[{:7.1f} s] {} | latency p50 {} p99 {} µs | inference p50 {} µs | frames {} missing {} "
@@ -135,7 +136,8 @@ def format_status_line(elapsed_s, stats, frames, decoder_counters, writer_counte
         elapsed_s, safety_state, _us(recent["p50"]), _us(recent["p99"]), _us(inference["p50"]),
         frames.get("received", 0), frames.get("missing", 0), frames.get("corrupt", 0),
         decoder_counters["windows_decoded"], decoder_counters["windows_skipped"],
-        writer_counters["commands_sent"])
+        writer_counters["commands_sent"]) + (
+        "" if recording_error is None else " | RECORDING STOPPED: {}".format(recording_error))
 
 
 def _us(value):

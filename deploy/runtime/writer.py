@@ -7,7 +7,8 @@ it in process with a virtual clock.
 
 Per call::
 
-    may_send = supervisor.check(now)        # data watchdog
+    supervisor.on_command(command.arrival_s) # a new command: how fresh its data are
+    may_send = supervisor.check(now)        # watchdog: a trustworthy command within the data timeout
     new command and may_send  -> send it    (latency measured)
     no new command, may_send  -> resend the last positions (keep-alive)
     not may_send              -> send the safe posture
@@ -97,6 +98,8 @@ class HandWriterStage(object):
             The positions sent, None if the hand refused or failed.
         """
         supervisor = self._supervisor
+        if command is not None:
+            supervisor.on_command(command.arrival_s)
         may_send = supervisor.check(now_s)
         if self._port_down:
             if not self._reopen(now_s):

@@ -187,3 +187,56 @@ def test_a_stop_signal_leaves_the_hand_in_its_safe_posture(bundle, bench, source
         assert recording.n_samples == SPF * document["frames"]["received"]
         assert np.array_equal(recording.read_signals(), source_samples[:recording.n_samples])
         assert [e.kind for e in recording.events if e.kind.startswith("safety_")][-1] == "safety_shutdown"
+
+
+def sigterm_is_caught(pid):
+    """True once process ``pid`` has a handler for SIGTERM (the command's first act)."""
+    try:
+        with open("/proc/{}/status".format(pid)) as handle:
+            for line in handle:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    except OSError:
+        return False
+    return False
+
+
+@pytest.mark.parametrize("when", ["handlers installed", "recording opened"])
+def test_a_sigterm_during_start_up_ends_the_run_cleanly(bundle, bench, tmp_path, when):
+    """Loading the bundle and opening the ports take a while: a SIGTERM then (a systemd stop
+    right after a start) ends the command with a message, exit 0, and any recording complete."""
+    record = str(tmp_path / "run.nhr")
+    stats = str(tmp_path / "stats.json")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "neurohand.deploy", "run", "--bundle", bundle, "--chip", bench.chip_path,
+         "--hand", "neurohand:" + bench.hand.slave_path, "--backend", "numpy", "--record", record,
+         "--stats-json", stats, "--status-interval", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    try:
+        if when == "handlers installed":
+            assert wait_until(lambda: sigterm_is_caught(process.pid), 30.0)
+        else:
+            assert wait_until(lambda: os.path.exists(record), 30.0)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    assert "Traceback" not in err
+    stopped = [line for line in err.splitlines() if line.startswith("neurohand run: stopped")]
+    assert len(stopped) == 1 and "SIGTERM" in stopped[0], err
+    if os.path.exists(record):
+        # Started: the run's own shutdown closed it, end chunk and all, and the hand's last word
+        # (if it heard any) is the safe posture.
+        with open_recording(record) as recording:
+            assert recording.integrity["complete"]
+        with open(stats) as handle:
+            assert json.load(handle)["stop_reason"] == "SIGTERM"
+        assert wait_until(lambda: hand_has_read_everything(bench.hand))
+        received = bench.hand.received()
+        assert not received or all(p == 0 for p in received[-1].positions)
+    else:
+        assert "during start-up" in stopped[0] and not os.path.exists(stats)
+    if when == "recording opened":
+        assert os.path.exists(record)

@@ -369,3 +369,63 @@ def test_run_names_a_port_where_no_chip_answers(data, capsys):
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1
     assert "chip at {}: chip did not answer the get-config command".format(port) in err
+
+
+def write_signals_copy(source, target, signals):
+    """``source`` with its signals replaced by float32 ``signals`` (µV), its label stream kept."""
+    from neurohand.firmware_bridge.recording.file_format import RecordingWriter
+    with open_recording(source) as recording:
+        stream = recording.label_streams["fingers"]
+        with RecordingWriter(target, recording.signal_rate, recording.channel_names, dtype="float32",
+                             label_streams={"fingers": {"rate": stream.rate, "names": list(stream.names)}}) as out:
+            out.append_signals(signals(recording.read_signals(microvolts=True)).astype(np.float32))
+            out.append_labels("fingers", stream.data)
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_replay_that_decodes_no_command_says_so_in_one_line(data, tmp_path, capsys, jobs, value):
+    bundle, recording = data
+    broken = str(tmp_path / "broken.nhr")
+    write_signals_copy(recording, broken, lambda signals: np.full_like(signals, value))
+    capsys.readouterr()
+    status = cli.main(["replay", bundle, broken, "--backend", "numpy", "--jobs", jobs, "--seconds", "3"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1, err
+    assert "no command was decoded" in err and "nothing to score" in err
+
+
+def test_an_io_error_reading_the_recording_is_one_line(data, tmp_path, capsys, monkeypatch):
+    import errno
+    from neurohand.firmware_bridge.recording import file_format
+    bundle, recording = data
+
+    def failing(self, *args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(file_format.Recording, "read_signals", failing)
+    capsys.readouterr()
+    status = cli.main(["replay", bundle, recording, "--backend", "numpy", "--jobs", "1"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1, err
+    assert err.startswith("neurohand replay: error: cannot read recording") and "Input/output error" in err
+
+
+def test_labels_out_of_range_are_refused_in_one_line(data, tmp_path, capsys):
+    from neurohand.firmware_bridge.recording.file_format import RecordingWriter
+    bundle, recording = data
+    huge = str(tmp_path / "huge-labels.nhr")
+    with open_recording(recording) as source:
+        stream = source.label_streams["fingers"]
+        with RecordingWriter(huge, source.signal_rate, source.channel_names, dtype="int16",
+                             scale_uv=list(source.scale_uv),
+                             label_streams={"fingers": {"rate": stream.rate, "names": list(stream.names)}}) as out:
+            out.append_signals(source.read_signals())
+            labels = np.array(stream.data, dtype=np.float32)
+            labels[10:20] = 3e38
+            out.append_labels("fingers", labels)
+    capsys.readouterr()
+    status = cli.main(["replay", bundle, huge, "--backend", "numpy", "--jobs", "1"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1, err
+    assert "not finite or out of range" in err and "first at row 10" in err

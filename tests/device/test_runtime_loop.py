@@ -296,3 +296,53 @@ def test_run_realtime_entry_point_closes_everything(tmp_path):
                             install_signals=False, stats_path=str(tmp_path / "s.json"))
     assert document["mode"] == "realtime" and hand.closed and chip.closed
     assert os.path.exists(str(tmp_path / "s.json"))
+
+
+class FullDisk(object):
+    """A recording file that takes ``room`` bytes, then fails as a full disk does (ENOSPC)."""
+
+    def __init__(self, inner, room):
+        self._inner = inner
+        self.room = room
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def write(self, data):
+        import errno
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self._inner.write(data)
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_a_full_disk_stops_the_recording_says_so_and_the_hand_is_still_driven(tmp_path, monkeypatch, capsys,
+                                                                               quiet):
+    from neurohand.deploy.runtime import recorder as recorder_module
+    opened = recorder_module.open_run_recording
+
+    def open_on_a_small_disk(*args, **kwargs):
+        sink = opened(*args, **kwargs)
+        sink.writer._file = FullDisk(sink.writer._file, 3000)
+        return sink
+
+    monkeypatch.setattr(recorder_module, "open_run_recording", open_on_a_small_disk)
+    hand = RecordingHand()
+    document = run_realtime(FeaturePipeline.from_config(PIPELINE), create_backend("numpy", MODEL), hand,
+                            PacedChip(1200), [0.5] * 3, ["a", "b", "c"],
+                            RuntimeConfig(status_interval_s=0 if quiet else 0.2, max_slew_per_s=None),
+                            record_path=str(tmp_path / "run.nhr"), duration_s=1.0, quiet=quiet,
+                            install_signals=False)
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning: recording stopped" in line]
+    assert len(warnings) == 1, err                              # said once, also when --quiet
+    assert warnings[0].startswith("neurohand run: warning: recording stopped: ")
+    assert "no space left on the device" in warnings[0] and "run.nhr" in warnings[0]
+    assert "Traceback" not in err
+    if not quiet:
+        assert "RECORDING STOPPED: no space left on the device" in err   # and in the status line
+    assert "No space" in document["recording"]["error"]
+    # The hand was driven to the end, long after the disk filled up.
+    assert document["stop_reason"].startswith("duration")
+    assert document["commands_sent"] > 40 and any(np.any(p > 0) for _, p in hand.sent[-20:-1])

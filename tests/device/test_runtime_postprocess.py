@@ -118,7 +118,7 @@ def test_unknown_setting_suggests_the_right_name():
 
 @pytest.mark.parametrize("settings, match", [
     ({"safe_posture": "closed"}, "safe_posture"),
-    ({"data_timeout_ms": 0}, "greater than 0"),
+    ({"data_timeout_ms": 0}, "at least 10"),
     ({"recovery_windows": 0}, "at least 1"),
     ({"smoothing_tau_ms": -1}, "at least 0"),
     ({"smoothing_tau_ms": [1, float("nan")]}, "finite"),
