@@ -525,7 +525,11 @@ class WindowFeatures(object):
             else:
                 values = kind.window(windows, self, workspace)   # (n_windows, n_outputs, n_channels)
             if self.log and kind.amplitude:
-                values = np.log(values + self.log_epsilon)
+                # An amplitude cannot be negative, but a filtered envelope dips below zero (NinaPro-style
+                # RMS after a high-pass): such a window counts as silent, log(epsilon), instead of NaN.
+                values = np.maximum(values, 0.0)
+                values += self.log_epsilon
+                np.log(values, out=values)
             out[:, column:column + n_outputs * self.n_channels] = values.reshape(n_windows, -1)
         return out
 

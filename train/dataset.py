@@ -19,6 +19,7 @@ at or before that time, ``floor(t * label_rate)``.  For a label stream at the
 signal rate that is row ``e - 1``.
 """
 import collections
+import warnings
 
 import numpy as np
 
@@ -215,15 +216,21 @@ def build_sequences(pipeline, recordings, plans, scaling_kind="auto", fit=True, 
     -------
     (sequences, label_scaling) : dict split -> list of Sequence, and the scaling used
     """
+    check_finite_signals(recordings)
+    warn_negative_envelopes(pipeline, recordings)
     raw = []
     for index, (rec, (_, segments)) in enumerate(zip(recordings, plans)):
         for segment in segments:
-            windows = segment_windows(pipeline, rec, segment)
+            # An overflow here is refused just below with its cause, so numpy's own warning would only
+            # add a line with less in it.
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                windows = segment_windows(pipeline, rec, segment)
             if windows is None or len(windows[1]) == 0:
                 continue
             features, ends = windows
             rows = label_rows(ends, rec.signal_rate, rec.labels.rate, len(rec.labels.data), rec.path)
             raw.append((features, rec.labels.data[rows].astype(np.float64), ends, index, segment.split))
+    check_finite_features(pipeline, recordings, [r[0] for r in raw])
     by_split = {name: [r for r in raw if r[4] == name] for name in splits.SPLIT_NAMES}
     for name in splits.SPLIT_NAMES:
         if not by_split[name]:
@@ -240,6 +247,70 @@ def build_sequences(pipeline, recordings, plans, scaling_kind="auto", fit=True, 
                                     label_scaling.apply(l).astype(np.float32), e, i, s)
                            for f, l, e, i, s in by_split[name]]
     return sequences, label_scaling
+
+
+def check_finite_signals(recordings):
+    """Refuse NaN or infinite samples in one line naming the recording, channels and first sample."""
+    for rec in recordings:
+        bad = ~np.isfinite(rec.signals)
+        if bad.any():
+            counts = np.count_nonzero(bad, axis=0)
+            raise UsageError("{}: channel(s) {} hold NaN or infinite samples (first at sample {}); repair or cut "
+                             "them before training".format(
+                                 rec.path, ", ".join("{} ({} samples)".format(rec.channel_names[c], int(counts[c]))
+                                                     for c in np.flatnonzero(counts)),
+                                 int(np.flatnonzero(bad.any(axis=1))[0])))
+
+
+def warn_negative_envelopes(pipeline, recordings):
+    """Say which channels dip below zero when log compression will treat those windows as silent.
+
+    Filtering leaves small negative values in envelope tables; an amplitude
+    feature cannot be negative, so the feature code takes log(max(value, 0) +
+    log_epsilon) (decoder/features.py).  That is the right reading of a dip,
+    but not of an envelope that is negative throughout (an offset): the warning
+    names the channels so the user can tell which it is.
+    """
+    config = pipeline.to_config()
+    if config.get("mode") != "envelope" or not config.get("log"):
+        return
+    for rec in recordings:
+        negative = np.count_nonzero(rec.signals < 0, axis=0)
+        if not negative.any():
+            continue
+        lowest = np.min(rec.signals, axis=0)
+        warnings.warn("{}: channel(s) {} go below zero; log compression counts a window whose mean is below zero "
+                      "as silent (log of log_epsilon {:g}); if the channel has an offset, remove it before "
+                      "importing".format(rec.path, ", ".join(
+                          "{} ({} samples, min {:.3g})".format(rec.channel_names[c], int(negative[c]),
+                                                               float(lowest[c]))
+                          for c in np.flatnonzero(negative)), config["log_epsilon"]), UserWarning)
+
+
+def check_finite_features(pipeline, recordings, features):
+    """Refuse NaN or infinite features in one line naming the channels and the cause.
+
+    Checked in every split (a NaN test window would only show as a NaN score).
+    Signals are finite by then (:func:`check_finite_signals`) and negative
+    envelopes are floored before the log, so what is left is overflow.
+
+    features : list of raw (not normalised) feature arrays (n_windows, n_features)"""
+    bad = np.zeros(pipeline.n_features, dtype=bool)
+    for block in features:
+        bad |= ~np.isfinite(block).all(axis=0)
+    if not bad.any():
+        return
+    names = pipeline.feature_names
+    columns = [names[i].rsplit("_ch", 1) for i in np.flatnonzero(bad)]
+    kinds = sorted({kind for kind, _ in columns})
+    channels = sorted({int(channel) for _, channel in columns})
+    channel_names = recordings[0].channel_names
+    signals = [rec.signals[:, channels] for rec in recordings]
+    what = "feature(s) {} of channel(s) {} are NaN or infinite".format(
+        ", ".join(kinds), ", ".join(channel_names[c] for c in channels))
+    raise UsageError("{}: the signals are finite (at most {:.3g} in size), so a feature overflowed; scale the "
+                     "signals down (import --scale-uv)".format(
+                         what, float(max(np.max(np.abs(x)) for x in signals))))
 
 
 def guard_samples(pipeline):

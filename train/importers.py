@@ -10,8 +10,10 @@ Two sources, in an explicit registry (``IMPORTERS``):
 - ``csv``: any table with a header row; signal and label columns are picked
   by glob patterns (``fnmatch``) over the header names.
 
-Both write to ``OUT.partial`` and rename when complete, so a failed import
-never leaves a half-written recording under the requested name.
+Both check ``OUT`` before reading anything (not an input, replaced only with
+``force``: firmware_bridge/shared/outputs.py), write to ``OUT.partial`` and
+rename when complete, so a failed import never leaves a half-written recording
+under the requested name.
 """
 import csv
 import fnmatch
@@ -22,6 +24,7 @@ import numpy as np
 from neurohand.firmware_bridge.shared import checks
 from neurohand.firmware_bridge.shared.atomic import atomic_path
 from neurohand.firmware_bridge.shared.errors import RecordingError, UsageError
+from neurohand.firmware_bridge.shared.outputs import check_output_path
 
 NINAPRO_CITATION = ("Atzori M. et al., Electromyography data for non-invasive naturally-controlled robotic "
                     "hand prostheses, Scientific Data 1, 140053 (2014), doi:10.1038/sdata.2014.53")
@@ -48,6 +51,27 @@ NINAPRO_DATABASES = {
 }
 NINAPRO_RATE_VARIABLES = ("frequency", "fs", "samplerate", "sample_rate")
 BLOCK_SAMPLES = 10000
+# Signals and labels are stored as float32: a larger magnitude would become inf.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Events hold 64-bit integers; a float beyond 2**53 is no longer a whole number one can trust.
+MAX_EVENT_VALUE = 2 ** 53
+# Sample rates a recording can sensibly have (the chip's fastest is 30 kHz).
+MAX_RATE_HZ = 1e6
+# What scipy.io.loadmat makes of MATLAB types that are not numeric matrices.
+_MATLAB_KINDS = {"O": "a cell array", "V": "a struct", "U": "a char array (text)", "S": "a char array (text)",
+                 "c": "complex", "b": "logical"}
+
+
+def check_output(out_path, inputs, force):
+    """Refuse an unwritable ``--out``, an input, or an existing file without ``force`` (before any work).
+
+    A recording is renamed into place, so ``--out`` must be a regular file
+    path: ``/dev/null`` would be replaced by a file, not written to."""
+    absolute = check_output_path("--out", out_path, inputs=inputs, force=force)
+    if os.path.exists(absolute) and not os.path.isfile(absolute):
+        raise UsageError("--out {!r} is not a regular file; a recording needs a file path".format(
+            os.fspath(out_path)))
+    return absolute
 
 
 def _write_recording(out_path, signal_rate, channel_names, signals, label_name, label_names, labels,
@@ -55,7 +79,6 @@ def _write_recording(out_path, signal_rate, channel_names, signals, label_name, 
     """Write one whole recording atomically (``signals`` and ``labels`` are in-memory arrays)."""
     from neurohand.firmware_bridge.recording.file_format import RecordingWriter
 
-    checks.check_parent_writable("output recording", out_path)
     with atomic_path(out_path, suffix=".partial") as partial:
         # One-second chunks: imported files are read back in long ranges, and
         # the default 0.1 s would mean 10 chunks per second of 100 Hz data.
@@ -101,10 +124,62 @@ def _load_mat(path):
 
 
 def _scalar(value):
-    array = np.asarray(value)
-    if array.size != 1 or not np.issubdtype(array.dtype, np.number):
+    """The one finite real number in ``value``, or None (text, cells, NaN, several values)."""
+    if not isinstance(value, np.ndarray) or value.size != 1 or value.dtype.kind not in "fiu":
         return None
-    return array.reshape(-1)[0].item()
+    number = value.reshape(-1)[0].item()
+    return number if np.isfinite(number) else None
+
+
+def _numeric(path, name, value):
+    """``value`` as loaded by scipy as a float64 array, refusing anything that is not a real numeric matrix.
+
+    Cells, structs, text, complex and sparse matrices would otherwise fail in
+    numpy with a traceback or be converted with a warning (imaginary parts dropped)."""
+    if not isinstance(value, np.ndarray):
+        raise RecordingError("{!r}: {} must be a numeric matrix, but is {} (a sparse matrix or another MATLAB "
+                             "type)".format(path, name, type(value).__name__))
+    if value.dtype.kind not in "fiu":
+        what = _MATLAB_KINDS.get(value.dtype.kind, "of type {}".format(value.dtype))
+        raise RecordingError("{!r}: {} must be a real numeric matrix, but is {}".format(path, name, what))
+    return value.astype(np.float64)
+
+
+def _first_bad_row(array, good):
+    """Index of the first row (sample) of ``array`` where ``good`` (same shape) is False."""
+    return int(np.flatnonzero(~good.reshape(len(array), -1).all(axis=1))[0])
+
+
+def _check_float32(path, name, array):
+    """Refuse NaN, inf and values a float32 recording cannot hold (they would become inf)."""
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise RecordingError("{!r}: {} has non-finite values (first at sample {})".format(
+            path, name, _first_bad_row(array, finite)))
+    small = np.abs(array) <= FLOAT32_MAX
+    if not small.all():
+        raise RecordingError("{!r}: {} has values beyond the float32 range +-{:.3g} (first at sample {})".format(
+            path, name, FLOAT32_MAX, _first_bad_row(array, small)))
+
+
+def _integer_vector(path, name, array, n):
+    """A (n,), (n, 1) or (1, n) array of whole numbers as int64 (n,)."""
+    if array.ndim > 2 or (array.ndim == 2 and 1 not in array.shape):
+        raise RecordingError("{!r}: {} must be a vector with one value per sample, but has shape {}".format(
+            path, name, array.shape))
+    vector = array.reshape(-1)
+    if vector.shape[0] != n:
+        raise RecordingError("{!r}: {} has {} samples but emg has {}".format(path, name, vector.shape[0], n))
+    finite = np.isfinite(vector)
+    if not finite.all():
+        raise RecordingError("{!r}: {} must hold whole numbers, but has NaN or inf (first at sample {})".format(
+            path, name, int(np.flatnonzero(~finite)[0])))
+    whole = (vector == np.round(vector)) & (np.abs(vector) <= MAX_EVENT_VALUE)
+    if not whole.all():
+        first = int(np.flatnonzero(~whole)[0])
+        raise RecordingError("{!r}: {} must hold whole numbers up to 2**53, but has {!r} at sample {}".format(
+            path, name, vector[first].item(), first))
+    return vector.astype(np.int64)
 
 
 def read_ninapro(path, rate=None):
@@ -129,30 +204,34 @@ def read_ninapro(path, rate=None):
     if missing:
         raise RecordingError("{!r} lacks the NinaPro variable(s) {}; it has {}".format(
             path, ", ".join(missing), ", ".join(variables) or "none"))
-    emg = np.asarray(data["emg"], dtype=np.float64)
-    glove = np.asarray(data["glove"], dtype=np.float64)
-    restimulus = np.asarray(data["restimulus"]).reshape(-1)
-    rerepetition = np.asarray(data["rerepetition"]).reshape(-1)
-    if emg.ndim != 2 or emg.shape[0] < 2:
+    emg, glove, restimulus, rerepetition = (_numeric(path, name, data[name]) for name in required)
+    if emg.ndim != 2 or emg.shape[0] < 2 or emg.shape[1] < 1:
         raise RecordingError("{!r}: emg must be a (samples, channels) matrix, but has shape {}".format(
             path, emg.shape))
     n = emg.shape[0]
     if glove.ndim != 2 or glove.shape[1] != len(CYBERGLOVE_NAMES):
         raise RecordingError("{!r}: glove must have {} CyberGlove columns, but has shape {}".format(
             path, len(CYBERGLOVE_NAMES), glove.shape))
-    for name, array in (("glove", glove), ("restimulus", restimulus), ("rerepetition", rerepetition)):
-        if array.shape[0] != n:
-            raise RecordingError("{!r}: {} has {} samples but emg has {}".format(path, name, array.shape[0], n))
-    for name, array in (("emg", emg), ("glove", glove)):
-        if not np.all(np.isfinite(array)):
-            bad = int(np.flatnonzero(~np.all(np.isfinite(array), axis=1))[0])
-            raise RecordingError("{!r}: {} has non-finite values (first at sample {})".format(path, name, bad))
+    if glove.shape[0] != n:
+        raise RecordingError("{!r}: glove has {} samples but emg has {}".format(path, glove.shape[0], n))
+    _check_float32(path, "emg", emg)
+    _check_float32(path, "glove", glove)
+    restimulus = _integer_vector(path, "restimulus", restimulus, n)
+    rerepetition = _integer_vector(path, "rerepetition", rerepetition, n)
     database, known_rate, signal_kind = NINAPRO_DATABASES.get(emg.shape[1], ("unknown", None, "unknown"))
-    file_rate = next((_scalar(data[k]) for k in NINAPRO_RATE_VARIABLES if k in data), None)
+    file_rate = None
+    for name in NINAPRO_RATE_VARIABLES:
+        if name in data:
+            file_rate = _scalar(data[name])
+            if file_rate is None:
+                raise RecordingError("{!r}: {} must be one finite number (the sample rate in Hz), but is {}"
+                                     .format(path, name, _short(data[name])))
+            break
     if rate is not None:
-        rate = checks.check_number("--rate", rate, minimum=0.0, exclusive_minimum=True)
+        rate = checks.check_number("--rate", rate, minimum=0.0, exclusive_minimum=True, maximum=MAX_RATE_HZ)
     elif file_rate is not None:
-        rate = checks.check_number("sample rate in the file", file_rate, minimum=0.0, exclusive_minimum=True)
+        rate = checks.check_number("sample rate in the file", file_rate, minimum=0.0, exclusive_minimum=True,
+                                   maximum=MAX_RATE_HZ)
     elif known_rate is not None:
         rate = known_rate
     else:
@@ -160,20 +239,26 @@ def read_ninapro(path, rate=None):
                          "and the file has no frequency variable); give it with --rate".format(path, emg.shape[1]))
     if database == "DB1" and rate != known_rate:
         signal_kind = "unknown"
-    for name, array in (("restimulus", restimulus), ("rerepetition", rerepetition)):
-        if not np.all(np.equal(np.mod(array, 1), 0)):
-            raise RecordingError("{!r}: {} must hold whole numbers".format(path, name))
     return {
         "emg": emg, "glove": glove,
-        "restimulus": restimulus.astype(np.int64), "rerepetition": rerepetition.astype(np.int64),
+        "restimulus": restimulus, "rerepetition": rerepetition,
         "rate": float(rate), "database": database, "signal_kind": signal_kind,
         "subject": _scalar(data["subject"]) if "subject" in data else None,
         "exercise": _scalar(data["exercise"]) if "exercise" in data else None,
     }
 
 
-def import_ninapro(path, out_path, rate=None):
-    """Convert a NinaPro MAT file into a recording at ``out_path``; returns a summary dict."""
+def _short(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def import_ninapro(path, out_path, rate=None, force=False):
+    """Convert a NinaPro MAT file into a recording at ``out_path``; returns a summary dict.
+
+    force : replace an existing ``out_path`` (never the input itself)"""
+    path = checks.check_file_exists("NinaPro file", path)
+    check_output(out_path, [path], force)
     content = read_ninapro(path, rate)
     emg = content["emg"]
     metadata = {
@@ -285,8 +370,8 @@ def read_csv_table(path, signal_patterns, label_patterns, event_specs=(), delimi
     events = []
     for offset, (column, kind) in enumerate(event_columns):
         values = table[:, n_signals + n_labels + offset]
-        if not np.all(values == np.round(values)):
-            raise UsageError("--events column {!r} must hold whole numbers".format(header[column]))
+        if not np.all((values == np.round(values)) & (np.abs(values) <= MAX_EVENT_VALUE)):
+            raise UsageError("--events column {!r} must hold whole numbers up to 2**53".format(header[column]))
         events.extend(change_events(values.astype(np.int64), kind))
     events.sort(key=lambda e: e[0])
     return {
@@ -297,14 +382,17 @@ def read_csv_table(path, signal_patterns, label_patterns, event_specs=(), delimi
 
 
 def import_csv(path, out_path, rate, signal_patterns, label_patterns, event_specs=(), label_stream="labels",
-               scale_uv=1.0, signal_kind=None, delimiter=","):
+               scale_uv=1.0, signal_kind=None, delimiter=",", force=False):
     """Convert a CSV table into a recording at ``out_path``; returns a summary dict.
 
     rate : float, Hz, the rate of the rows (signals and labels alike)
     scale_uv : float, microvolts per unit of the signal columns
     signal_kind : None, "raw" or "envelope": stored in the metadata to guide training
+    force : replace an existing ``out_path`` (never the input itself)
     """
-    rate = checks.check_number("--rate", rate, minimum=0.0, exclusive_minimum=True)
+    path = checks.check_file_exists("CSV file", path)
+    check_output(out_path, [path], force)
+    rate = checks.check_number("--rate", rate, minimum=0.0, exclusive_minimum=True, maximum=MAX_RATE_HZ)
     scale_uv = checks.check_number("--scale-uv", scale_uv, minimum=0.0, exclusive_minimum=True)
     if not label_stream or not isinstance(label_stream, str):
         raise UsageError("--label-stream must be a non-empty name, but got {!r}".format(label_stream))
@@ -315,7 +403,17 @@ def import_csv(path, out_path, rate, signal_patterns, label_patterns, event_spec
                 "signal_columns": table["signal_names"], "label_columns": table["label_names"]}
     if signal_kind is not None:
         metadata["signal_kind"] = signal_kind
-    _write_recording(out_path, rate, table["signal_names"], table["signals"] * scale_uv, label_stream,
+    signals = table["signals"] * scale_uv
+    for what, array, names in (("signal", signals, table["signal_names"]),
+                               ("label", table["labels"], table["label_names"])):
+        fits = np.abs(array) <= FLOAT32_MAX
+        if not fits.all():
+            row, column = (int(i[0]) for i in np.nonzero(~fits))
+            raise UsageError("{!r}: {} column {!r} is {!r}{} at data row {}, beyond the float32 range +-{:.3g} "
+                             "of a recording".format(path, what, names[column], array[row, column].item(),
+                                                     " after --scale-uv" if what == "signal" else "", row + 1,
+                                                     FLOAT32_MAX))
+    _write_recording(out_path, rate, table["signal_names"], signals, label_stream,
                      table["label_names"], table["labels"], table["events"], metadata)
     return {"out": os.fspath(out_path), "n_samples": int(table["signals"].shape[0]),
             "n_channels": len(table["signal_names"]), "signal_rate": rate,

@@ -29,14 +29,16 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
 
-from neurohand.decoder.pipeline import FeaturePipeline
+from neurohand.decoder.pipeline import ENVELOPE_DEFAULTS, RAW_DEFAULTS, FeaturePipeline
 from neurohand.firmware_bridge.shared import atomic, checks
 from neurohand.firmware_bridge.shared.atomic import atomic_path
 from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
+from neurohand.firmware_bridge.shared.outputs import check_output_path
 from neurohand.train import dataset, metrics, splits
 from neurohand.train.model import ModelConfig, build_model
 
@@ -44,6 +46,7 @@ RUN_FORMAT = "neurohand-run"
 RUN_VERSION = 1
 CHECKPOINT_FORMAT = "neurohand-training-checkpoint"
 CHECKPOINT_VERSION = 1
+CHECKPOINT_KEYS = ("settings_digest", "model_config", "model", "optimizer", "best_model", "state")
 FILES = {"config": "config.json", "checkpoint": "checkpoint.pt", "onnx": "model.onnx",
          "onnx_plain": "model_plain.onnx", "metrics": "metrics.json", "report": "report.png"}
 
@@ -85,6 +88,9 @@ MODE_DEFAULTS = {
         "training": {},
     },
 }
+# Fewest samples a window gets when its default length in seconds rounds to fewer at a low rate
+# (0.2 s at 10 Hz is 2): the std of 2 samples is half their difference, not a spread.
+MIN_DEFAULT_WINDOW_SAMPLES = 4
 SECTIONS = ("pipeline", "model", "training", "split", "labels", "baselines")
 LABEL_DEFAULTS = {"stream": None, "scaling": "auto"}
 BASELINE_DEFAULTS = {"wiener": {"lags": 10, "lag_step": 5}, "kalman": {}}
@@ -180,6 +186,63 @@ def check_training(training):
         t["max_minutes"] = checks.check_number("max_minutes", t["max_minutes"], minimum=0.0,
                                                exclusive_minimum=True)
     return t
+
+
+def _pipeline_default(mode, key):
+    """A pipeline setting's default in ``mode``: the trainer's, else the feature pipeline's own."""
+    library = ENVELOPE_DEFAULTS if mode == "envelope" else RAW_DEFAULTS
+    return MODE_DEFAULTS[mode]["pipeline"].get(key, library[key])
+
+
+def fit_windows(settings, user_pipeline, signal_rate):
+    """Pipeline settings whose window and stride are whole samples at ``signal_rate``, and what was chosen.
+
+    The defaults are seconds chosen for 100 Hz .. 10 kHz data; at a lower rate
+    they round to too few samples (a 0.02 s stride is no sample at 10 Hz), so a
+    default becomes at least one sample (stride) or MIN_DEFAULT_WINDOW_SAMPLES
+    (window).  A value the user gave is never changed: one that is no sample
+    at this rate is refused, naming values that fit.
+
+    settings : resolved settings (resolve_settings); user_pipeline : the user's "pipeline" section
+    Returns (pipeline settings, choice): choice = {"signal_rate", "window_samples", "stride_samples",
+    "window_s", "stride_s", "fitted_to_rate": the default keys changed to fit the rate}."""
+    mode = settings["mode"]
+    pipeline = dict(settings["pipeline"])
+    minimum = {"window_s": MIN_DEFAULT_WINDOW_SAMPLES, "stride_s": 1}
+    fitting, counts, fitted = {}, {}, []
+    for key in ("window_s", "stride_s"):
+        natural = int(round(_pipeline_default(mode, key) * signal_rate))
+        fitting[key] = max(minimum[key], natural)
+        if key not in user_pipeline and fitting[key] != natural:
+            pipeline[key] = fitting[key] / signal_rate
+            fitted.append(key)
+    for key in ("window_s", "stride_s"):
+        if key not in user_pipeline:
+            counts[key] = fitting[key]
+            continue
+        seconds = checks.check_number("pipeline " + key, user_pipeline[key], minimum=0.0, exclusive_minimum=True)
+        counts[key] = int(round(seconds * signal_rate))
+        if counts[key] < 1:
+            raise UsageError("pipeline {} = {:g} s is {} samples at {:g} Hz, where one sample lasts {:g} s; give a "
+                             "multiple of {:g} s, e.g. the defaults at this rate: window_s {:g}, stride_s {:g}".format(
+                                 key, seconds, counts[key], signal_rate, 1.0 / signal_rate, 1.0 / signal_rate,
+                                 fitting["window_s"] / signal_rate, fitting["stride_s"] / signal_rate))
+    choice = {"signal_rate": signal_rate, "window_samples": counts["window_s"], "stride_samples": counts["stride_s"],
+              "window_s": counts["window_s"] / signal_rate, "stride_s": counts["stride_s"] / signal_rate,
+              "fitted_to_rate": fitted}
+    return pipeline, choice
+
+
+def describe_windows(choice):
+    """One line for the log and the CLI: the feature windows chosen and why."""
+    line = "window {:g} s ({} samples), stride {:g} s ({} sample{}) at {:g} Hz".format(
+        choice["window_s"], choice["window_samples"], choice["stride_s"], choice["stride_samples"],
+        "" if choice["stride_samples"] == 1 else "s", choice["signal_rate"])
+    if choice["fitted_to_rate"]:
+        fitted = choice["fitted_to_rate"]
+        line += " ({} raised from the default{}: too few samples at this rate)".format(
+            " and ".join(k.replace("_s", "") for k in fitted), "s" if len(fitted) > 1 else "")
+    return line
 
 
 def settings_digest(settings, recordings, seed):
@@ -378,18 +441,59 @@ def save_checkpoint(path, document):
         torch.save(document, temporary)
 
 
+def _first_line(exc):
+    text = " ".join(str(exc).split("\n")[0].split())
+    return "{}: {}".format(type(exc).__name__, text[:160]) if text else type(exc).__name__
+
+
 def load_checkpoint(path):
-    """Read a training checkpoint (never unpickles code: weights_only=True)."""
+    """Read a training checkpoint; ConfigError (one line) for a damaged, truncated, foreign or crafted file.
+
+    ``weights_only=True``: the unpickler builds tensors and plain containers
+    only, so a crafted file cannot run code; what it refuses is reported, never
+    retried the unsafe way."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError("checkpoint {!r} is not a file".format(path))
     try:
-        document = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise ConfigError("cannot read checkpoint {!r}: {}".format(path, exc)) from exc
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it was not written with: noise for a file that is then
+            # either refused below or fine.
+            warnings.simplefilter("ignore")
+            document = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError ... on damage
+        # The weights-only unpickler's refusal is pickle.UnpicklingError; named here by class so that
+        # no module of ours imports pickle (tests/device/test_security.py scans for it).
+        if type(exc).__name__ != "UnpicklingError":
+            raise ConfigError("cannot read checkpoint {!r}: damaged, truncated or not a torch file ({})".format(
+                path, _first_line(exc))) from None
+        raise ConfigError("checkpoint {!r} is damaged or holds more than tensors and plain values; it was not "
+                          "loaded (unpickling it could run code): resume from an intact copy or start a new run"
+                          .format(path)) from None
     if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError("{!r} is not a neurohand training checkpoint".format(path))
     if document.get("format_version") != CHECKPOINT_VERSION:
         raise ConfigError("checkpoint {!r} has format version {!r}; this neurohand reads {}".format(
             path, document.get("format_version"), CHECKPOINT_VERSION))
+    _check_checkpoint(path, document)
     return document
+
+
+def _check_checkpoint(path, document):
+    """The entries resume() uses, with the types it needs (a valid header says nothing of the rest)."""
+    missing = [key for key in CHECKPOINT_KEYS if key not in document]
+    if missing:
+        raise ConfigError("checkpoint {!r} is incomplete: it lacks {}".format(path, ", ".join(missing)))
+    if not isinstance(document["settings_digest"], str):
+        raise ConfigError("checkpoint {!r}: settings_digest must be text".format(path))
+    for key in ("model", "best_model"):
+        weights = document[key]
+        if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in weights.items()):
+            raise ConfigError("checkpoint {!r}: {} must map parameter names to tensors".format(path, key))
+    for key in ("model_config", "optimizer", "state"):
+        if not isinstance(document[key], dict):
+            raise ConfigError("checkpoint {!r}: {} must be a dict".format(path, key))
 
 
 def write_json_atomic(path, value):
@@ -401,7 +505,8 @@ def write_json_atomic(path, value):
 class Prepared(object):
     """Everything derived from the recordings before training (same in every process)."""
 
-    def __init__(self, settings, recordings, plans, pipeline, sequences, label_scaling, targets):
+    def __init__(self, settings, recordings, plans, pipeline, sequences, label_scaling, targets, windows):
+        self.windows = windows      # fit_windows' choice, for the log and metrics.json
         self.settings = settings
         self.recordings = recordings
         self.plans = plans
@@ -424,25 +529,56 @@ def prepare(recording_paths, user_config):
         raise UsageError("the recordings mix envelope and raw data; train them separately")
     settings = resolve_settings(user_config, modes.pop())
     first = recordings[0]
+    settings["pipeline"], windows = fit_windows(settings, (user_config or {}).get("pipeline", {}), first.signal_rate)
     pipeline = FeaturePipeline.design(first.signal_rate, len(first.channel_names), settings["pipeline"])
     plans = dataset.split_recordings(recordings, settings["split"], dataset.guard_samples(pipeline))
     sequences, label_scaling = dataset.build_sequences(pipeline, recordings, plans, settings["labels"]["scaling"])
     width = int(round(settings["training"]["label_smoothing_s"] * dataset.steps_per_second(pipeline)))
     targets = [dataset.smooth_labels(s.labels, width).astype(np.float32) if width > 1 else s.labels
                for s in sequences["train"]]
-    return Prepared(settings, recordings, plans, pipeline, sequences, label_scaling, targets)
+    return Prepared(settings, recordings, plans, pipeline, sequences, label_scaling, targets, windows)
 
 
-def check_run_dir(run_dir, resume):
-    checkpoint = os.path.join(run_dir, FILES["checkpoint"])
+def check_run_dir(run_dir, resume, force=False, inputs=()):
+    """Refuse a RUN_DIR this run may not write, before any work; returns its absolute path.
+
+    The rule of every output (firmware_bridge/shared/outputs.py): a RUN_DIR
+    that holds files is written into only to continue its run (``resume``) or
+    with ``force`` (a new run replaces the run files, one by one and atomically,
+    as it writes them); no run file may be an input (``inputs``: recordings,
+    --config).  Missing parent directories are created, so the nearest missing
+    ancestor is what must be creatable."""
+    if run_dir is None or not os.fspath(run_dir).strip() or "\x00" in os.fspath(run_dir):
+        check_output_path("--out", run_dir)      # raises, naming the problem
+    run_dir = os.fspath(run_dir)
+    absolute = os.path.abspath(run_dir)
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        raise UsageError("--out {!r} exists and is not a directory".format(run_dir))
+    checkpoint = os.path.join(absolute, FILES["checkpoint"])
     if resume:
         if not os.path.isfile(checkpoint):
             raise UsageError("--resume: {!r} holds no {} to continue from".format(run_dir, FILES["checkpoint"]))
-        return
-    if os.path.exists(checkpoint) or os.path.exists(os.path.join(run_dir, FILES["config"])):
-        raise UsageError("{!r} already holds a run; continue it with --resume or choose another --out".format(run_dir))
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise UsageError("--out {!r} exists and is not a directory".format(run_dir))
+    elif not force and (os.path.lexists(checkpoint) or os.path.lexists(os.path.join(absolute, FILES["config"]))):
+        raise UsageError("{!r} already holds a run; continue it with --resume, start over in it with --force, or "
+                         "choose another --out".format(run_dir))
+    target = absolute
+    while not os.path.lexists(target) and not os.path.isdir(os.path.dirname(target)):
+        parent = os.path.dirname(target)
+        if parent == target:
+            break
+        target = parent
+    check_output_path("--out", target if target != absolute else run_dir, inputs=inputs, force=force or resume,
+                      directory=True)
+    inputs = [os.path.realpath(os.fspath(p)) for p in inputs if p is not None]
+    for name in FILES.values():
+        path = os.path.join(absolute, name)
+        if os.path.realpath(path) in inputs:
+            raise UsageError("--out {!r}: the run writes {} there, which is an input of this command; choose "
+                             "another --out".format(run_dir, name))
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise UsageError("--out {!r}: {} there is not a regular file, so the run cannot write it".format(
+                run_dir, name))
+    return absolute
 
 
 def train_command(args):
@@ -453,24 +589,31 @@ def train_command(args):
     if args.max_minutes is not None:
         user.setdefault("training", {})["max_minutes"] = args.max_minutes
     return train_run(args.recordings, args.out, user, seed=args.seed, device=args.device, resume=args.resume,
-                     progress=not args.quiet, threads=args.threads)
+                     progress=not args.quiet, threads=args.threads, force=getattr(args, "force", False),
+                     inputs=[args.config] if args.config else ())
 
 
 def train_run(recording_paths, run_dir, user_config=None, seed=0, device="auto", resume=False, progress=True,
-              threads=1):
-    """Train and write the run directory; returns a summary dict on rank 0 (None on other ranks)."""
+              threads=1, force=False, inputs=()):
+    """Train and write the run directory; returns a summary dict on rank 0 (None on other ranks).
+
+    force : start a new run in a RUN_DIR that holds files (see check_run_dir)
+    inputs : other files the command reads (its --config), which no run file may replace"""
     seed = checks.check_int("--seed", seed, minimum=0)
-    run_dir = os.fspath(run_dir)
-    check_run_dir(run_dir, resume)
+    run_dir = check_run_dir(run_dir, resume, force, list(recording_paths or ()) + list(inputs))
+    # A damaged or crafted checkpoint is refused before the recordings are loaded, not after.
+    checkpoint = load_checkpoint(os.path.join(run_dir, FILES["checkpoint"])) if resume else None
     context = start_context(device, threads)
     finished = False
     try:
         make_deterministic(seed)
         prepared = prepare(recording_paths, user_config)
+        if context.is_main and progress:
+            print("features: {}".format(describe_windows(prepared.windows)), file=sys.stderr)
         if context.is_main:
             os.makedirs(run_dir, exist_ok=True)
         digest = settings_digest(prepared.settings, prepared.recordings, seed)
-        result = _train(prepared, run_dir, seed, context, resume, digest, progress)
+        result = _train(prepared, run_dir, seed, context, checkpoint, digest, progress)
         summary = None
         if context.is_main:
             summary = _write_outputs(prepared, run_dir, seed, context, result)
@@ -489,14 +632,15 @@ def _build(prepared, seed, context):
     return model_config, model
 
 
-def _train(prepared, run_dir, seed, context, resume, digest, progress):
+def _train(prepared, run_dir, seed, context, checkpoint, digest, progress):
     """Train until the epoch limit, early stopping or the time budget; the best model and how it went.
 
+    checkpoint : the loaded checkpoint to resume from, or None for a new run
     Returns {"model": model holding the best weights, "model_config", "state": TrainingState}."""
     training = _Training(prepared, seed, context)
     checkpoint_path = os.path.join(run_dir, FILES["checkpoint"])
-    if resume:
-        training.resume(checkpoint_path, digest, run_dir)
+    if checkpoint is not None:
+        training.resume(checkpoint_path, digest, run_dir, checkpoint)
     training.distribute()
     state = training.state
     clock = _Clock(state.elapsed_s, training.settings["max_minutes"])
@@ -527,6 +671,7 @@ class TrainingState(object):
     FIELDS = ("epoch", "best_score", "best_epoch", "bad_epochs", "lr_bad_epochs", "lr", "elapsed_s", "stopped",
               "history")
     HISTORY = ("epoch", "train_loss", "validation_loss", "validation_r2", "lr", "seconds", "batches")
+    STOPPED = ("", "patience", "time budget", "epochs")
 
     def __init__(self, learning_rate):
         self.epoch = 0
@@ -543,9 +688,32 @@ class TrainingState(object):
         """The checkpoint's "state" entry (a plain dict of FIELDS, a copy)."""
         return copy.deepcopy({name: getattr(self, name) for name in self.FIELDS})
 
-    def load_dict(self, values):
+    def load_dict(self, values, source="checkpoint"):
+        """Take the fields of a checkpoint's "state", refusing any of the wrong type (ConfigError)."""
+        integer, number = (int, "an integer"), ((int, float), "a number")
+        kinds = {"epoch": integer, "best_epoch": integer, "bad_epochs": integer, "lr_bad_epochs": integer,
+                 "best_score": number, "lr": number, "elapsed_s": number, "stopped": (str, "text"),
+                 "history": (dict, "a dict")}
         for name in self.FIELDS:
-            setattr(self, name, values[name])
+            value = values.get(name)
+            kind, what = kinds[name]
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ConfigError("checkpoint {!r}: training state {!r} is {!r}, not {}".format(
+                    source, name, value, what))
+        if (values["epoch"] < 0 or not 0 < values["lr"] < math.inf or not 0 <= values["elapsed_s"] < math.inf
+                or values["stopped"] not in self.STOPPED):
+            raise ConfigError("checkpoint {!r}: training state out of range (epoch {!r}, lr {!r}, elapsed_s {!r}, "
+                              "stopped {!r})".format(source, values["epoch"], values["lr"], values["elapsed_s"],
+                                                     values["stopped"]))
+        history = values["history"]
+        if (sorted(history) != sorted(self.HISTORY) or not all(isinstance(history[k], list) for k in self.HISTORY)
+                or len({len(history[k]) for k in self.HISTORY}) != 1
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                           for k in self.HISTORY for x in history[k])):
+            raise ConfigError("checkpoint {!r}: training history must hold equally long lists of numbers {}".format(
+                source, ", ".join(self.HISTORY)))
+        for name in self.FIELDS:
+            setattr(self, name, copy.deepcopy(values[name]))
 
     def record_epoch(self, losses, validation, n_batches):
         """Append the finished epoch (self.epoch) to the history."""
@@ -610,16 +778,33 @@ class _Training(object):
         self.lengths = [len(s.features) for s in prepared.sequences["train"]]
         self.steps_per_s = dataset.steps_per_second(prepared.pipeline)
 
-    def resume(self, checkpoint_path, digest, run_dir):
-        """Continue from the checkpoint: weights, optimiser, best weights and state."""
-        document = load_checkpoint(checkpoint_path)
+    def resume(self, checkpoint_path, digest, run_dir, document=None):
+        """Continue from the checkpoint (``document``: it loaded already): weights, optimiser, best weights, state."""
+        if document is None:
+            document = load_checkpoint(checkpoint_path)
         if document["settings_digest"] != digest:
             raise UsageError("the checkpoint in {!r} was trained with other settings, data or seed; resume with "
                              "the same recordings, --config and --seed".format(run_dir))
-        self.model.load_state_dict(document["model"])
-        self.optimizer.load_state_dict(document["optimizer"])
+        expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        for key in ("model", "best_model"):
+            got = {k: tuple(v.shape) for k, v in document[key].items()}
+            if got != expected:
+                raise ConfigError("checkpoint {!r}: its {} does not fit this model ({})".format(
+                    checkpoint_path, key, _difference(expected, got)))
+        try:
+            self.model.load_state_dict(document["model"])
+            self.optimizer.load_state_dict(document["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise ConfigError("checkpoint {!r} does not fit this model and optimiser ({})".format(
+                checkpoint_path, _first_line(exc))) from None
+        # The optimiser takes its moments as they come; a wrong shape would only fail at the first step.
+        for parameter, moments in self.optimizer.state.items():
+            for name, value in moments.items():
+                if name != "step" and (not isinstance(value, torch.Tensor) or value.shape != parameter.shape):
+                    raise ConfigError("checkpoint {!r}: optimiser state {!r} does not fit its parameter".format(
+                        checkpoint_path, name))
         self.best_model = document["best_model"]
-        self.state.load_dict(document["state"])
+        self.state.load_dict(document["state"], checkpoint_path)
         if self.state.stopped != "patience":
             # A time budget or epoch limit may be extended on resume; early stopping is final.
             self.state.stopped = ""
@@ -701,6 +886,16 @@ class _Training(object):
             if float(mask[:, start:stop].sum()) > 0:
                 losses.append(float(loss.detach()))
         return losses
+
+
+def _difference(expected, got):
+    """A short description of how two {name: shape} dicts differ."""
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing or extra:
+        return "missing {}, unexpected {}".format(", ".join(missing[:3]) or "none", ", ".join(extra[:3]) or "none")
+    name = next(k for k in sorted(expected) if expected[k] != got[k])
+    return "{} has shape {}, the model {}".format(name, got[name], expected[name])
 
 
 def _group_steps(batches, world_size):
@@ -808,6 +1003,7 @@ def _write_outputs(prepared, run_dir, seed, context, result):
         "onnx": {k: onnx_report[k] for k in onnx_report if k in ("sha256", "max_abs_error", "steps_checked",
                                                                   "check_steps", "errors", "opset")},
         "scores_in": "labels scaled to 0..1 (see config.json labels.scaling); R2 and r are unaffected",
+        "features": dict(prepared.windows, mode=prepared.settings["mode"], summary=describe_windows(prepared.windows)),
     }
     write_json_atomic(os.path.join(run_dir, FILES["metrics"]), summary)
     test = prepared.sequences["test"]

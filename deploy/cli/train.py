@@ -31,7 +31,8 @@ def _register_import(subparsers):
                     "rerepetition a 'movement' / 'repetition' event. DB1 (10 channels) is recognised as "
                     "100 Hz RMS EMG; other databases need --rate unless the file states it.")
     ninapro.add_argument("file", metavar="FILE.mat", help="the NinaPro MAT file (e.g. S2_A1_E1.mat)")
-    ninapro.add_argument("--out", required=True, metavar="REC", help="recording file to write")
+    ninapro.add_argument("--out", required=True, metavar="REC", help="recording file to write (never the input)")
+    ninapro.add_argument("--force", action="store_true", help="replace an existing --out file")
     ninapro.add_argument("--rate", type=float, default=None, metavar="HZ",
                          help="sample rate in Hz, overriding what the file or its layout says "
                               "(DB1: 100, DB2/DB3/DB7: 2000)")
@@ -43,7 +44,8 @@ def _register_import(subparsers):
                     "by glob patterns over the header names (fnmatch: '*', '?', '[abc]'), e.g. "
                     "--signals 'emg*' --labels 'finger?'. Cells must be numbers.")
     table.add_argument("file", metavar="FILE.csv", help="the CSV file")
-    table.add_argument("--out", required=True, metavar="REC", help="recording file to write")
+    table.add_argument("--out", required=True, metavar="REC", help="recording file to write (never the input)")
+    table.add_argument("--force", action="store_true", help="replace an existing --out file")
     table.add_argument("--rate", required=True, type=float, metavar="HZ", help="sample rate of the rows in Hz")
     table.add_argument("--signals", required=True, action="append", metavar="PATTERN",
                        help="glob pattern of the signal columns; repeat for more patterns")
@@ -73,7 +75,7 @@ def _print_summary(summary, as_json):
 
 def _run_import_ninapro(args):
     from neurohand.train import importers
-    _print_summary(importers.import_ninapro(args.file, args.out, rate=args.rate), False)
+    _print_summary(importers.import_ninapro(args.file, args.out, rate=args.rate, force=args.force), False)
 
 
 def _run_import_csv(args):
@@ -83,7 +85,7 @@ def _run_import_csv(args):
         raise UsageError("--delimiter must be one character, but got {!r}".format(args.delimiter))
     summary = importers.import_csv(args.file, args.out, args.rate, args.signals, args.labels, args.events,
                                    label_stream=args.label_stream, scale_uv=args.scale_uv,
-                                   signal_kind=args.signal_kind, delimiter=args.delimiter)
+                                   signal_kind=args.signal_kind, delimiter=args.delimiter, force=args.force)
     _print_summary(summary, False)
 
 
@@ -102,7 +104,9 @@ def _register_train(subparsers):
                "(nerve/EMG at kHz rates, e.g. the simulator). See docs/training.md for the config file.")
     parser.add_argument("recordings", nargs="+", metavar="REC", help="recording file(s) to train on")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="directory for the run's files "
-                        "(created; an existing run is only continued with --resume)")
+                        "(created; one that holds files needs --resume to continue its run or --force)")
+    parser.add_argument("--force", action="store_true",
+                        help="start a new run in a RUN_DIR that holds files, replacing the run files in it")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="JSON file overriding defaults: sections pipeline, model, training, split, labels")
     parser.add_argument("--epochs", type=int, default=None, metavar="N",
@@ -130,6 +134,7 @@ def _run_train(args):
         print(json.dumps(summary, sort_keys=True))
     else:
         print("run: {}".format(summary["run_dir"]))
+        print("features: {}".format(summary["features"]["summary"]))
         for split in ("train", "validation", "test"):
             if split in summary["scores"]:
                 print("{} mean R2: {:.3f}".format(split, summary["scores"][split]["mean_r2"]))

@@ -326,3 +326,21 @@ def test_envelope_mode_windowed_mean():
     custom = FeaturePipeline.design(100.0, 2, {"mode": "envelope", "window_s": 0.1, "stride_s": 0.05,
                                                "features": ["mean", "max"], "dtype": "float32"})
     assert (custom.window_samples, custom.stride_samples, custom.n_features) == (10, 5, 4)
+
+
+@pytest.mark.parametrize("features", [["mean", "min"], ["mean", "max", "std"]])
+def test_a_negative_envelope_window_gives_log_epsilon_not_nan(features):
+    # Filtering leaves envelope tables slightly negative; log(mean + epsilon) was NaN there (issue 14).
+    pipeline = FeaturePipeline.design(100.0, 2, {"mode": "envelope", "log": True, "window_s": 0.2,
+                                                  "stride_s": 0.1, "features": features})
+    signals = np.full((40, 2), 0.02)
+    signals[:, 1] = -0.03
+    raw, ends = pipeline.transform(signals)
+    assert np.isfinite(raw).all()
+    epsilon = pipeline.to_config()["log_epsilon"]
+    names = pipeline.feature_names
+    np.testing.assert_allclose(raw[:, names.index("mean_ch1")], np.log(epsilon))
+    np.testing.assert_allclose(raw[:, names.index("mean_ch0")], np.log(0.02 + epsilon))
+    pipeline.fit_normalisation(raw)
+    streamed, _ = run_stream(pipeline.stream(), signals, [7])
+    assert np.isfinite(streamed).all()
