@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import stat
 import struct
 import tempfile
 import zipfile
@@ -30,6 +31,7 @@ import numpy as np
 from neurohand.deploy.version import __version__
 from neurohand.firmware_bridge.shared.checks import load_json_file
 from neurohand.firmware_bridge.shared.errors import BundleError, UsageError
+from neurohand.firmware_bridge.shared.outputs import check_output_path
 
 BUNDLE_FORMAT = "neurohand-bundle"
 BUNDLE_FORMAT_VERSION = 1
@@ -49,7 +51,12 @@ GOLDEN_SEQUENCES = 3
 # error to build up through the recurrence, where it would show.
 GOLDEN_STEPS = 250
 GOLDEN_SEED = 20261128
-# golden.npz holds 3 x 100 steps of features and outputs (tens of kB); a member
+# The least a self-test accepts as proof: bundles made before GOLDEN_STEPS was
+# 250 hold 3 sequences of 100 steps and still self-test; fewer (down to zero
+# steps, which compares nothing and "passes") is refused as no test at all.
+MIN_GOLDEN_SEQUENCES = 2
+MIN_GOLDEN_STEPS = 100
+# golden.npz holds 3 x 250 steps of features and outputs (tens of kB); a member
 # declaring more than this is damage, refused before it is read.
 MAX_GOLDEN_MEMBER_BYTES = 64 << 20
 # What reading a damaged zip can raise (zipfile reports most damage as
@@ -78,6 +85,21 @@ class Bundle(object):
     @property
     def model_path(self):
         return os.path.join(self.path, MODEL)
+
+    @property
+    def io(self):
+        """(n_features, n_outputs) of the model as the manifest records it; (None, None) if it does not."""
+        io_spec = self.manifest.get("io")
+        if io_spec is None:
+            return None, None
+        return io_spec["n_features"], io_spec["n_outputs"]
+
+    @property
+    def label_names(self):
+        """The names of the outputs (config.json labels.names), or None in a bundle without them."""
+        labels = self.config.get("labels")
+        names = labels.get("names") if isinstance(labels, dict) else None
+        return None if names is None else [str(name) for name in names]
 
     @property
     def plain_model_path(self):
@@ -141,15 +163,43 @@ class Bundle(object):
 
 
 def open_bundle_backend(bundle, backend_name):
-    """Create the backend a bundle runs on; TensorRT uses the bundle's engine."""
+    """Create the backend a bundle runs on; TensorRT uses the bundle's engine.
+
+    The opened model must take and give what the bundle says (its I/O spec and
+    one output per label): a model giving more or fewer outputs than the hand
+    has fingers would drive the wrong joints, whatever the backend.
+    """
     from neurohand.decoder.backends import create_backend
     path = bundle.engine_path
     fp16 = False
     if os.path.isfile(path + ".json"):
-        fp16 = bool(load_json_file(path + ".json", "TensorRT engine metadata").get("fp16"))
+        fp16 = bool(load_json_file(path + ".json", "TensorRT engine metadata", error=BundleError).get("fp16"))
     if backend_name in ("tensorrt", "auto"):
-        return create_backend(backend_name, bundle.model_path, engine_path=path, fp16=fp16), fp16
-    return create_backend(backend_name, bundle.model_path), False
+        backend = create_backend(backend_name, bundle.model_path, engine_path=path, fp16=fp16)
+    else:
+        backend, fp16 = create_backend(backend_name, bundle.model_path), False
+    try:
+        check_backend_io(bundle, backend)
+    except BaseException:
+        backend.close()
+        raise
+    return backend, fp16
+
+
+def check_backend_io(bundle, backend):
+    """BundleError unless ``backend`` takes the bundle's features and gives one output per label."""
+    n_features, n_outputs = bundle.io
+    labels = bundle.label_names
+    if n_features is not None and int(backend.n_features) != n_features:
+        raise BundleError("bundle {!r}: the {} backend's model takes {} features, the bundle says {}".format(
+            bundle.path, backend.name, backend.n_features, n_features))
+    if n_outputs is not None and int(backend.n_outputs) != n_outputs:
+        raise BundleError("bundle {!r}: the {} backend's model gives {} outputs, the bundle says {}".format(
+            bundle.path, backend.name, backend.n_outputs, n_outputs))
+    if labels is not None and int(backend.n_outputs) != len(labels):
+        raise BundleError("bundle {!r}: the model gives {} outputs but the bundle has {} labels ({}); "
+                          "it was not trained for these labels".format(
+                              bundle.path, backend.n_outputs, len(labels), ", ".join(labels)))
 
 
 def _read_npz(path, names, optional=()):
@@ -204,10 +254,38 @@ def _read_json(path, what):
     return load_json_file(path, what, error=BundleError)
 
 
+def refuse_links(path):
+    """BundleError if anything inside the bundle directory ``path`` is a symbolic link or not a file/folder.
+
+    A link inside a bundle points at a file the manifest does not cover (read
+    as if it were the bundle's), or at one a write (engine, self-test record)
+    would then land on; copied to a device it dangles.  ``path`` itself may be
+    a link (the device's ``current`` is one).
+    """
+    for folder, folders, files in os.walk(path, onerror=_raise_walk_error):
+        for name in sorted(folders + files):
+            entry = os.path.join(folder, name)
+            try:
+                mode = os.lstat(entry).st_mode
+            except OSError as exc:
+                raise BundleError("bundle {!r}: cannot inspect {!r}: {}".format(path, entry, exc.strerror)) from None
+            if stat.S_ISLNK(mode):
+                raise BundleError("bundle {!r} holds a symbolic link {!r}; a bundle holds only its own files "
+                                  "(copy the file itself there)".format(path, os.path.relpath(entry, path)))
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise BundleError("bundle {!r} holds {!r}, which is neither a file nor a folder".format(
+                    path, os.path.relpath(entry, path)))
+
+
+def _raise_walk_error(exc):
+    raise BundleError("bundle folder {!r} cannot be listed: {}".format(exc.filename, exc.strerror))
+
+
 def verify_manifest(path):
     """Check every file listed in BUNDLE/manifest.json; return the manifest."""
     if not os.path.isdir(path):
         raise BundleError("bundle {!r} is not a directory".format(path))
+    refuse_links(path)
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_path):
         raise BundleError("bundle {!r} has no {} (not a bundle, or an incomplete copy)".format(path, MANIFEST))
@@ -246,7 +324,36 @@ def load_bundle(path):
     path = os.fspath(path)
     manifest = verify_manifest(path)
     config = _read_json(os.path.join(path, CONFIG), "bundle config")
+    _check_io_spec(path, manifest, config)
     return Bundle(path, manifest, config)
+
+
+def _positive_int(value):
+    return type(value) is int and value > 0
+
+
+def _check_io_spec(path, manifest, config, what="bundle"):
+    """BundleError unless the manifest's I/O spec, config.json's and the labels agree."""
+    io_spec = manifest.get("io")
+    if io_spec is not None and not (isinstance(io_spec, dict) and _positive_int(io_spec.get("n_features"))
+                                    and _positive_int(io_spec.get("n_outputs"))):
+        raise BundleError("bundle manifest {!r}: io must be an object with positive integers n_features and "
+                          "n_outputs, but got {!r}".format(os.path.join(path, MANIFEST), io_spec))
+    if io_spec is not None and "io" in config and config["io"] != io_spec:
+        raise BundleError("{} {!r}: config.json's io {!r} differs from the manifest's {!r}".format(
+            what, path, config["io"], io_spec))
+    labels = config.get("labels")
+    if labels is None:
+        return
+    names = labels.get("names") if isinstance(labels, dict) else None
+    if not isinstance(labels, dict) or (names is not None and not (
+            isinstance(names, list) and names and all(isinstance(name, str) for name in names))):
+        raise BundleError("{} {!r}: config.json labels must be an object whose names is a list of "
+                          "strings, but got {!r}".format(what, path, labels))
+    if names is not None and io_spec is not None and len(names) != io_spec["n_outputs"]:
+        raise BundleError("{} {!r}: the model gives {} outputs but there are {} labels ({}); it was "
+                          "not trained for these labels".format(what, path, io_spec["n_outputs"], len(names),
+                                                                 ", ".join(names)))
 
 
 def _versions():
@@ -284,22 +391,32 @@ def make_golden_vectors(onnx_path, sequences=GOLDEN_SEQUENCES, steps=GOLDEN_STEP
     return features, outputs, states, io_spec
 
 
-def make_bundle(run_dir, out):
+def make_bundle(run_dir, out, force=False):
     """Build BUNDLE ``out`` from a training run directory; return the manifest.
 
     Written to a temporary directory beside ``out`` and renamed into place, so
     an interrupted build never leaves something that looks like a bundle.
+    ``out`` may exist as an empty directory; a non-empty one is replaced only
+    with ``force`` and only if it is a bundle itself (``--force`` must not
+    delete a folder of something else given by mistake), never when the run
+    directory is inside it.
     """
     run_dir = os.fspath(run_dir)
     out = os.fspath(out)
     for name in (MODEL, CONFIG):
         if not os.path.isfile(os.path.join(run_dir, name)):
             raise UsageError("run directory {!r} has no {} (is it the output of 'neurohand train'?)".format(run_dir, name))
-    if os.path.exists(out):
-        raise UsageError("output {!r} already exists; choose a new path or remove it".format(out))
+    check_output_path("--out", out, inputs=(run_dir,), force=force, directory=True)
+    replacing = os.path.isdir(out) and bool(os.listdir(out))
+    if replacing:
+        real_out = os.path.realpath(out)
+        if os.path.realpath(run_dir).startswith(real_out.rstrip(os.sep) + os.sep):
+            raise UsageError("--out {!r} holds the run directory {!r}; replacing it would delete the run".format(
+                out, run_dir))
+        if not os.path.isfile(os.path.join(out, MANIFEST)):
+            raise UsageError("--out {!r} exists and is not a bundle (it has no {}); --force replaces only a "
+                             "bundle: choose a new path".format(out, MANIFEST))
     parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise UsageError("output directory {!r} does not exist".format(parent))
 
     config = _read_json(os.path.join(run_dir, CONFIG), "run config")
     staging = tempfile.mkdtemp(prefix=".bundle-", dir=parent)
@@ -311,23 +428,40 @@ def make_bundle(run_dir, out):
             bundled.append(PLAIN_MODEL)
         features, outputs, states, io_spec = make_golden_vectors(os.path.join(staging, MODEL))
         config["io"] = io_spec
-        with open(os.path.join(staging, CONFIG), "w", encoding="utf-8") as handle:
-            json.dump(config, handle, indent=1, sort_keys=True)
-        with open(os.path.join(staging, GOLDEN), "wb") as handle:
-            np.savez(handle, features=features, outputs=outputs, states=states)
         manifest = {
             "format": BUNDLE_FORMAT,
             "format_version": BUNDLE_FORMAT_VERSION,
             "produced_by": _versions(),
             "io": io_spec,
-            "files": {name: {"sha256": sha256_of(os.path.join(staging, name)),
-                             "bytes": os.path.getsize(os.path.join(staging, name))}
-                      for name in bundled},
         }
+        _check_io_spec(run_dir, manifest, config, what="run directory")
+        with open(os.path.join(staging, CONFIG), "w", encoding="utf-8") as handle:
+            json.dump(config, handle, indent=1, sort_keys=True)
+        with open(os.path.join(staging, GOLDEN), "wb") as handle:
+            np.savez(handle, features=features, outputs=outputs, states=states)
+        manifest["files"] = {name: {"sha256": sha256_of(os.path.join(staging, name)),
+                                    "bytes": os.path.getsize(os.path.join(staging, name))}
+                             for name in bundled}
         with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=1, sort_keys=True)
-        os.rename(staging, out)
+        _move_into_place(staging, out, replacing)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def _move_into_place(staging, out, replacing):
+    """Rename ``staging`` to ``out``; an existing bundle there is moved aside first, then removed."""
+    if not replacing:
+        os.rename(staging, out)          # over an empty directory too
+        return
+    old = tempfile.mkdtemp(prefix=".bundle-old-", dir=os.path.dirname(os.path.abspath(out)))
+    os.rmdir(old)
+    os.rename(out, old)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

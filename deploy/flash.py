@@ -20,7 +20,9 @@ entry ssh itself keeps.  Privileged steps use ``sudo -n`` unless the remote
 user is root, so a missing sudo rule fails at once instead of hanging.
 """
 import collections
+import io
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -30,17 +32,149 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from neurohand.deploy.bundle import load_bundle
-from neurohand.firmware_bridge.shared.errors import UsageError
+from neurohand.decoder.backend_registry import BACKEND_CHOICES
+from neurohand.deploy.bundle import MANIFEST, load_bundle
+from neurohand.firmware_bridge.shared.errors import BundleError, UsageError
 
 SERVICE_NAME = "neurohand"
-SOURCE_ITEMS = ("setup.py", "README.md", "decoder", "firmware_bridge", "train", "deploy")
+PACKAGE_FOLDERS = ("decoder", "firmware_bridge", "train", "deploy")
+SOURCE_ITEMS = ("setup.py", "README.md") + PACKAGE_FOLDERS
 
 FlashSettings = collections.namedtuple("FlashSettings", [
     "install_dir", "system_root", "service_user", "remote_python", "chip_port", "hand", "backend",
     "fp16", "skip_engine", "max_performance", "chip_usb", "hand_usb", "start_service"])
 
 Step = collections.namedtuple("Step", ["description", "command", "upload"])  # upload: local file piped to stdin
+
+
+# What may reach a systemd unit, a udev rule or a command line.  Whitelists, not escaping: systemd
+# splits ExecStart= on its own quoting, expands %-specifiers and $VARIABLES in it, and a newline starts
+# a new directive (a second User= line wins over the first); ssh reads a leading '-' as an option and
+# expands %-tokens in file options.  None of these characters has a place in a path, a user or a host.
+_PATH_CHARACTERS = re.compile(r"^[A-Za-z0-9_./+:-]+\Z")   # \Z: '$' would let a final newline through
+# useradd's portable user name (shadow-utils NAME_REGEX without the trailing '$' of machine accounts).
+_USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}\Z")
+_SSH_USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\Z")
+# A DNS name or IPv4 address, or a bare IPv6 address (no %scope: ssh would expand the '%').
+_SSH_HOST = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}|[0-9A-Fa-f:.]{2,45})\Z")
+MAX_PATH_CHARS = 200
+
+
+def _shown(value, limit=80):
+    """``value`` for a one-line message: repr (control characters escaped), cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_absolute_path(name, value):
+    """``value`` if it is an absolute, normalised path of plain characters; else UsageError.
+
+    Plain: letters, digits and ``_ . / + : -`` -- nothing a systemd unit, a udev
+    rule or a shell would interpret (whitespace, newlines, quotes, backslash,
+    ``%``, ``$``, ``;``), and no ``..`` or ``//`` (what the unit names is what runs).
+    """
+    if not isinstance(value, str) or not value:
+        raise UsageError("{} must be an absolute path, but got {}".format(name, _shown(value)))
+    if len(value) > MAX_PATH_CHARS:
+        raise UsageError("{} is {} characters long; at most {} are accepted".format(name, len(value), MAX_PATH_CHARS))
+    if not _PATH_CHARACTERS.match(value):
+        raise UsageError("{} {} holds a character other than letters, digits and _ . / + : - (no spaces, quotes, "
+                         "%, $ or control characters: it goes into the systemd unit and remote commands)".format(
+                             name, _shown(value)))
+    if not value.startswith("/") or os.path.normpath(value) != value or value.startswith("//"):
+        raise UsageError("{} must be an absolute, normalised path (no '..', '.', '//' or trailing '/'), but got "
+                         "{}; did you mean {}?".format(name, _shown(value), _shown(os.path.normpath("/" + value.lstrip("/")))))
+    return value
+
+
+def check_service_user(value):
+    """``value`` if it is a plain, unprivileged user name; else UsageError."""
+    # A number is a user id to systemd (User=0 is root).
+    if isinstance(value, str) and (value.strip() == "root" or re.match(r"\s*[0-9]+\s*\Z", value)):
+        raise UsageError("--service-user {}: the service must run as an unprivileged user (default "
+                         "neurohand); it needs only the dialout and video groups".format(_shown(value)))
+    if not isinstance(value, str) or not _USER_NAME.match(value):
+        raise UsageError("--service-user must be a user name of lowercase letters, digits, '_' and '-' starting "
+                         "with a letter or '_' (at most 32), but got {}".format(_shown(value)))
+    return value
+
+
+def check_hand_spec(value):
+    """``value`` if it is ``none`` or DRIVER:/absolute/path; else UsageError (the unit's --hand)."""
+    from neurohand.firmware_bridge.hands import parse_hand_spec
+    if not isinstance(value, str) or not _PATH_CHARACTERS.match(value) or len(value) > MAX_PATH_CHARS + 20:
+        raise UsageError("--hand {} holds a character other than letters, digits and _ . / + : - "
+                         "(it goes into the systemd unit), or is too long".format(_shown(value)))
+    name, target = parse_hand_spec(value)
+    if target is not None:
+        check_absolute_path("--hand {} target".format(name), target)
+    return value
+
+
+def check_remote_python(value):
+    """``value`` if it is a command name or an absolute path of plain characters; else UsageError."""
+    if not isinstance(value, str) or not _PATH_CHARACTERS.match(value) or value.startswith("-") \
+            or len(value) > MAX_PATH_CHARS:
+        raise UsageError("--remote-python must be a command name or absolute path of letters, digits and "
+                         "_ . / + : - not starting with '-', but got {}".format(_shown(value)))
+    if "/" in value:
+        check_absolute_path("--remote-python", value)
+    elif not re.match(r"[A-Za-z][A-Za-z0-9_.+-]*\Z", value):
+        raise UsageError("--remote-python {} is not a command name (python3, python3.6, ...)".format(_shown(value)))
+    return value
+
+
+def check_host(value):
+    """``value`` if it is [USER@]HOST[:PORT] with a plain user and host; else UsageError.
+
+    Never starts with '-' (ssh would read it as an option; it is also passed after ``--``).
+    """
+    message = "host {} must be [USER@]HOST[:PORT]: a user of letters, digits, '_', '.' and '-', a host name " \
+              "or IP address, a port 1..65535, none starting with '-'".format(_shown(value))
+    if not isinstance(value, str) or len(value) > 300:
+        raise UsageError(message)
+    user, at, host = value.rpartition("@")
+    if at and not _SSH_USER.match(user):
+        raise UsageError(message)
+    name, port = SshTarget.split_port(host)
+    if not _SSH_HOST.match(name) or not 1 <= port <= 65535:
+        raise UsageError(message)
+    return value
+
+
+def check_ssh_file(name, value):
+    """An existing file for an ssh option, as an absolute path ssh reads as it is (no %-tokens, no spaces)."""
+    if value is None:
+        return None
+    path = os.path.abspath(os.fspath(value))
+    if not _PATH_CHARACTERS.match(path) or len(path) > 4 * MAX_PATH_CHARS:
+        raise UsageError("{} {}: ssh expands %-tokens and splits on spaces in file options; use a path of "
+                         "letters, digits and _ . / + : -".format(name, _shown(value)))
+    return path
+
+
+def check_settings(settings):
+    """UsageError (one line) unless every value of ``settings`` may go into a unit, a rule or a command."""
+    check_absolute_path("--install-dir", settings.install_dir)
+    if settings.install_dir == "/":
+        raise UsageError("--install-dir must be a folder of its own, not '/'")
+    if settings.system_root not in ("", "/"):
+        check_absolute_path("--system-root", settings.system_root)
+    check_service_user(settings.service_user)
+    check_remote_python(settings.remote_python)
+    check_absolute_path("--chip", settings.chip_port)
+    check_hand_spec(settings.hand)
+    if settings.backend not in BACKEND_CHOICES:
+        raise UsageError("--backend must be one of {}, but got {}".format(", ".join(BACKEND_CHOICES),
+                                                                          _shown(settings.backend)))
+    for name, usb_id in (("--chip-usb", settings.chip_usb), ("--hand-usb", settings.hand_usb)):
+        if usb_id is None:
+            continue
+        if not (isinstance(usb_id, tuple) and len(usb_id) == 2 and all(isinstance(part, str) for part in usb_id)
+                and parse_usb_id(name, ":".join(usb_id)) == usb_id):
+            raise UsageError("{} must be a USB VENDOR:PRODUCT id (as parse_usb_id gives it), but got {}".format(
+                name, _shown(usb_id)))
+    return settings
 
 
 def parse_usb_id(name, value):
@@ -76,6 +210,120 @@ def source_tree():
     return None
 
 
+def installed_tree():
+    """The installed ``neurohand`` folder (site-packages/neurohand) holding the four sub-packages, or None."""
+    import neurohand.deploy
+    root = os.path.dirname(os.path.dirname(os.path.abspath(neurohand.deploy.__file__)))
+    if all(os.path.isfile(os.path.join(root, folder, "__init__.py")) for folder in PACKAGE_FOLDERS):
+        return root
+    return None
+
+
+def _installed_distribution():
+    """The installed neurohand distribution's metadata; UsageError where it cannot be read."""
+    from neurohand.deploy.version import __version__
+    try:
+        from importlib import metadata  # novermin (3.8+; guarded: flash runs on the workstation)
+    except ImportError:
+        raise UsageError("flashing from an installed (not source) neurohand needs Python 3.8 or later here; "
+                         "run flash from a git checkout or pass --package ARCHIVE") from None
+    try:
+        distribution = metadata.distribution("neurohand")
+    except metadata.PackageNotFoundError:
+        raise UsageError("the installed neurohand has no package metadata (dist-info); reinstall it with pip, run "
+                         "flash from a git checkout, or pass --package ARCHIVE") from None
+    if distribution.version != __version__:
+        raise UsageError("the installed neurohand metadata says version {} but the package is {}; reinstall it "
+                         "with pip".format(distribution.version, __version__))
+    return distribution
+
+
+def _requirements(requires):
+    """Requires-Dist lines -> (install_requires, extras_require) as setup() takes them."""
+    install, extras = [], collections.OrderedDict()
+    for line in requires or ():
+        requirement, _, marker = line.partition(";")
+        requirement, marker = requirement.strip(), marker.strip()
+        found = _EXTRA_MARKER.search(marker)
+        if found is None:
+            install.append(requirement + ("; " + marker if marker else ""))
+            continue
+        rest = _EXTRA_MARKER.sub("", marker).strip()
+        extras.setdefault(found.group(1), []).append(requirement + ("; " + rest if rest else ""))
+    return install, dict(extras)
+
+
+_EXTRA_MARKER = re.compile(r"""(?:\s+and\s+)?\bextra\s*==\s*["']([^"']+)["'](?:\s+and\s+)?""")
+
+_GENERATED_SETUP = '''"""Written by neurohand flash from the installed distribution {name} {version}."""
+from setuptools import setup
+
+setup(
+    name={name!r},
+    version={version!r},
+    description={summary!r},
+    python_requires={python_requires!r},
+    packages={packages!r},
+    package_dir={package_dir!r},
+    install_requires={install!r},
+    extras_require={extras!r},
+    entry_points={entry_points!r},
+)
+'''
+
+
+def installed_setup_py(root, distribution):
+    """A setup.py rebuilding the installed distribution from the package folders under ``root``."""
+    packages = []
+    for folder in PACKAGE_FOLDERS:
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, folder)):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))
+            if "__init__.py" in filenames:
+                packages.append("neurohand." + os.path.relpath(dirpath, root).replace(os.sep, "."))
+    install, extras = _requirements(distribution.metadata.get_all("Requires-Dist"))
+    entry_points = {}
+    for entry in distribution.entry_points:
+        entry_points.setdefault(entry.group, []).append("{} = {}".format(entry.name, entry.value))
+    return _GENERATED_SETUP.format(
+        name=distribution.metadata["Name"], version=distribution.version, summary=distribution.metadata["Summary"],
+        python_requires=distribution.metadata["Requires-Python"], packages=sorted(packages),
+        package_dir={"neurohand." + folder: folder for folder in PACKAGE_FOLDERS}, install=install, extras=extras,
+        entry_points=entry_points)
+
+
+def make_installed_archive(root, destination):
+    """A pip-installable source archive of the installed package (no source checkout needed).
+
+    The package folders as installed, with a setup.py written from the
+    installed distribution's metadata (version, requirements, extras, the
+    ``neurohand`` command): what the device installs is what runs here.
+    """
+    distribution = _installed_distribution()
+    setup_py = installed_setup_py(root, distribution).encode("utf-8")
+
+    def skip_caches(info):
+        return None if "__pycache__" in info.name or info.name.endswith(".pyc") else info
+    with tarfile.open(destination, "w:gz") as archive:
+        info = tarfile.TarInfo("neurohand-src/setup.py")
+        info.size, info.mtime, info.mode = len(setup_py), int(time.time()), 0o644
+        archive.addfile(info, io.BytesIO(setup_py))
+        for folder in PACKAGE_FOLDERS:
+            archive.add(os.path.join(root, folder), arcname="neurohand-src/" + folder, filter=skip_caches)
+    return destination
+
+
+def package_archive(destination):
+    """The package to install on the devices: from the source checkout, else from the installed distribution."""
+    root = source_tree()
+    if root is not None:
+        return make_source_archive(root, destination)
+    root = installed_tree()
+    if root is None:
+        raise UsageError("the neurohand package folders were not found next to the installed package; "
+                         "reinstall neurohand or pass --package ARCHIVE")
+    return make_installed_archive(root, destination)
+
+
 def make_source_archive(root, destination):
     """A pip-installable source archive (one top folder with setup.py)."""
     def skip_caches(info):
@@ -87,6 +335,7 @@ def make_source_archive(root, destination):
 
 
 def udev_rules(settings):
+    check_settings(settings)
     lines = ["# Stable names for neurohand's serial devices (installed by neurohand flash)."]
     for usb_id, name in ((settings.chip_usb, "neurohand-chip"), (settings.hand_usb, "neurohand-hand")):
         if usb_id is not None:
@@ -97,6 +346,7 @@ def udev_rules(settings):
 
 def service_unit(settings):
     """The systemd unit: unprivileged, hardened, restarted on any exit."""
+    check_settings(settings)
     neurohand = os.path.join(settings.install_dir, "venv", "bin", "neurohand")
     run = [neurohand, "run", "--bundle", os.path.join(settings.install_dir, "current"),
            "--chip", settings.chip_port, "--hand", settings.hand, "--backend", settings.backend,
@@ -165,6 +415,7 @@ def _system_file_step(description, path, content, staging_root):
 
 def plan_steps(bundle, settings, source_archive, bundle_archive):
     """The remote steps for one device, in order."""
+    check_settings(settings)
     q = shlex.quote
     install = settings.install_dir
     release = os.path.join(install, "releases", bundle.digest[:16])
@@ -226,16 +477,18 @@ class SshTarget(object):
     """Runs commands on one host with key authentication only."""
 
     def __init__(self, host, identity=None, known_hosts=None, timeout_s=600):
-        self.user_host, self.port = self._split(host)
+        check_host(host)
+        self.user_host, self.port = self.split_port(host)
         self.identity = identity
         self.known_hosts = known_hosts
         self.timeout_s = timeout_s
 
     @staticmethod
-    def _split(host):
+    def split_port(host):
+        """'user@host:2222' -> ('user@host', 2222); without a port (or an IPv6 address), port 22."""
         if host.count(":") == 1:
             name, port = host.rsplit(":", 1)
-            if port.isdigit():
+            if re.match(r"[0-9]{1,5}\Z", port):     # not str.isdigit: it takes '²', which int() refuses
                 return name, int(port)
         return host, 22
 
@@ -247,7 +500,8 @@ class SshTarget(object):
             command += ["-i", self.identity, "-o", "IdentitiesOnly=yes"]
         if self.known_hosts:
             command += ["-o", "UserKnownHostsFile={}".format(self.known_hosts)]
-        return command + [self.user_host, remote_command]
+        # "--": whatever the host is, ssh never reads it as an option.
+        return command + ["--", self.user_host, remote_command]
 
     def run(self, remote_command, upload=None):
         stdin = open(upload, "rb") if upload else subprocess.DEVNULL
@@ -277,22 +531,29 @@ def flash_device(target, steps, progress):
 
 
 def _bundle_archive(bundle, destination):
+    """The bundle's manifest and the files it lists, as regular files (a link is refused, never shipped)."""
     with tarfile.open(destination, "w:gz") as archive:
-        for name in sorted(os.listdir(bundle.path)):
-            if name not in ("engine", "selftest"):
-                archive.add(os.path.join(bundle.path, name), arcname=name)
+        for name in [MANIFEST] + sorted(bundle.manifest["files"]):
+            info = archive.gettarinfo(os.path.join(bundle.path, name), arcname=name)
+            if not info.isfile():
+                raise BundleError("bundle {!r}: {} is not a regular file; a bundle holds only its own files".format(
+                    bundle.path, name))
+            with open(os.path.join(bundle.path, name), "rb") as handle:
+                archive.addfile(info, handle)
     return destination
 
 
 def flash(bundle_path, hosts, settings, identity=None, known_hosts=None, dry_run=False, jobs=4,
           package=None, out=sys.stdout):
     """Flash every host (in parallel); return the list of DeviceOutcome (empty for a dry run)."""
-    if settings.service_user.strip() in ("root", "0"):
-        raise UsageError("--service-user {!r}: the service must run as an unprivileged user (default "
-                         "neurohand); it needs only the dialout and video groups".format(settings.service_user))
-    bundle = load_bundle(bundle_path)
+    check_settings(settings)
+    for host in hosts:
+        check_host(host)
     if identity is not None and not os.path.isfile(identity):
-        raise UsageError("identity file {!r} does not exist".format(identity))
+        raise UsageError("identity file {} does not exist".format(_shown(identity)))
+    identity = check_ssh_file("--identity", identity)
+    known_hosts = check_ssh_file("--known-hosts", known_hosts)
+    bundle = load_bundle(bundle_path)
     lock = threading.Lock()
 
     def progress(message):
@@ -304,11 +565,7 @@ def flash(bundle_path, hosts, settings, identity=None, known_hosts=None, dry_run
         if package is not None:
             source_archive = package
         else:
-            root = source_tree()
-            if root is None:
-                raise UsageError("the neurohand source tree was not found next to the installed package; "
-                                 "run flash from a git checkout (pip install -e .) or pass --package ARCHIVE")
-            source_archive = make_source_archive(root, os.path.join(staging, "neurohand-src.tar.gz"))
+            source_archive = package_archive(os.path.join(staging, "neurohand-src.tar.gz"))
         bundle_archive = _bundle_archive(bundle, os.path.join(staging, "bundle.tar.gz"))
         steps = plan_steps(bundle, settings, source_archive, bundle_archive)
         if dry_run:

@@ -15,7 +15,10 @@ def register(subparsers):
                     "backend, and manifest.json with the SHA-256 of every file and the versions that "
                     "produced it. Every later load verifies the manifest.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="output directory of 'neurohand train'")
-    parser.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to create (must not exist)")
+    parser.add_argument("--out", required=True, metavar="BUNDLE",
+                        help="bundle directory to create (new or empty; not the run directory nor inside it)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace existing output files: an existing bundle at --out (never another folder)")
     parser.set_defaults(func=_bundle)
 
     parser = subparsers.add_parser(
@@ -52,7 +55,7 @@ def register(subparsers):
 
 def _bundle(args):
     from neurohand.deploy.bundle import make_bundle
-    manifest = make_bundle(args.run_dir, args.out)
+    manifest = make_bundle(args.run_dir, args.out, force=args.force)
     print("bundle written to {} ({} inputs -> {} outputs; files: {})".format(
         args.out, manifest["io"]["n_features"], manifest["io"]["n_outputs"], ", ".join(sorted(manifest["files"]))))
 
@@ -61,9 +64,18 @@ def _build_engine(args):
     from neurohand.deploy.bundle import load_bundle
     from neurohand.decoder.backends.tensorrt_backend import build_engine
     from neurohand.firmware_bridge.shared.checks import check_int
+    from neurohand.firmware_bridge.shared.errors import UsageError
+    from neurohand.firmware_bridge.shared.outputs import check_output_path, describe_os_error
     workspace_mb = check_int("--workspace-mb", args.workspace_mb, minimum=16, maximum=65536)
     bundle = load_bundle(args.bundle)
-    os.makedirs(bundle.engine_dir, exist_ok=True)
+    try:
+        os.makedirs(bundle.engine_dir, exist_ok=True)
+    except OSError as exc:
+        raise UsageError("cannot create the engine folder {!r}: {}".format(bundle.engine_dir,
+                                                                           describe_os_error(exc))) from None
+    # Replacing the engine is this command's job (atomically, on success): checked, not refused.
+    for path in (bundle.engine_path, bundle.engine_path + ".json"):
+        check_output_path("engine", path, inputs=(bundle.model_path, bundle.plain_model_path), force=True)
     metadata = build_engine(bundle.model_path, bundle.engine_path, fp16=args.fp16, workspace_mb=workspace_mb,
                             plain_path=bundle.plain_model_path, graph=args.graph)
     if metadata.get("fallback"):
@@ -75,21 +87,33 @@ def _build_engine(args):
 
 def _selftest(args):
     from neurohand.deploy.bundle import load_bundle, open_bundle_backend
-    from neurohand.deploy.selftest import record_result, run_selftest
+    from neurohand.deploy.selftest import record_path, record_result, run_selftest
+    from neurohand.firmware_bridge.shared.errors import UsageError
+    from neurohand.firmware_bridge.shared.outputs import check_output_path, describe_os_error
     bundle = load_bundle(args.bundle)
     backend, fp16 = open_bundle_backend(bundle, args.backend)
     try:
+        # The record is written after the steps: a bundle folder it cannot go in is refused before them.
+        try:
+            os.makedirs(bundle.selftest_dir, exist_ok=True)
+        except OSError as exc:
+            raise UsageError("cannot create the self-test folder {!r}: {}".format(
+                bundle.selftest_dir, describe_os_error(exc))) from None
+        check_output_path("self-test record", record_path(bundle, backend.name), inputs=(bundle.model_path,),
+                          force=True)
         report = run_selftest(bundle, backend, fp16=fp16 and backend.name == "tensorrt")
     finally:
         backend.close()
     report["record"] = record_result(bundle, report)
     if args.json:
-        print(json.dumps(report, sort_keys=True))
+        print(json.dumps(report, sort_keys=True, allow_nan=False))
     else:
-        print("self-test {}: backend {}, {} steps, max abs error {:.3g} (tolerance {:g}), "
+        error = report["max_abs_error"]
+        print("self-test {}: backend {}, {} steps, max abs error {} (tolerance {:g}), "
               "step latency p50 {:.0f} us, p99 {:.0f} us".format(
                   "PASSED" if report["passed"] else "FAILED", report["backend"], report["steps"],
-                  report["max_abs_error"], report["tolerance"], report["step_us"]["p50"], report["step_us"]["p99"]))
+                  "not finite (NaN outputs)" if error is None else "{:.3g}".format(error), report["tolerance"],
+                  report["step_us"]["p50"], report["step_us"]["p99"]))
     return 0 if report["passed"] else 1
 
 

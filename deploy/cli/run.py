@@ -146,6 +146,16 @@ def _run(args):
             return 0
 
 
+def backend_for_run(bundle_path, requested, skip_selftest_check=False):
+    """The backend ``run`` drives the hand with: ``auto`` means the first available backend that passed
+    the self-test on this device for this bundle (not merely the first available one)."""
+    if requested != "auto" or skip_selftest_check:
+        return requested
+    from neurohand.deploy.bundle import load_bundle
+    from neurohand.deploy.selftest import selftested_backend
+    return selftested_backend(load_bundle(bundle_path))
+
+
 def _run_command(args, signals):
     from neurohand.deploy.runtime.options import config_from_args
     from neurohand.deploy.selftest import require_passed_selftest
@@ -159,7 +169,7 @@ def _run_command(args, signals):
     config = config_from_args(args)
     _check_outputs(args, [args.bundle])
     signals.raise_if_stopped()
-    decoder = load_decoder(args.bundle, args.backend)
+    decoder = load_decoder(args.bundle, backend_for_run(args.bundle, args.backend, args.skip_selftest_check))
     try:
         signals.raise_if_stopped()
         if args.skip_selftest_check:

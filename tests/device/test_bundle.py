@@ -83,7 +83,7 @@ def test_corrupt_manifest_is_refused(bundle_path):
 
 
 def test_existing_output_and_incomplete_run_are_usage_errors(run_dir, bundle_path, tmp_path):
-    with pytest.raises(UsageError, match="already exists"):
+    with pytest.raises(UsageError, match="not empty; pass --force"):
         make_bundle(str(run_dir), str(bundle_path))
     (run_dir / "model.onnx").unlink()
     with pytest.raises(UsageError, match="model.onnx"):
@@ -99,7 +99,8 @@ def test_selftest_passes_and_is_recorded_for_this_device(bundle_path):
     assert report["steps"] > 0 and report["step_us"]["p99"] > 0
     bundle = load_bundle(str(bundle_path))
     assert selftest.require_passed_selftest(bundle, "numpy")["device"] == selftest.device_id()
-    with pytest.raises(BundleError, match="backend 'numpy', not 'onnxruntime'"):
+    with pytest.raises(BundleError, match=r"not been self-tested on this device with backend 'onnxruntime' "
+                                          r"\(passed here: numpy\)"):
         selftest.require_passed_selftest(bundle, "onnxruntime")
 
 

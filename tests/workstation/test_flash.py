@@ -140,3 +140,60 @@ def test_user_mistakes_are_one_line_errors(bundle, tmp_path):
         result = flash(*args)
         assert result.returncode == 2, args
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def _installed_copy(tmp_path):
+    """neurohand installed by pip (not editable) from a copy of this source tree, as the README's
+    ``pip install '.[train]'`` does; returns the environment running ``python -S`` sees only that install
+    (plus numpy and the other dependencies from this venv's site-packages, not its editable neurohand)."""
+    import sysconfig
+    source, target = tmp_path / "source", tmp_path / "installed"
+    root = os.path.join(HERE, "..", "..")
+    for item in ("setup.py", "README.md", "decoder", "firmware_bridge", "train", "deploy"):
+        path = os.path.join(root, item)
+        if os.path.isdir(path):
+            shutil.copytree(path, str(source / item), ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            os.makedirs(str(source), exist_ok=True)
+            shutil.copyfile(path, str(source / item))
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                           "--target", str(target), str(source)])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), sysconfig.get_paths()["purelib"]]))
+    return target, env
+
+
+def test_flash_works_from_an_installed_package_without_the_source_tree(bundle, tmp_path):
+    target, env = _installed_copy(tmp_path)
+    where = subprocess.check_output([sys.executable, "-S", "-c", "import neurohand.deploy; print(neurohand.deploy.__file__)"],
+                                    env=env, cwd=str(tmp_path), universal_newlines=True)
+    assert where.startswith(str(target))                    # the installed copy, not this checkout
+    result = subprocess.run([sys.executable, "-S", "-m", "neurohand.deploy", "flash", bundle, "--host",
+                             "jetson@192.0.2.1", "--dry-run"], env=env, cwd=str(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "neurohand-src.tar.gz" in result.stdout
+    # The archive it ships installs with pip into a working package: the command, the requirements, the extras.
+    archive = str(tmp_path / "package.tar.gz")
+    subprocess.check_call([sys.executable, "-S", "-c", "import sys; from neurohand.deploy import flash; "
+                           "flash.package_archive(sys.argv[1])", archive], env=env, cwd=str(tmp_path))
+    device = tmp_path / "device"
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                           "--target", str(device), archive])
+    assert (device / "bin" / "neurohand").exists()
+    installed = sorted(os.path.relpath(os.path.join(folder, name), str(target / "neurohand"))
+                       for folder, _, names in os.walk(str(target / "neurohand")) for name in names
+                       if name.endswith(".py"))
+    shipped = sorted(os.path.relpath(os.path.join(folder, name), str(device / "neurohand"))
+                     for folder, _, names in os.walk(str(device / "neurohand")) for name in names
+                     if name.endswith(".py"))
+    assert shipped == installed and "deploy/cli/main.py" in shipped
+    info = [name for name in os.listdir(str(device)) if name.endswith(".dist-info")]
+    metadata = (device / info[0] / "METADATA").read_text()
+    for line in ("Requires-Dist: numpy>=1.19", "Requires-Dist: pyserial>=3.5",
+                 'Requires-Dist: pycuda>=2021.1; extra == "jetson"'):
+        assert line in metadata
+    assert "neurohand = neurohand.deploy.cli.main:main" in (device / info[0] / "entry_points.txt").read_text()
+    env["PYTHONPATH"] = os.pathsep.join([str(device), env["PYTHONPATH"].split(os.pathsep, 1)[1]])
+    version = subprocess.check_output([sys.executable, "-S", "-m", "neurohand.deploy", "--version"], env=env,
+                                      cwd=str(tmp_path), universal_newlines=True)
+    assert version.startswith("neurohand ")
