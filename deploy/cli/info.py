@@ -1,8 +1,9 @@
 """Subcommands of this area (see neurohand.deploy.cli.main).  Standard library only
 at module level; handlers import what they need."""
-import collections
 import json
+import math
 import sys
+import warnings
 
 
 def register(subparsers):
@@ -17,7 +18,8 @@ def register(subparsers):
     parser.add_argument("--json", action="store_true",
                         help="print exactly one JSON object instead of text (keys: duration_s, "
                              "signal_rate, n_channels, channel_names, n_samples, dtype, scale_uv, "
-                             "label_streams, events, metadata, integrity)")
+                             "label_streams, events, metadata, integrity); NaN or infinity in the "
+                             "metadata, which JSON cannot hold, print as null with a warning")
     parser.add_argument("--verify", action="store_true",
                         help="also check the CRC of every signal chunk (reads the whole file; "
                              "by default only headers, labels and events are checked)")
@@ -25,28 +27,54 @@ def register(subparsers):
 
 
 def run_info(args):
-    import warnings
+    from neurohand.firmware_bridge.recording.file_format import open_recording
 
-    from neurohand.firmware_bridge.recording.file_format import RecordingTruncatedWarning, open_recording
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RecordingTruncatedWarning)
-        with open_recording(args.file, verify=args.verify) as rec:
-            summary = summarise(rec)
-    for warning in caught:
-        if issubclass(warning.category, RecordingTruncatedWarning):
-            print("neurohand info: warning: {}".format(warning.message), file=sys.stderr)
-        else:
-            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    # A damaged or cut-off recording warns once (RecordingTruncatedWarning,
+    # naming the file, the problems and what was kept); the CLI prints every
+    # warning as one "neurohand info: warning:" line.
+    with open_recording(args.file, verify=args.verify) as rec:
+        summary = summarise(rec)
     if args.json:
+        summary, replaced = json_ready(summary)
+        if replaced:
+            warnings.warn("recording {!r}: {} {} NaN or infinite, which JSON cannot hold: printed as null".format(
+                args.file, _listing(replaced), "is" if len(replaced) == 1 else "are"))
         print(json.dumps(summary, sort_keys=True, allow_nan=False))
     else:
         _print_text(summary)
 
 
+def json_ready(value, where=""):
+    """(``value`` as strict JSON can hold it, [paths of values replaced by null]).
+
+    A header's metadata may hold NaN or Infinity (Python's JSON reader accepts
+    them although JSON has none): they become null, and the caller says which.
+    Keys become strings and tuples lists, as json.dumps would make them.
+    """
+    replaced = []
+
+    def walk(item, path):
+        if isinstance(item, float) and not math.isfinite(item):
+            replaced.append(path or "the value")
+            return None
+        if isinstance(item, dict):
+            return {str(key): walk(child, "{}.{}".format(path, key) if path else str(key))
+                    for key, child in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [walk(child, "{}[{}]".format(path, i)) for i, child in enumerate(item)]
+        return item
+
+    return walk(value, where), replaced
+
+
+def _listing(paths, limit=5):
+    shown = ", ".join(paths[:limit])
+    return shown + (" and {} more values".format(len(paths) - limit) if len(paths) > limit else "")
+
+
 def summarise(rec):
-    """Return a JSON-able dict describing an open Recording."""
-    counts = collections.Counter(event.kind for event in rec.events)
+    """Return a dict describing an open Recording (JSON-able after :func:`json_ready`)."""
+    counts = rec.events.kind_counts()
     return {
         "file": rec.path,
         "duration_s": rec.duration_s,
@@ -84,12 +112,13 @@ def _print_text(summary):
                          len(stream["names"]), ", ".join(stream["names"]))))
     events = summary["events"]
     rows.append(("events", ", ".join("{}: {}".format(k, v) for k, v in events.items()) or "none"))
-    rows.append(("metadata", json.dumps(summary["metadata"], sort_keys=True) if summary["metadata"] else "none"))
+    rows.append(("metadata", json.dumps(summary["metadata"], sort_keys=True, ensure_ascii=False)
+                  if summary["metadata"] else "none"))
     integrity = summary["integrity"]
     if integrity["complete"]:
         state = "complete"
     else:
-        state = "TRUNCATED: {} ({} bytes ignored)".format(integrity["message"], integrity["bytes_ignored"])
+        state = "TRUNCATED OR DAMAGED: {} ({} bytes ignored)".format(integrity["message"], integrity["bytes_ignored"])
     rows.append(("integrity", "{}; {} chunks, {} bytes, signal CRCs {}".format(
         state, integrity["chunks"], integrity["file_size"],
         "checked" if integrity["verified"] else "not checked (use --verify)")))

@@ -13,22 +13,26 @@ a CRC-32 of its payload and a CRC-32 of its own header::
 
 Why chunks with CRCs: a recorder killed (or powered off) mid-write leaves a
 file whose tail is a partial chunk.  The reader keeps every chunk that passes
-its checks and stops, with a :class:`RecordingTruncatedWarning`, at the first
-one that does not -- so a recording is never lost, only its last moments.
+its checks, skips one that does not and goes on after it (after a damaged
+chunk header, at the next intact one), and stops at a partial chunk at the
+end, with one :class:`RecordingTruncatedWarning` -- so a recording is never
+lost, only its damaged parts and its last moments.
 
 Why the reader scans headers only: an hour at 16 channels and 10 kHz is
 1.15 GB.  Opening seeks from chunk header to chunk header to build an index of
 signal chunks; samples are read on demand per range.  Label and event chunks
-are small and are loaded (and CRC-checked) when opening.
+are loaded (and CRC-checked) when opening, into packed arrays, so opening
+needs at most about twice the file's size in memory whatever its shape.
 
 Numpy and the standard library only (Python 3.6, numpy 1.19).  No pickle.
 """
+import array
 import collections
 import collections.abc
 import json
 import math
-import numbers
 import os
+import stat
 import struct
 import warnings
 import zlib
@@ -38,6 +42,13 @@ import numpy as np
 from neurohand.firmware_bridge.shared import checks
 from neurohand.firmware_bridge.shared.atomic import sync_directory
 from neurohand.firmware_bridge.shared.errors import RecordingError, UsageError
+from neurohand.firmware_bridge.recording.events import (
+    INT64_MAX, INT64_MIN, MAX_KIND_CHARS, Event, EventBuilder, EventList, iter_json_array, parse_event, utf8_text,
+    valid_unicode)
+
+# Event and EventList are part of this module's API (``Recording.events``).
+__all__ = ["Event", "EventList", "LabelStream", "Recording", "RecordingTruncatedWarning", "RecordingWriter",
+           "open_recording"]
 
 # --- Format constants (docs/recording-format.md, section "Byte layout") -----
 
@@ -63,21 +74,21 @@ MAX_PENDING_EVENTS = 1024
 # electrode array (the chip link carries 64); a header listing more is damage,
 # and the cap bounds the per-channel work of opening one.
 MAX_CHANNELS = 65536
-INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
+# The header's JSON becomes Python objects, up to ~15 times its size; the cap
+# bounds that (65536 channel names and scales take about 2 MB).
+MAX_HEAD_BYTES = 16 << 20
+KNOWN_CHUNK_TYPES = (HEAD, SIGS, LABL, EVNT, DONE)
+# Payloads above this are read (CRC, labels, events) a piece at a time.
+PIECE_BYTES = 1 << 16
+# Problems listed one by one in Recording.integrity; more are only counted.
+MAX_PROBLEMS_KEPT = 100
 
 
 class RecordingTruncatedWarning(UserWarning):
-    """A recording ends early or has a damaged chunk; it was loaded up to the
-    last chunk that passed every check (see ``Recording.integrity``)."""
+    """A recording ends early, or has damaged chunks or text that is not
+    UTF-8; everything usable was loaded.  The message names the file, the
+    problems and what was kept; ``Recording.integrity`` lists the problems."""
 
-
-Event = collections.namedtuple("Event", ["sample", "kind", "value"])
-Event.__doc__ = """A marker on the signal time axis.
-
-sample : int, index of the signal sample it refers to (0-based)
-kind : str, e.g. "movement", "repetition", "missing"
-value : int, meaning depends on ``kind`` (docs/recording-format.md, "Events")
-"""
 
 LabelStream = collections.namedtuple("LabelStream", ["name", "rate", "names", "data"])
 LabelStream.__doc__ = """A label stream with its own sample rate.
@@ -90,7 +101,8 @@ data : ndarray, shape (n_rows, len(names)), float32
 
 
 def _json_bytes(value):
-    """Canonical JSON (sorted keys, no spaces, ASCII) so equal input gives equal bytes."""
+    """Canonical JSON (sorted keys, no spaces, non-ASCII as \\uXXXX) so equal input
+    gives equal bytes; ASCII is also UTF-8, the format's encoding."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
                       allow_nan=False).encode("ascii")
 
@@ -114,6 +126,7 @@ def _check_names(what, names):
     for name in names:
         if not isinstance(name, str) or not name:
             raise UsageError("{} must be non-empty strings, but got {!r}".format(what, _short(name)))
+        _check_text(what, name)
     duplicates = sorted(name for name, count in collections.Counter(names).items() if count > 1)
     if duplicates:
         raise UsageError("{} must be unique, but {} appear more than once".format(
@@ -152,6 +165,7 @@ def _check_label_streams(label_streams):
     for name, spec in label_streams.items():
         if not isinstance(name, str) or not name:
             raise UsageError("label stream names must be non-empty strings, but got {!r}".format(name))
+        _check_text("label stream names", name)
         if not isinstance(spec, collections.abc.Mapping) or set(spec) != {"rate", "names"}:
             raise UsageError("label stream {!r} must be a dict with exactly the keys 'rate' and "
                              "'names', but got {!r}".format(name, spec))
@@ -172,7 +186,22 @@ def _check_metadata(metadata):
     except (TypeError, ValueError) as exc:
         raise UsageError("metadata must be JSON-able (str keys; str, int, float, bool, None, "
                          "lists and dicts; no NaN): {}".format(exc)) from exc
+    try:
+        json.dumps(dict(metadata), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UsageError("metadata must hold Unicode text only, but a string holds {!r} (a lone surrogate, "
+                         "e.g. from a file name that is not UTF-8; decode it with errors='replace')".format(
+                             exc.object[exc.start:exc.end])) from None
     return dict(metadata)
+
+
+def _check_text(what, text):
+    """UTF-8 is the format's encoding: a str that cannot be encoded (lone
+    surrogates, e.g. from os.fsdecode of a non-UTF-8 file name) is refused, not
+    written as an escape no reader can turn back into text."""
+    if valid_unicode(text)[1]:
+        raise UsageError("{} must be Unicode text, but {!r} holds a lone surrogate (e.g. from a file name "
+                         "that is not UTF-8; decode it with errors='replace')".format(what, _short(text)))
 
 
 def _short(value, limit=80):
@@ -257,10 +286,14 @@ class RecordingWriter(object):
             "label_streams": [{"name": n, "rate": r, "names": c} for n, r, c in self._streams],
             "metadata": self.metadata,
         }
+        header_bytes = _json_bytes(header)
+        if len(header_bytes) > MAX_HEAD_BYTES:
+            raise UsageError("the header (names, scales, label streams and metadata) takes {} bytes as JSON, "
+                             "more than the {} a header may hold".format(len(header_bytes), MAX_HEAD_BYTES))
         try:
             self._file = open(self.path, "wb")
             self._write(FILE_HEADER.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR))
-            self._write(_chunk_bytes(HEAD, _json_bytes(header)))
+            self._write(_chunk_bytes(HEAD, header_bytes))
             self._push_to_os()
             if self.fsync:
                 self._sync_directory()
@@ -371,7 +404,11 @@ class RecordingWriter(object):
         self._check_open()
         sample = checks.check_int("event sample", sample, minimum=0, maximum=INT64_MAX)
         if not isinstance(kind, str) or not kind:
-            raise UsageError("event kind must be a non-empty string, but got {!r}".format(kind))
+            raise UsageError("event kind must be a non-empty string, but got {!r}".format(_short(kind)))
+        if len(kind) > MAX_KIND_CHARS:
+            raise UsageError("event kind must be at most {} characters, but has {}".format(
+                MAX_KIND_CHARS, len(kind)))
+        _check_text("event kind", kind)
         value = checks.check_int("event value", value, minimum=INT64_MIN, maximum=INT64_MAX)
         self._events_pending.append([sample, kind, value])
         self._n_events += 1
@@ -453,8 +490,12 @@ def open_recording(path, verify=False):
     """Open a recording for reading; also a context manager.
 
     Only chunk headers are read to index the signal chunks; label and event
-    chunks are loaded.  A file that ends early or has a damaged chunk loads up
-    to the last good chunk and warns :class:`RecordingTruncatedWarning`.
+    chunks are loaded.  A damaged chunk is skipped and the scan goes on after
+    it (a damaged chunk header: at the next intact one); a file that ends early
+    loads up to its last complete chunk.  Either way it warns
+    :class:`RecordingTruncatedWarning`, naming the file, each problem and what
+    was kept, and fills ``Recording.integrity`` (docs/recording-format.md,
+    "Reading rules").
 
     verify : bool, also read every signal chunk once to check its CRC (reads
         the whole file, in constant memory).  Without it, a damaged signal
@@ -462,104 +503,295 @@ def open_recording(path, verify=False):
         RecordingError).
 
     Raises RecordingError for a file that is not a recording, is of an
-    unsupported version, or is cut off before its header chunk is complete;
-    UsageError for a missing path or a directory.
+    unsupported version, has no intact header chunk, or cannot be read (an I/O
+    error names the byte); UsageError for a missing path or one that is not a
+    regular file (a directory, a FIFO, a device).
     """
     path = checks.check_file_exists("recording", path)
     try:
-        handle = open(path, "rb", buffering=0)  # unbuffered: each header read reads 20 bytes, not 8 kB
+        handle = _open_file(path)
     except OSError as exc:
-        raise RecordingError("cannot open recording {!r}: {}".format(path, exc)) from exc
+        raise RecordingError("cannot open recording {!r}: {}".format(path, _os_error_text(exc))) from exc
     try:
-        scan = _Scanner(path, handle, verify).scan()
+        recording = Recording(path, handle, _Scanner(path, handle, verify).scan())
     except BaseException:
         handle.close()
         raise
-    if not scan.integrity["complete"]:
-        warnings.warn(RecordingTruncatedWarning("recording {!r}: {}".format(path, scan.integrity["message"])),
-                      stacklevel=2)
-    return Recording(path, handle, scan)
+    if not recording.integrity["complete"]:
+        warnings.warn(RecordingTruncatedWarning(_integrity_text(recording)), stacklevel=2)
+    return recording
 
 
-class _ScanResult(object):
-    """What one pass over the chunk headers found."""
+def _open_file(path):
+    """Open ``path`` unbuffered (each header read reads 20 bytes, not 8 kB).
 
-    def __init__(self):
-        self.header = None
-        self.signal_offsets = []      # payload offset of each SIGS chunk
-        self.signal_lengths = []      # samples in each SIGS chunk
-        self.signal_crcs = []
-        self.labels = []              # per stream: list of float32 arrays
-        self.events = []
-        self.chunks = 0
-        self.integrity = None
+    O_NONBLOCK: a FIFO swapped in after the caller checked the path must not
+    block the open forever (it has no effect on regular files).  Tests replace
+    this function to inject I/O errors.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _os_error_text(exc):
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _integrity_text(recording):
+    """The one-line warning for an incomplete or damaged recording: file, problems, what was kept."""
+    integrity = recording.integrity
+    rows = sum(len(s.data) for s in recording.label_streams.values())
+    return ("recording {!r}: {}; kept {} chunks: {} signal samples ({:.3f} s), {} label rows, {} events; "
+            "{} of {} bytes ignored".format(
+                recording.path, integrity["message"], integrity["chunks"], recording.n_samples,
+                recording.duration_s, rows, len(recording.events), integrity["bytes_ignored"],
+                integrity["file_size"]))
+
+
+class _Frame(collections.namedtuple("_Frame", ["kind", "offset", "length", "payload_crc", "intact"])):
+    """A chunk whose extent is known; ``intact``: its header CRC holds."""
+    __slots__ = ()
+
+    @property
+    def payload_offset(self):
+        return self.offset + CHUNK_HEADER.size
+
+    @property
+    def end(self):
+        return self.offset + CHUNK_HEADER.size + self.length
+
+
+_Gap = collections.namedtuple("_Gap", ["end", "message"])      # unframeable bytes up to an intact chunk
+_End = collections.namedtuple("_End", ["message"])             # nothing after this can be framed
 
 
 class _Scanner(object):
-    """One pass over a recording file: validate, index signals, load the rest."""
+    """One pass over a recording file: validate, index signals, load the rest.
+
+    Memory stays within a small multiple of the file's size whatever its
+    shape: the signal index is three packed arrays (24 bytes per signal chunk),
+    label rows go straight into one bytearray per stream, events into packed
+    columns (``events.EventBuilder``), and payloads larger than
+    PIECE_BYTES are read piece by piece.
+    """
 
     def __init__(self, path, handle, verify):
         self.path = path
         self.handle = handle
         self.verify = verify
-        self.size = os.fstat(handle.fileno()).st_size
-        self.result = _ScanResult()
+        try:
+            status = os.fstat(handle.fileno())
+        except OSError as exc:
+            raise RecordingError("cannot read recording {!r}: {}".format(path, _os_error_text(exc))) from exc
+        if not stat.S_ISREG(status.st_mode):
+            raise RecordingError("recording {!r} is not a regular file".format(path))
+        self.size = status.st_size
+        self.proof_budget = 2 * self.size + PIECE_BYTES   # payload bytes _provable may CRC
+        self.header = None
+        self.sample_bytes = None                 # of one sample of all channels, once the header is read
+        self.signal_offsets = array.array("q")   # payload offset of each non-empty SIGS chunk
+        self.signal_lengths = array.array("q")   # its samples
+        self.signal_crcs = array.array("q")
+        self.n_samples = 0
+        self.labels = []                         # per stream: bytearray of little-endian float32 rows
+        self.events = EventBuilder()
+        self.chunks = 0
+        self.problems = []                       # the first MAX_PROBLEMS_KEPT
+        self.n_problems = 0
+        self.bytes_ignored = 0
+        self.integrity = None
+
+    # -- the scan
 
     def scan(self):
         self._read_file_header()
         offset = FILE_HEADER.size
-        problem = None
         complete = False
         while True:
             if offset == self.size:
-                if self.result.chunks == 0:
+                if self.header is None:
                     raise RecordingError("recording {!r} ends after its file header, before the header "
                                          "chunk; there is nothing to load".format(self.path))
-                problem = ("ends at byte {} without an end chunk: the writer did not close it "
-                           "(crashed or still recording)".format(offset))
+                self._problem(offset, 0, "ends at byte {} without an end chunk: the writer did not close it "
+                                         "(crashed or still recording)".format(offset))
                 break
-            try:
-                kind, payload_offset, length, payload, crc = self._read_chunk(offset)
-                if self.result.chunks == 0:
-                    self._take_header(kind, payload)
-                else:
-                    self._take_chunk(kind, payload_offset, length, payload, crc)
-            except _BadChunk as bad:
-                if self.result.chunks == 0:
-                    raise RecordingError("recording {!r}: header chunk is incomplete or damaged ({}); "
-                                         "there is nothing to load".format(self.path, bad)) from None
-                problem = "{}; loaded up to byte {}".format(bad, offset)
+            frame = self._frame(offset)
+            if self.header is None and not isinstance(frame, _Frame):
+                raise RecordingError("recording {!r}: header chunk is incomplete or damaged ({}); there is "
+                                     "nothing to load".format(self.path, frame.message))
+            if isinstance(frame, _End):
+                self._problem(offset, self.size - offset, "{}: ignored the last {} bytes".format(
+                    frame.message, self.size - offset))
                 break
-            self.result.chunks += 1
-            offset = payload_offset + length
-            if kind == DONE:
+            if isinstance(frame, _Gap):
+                self._problem(offset, frame.end - offset, frame.message)
+                offset = frame.end
+                continue
+            if not frame.intact:
+                self._problem(offset, 0, "chunk header at byte {} is damaged (CRC mismatch), but its type, "
+                                         "length and payload check out: kept".format(offset))
+            if self.header is None:
+                self._take_header(frame)
+            elif self._take_chunk(frame):
+                self.chunks += 1
+            offset = frame.end
+            if frame.kind == DONE:
                 if offset != self.size:
-                    problem = "{} unexpected bytes after the end chunk".format(self.size - offset)
-                else:
-                    complete = True
+                    self._problem(offset, self.size - offset, "{} unexpected bytes after the end chunk".format(
+                        self.size - offset))
+                complete = not self.n_problems
                 break
-        self.result.integrity = {
-            "complete": complete, "chunks": self.result.chunks,
-            "bytes_ignored": self.size - offset,
-            "message": "complete" if complete else problem,
-            "verified": self.verify, "file_size": self.size,
+        message = "complete" if complete else "; ".join(p["message"] for p in self.problems[:3])
+        if self.n_problems > 3:
+            message += "; and {} more problems (integrity['problems'] lists up to {})".format(
+                self.n_problems - 3, MAX_PROBLEMS_KEPT)
+        self.integrity = {
+            "complete": complete, "chunks": self.chunks, "bytes_ignored": self.bytes_ignored,
+            "message": message, "verified": self.verify, "file_size": self.size,
+            "n_problems": self.n_problems, "problems": list(self.problems),
         }
-        return self.result
+        return self
+
+    def _problem(self, offset, bytes_ignored, message):
+        """Record a problem at byte ``offset`` that made ``bytes_ignored`` bytes unusable."""
+        self.n_problems += 1
+        self.bytes_ignored += bytes_ignored
+        if len(self.problems) < MAX_PROBLEMS_KEPT:
+            self.problems.append({"offset": offset, "bytes_ignored": bytes_ignored,
+                                  "sample": self.n_samples, "message": message})
+
+    # -- framing: where chunks start and end
+
+    def _frame(self, offset):
+        """The chunk at ``offset`` as a _Frame; or a _Gap up to the next intact chunk
+        header after a damaged one; or _End if nothing further can be framed."""
+        remaining = self.size - offset
+        if remaining < CHUNK_HEADER.size:
+            return _End("incomplete chunk header at byte {} ({} of {} bytes)".format(
+                offset, remaining, CHUNK_HEADER.size))
+        raw = self._read_exact(offset, CHUNK_HEADER.size)
+        kind, length, payload_crc, _ = CHUNK_HEADER.unpack(raw)
+        end = offset + CHUNK_HEADER.size + length
+        if _intact_header(raw):
+            if end > self.size:
+                return _End("incomplete {} chunk at byte {} ({} of {} payload bytes)".format(
+                    _kind_text(kind), offset, remaining - CHUNK_HEADER.size, length))
+            return _Frame(kind, offset, length, payload_crc, True)
+        # A header CRC mismatch: no field of this header can be trusted unless
+        # the chunk proves itself (_provable); otherwise resynchronise.
+        if self._provable(offset, raw):
+            return _Frame(kind, offset, length, payload_crc, False)
+        found = self._find_header(offset + 1)
+        if found is None:
+            return _End("damaged chunk header at byte {} (CRC mismatch), and no intact chunk header "
+                        "after it".format(offset))
+        return _Gap(found, "damaged chunk header at byte {} (CRC mismatch): skipped {} bytes to the next intact "
+                           "chunk at byte {}; any signal samples or label rows in them are lost, and those after "
+                           "them follow directly the ones before".format(offset, found - offset, found))
+
+    def _intact_header_at(self, offset):
+        return self.size - offset >= CHUNK_HEADER.size and _intact_header(
+            self._read_exact(offset, CHUNK_HEADER.size))
+
+    def _provable(self, offset, raw):
+        """True if the chunk header ``raw`` at ``offset``, whose CRC fails, is
+        right all the same: a known type, and a length leading to an intact
+        header (or the end of the file) over a payload whose CRC matches -- as
+        when only the header CRC field itself is damaged."""
+        kind, length, payload_crc, _ = CHUNK_HEADER.unpack(raw)
+        end = offset + CHUNK_HEADER.size + length
+        if not (kind in KNOWN_CHUNK_TYPES and end <= self.size
+                and (end == self.size or self._intact_header_at(end))):
+            return False
+        # Crafted headers could all point far ahead at one intact header and
+        # make every candidate CRC the same megabytes: a budget keeps the
+        # scan linear in the file's size (an honest file spends at most its size).
+        if length > self.proof_budget:
+            return False
+        self.proof_budget -= length
+        return self._crc(offset + CHUNK_HEADER.size, length) == payload_crc
+
+    def _find_header(self, start):
+        """Offset of the first intact (or _provable) chunk header of a known
+        type at or after ``start``, or None.
+
+        Only known types: a 4-byte tag narrows the candidates to a few, found
+        by bytes.find, where checking a CRC at every byte would take minutes
+        per gigabyte.  A random match also needs a matching CRC-32 (2**-32).
+        """
+        position = start
+        while self.size - position >= CHUNK_HEADER.size:
+            block = self._read_exact(position, min(PIECE_BYTES, self.size - position))
+            last = len(block) - CHUNK_HEADER.size          # last start with a whole header in this block
+            best = None
+            for tag in KNOWN_CHUNK_TYPES:
+                at = block.find(tag, 0, last + len(tag))
+                while at != -1 and (best is None or at < best):
+                    raw = block[at:at + CHUNK_HEADER.size]
+                    if _intact_header(raw) or self._provable(position + at, raw):
+                        best = at
+                        break
+                    at = block.find(tag, at + 1, last + len(tag))
+            if best is not None:
+                return position + best
+            position += last + 1
+        return None
+
+    # -- reading
 
     def _read_exact(self, offset, count):
-        self.handle.seek(offset)
+        """``count`` bytes at ``offset`` (fewer only at the end of the file)."""
         parts = []
-        while count:
-            part = self.handle.read(count)
-            if not part:
-                break
-            parts.append(part)
-            count -= len(part)
+        try:
+            self.handle.seek(offset)
+            data = self.handle.read(count)   # nearly always all of it at once
+            if len(data) == count or not data:
+                return data
+            parts.append(data)
+            offset += len(data)
+            count -= len(data)
+            while count:
+                part = self.handle.read(count)
+                if not part:
+                    break
+                parts.append(part)
+                offset += len(part)
+                count -= len(part)
+        except OSError as exc:
+            raise RecordingError("cannot read recording {!r} at byte {}: {}".format(
+                self.path, offset, _os_error_text(exc))) from exc
         return b"".join(parts)
+
+    def _pieces(self, offset, length):
+        """The ``length`` bytes at ``offset``, PIECE_BYTES at a time (fewer if the file shrank)."""
+        while length > 0:
+            piece = self._read_exact(offset, min(PIECE_BYTES, length))
+            if not piece:
+                return
+            yield piece
+            offset += len(piece)
+            length -= len(piece)
+
+    def _crc(self, offset, length):
+        crc = 0
+        for piece in self._pieces(offset, length):
+            crc = zlib.crc32(piece, crc)
+        return crc & 0xFFFFFFFF
+
+    def _payload(self, frame):
+        """The payload of a small chunk, or None if its CRC does not match."""
+        payload = self._read_exact(frame.payload_offset, frame.length)
+        return payload if zlib.crc32(payload) & 0xFFFFFFFF == frame.payload_crc else None
 
     def _read_file_header(self):
         data = self._read_exact(0, FILE_HEADER.size)
-        if len(data) < len(MAGIC) and MAGIC.startswith(data) and data:
+        if not data:
+            raise RecordingError("{!r} is not a neurohand recording: it is empty".format(self.path))
+        if len(data) < len(MAGIC) and MAGIC.startswith(data):
             raise RecordingError("recording {!r} is cut off inside its {}-byte file header; "
                                  "there is nothing to load".format(self.path, FILE_HEADER.size))
         if data[:len(MAGIC)] != MAGIC:
@@ -573,99 +805,208 @@ class _Scanner(object):
             raise RecordingError("recording {!r} has format version {}.{}; this neurohand reads "
                                  "version {}.x".format(self.path, major, minor, FORMAT_MAJOR))
 
-    def _read_chunk(self, offset):
-        """Return (kind, payload offset, payload length, payload bytes or None for
-        unread signals, payload CRC) of the chunk at ``offset``."""
-        if self.size - offset < CHUNK_HEADER.size:
-            raise _BadChunk("incomplete chunk header at byte {} ({} of {} bytes)".format(
-                offset, self.size - offset, CHUNK_HEADER.size))
-        raw = self._read_exact(offset, CHUNK_HEADER.size)
-        kind, length, payload_crc, header_crc = CHUNK_HEADER.unpack(raw)
-        if zlib.crc32(raw[:CHUNK_HEADER_CRC_SPAN]) & 0xFFFFFFFF != header_crc:
-            raise _BadChunk("damaged chunk header at byte {} (CRC mismatch)".format(offset))
-        payload_offset = offset + CHUNK_HEADER.size
-        if length > self.size - payload_offset:
-            raise _BadChunk("incomplete {} chunk at byte {} ({} of {} payload bytes)".format(
-                _kind_text(kind), offset, self.size - payload_offset, length))
-        if kind == SIGS and not self.verify:
-            return kind, payload_offset, length, None, payload_crc
-        payload = self._read_exact(payload_offset, length)
-        if zlib.crc32(payload) & 0xFFFFFFFF != payload_crc:
-            raise _BadChunk("damaged {} chunk at byte {} (payload CRC mismatch)".format(
-                _kind_text(kind), offset))
-        return kind, payload_offset, length, payload, payload_crc
+    # -- what each chunk type holds
 
-    def _take_header(self, kind, payload):
-        if kind != HEAD:
-            raise _BadChunk("first chunk is {}, not HEAD".format(_kind_text(kind)))
+    def _take_header(self, frame):
+        def refuse(problem):
+            raise RecordingError("recording {!r}: header chunk is incomplete or damaged ({}); there is "
+                                 "nothing to load".format(self.path, problem))
+        if frame.kind != HEAD:
+            refuse("first chunk is {}, not HEAD".format(_kind_text(frame.kind)))
+        if frame.length > MAX_HEAD_BYTES:
+            refuse("it is {} bytes; a header holds at most {}".format(frame.length, MAX_HEAD_BYTES))
+        payload = self._payload(frame)
+        if payload is None:
+            refuse("damaged HEAD chunk (payload CRC mismatch)")
+        text, not_utf8 = _utf8(payload)
         try:
-            header = checks.parse_json(payload.decode("ascii"))
-            self.result.header = _parse_header(header)
+            header, replaced = _valid_unicode_json(checks.parse_json(text))
+            self.header = _parse_header(header)
         except (ValueError, UsageError) as exc:
-            raise _BadChunk("invalid header: {}".format(exc)) from None
-        self.result.labels = [[] for _ in self.result.header["label_streams"]]
+            refuse("invalid header: {}".format(exc))
+        self.labels = [bytearray() for _ in self.header["label_streams"]]
+        self.sample_bytes = len(self.header["channel_names"]) * SIGNAL_DTYPES[self.header["dtype"]].itemsize
+        self.chunks += 1
+        if not_utf8:
+            self._problem(frame.offset, 0, "the header holds bytes that are not UTF-8: they read as U+FFFD")
+        if replaced:
+            self._problem(frame.offset, 0, "the header holds \\u escapes of lone surrogates (not Unicode "
+                                           "text): they read as U+FFFD")
 
-    def _take_chunk(self, kind, payload_offset, length, payload, crc):
-        header = self.result.header
+    def _take_chunk(self, frame):
+        """Load one chunk after the header; False (with a problem recorded) if it is not usable."""
+        kind = frame.kind
         if kind == SIGS:
-            frame = len(header["channel_names"]) * SIGNAL_DTYPES[header["dtype"]].itemsize
-            if length % frame:
-                raise _BadChunk("SIGS chunk at byte {} holds {} bytes, not a whole number of "
-                                "{}-byte samples".format(payload_offset - CHUNK_HEADER.size, length, frame))
-            self.result.signal_offsets.append(payload_offset)
-            self.result.signal_lengths.append(length // frame)
-            self.result.signal_crcs.append(crc)
-        elif kind == LABL:
-            self._take_labels(payload_offset, payload)
-        elif kind == EVNT:
-            self._take_events(payload_offset, payload)
-        elif kind == DONE:
-            self._check_totals(payload_offset, payload)
-        elif kind == HEAD:
-            raise _BadChunk("second HEAD chunk at byte {}".format(payload_offset - CHUNK_HEADER.size))
-        # Any other type passed its CRCs: a chunk from a newer minor version, skipped.
+            return self._take_signals(frame)
+        if kind == LABL:
+            return self._take_labels(frame)
+        if kind == EVNT:
+            return self._take_events(frame)
+        if kind == DONE:
+            return self._check_totals(frame)
+        if kind == HEAD:
+            return self._skip(frame, "second HEAD chunk at byte {}: skipped".format(frame.offset))
+        # Any other type is from a newer minor version: skipped if its CRC holds.
+        if self._crc(frame.payload_offset, frame.length) != frame.payload_crc:
+            return self._skip(frame, "damaged chunk of unknown type {} at byte {} (payload CRC mismatch): "
+                                     "skipped".format(_kind_text(kind), frame.offset))
+        return True
 
-    def _take_labels(self, payload_offset, payload):
-        streams = self.result.header["label_streams"]
-        where = payload_offset - CHUNK_HEADER.size
-        if len(payload) < LABEL_PREFIX.size:
-            raise _BadChunk("LABL chunk at byte {} is too short".format(where))
-        (index,) = LABEL_PREFIX.unpack_from(payload)
+    def _skip(self, frame, message):
+        self._problem(frame.offset, frame.end - frame.offset, message)
+        return False
+
+    def _take_signals(self, frame):
+        sample_bytes = self.sample_bytes
+        if frame.length % sample_bytes:
+            return self._skip(frame, "SIGS chunk at byte {} holds {} bytes, not a whole number of {}-byte "
+                                     "samples: skipped; the samples after it follow directly the ones before "
+                                     "(if it held any, they are shifted earlier)".format(
+                                         frame.offset, frame.length, sample_bytes))
+        n = frame.length // sample_bytes
+        good = True
+        payload_offset = frame.offset + CHUNK_HEADER.size
+        if self.verify and self._crc(payload_offset, frame.length) != frame.payload_crc:
+            # Its length is trusted (the header CRC holds), so it keeps its
+            # place on the time axis; reading its samples raises RecordingError.
+            self._problem(frame.offset, frame.end - frame.offset,
+                          "damaged SIGS chunk at byte {} (payload CRC mismatch): its samples {}..{} cannot "
+                          "be read; the samples after it keep their place".format(
+                              frame.offset, self.n_samples, self.n_samples + n))
+            good = False
+        if n:
+            self.signal_offsets.append(payload_offset)
+            self.signal_lengths.append(n)
+            self.signal_crcs.append(frame.payload_crc)
+            self.n_samples += n
+        return good
+
+    def _take_labels(self, frame):
+        streams = self.header["label_streams"]
+        shifted = "; the rows of its stream after it follow directly the ones before (shifted earlier)"
+        if frame.length < LABEL_PREFIX.size:
+            return self._skip(frame, "LABL chunk at byte {} is too short ({} bytes): skipped{}".format(
+                frame.offset, frame.length, shifted))
+        payload = None
+        if frame.length <= PIECE_BYTES:
+            payload = self._payload(frame)
+            good = payload is not None
+        else:
+            good = self._crc(frame.payload_offset, frame.length) == frame.payload_crc
+        if not good:
+            return self._skip(frame, "damaged LABL chunk at byte {} (payload CRC mismatch): skipped{}".format(
+                frame.offset, shifted))
+        prefix = payload[:LABEL_PREFIX.size] if payload is not None else self._read_exact(
+            frame.payload_offset, LABEL_PREFIX.size)
+        (index,) = LABEL_PREFIX.unpack(prefix)
         if index >= len(streams):
-            raise _BadChunk("LABL chunk at byte {} names stream {} of {}".format(where, index, len(streams)))
-        width = len(streams[index]["names"])
-        body = payload[LABEL_PREFIX.size:]
-        if len(body) % (width * LABEL_DTYPE.itemsize):
-            raise _BadChunk("LABL chunk at byte {} is not a whole number of rows".format(where))
-        self.result.labels[index].append(np.frombuffer(body, dtype=LABEL_DTYPE).reshape(-1, width))
+            return self._skip(frame, "LABL chunk at byte {} names stream {} of {}: skipped".format(
+                frame.offset, index, len(streams)))
+        row_bytes = len(streams[index]["names"]) * LABEL_DTYPE.itemsize
+        if (frame.length - LABEL_PREFIX.size) % row_bytes:
+            return self._skip(frame, "LABL chunk at byte {} is not a whole number of rows of stream {!r}: "
+                                     "skipped{}".format(frame.offset, streams[index]["name"], shifted))
+        rows = self.labels[index]
+        if payload is not None:
+            rows += memoryview(payload)[LABEL_PREFIX.size:]
+        else:
+            for piece in self._pieces(frame.payload_offset + LABEL_PREFIX.size, frame.length - LABEL_PREFIX.size):
+                rows += piece
+        return True
 
-    def _take_events(self, payload_offset, payload):
-        where = payload_offset - CHUNK_HEADER.size
-        try:
-            events = checks.parse_json(payload.decode("ascii"))
-            if not isinstance(events, list):
-                raise ValueError("expected a list of events, but got {}".format(type(events).__name__))
-            parsed = [_parse_event(e) for e in events]
-        except ValueError as exc:
-            raise _BadChunk("EVNT chunk at byte {} is invalid: {}".format(where, exc)) from None
-        self.result.events.extend(parsed)
+    def _take_events(self, frame):
+        payload = None
+        if frame.length <= PIECE_BYTES:
+            payload = self._payload(frame)
+            good = payload is not None
+        else:
+            good = self._crc(frame.payload_offset, frame.length) == frame.payload_crc
+        if not good:
+            return self._skip(frame, "damaged EVNT chunk at byte {} (payload CRC mismatch): skipped its events "
+                                     "(the events of other chunks are kept)".format(frame.offset))
+        events = self.events
+        mark = events.mark()
+        events.replaced_text = False
+        for errors in ("strict", "replace"):
+            pieces = [payload] if payload is not None else self._pieces(frame.payload_offset, frame.length)
+            dropped, first_bad = 0, None
+            try:
+                for item in iter_json_array(utf8_text(pieces, errors)):
+                    try:
+                        events.add(*parse_event(item))
+                    except ValueError as exc:
+                        dropped += 1
+                        first_bad = first_bad or exc
+                break
+            except UnicodeDecodeError:
+                events.roll_back(mark)     # read it again, invalid bytes as U+FFFD
+            except ValueError as exc:
+                events.roll_back(mark)
+                return self._skip(frame, "EVNT chunk at byte {} is not a JSON array of events ({}): skipped "
+                                         "its events".format(frame.offset, exc))
+        # Kept, in part where noted: the problems are recorded, the chunk counts.
+        if errors == "replace":
+            self._problem(frame.offset, 0, "EVNT chunk at byte {} holds bytes that are not UTF-8: they read "
+                                           "as U+FFFD in its event kinds".format(frame.offset))
+        if events.replaced_text:
+            self._problem(frame.offset, 0, "EVNT chunk at byte {} holds \\u escapes of lone surrogates (not "
+                                           "Unicode text): they read as U+FFFD".format(frame.offset))
+        if dropped:
+            self._problem(frame.offset, 0, "EVNT chunk at byte {}: dropped {} events that are not "
+                                           "[sample, kind, value] ({}); kept its other {}".format(
+                                               frame.offset, dropped, first_bad, len(events) - mark[0]))
+        return True
 
-    def _check_totals(self, payload_offset, payload):
-        where = payload_offset - CHUNK_HEADER.size
-        found = {"n_samples": int(sum(self.result.signal_lengths)), "n_events": len(self.result.events),
-                 "label_samples": {s["name"]: int(sum(len(a) for a in self.result.labels[i]))
-                                   for i, s in enumerate(self.result.header["label_streams"])}}
+    def _check_totals(self, frame):
+        if frame.length > MAX_HEAD_BYTES:
+            return self._skip(frame, "DONE chunk at byte {} is {} bytes, too large for totals".format(
+                frame.offset, frame.length))
+        payload = self._payload(frame)
+        if payload is None:
+            return self._skip(frame, "damaged DONE chunk at byte {} (payload CRC mismatch)".format(frame.offset))
+        streams = self.header["label_streams"]
+        found = {"n_samples": self.n_samples, "n_events": len(self.events),
+                 "label_samples": {s["name"]: len(self.labels[i]) // (len(s["names"]) * LABEL_DTYPE.itemsize)
+                                   for i, s in enumerate(streams)}}
         try:
-            totals = checks.parse_json(payload.decode("ascii"))
+            totals = checks.parse_json(_utf8(payload)[0])
         except ValueError as exc:
-            raise _BadChunk("DONE chunk at byte {} is invalid: {}".format(where, exc)) from None
+            return self._skip(frame, "DONE chunk at byte {} is invalid: {}".format(frame.offset, exc))
         if totals != found:
-            raise _BadChunk("DONE chunk at byte {} promises {} but the file holds {}".format(
-                where, totals, found))
+            # The chunk itself is sound; what it counts was damaged or lost.
+            self._problem(frame.offset, 0, "DONE chunk at byte {} promises {} but {} were loaded".format(
+                frame.offset, _short(totals), _short(found)))
+        return True
 
 
-class _BadChunk(Exception):
-    """Internal: the chunk at the scan position fails a check (ends the scan)."""
+def _intact_header(raw):
+    """True if the 20 bytes ``raw`` are a chunk header whose CRC holds."""
+    return zlib.crc32(raw[:CHUNK_HEADER_CRC_SPAN]) & 0xFFFFFFFF == CHUNK_HEADER.unpack(raw)[3]
+
+
+def _utf8(payload):
+    """(text, True if some bytes were not UTF-8 and now read as U+FFFD)."""
+    try:
+        return payload.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return payload.decode("utf-8", "replace"), True
+
+
+def _valid_unicode_json(value):
+    """(``value`` with lone surrogates in its strings replaced, True if any was)."""
+    if isinstance(value, str):
+        return valid_unicode(value)
+    if isinstance(value, list):
+        pairs = [_valid_unicode_json(v) for v in value]
+        return [v for v, _ in pairs], any(r for _, r in pairs)
+    if isinstance(value, dict):
+        result, replaced = {}, False
+        for key, item in value.items():
+            key, key_replaced = valid_unicode(key)
+            result[key], item_replaced = _valid_unicode_json(item)
+            replaced = replaced or key_replaced or item_replaced
+        return result, replaced
+    return value, False
 
 
 def _kind_text(kind):
@@ -719,17 +1060,6 @@ def _parse_header(header):
             "metadata": metadata}
 
 
-def _parse_event(event):
-    if (not isinstance(event, list) or len(event) != 3 or not _is_int(event[0]) or event[0] < 0
-            or not isinstance(event[1], str) or not _is_int(event[2])):
-        raise ValueError("event {!r} is not [sample, kind, value]".format(event))
-    return Event(event[0], event[1], event[2])
-
-
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 class Recording(object):
     """An open recording (from :func:`open_recording`).
 
@@ -744,9 +1074,13 @@ class Recording(object):
     scale_uv : ndarray, shape (n_channels,), float64, microvolts per count (ones for float32)
     metadata : dict
     label_streams : dict name -> LabelStream, data loaded
-    events : list of Event, sorted by sample (stable)
-    integrity : dict with complete (bool), chunks (int, good chunks), bytes_ignored
-        (int), message (str), verified (bool, signal CRCs checked on open), file_size
+    events : EventList (a read-only list) of Event, sorted by sample (stable)
+    integrity : dict with complete (bool: closed cleanly, nothing damaged),
+        chunks (int, chunks kept), bytes_ignored (int, in skipped chunks, gaps
+        and the incomplete end), message (str, "complete" or the problems),
+        verified (bool, signal CRCs checked on open), file_size (int),
+        n_problems (int) and problems (list of dicts: offset, bytes_ignored,
+        sample -- signal samples before it --, message; the first 100)
     """
 
     def __init__(self, path, handle, scan):
@@ -764,20 +1098,22 @@ class Recording(object):
         self.metadata = header["metadata"]
         self.label_streams = collections.OrderedDict()
         for index, stream in enumerate(header["label_streams"]):
-            parts = scan.labels[index]
-            data = (np.concatenate(parts) if parts
-                    else np.zeros((0, len(stream["names"])), dtype=LABEL_DTYPE))
-            # concatenate/zeros give a new writable array: no further copy.
+            rows, width = scan.labels[index], len(stream["names"])
+            # frombuffer over the bytearray: a writable array without a copy.
+            data = (np.frombuffer(rows, dtype=LABEL_DTYPE).reshape(-1, width) if rows
+                    else np.zeros((0, width), dtype=LABEL_DTYPE))
             self.label_streams[stream["name"]] = LabelStream(
                 stream["name"], stream["rate"], list(stream["names"]), data.astype(np.float32, copy=False))
-        del scan.labels[:]   # the per-chunk pieces are not needed any more
-        self.events = sorted(scan.events, key=lambda e: e.sample)
+        scan.labels = None
+        self.events = scan.events.finish()
+        scan.events = None
         self.integrity = dict(scan.integrity)
-        self._offsets = np.array(scan.signal_offsets, dtype=np.int64)
-        self._lengths = np.array(scan.signal_lengths, dtype=np.int64)
-        self._crcs = np.array(scan.signal_crcs, dtype=np.uint32)
+        self._offsets = _int64_array(scan.signal_offsets)
+        self._lengths = _int64_array(scan.signal_lengths)
+        self._crcs = _int64_array(scan.signal_crcs)
         # _starts[i] is the first sample of chunk i; _starts[-1] == n_samples.
-        self._starts = np.concatenate([[0], np.cumsum(self._lengths)]).astype(np.int64)
+        self._starts = np.zeros(len(self._lengths) + 1, dtype=np.int64)
+        np.cumsum(self._lengths, out=self._starts[1:])
         self.n_samples = int(self._starts[-1])
         self.duration_s = self.n_samples / self.signal_rate
         # The last chunk read: reading in blocks smaller than a chunk (replay)
@@ -848,16 +1184,19 @@ class Recording(object):
             return self._cached_chunk[1]
         length = int(self._lengths[chunk]) * self.n_channels * self._disk_dtype.itemsize
         offset = int(self._offsets[chunk])
+        parts, got = [], 0
         try:
             self._handle.seek(offset)
-            data = self._handle.read(length)
-            while len(data) < length:
-                more = self._handle.read(length - len(data))
-                if not more:
+            while got < length:
+                part = self._handle.read(length - got)
+                if not part:
                     break
-                data += more
+                parts.append(part)
+                got += len(part)
         except OSError as exc:
-            raise RecordingError("cannot read recording {!r}: {}".format(self.path, exc)) from exc
+            raise RecordingError("cannot read recording {!r} at byte {}: {}".format(
+                self.path, offset + got, _os_error_text(exc))) from exc
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
         if len(data) != length or zlib.crc32(data) & 0xFFFFFFFF != int(self._crcs[chunk]):
             raise RecordingError("recording {!r}: signal chunk at byte {} (samples {}..{}) is damaged "
                                  "(CRC mismatch or changed since opening)".format(
@@ -867,3 +1206,8 @@ class Recording(object):
         samples = samples.astype(np.dtype(self.dtype), copy=False)
         self._cached_chunk = (chunk, samples)
         return samples
+
+
+def _int64_array(values):
+    """A packed array('q') as an int64 ndarray, sharing its memory."""
+    return np.frombuffer(values, dtype=np.int64) if len(values) else np.zeros(0, dtype=np.int64)

@@ -141,18 +141,67 @@ def samples_in(spans):
     return sum(len(payload) for kind, _, _, payload in spans if kind == b"SIGS")
 
 
+def expected_after_damage(spans, changed, cut):
+    """What the reader (verify=True) must keep of a file damaged at ``changed``
+    and cut at ``cut``, per docs/recording-format.md's reading rules.
+
+    Returns None if the file must be refused (damage in the file header or
+    the HEAD chunk), else (kept spans, unreadable SIGS spans, complete).  A
+    chunk whose header bytes changed is lost -- unless only its header CRC
+    field changed, its payload is untouched and the next header is intact (or
+    it ends the file): then it is kept.  A chunk with an intact header and a
+    changed payload is lost, except a SIGS chunk, which keeps its place and is
+    unreadable.  Nothing after DONE, and no chunk reaching past the cut, loads.
+    """
+    changed = set(changed)
+    if any(c < 12 for c in changed) or cut < 12:
+        return None
+
+    def touched(lo, hi):
+        return any(lo <= c < hi for c in changed)
+
+    kept, unreadable = [], []
+    for index, span in enumerate(spans):
+        kind, start, end, _ = span
+        if end > cut:
+            break
+        header_hit = touched(start, start + 20)
+        payload_hit = touched(start + 20, end)
+        if header_hit:
+            nxt = spans[index + 1] if index + 1 < len(spans) else None
+            next_intact = (end == cut) or (nxt is not None and nxt[1] + 20 <= cut and not touched(nxt[1], nxt[1] + 20))
+            recovered = not touched(start, start + 16) and not payload_hit and next_intact
+            if not recovered:
+                if index == 0:
+                    return None
+                continue
+        elif payload_hit:
+            if index == 0:
+                return None
+            if kind == b"SIGS":
+                unreadable.append(span)
+            continue
+        kept.append(span)
+        if kind == b"DONE":
+            break
+    if not kept or kept[0][0] != b"HEAD":
+        return None
+    complete = not changed and cut == spans[-1][2]
+    return kept, unreadable, complete
+
+
 @pytest.mark.parametrize("dtype", ["int16", "float32"])
 def test_recording_random_truncation_and_multi_byte_corruption(tmp_path, dtype):
     """Random cut points and 1..16 damaged bytes or bursts anywhere: the reader
-    (verify=True) loads exactly the chunks before the first damage, or refuses
-    the file with a RecordingError when the damage is in its header."""
+    (verify=True) loads every chunk the damage did not touch -- also those after
+    a damaged one -- or refuses the file with a RecordingError when the damage
+    is in its header (expected_after_damage is the model)."""
     data, signals, spans = recording_file(tmp_path / "full.nhr", dtype)
     itemsize = 3 * np.dtype(dtype).itemsize
-    head_end = spans[0][2]
     seed = fuzz_seed(1 if dtype == "int16" else 2)
     rng = random.Random(seed)
     path = str(tmp_path / "damaged.nhr")
-    refused = loaded_partly = 0
+    refused = loaded_partly = loaded_after_damage = 0
     for trial in range(160):
         mode = trial % 4
         cut = len(data)
@@ -166,37 +215,45 @@ def test_recording_random_truncation_and_multi_byte_corruption(tmp_path, dtype):
         changed = [c for c in changed if c < cut and not 10 <= c < 12]   # any minor version is readable
         write(path, blob)
         context = "seed {} trial {} ({} bytes, cut {}, changed {})".format(seed, trial, len(blob), cut, changed[:8])
-        first_damage = min(changed) if changed else len(data)
-        damaged_chunk_start = next((start for _, start, end, _ in spans if start <= first_damage < end), len(data))
-        boundary = min(cut, damaged_chunk_start)
-        expected_chunks = [s for s in spans if s[2] <= boundary]
+        expected = expected_after_damage(spans, changed, cut)
         kind, result = outcome(lambda: open_recording(path, verify=True), context)
-        if min(cut, first_damage) < head_end:
+        if expected is None:
             assert kind == "error" and isinstance(result, RecordingError), context
             assert path in str(result), context
             refused += 1
             continue
         assert kind == "ok", "{}: {}".format(context, result)
+        kept, unreadable, complete = expected
         recording, caught = result
         with recording:
-            complete = boundary == len(data)
             assert recording.integrity["complete"] == complete, context
             assert bool(caught) != complete, context
-            assert recording.integrity["chunks"] == len(expected_chunks), context
-            n = samples_in(expected_chunks) // itemsize
-            assert recording.n_samples == n, context
-            np.testing.assert_array_equal(recording.read_signals(), signals[:n], err_msg=context)
+            assert recording.integrity["chunks"] == len(kept), context
+            present = sorted(kept + unreadable, key=lambda s: s[1])
+            expected_signals = np.concatenate([np.zeros((0, 3), dtype)] + [
+                np.frombuffer(p, np.dtype(dtype).newbyteorder("<")).reshape(-1, 3)
+                for k, _, _, p in present if k == b"SIGS"])
+            assert recording.n_samples == samples_in(present) // itemsize == len(expected_signals), context
+            if not unreadable:
+                np.testing.assert_array_equal(recording.read_signals(), expected_signals, err_msg=context)
+            rows = [np.frombuffer(p[4:], "<f4").reshape(-1, 2) for k, _, _, p in kept if k == b"LABL"]
+            np.testing.assert_array_equal(recording.label_streams["fingers"].data,
+                                          np.concatenate([np.zeros((0, 2), np.float32)] + rows), err_msg=context)
+            events = [tuple(e) for k, _, _, p in kept if k == b"EVNT" for e in json.loads(p.decode("utf-8"))]
+            assert [tuple(e) for e in recording.events] == sorted(events, key=lambda e: e[0]), context
             loaded_partly += not complete
+            last_kept = kept[-1][2]
+            loaded_after_damage += bool(changed) and min(changed) < last_kept
         # Without verify, a damaged signal chunk is found when read: RecordingError, never wrong data.
         kind, result = outcome(lambda: open_recording(path), context)
         if kind == "ok":
             with result[0] as recording:
                 kind, samples = outcome(recording.read_signals, context)
                 if kind == "ok":
-                    np.testing.assert_array_equal(samples[0], signals[:recording.n_samples], err_msg=context)
+                    np.testing.assert_array_equal(samples[0], expected_signals, err_msg=context)
                 else:
                     assert isinstance(samples, RecordingError) and "damaged" in str(samples), context
-    assert refused > 5 and loaded_partly > 50
+    assert refused > 5 and loaded_partly > 50 and loaded_after_damage > 20, (refused, loaded_partly, loaded_after_damage)
 
 
 def test_recording_garbage_files_are_refused(tmp_path):
@@ -316,6 +373,11 @@ def test_recording_head_that_is_not_a_json_object_is_refused(tmp_path, head_json
     assert kind == "error" and "invalid header" in str(result)
 
 
+# A JSON array of invalid events, and DONE totals that disagree: the chunk is
+# read (and counted), its invalid events dropped; the others are skipped.
+COUNTED = (b'[[1, "a"]]', b'[[-1, "a", 0]]', b"[[1, 2, 3]]", b"[1]", b'{"n_samples": "0"}')
+
+
 @pytest.mark.parametrize("kind, payload, message", [
     (b"EVNT", b'{"a": 1}', "EVNT"), (b"EVNT", b"5", "EVNT"), (b"EVNT", b'[[1, "a"]]', "EVNT"),
     (b"EVNT", b'[[-1, "a", 0]]', "EVNT"), (b"EVNT", b'[[1, 2, 3]]', "EVNT"), (b"EVNT", b"\xff", "EVNT"),
@@ -324,15 +386,23 @@ def test_recording_head_that_is_not_a_json_object_is_refused(tmp_path, head_json
     (b"LABL", struct.pack("<I", 2 ** 32 - 1), "stream"), (b"LABL", struct.pack("<I", 0) + b"\x00" * 5, "whole number"),
     (b"SIGS", b"\x00" * 3, "whole number"), (b"HEAD", b"{}", "second HEAD"),
 ])
-def test_recording_chunks_with_wrong_content_end_the_scan_with_a_warning(tmp_path, kind, payload, message):
+def test_recording_chunks_with_wrong_content_are_skipped_with_a_warning(tmp_path, kind, payload, message):
+    """The chunk is skipped and the signal chunk after it still loads (after
+    DONE nothing may follow: those bytes are reported, not loaded)."""
     head = MAGIC_AND_VERSION + make_chunk(b"HEAD", json.dumps(GOOD_HEAD).encode("ascii"))
-    path = write(tmp_path / "chunk.nhr", head + make_chunk(kind, payload) + make_chunk(b"SIGS", b"\x00" * 4))
+    path = write(tmp_path / "chunk.nhr", head + make_chunk(kind, payload) + make_chunk(b"SIGS", b"\x01\x00" * 2))
     state, result = outcome(lambda: open_recording(path), payload)
     assert state == "ok"
     recording, caught = result
     with recording:
-        assert caught and message in str(caught[0].message), [str(w.message) for w in caught]
-        assert recording.n_samples == 0 and recording.integrity["chunks"] == 1
+        assert len(caught) == 1 and message in str(caught[0].message), [str(w.message) for w in caught]
+        assert not recording.integrity["complete"]
+        counted = payload in COUNTED
+        if kind == b"DONE":
+            assert recording.n_samples == 0 and recording.integrity["chunks"] == 1 + counted
+        else:
+            assert recording.n_samples == 1 and recording.integrity["chunks"] == 2 + counted
+            assert recording.read_signals().tolist() == [[1, 1]] and len(recording.events) == 0
 
 
 def test_recording_with_many_channels_loads_in_bounded_memory(tmp_path):

@@ -112,11 +112,15 @@ def test_recording_head_nested_too_deep_is_a_recording_error(tmp_path):
 
 
 @pytest.mark.parametrize("kind", [b"EVNT", b"DONE"])
-def test_recording_chunk_nested_too_deep_ends_the_scan_with_a_warning(tmp_path, kind):
+def test_recording_chunk_nested_too_deep_is_skipped_with_a_warning(tmp_path, kind):
     # Was: RecursionError from json.loads in _take_events / _check_totals.
-    path = write(tmp_path / "deep.nhr", MAGIC_AND_VERSION + make_chunk(b"HEAD", GOOD_HEAD) + make_chunk(kind, DEEP_JSON))
+    path = write(tmp_path / "deep.nhr", MAGIC_AND_VERSION + make_chunk(b"HEAD", GOOD_HEAD) + make_chunk(kind, DEEP_JSON)
+                 + make_chunk(b"SIGS", b"\x07\x00"))
     with pytest.warns(RecordingTruncatedWarning, match=kind.decode()):
-        open_recording(path).close()
+        recording = open_recording(path)
+    with recording:
+        # A damaged EVNT chunk no longer hides the chunks after it; nothing may follow DONE.
+        assert recording.n_samples == (1 if kind == b"EVNT" else 0)
 
 
 @pytest.mark.parametrize("field", [b'"rate":1000.0', b'"scale_uv":[1.0]'])

@@ -311,9 +311,30 @@ def test_truncation_anywhere_loads_all_complete_chunks(tmp_path):
     assert expected_counts(chunks, 2, 2, {0: 2, 1: 1})[0] == len(signals)
 
 
-def test_single_bit_flips_stop_loading_at_the_damaged_chunk(tmp_path):
+def content_of(chunks, widths=(2, 1)):
+    """Signals (int16, 2 channels), label rows per stream index and events held
+    by ``chunks`` (as walk_chunks gives them), read per the specification."""
+    signals = [np.frombuffer(p, "<i2").reshape(-1, 2) for k, _, _, p in chunks if k == b"SIGS"]
+    labels = {i: [np.zeros((0, w), np.float32)] for i, w in enumerate(widths)}
+    events = []
+    for kind, _, _, payload in chunks:
+        if kind == b"LABL":
+            (index,) = struct.unpack_from("<I", payload)
+            labels[index].append(np.frombuffer(payload[4:], "<f4").reshape(-1, widths[index]))
+        elif kind == b"EVNT":
+            events.extend(Event(*e) for e in json.loads(payload.decode("utf-8")))
+    return (np.concatenate(signals) if signals else np.zeros((0, 2), np.int16),
+            {i: np.concatenate(parts) for i, parts in labels.items()},
+            sorted(events, key=lambda e: e.sample))
+
+
+def test_single_bit_flips_lose_at_most_the_damaged_chunk(tmp_path):
+    """A flipped bit costs the chunk it hits and nothing else: the chunks after
+    it load.  A damaged signal chunk (framing intact) keeps its place on the
+    time axis and raises when read; a hit on a chunk header's own CRC field
+    costs nothing; a hit on the HEAD chunk (or the file header) refuses the file."""
     source = str(tmp_path / "full.nhr")
-    signals, _, _ = write_small(source)
+    write_small(source)
     data = open(source, "rb").read()
     chunks = walk_chunks(data)
     flip_path = str(tmp_path / "flip.nhr")
@@ -326,20 +347,41 @@ def test_single_bit_flips_stop_loading_at_the_damaged_chunk(tmp_path):
             with open_recording(flip_path, verify=True) as rec:
                 assert rec.integrity["complete"]
             continue
-        if offset < chunks[0][2]:
+        if offset < 12:
             with pytest.raises(RecordingError):
                 open_recording(flip_path, verify=True)
             continue
-        damaged_chunk = [c for c in chunks if c[1] <= offset < c[2]][0]
-        before = [c for c in chunks if c[2] <= damaged_chunk[1]]
-        samples = expected_counts(before, 2, 2, {0: 2, 1: 1})[0]
-        with pytest.warns(RecordingTruncatedWarning, match="damaged"):
+        index = [i for i, c in enumerate(chunks) if c[1] <= offset < c[2]][0]
+        kind, start, end, _ = chunks[index]
+        in_header_crc = start + 16 <= offset < start + 20
+        if index == 0 and not in_header_crc:
+            with pytest.raises(RecordingError, match="header chunk is incomplete or damaged"):
+                open_recording(flip_path, verify=True)
+            continue
+        unreadable = kind == b"SIGS" and offset >= start + 20
+        lost = set() if in_header_crc or unreadable else {index}
+        signals, labels, events = content_of([c for i, c in enumerate(chunks) if i not in lost])
+        with pytest.warns(RecordingTruncatedWarning, match="damaged") as caught:
             rec = open_recording(flip_path, verify=True)
+        assert len(caught) == 1 and flip_path in str(caught[0].message)
         with rec:
-            assert rec.n_samples == samples, offset
-            assert not rec.integrity["complete"]
-            assert rec.integrity["bytes_ignored"] == len(data) - damaged_chunk[1]
-            assert np.array_equal(rec.read_signals(), signals[:samples])
+            assert not rec.integrity["complete"], offset
+            # A lost chunk with content also makes the DONE totals disagree.
+            totals_differ = bool(lost) and kind in (b"SIGS", b"LABL", b"EVNT")
+            assert rec.integrity["n_problems"] == 1 + totals_differ, (offset, rec.integrity["message"])
+            assert rec.n_samples == len(signals), offset
+            if unreadable:
+                first = sum(len(p) // 4 for k, s, _, p in chunks if k == b"SIGS" and s < start)
+                last = first + (end - start - 20) // 4
+                assert np.array_equal(rec.read_signals(0, first), signals[:first])
+                assert np.array_equal(rec.read_signals(last), signals[last:])
+                with pytest.raises(RecordingError, match="damaged"):
+                    rec.read_signals(first, last)
+            else:
+                assert np.array_equal(rec.read_signals(), signals), offset
+            assert np.array_equal(rec.label_streams["fingers"].data, labels[0]), offset
+            assert np.array_equal(rec.label_streams["glove"].data, labels[1]), offset
+            assert rec.events == events, offset
 
 
 def test_damaged_signal_payload_is_found_when_read_without_verify(tmp_path):
