@@ -62,6 +62,12 @@ _MATLAB_KINDS = {"O": "a cell array", "V": "a struct", "U": "a char array (text)
                  "c": "complex", "b": "logical"}
 
 
+def _display_name(path):
+    """The input's file name for the recording's metadata, which is UTF-8: a name in another encoding keeps
+    its readable part instead of making the writer refuse the whole import."""
+    return os.fsencode(os.path.basename(os.fspath(path))).decode("utf-8", "replace")
+
+
 def check_output(out_path, inputs, force):
     """Refuse an unwritable ``--out``, an input, or an existing file without ``force`` (before any work).
 
@@ -263,7 +269,7 @@ def import_ninapro(path, out_path, rate=None, force=False):
     emg = content["emg"]
     metadata = {
         "source": "NinaPro", "database": content["database"], "subject": content["subject"],
-        "exercise": content["exercise"], "source_file": os.path.basename(os.fspath(path)),
+        "exercise": content["exercise"], "source_file": _display_name(path),
         "citation": NINAPRO_CITATION, "doi": NINAPRO_DOI,
         "signal_kind": content["signal_kind"],
         "signal_units": ("Otto Bock 13E200 RMS output as stored by NinaPro, not microvolts"
@@ -399,7 +405,7 @@ def import_csv(path, out_path, rate, signal_patterns, label_patterns, event_spec
     if signal_kind is not None:
         checks.check_option("--signal-kind", signal_kind, ["raw", "envelope"])
     table = read_csv_table(path, signal_patterns, label_patterns, event_specs, delimiter)
-    metadata = {"source": "csv", "source_file": os.path.basename(os.fspath(path)),
+    metadata = {"source": "csv", "source_file": _display_name(path),
                 "signal_columns": table["signal_names"], "label_columns": table["label_names"]}
     if signal_kind is not None:
         metadata["signal_kind"] = signal_kind

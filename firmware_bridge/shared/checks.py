@@ -73,6 +73,9 @@ def _check_range(name, value, minimum, maximum):
 def check_file_exists(name, path):
     """Return ``path`` if it names an existing regular file."""
     path = os.fspath(path)
+    if "\x00" in path:
+        # os.path.exists raises ValueError on 3.6 for a NUL byte instead of answering
+        raise UsageError("{} {!r} contains a NUL character".format(name, path))
     if not os.path.exists(path):
         raise UsageError("{} {!r} does not exist".format(name, path))
     if not os.path.isfile(path):

@@ -91,3 +91,9 @@ def test_python_warnings_print_as_one_neurohand_line(capsys):
         warnings.showwarning = saved
     err = capsys.readouterr().err
     assert err == "neurohand replay: warning: recording is truncated after 3 s\n"
+
+
+def test_an_input_path_with_a_nul_byte_is_one_usage_error():
+    from neurohand.firmware_bridge.shared.checks import check_file_exists
+    with pytest.raises(UsageError, match="NUL"):
+        check_file_exists("RECORDING", "session\x00.nhr")

@@ -391,6 +391,18 @@ def test_csv_values_out_of_range_are_refused_not_warned(row, message, tmp_path):
     assert not os.path.exists(tmp_path / "t.nhr")
 
 
+def test_an_input_file_name_that_is_not_utf8_still_imports(tmp_path):
+    # The recording's metadata is UTF-8; a Latin-1 file name (b"\xe9" = e-acute) keeps its readable part.
+    from neurohand.firmware_bridge.recording.file_format import open_recording
+    name = os.path.join(os.fsencode(str(tmp_path)), b"sess\xe9.csv")
+    with open(name, "w") as handle:
+        handle.write(CSV)
+    importers.import_csv(os.fsdecode(name), str(tmp_path / "t.nhr"), 100, ["emg*"], ["finger_*"],
+                         ["rep=repetition"])
+    with open_recording(str(tmp_path / "t.nhr")) as rec:
+        assert rec.metadata["source_file"] == "sess\ufffd.csv"
+
+
 # --- 5. output paths ----------------------------------------------------------------
 
 def _import_ninapro(source, out, *more):
