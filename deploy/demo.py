@@ -17,9 +17,11 @@ draws another patient's nerve fibres, and a decoder is trained per patient.
 Workstation only (training needs torch); the helpers :func:`write_session_parts`
 and :func:`hand_delays` are numpy-only.
 """
+import contextlib
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -125,22 +127,55 @@ class _Progress(object):
 
 
 def prepare_out_dir(out):
-    """Create ``out``; an earlier demo's folder is replaced, anything else is refused."""
-    out = os.path.abspath(out)
-    if os.path.exists(out):
-        if not os.path.isdir(out):
-            raise UsageError("--out {!r} exists and is not a directory".format(out))
-        if os.listdir(out) and not os.path.isfile(os.path.join(out, MARKER)):
+    """Check ``out`` before any stage runs; return ``(absolute out, whether an earlier demo is there)``.
+
+    ``out`` may be new, an empty folder or an earlier demo's folder (it holds
+    the MARKER file); anything else is refused in one line, and so are a
+    symlink, a path no folder can be made at (``/proc/x``, a read-only or
+    missing parent, an empty string) and a file.  Nothing is created here.
+    """
+    from neurohand.firmware_bridge.shared.outputs import check_output_path
+    if isinstance(out, str) and out.strip() and "\x00" not in out:
+        if os.path.islink(out):
+            raise UsageError("--out {!r} is a symlink; give the folder itself".format(out))
+        if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MARKER)):
             raise UsageError("--out {!r} exists and is not an earlier demo's folder; choose another "
                              "--out or remove it".format(out))
-        shutil.rmtree(out)
-    parent = os.path.dirname(out)
-    if not os.path.isdir(parent):
-        raise UsageError("--out {!r}: directory {!r} does not exist".format(out, parent))
-    os.makedirs(out)
-    with open(os.path.join(out, MARKER), "w", encoding="utf-8") as handle:
-        handle.write("written by 'neurohand demo'; the next demo with this --out replaces the folder\n")
-    return out
+    # force: an earlier demo's folder is this command's to replace (checked above).
+    absolute = check_output_path("--out", out, directory=True, force=True)
+    earlier = os.path.isdir(absolute) and bool(os.listdir(absolute))
+    return absolute, earlier
+
+
+@contextlib.contextmanager
+def demo_folder(out):
+    """Yield the absolute ``out``, empty but for the MARKER, for the stages to fill.
+
+    An earlier demo's folder there is not removed when the new demo starts but
+    moved aside (``.NAME.previous-XXXX`` beside it) and deleted only when the
+    block succeeds; if it fails or is interrupted (Ctrl-C), the partial new
+    folder is deleted and the earlier one put back.  With no earlier demo, a
+    failed demo's partial folder stays for inspection (the next demo replaces it).
+    """
+    out, earlier = prepare_out_dir(out)
+    parent, name = os.path.split(out)
+    aside = None
+    if earlier:
+        aside = tempfile.mkdtemp(prefix=".{}.previous-".format(name), dir=parent)
+        os.rename(out, os.path.join(aside, name))
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, MARKER), "w", encoding="utf-8") as handle:
+            handle.write("written by 'neurohand demo'; the next demo with this --out replaces the folder\n")
+        yield out
+    except BaseException:
+        if aside is not None:
+            shutil.rmtree(out, ignore_errors=True)
+            os.rename(os.path.join(aside, name), out)
+            os.rmdir(aside)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def demo_command(args):
@@ -163,6 +198,7 @@ def demo_command(args):
         raise UsageError("the replay ({:g} s) must be at least {:g} s shorter than the held-out recording "
                          "({:g} s)".format(settings["replay_seconds"], REALTIME_MARGIN_S,
                                            settings["heldout_seconds"]))
+    prepare_out_dir(args.out)       # before torch loads: a bad --out is a one-line error at once
     summary = run_demo(args.out, settings)
     print(format_demo_table(summary))
     return 0
@@ -171,20 +207,21 @@ def demo_command(args):
 def run_demo(out, settings, stream=sys.stderr):
     """Run every stage into folder ``out``; return the summary (also written to summary.json)."""
     _require_torch()
-    out = prepare_out_dir(out)
-    progress = _Progress(stream)
-    paths = {name: os.path.join(out, name) for name in (TRAIN_RECORDING, HELDOUT_RECORDING, RUN_DIR, BUNDLE_DIR)}
+    with demo_folder(out) as out:
+        progress = _Progress(stream)
+        paths = {name: os.path.join(out, name)
+                 for name in (TRAIN_RECORDING, HELDOUT_RECORDING, RUN_DIR, BUNDLE_DIR)}
 
-    _simulate_stage(progress, paths, settings)
-    training = _train_stage(progress, out, paths, settings)
-    _bundle_stage(progress, paths)
-    selftest = _selftest_stage(progress, paths, settings)
-    evaluation = _evaluate_stage(progress, paths, settings)
-    replayed = _replay_stage(progress, out, paths, settings)
+        _simulate_stage(progress, paths, settings)
+        training = _train_stage(progress, out, paths, settings)
+        _bundle_stage(progress, paths)
+        selftest = _selftest_stage(progress, paths, settings)
+        evaluation = _evaluate_stage(progress, paths, settings)
+        replayed = _replay_stage(progress, out, paths, settings)
 
-    _write_plots(out, replayed)
-    summary = _summarize(out, settings, progress, training, selftest, evaluation, replayed)
-    _write_summary(out, summary)
+        _write_plots(out, replayed)
+        summary = _summarize(out, settings, progress, training, selftest, evaluation, replayed)
+        _write_summary(out, summary)
     return summary
 
 

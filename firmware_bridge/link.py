@@ -7,24 +7,32 @@ bytes it reads to a protocol object; the protocol never touches the port::
         def data_received(self, data):
             print(len(data))
 
-    with SerialLink("/dev/ttyACM0", Printer()) as link:   # or a pty path, or "loop://"
+    with SerialLink("/dev/ttyACM0", Printer()) as link:   # or a pty path
         link.write(b"...")
 
-Ports are opened with ``serial.serial_for_url``, so a UART, a pseudo-terminal
-and pyserial's ``loop://`` all work.  When the port fails (USB unplug: a
+A port is a device path: a UART, a USB CDC-ACM device or a pseudo-terminal.
+pyserial URLs (``socket://``, ``rfc2217://``, ``spy://``, ``hwgrep://``,
+``loop://`` ...) are refused with a UsageError: the first two open TCP
+connections, the others files or devices that were never named, while the
+device path promises, and the service's sandbox enforces, no network
+(``RestrictAddressFamilies=AF_UNIX``, ``IPAddressDeny=any``).  Only code, never
+a command line, can let ``loop://`` (bytes written are read back, nothing
+leaves the process) through, for tests: ``with allow_url_schemes("loop"):``.
+See docs/chip-protocol.md, "Ports".  When the port fails (USB unplug: a
 SerialException or OSError, or its path disappears) the thread reports
 ``connection_lost(exc)``, then reopens it with exponential backoff (bounded by
 ``backoff_max_s``) and reports ``connection_made(link)`` again.  Counters say how
 often.  Writes from any thread go through one lock.  ``close()`` stops the
 thread and closes the port (no leaked threads or descriptors).
 """
+import contextlib
 import os
 import threading
 import time
 
 from neurohand.firmware_bridge.shared.backoff import Backoff
 from neurohand.firmware_bridge.shared.counters import new_counters
-from neurohand.firmware_bridge.shared.errors import LinkError
+from neurohand.firmware_bridge.shared.errors import LinkError, UsageError
 
 PATH_CHECK_INTERVAL_S = 0.5
 
@@ -61,8 +69,65 @@ class FeedProtocol(LinkProtocol):
         self.feed(data)
 
 
+#: pyserial URL schemes that reach nothing outside the process; the only ones
+#: :func:`allow_url_schemes` accepts.
+IN_PROCESS_SCHEMES = ("loop",)
+_allowed_schemes = set()        # none unless allow_url_schemes is in force
+
+
+def url_scheme(port):
+    """The pyserial URL scheme of ``port`` (lower case, as pyserial reads it), or None for a path."""
+    lowered = port.lower()
+    if "://" not in lowered:
+        return None
+    return lowered.split("://", 1)[0]
+
+
+def check_port(name, port):
+    """Return ``port`` if it is a device path (or a URL of a scheme allowed in code); else UsageError.
+
+    ``name`` says what the port is for, as the user gave it (``--chip``, ``hand port``).
+    """
+    if not isinstance(port, str):
+        raise UsageError("{} must be a device path, got {!r}".format(name, port))
+    if not port.strip():
+        raise UsageError("{} is an empty path; give the serial device, e.g. /dev/ttyACM0".format(name))
+    if "\x00" in port:
+        raise UsageError("{} {!r} contains a NUL character".format(name, port))
+    scheme = url_scheme(port)
+    if scheme is not None and scheme not in _allowed_schemes:
+        raise UsageError("{} {!r} is a pyserial URL ({}://); only serial device paths are opened (e.g. "
+                         "/dev/ttyACM0, /dev/pts/3), never a network or other URL port "
+                         "(docs/chip-protocol.md)".format(name, port, scheme))
+    return port
+
+
+@contextlib.contextmanager
+def allow_url_schemes(*schemes):
+    """Within the block, ports may also be URLs of ``schemes`` (only :data:`IN_PROCESS_SCHEMES`).
+
+    For tests that need a port without a device (``loop://``).  No command-line
+    option leads here: a deployed decoder opens device paths only.
+    """
+    wanted = set(scheme.lower() for scheme in schemes)
+    outside = sorted(wanted - set(IN_PROCESS_SCHEMES))
+    if outside:
+        raise ValueError("only in-process URL schemes can be allowed ({}), not {}".format(
+            ", ".join(IN_PROCESS_SCHEMES), ", ".join(outside)))
+    added = wanted - _allowed_schemes
+    _allowed_schemes.update(added)
+    try:
+        yield
+    finally:
+        _allowed_schemes.difference_update(added)
+
+
 def open_serial_port(url, baudrate, read_timeout_s, write_timeout_s, exclusive=False):
-    """Open ``url`` with pyserial (``exclusive``: no other process may open it while we hold it)."""
+    """Open ``url`` with pyserial (``exclusive``: no other process may open it while we hold it).
+
+    ``url`` is a device path; a URL is refused unless allowed (see :func:`check_port`).
+    """
+    check_port("serial port", url)
     import serial  # pyserial; imported here so that the CLI's --help stays light
     # baudrate None: pyserial's default; a pseudo-terminal or USB CDC-ACM ignores it anyway.
     options = {} if baudrate is None else {"baudrate": baudrate}
@@ -74,7 +139,8 @@ def open_serial_port(url, baudrate, read_timeout_s, write_timeout_s, exclusive=F
 class SerialLink:
     """Own one serial port in a reader thread; see the module docstring.
 
-    url: device path, pty path or pyserial URL.  protocol: a LinkProtocol; it
+    url: device path or pty path (a pyserial URL only where :func:`allow_url_schemes`
+    allows it; otherwise UsageError here, before anything is opened).  protocol: a LinkProtocol; it
     may be replaced while the link runs (the reader thread looks it up for
     every call), as a chip session does when it starts streaming.
     read_timeout_s bounds each blocking read (how fast close() and a vanished
@@ -87,7 +153,7 @@ class SerialLink:
 
     def __init__(self, url, protocol, baudrate=None, read_timeout_s=0.05, write_timeout_s=1.0,
                  backoff_initial_s=0.05, backoff_max_s=2.0, open_port=None, exclusive=False):
-        self.url = url
+        self.url = check_port("serial port", url)
         self.protocol = protocol
         self.baudrate = baudrate
         self.read_timeout_s = read_timeout_s

@@ -207,6 +207,55 @@ def start_update(directory, command, names):
     return document
 
 
+def check_results_directory(directory, names, quick, force=False, update=False, inputs=()):
+    """Refuse, before anything is measured, a --results-dir whose files cannot or must not be replaced.
+
+    Rewriting results.json and results.md is the command's job (atomically,
+    after every target), but never over a folder or a kernel file, and not
+    over what would cost a measurement without ``--force``: files that are no
+    neurohand benchmark results, results of targets this run would drop (use
+    ``--update``), or a full run's results under a ``--quick`` one.  Creates
+    nothing; returns the directory as given.
+    """
+    from neurohand.firmware_bridge.shared.checks import load_json_file
+    from neurohand.firmware_bridge.shared.errors import NeurohandError, UsageError
+    from neurohand.firmware_bridge.shared.outputs import check_output_path
+
+    name = "--results-dir"
+    check_output_path(name, directory, inputs=inputs, force=True, directory=True)
+    json_path, markdown_path = os.path.join(directory, JSON_NAME), os.path.join(directory, MARKDOWN_NAME)
+    if not os.path.isdir(directory):
+        return directory
+    for path in (json_path, markdown_path):
+        check_output_path("{} file".format(name), path, inputs=inputs, force=True)
+    existing = None
+    if os.path.lexists(json_path):
+        try:
+            existing = load_json_file(json_path, "benchmark results", error=UsageError)
+        except NeurohandError:
+            existing = None
+        if not (isinstance(existing, dict) and existing.get("format") == RESULTS_FORMAT
+                and isinstance(existing.get("targets"), dict)):
+            existing = None
+            if not force:
+                raise UsageError("{} {!r}: {} is not a neurohand benchmark results file; pass --force to "
+                                 "replace it".format(name, directory, JSON_NAME))
+    elif os.path.lexists(markdown_path) and not force:
+        raise UsageError("{} {!r}: {} exists without the {} it is rendered from; pass --force to replace "
+                         "it".format(name, directory, MARKDOWN_NAME, JSON_NAME))
+    if existing is None or update or force:
+        return directory
+    dropped = sorted(target for target, entry in existing["targets"].items()
+                     if target not in names and isinstance(entry, dict) and entry.get("status") == "ok")
+    if dropped:
+        raise UsageError("{} {!r} holds results of {} that this run would drop; re-measure some targets with "
+                         "--update, or pass --force to replace them".format(name, directory, ", ".join(dropped)))
+    if quick and not existing.get("quick"):
+        raise UsageError("{} {!r} holds the results of a full run, which a --quick run would replace with "
+                         "figures that mean nothing; pass --force to replace them".format(name, directory))
+    return directory
+
+
 def write_results(directory, document):
     """Write ``results.json`` and ``results.md`` into ``directory``; returns both paths."""
     json_path = os.path.join(directory, JSON_NAME)

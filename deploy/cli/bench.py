@@ -11,7 +11,10 @@ JSON object; several targets (or ``all``) with ``--json`` print the whole
 results document (bench_report.py).  Results files (results.json and
 results.md) are written when ``--results-dir`` is given, and for a full
 (not ``--quick``) ``all`` run in a source checkout to ./bench/; the files are
-rewritten after every target, so an interrupted run keeps what it measured.
+rewritten after every target (atomically), so an interrupted run keeps what it
+measured.  Before anything is measured the folder is checked
+(bench_report.check_results_directory): earlier files there are replaced
+without ``--force`` only if they are benchmark results this run measures again.
 """
 import json
 import os
@@ -119,7 +122,13 @@ def register(subparsers):
                         help="short run to check the set-up (figures are not meaningful, never written to ./bench/)")
     parser.add_argument("--results-dir", metavar="DIR", default=None,
                         help="write results.json and results.md here (created if missing); default: ./bench/ for "
-                             "a full 'all' run in a source checkout, otherwise not written")
+                             "a full 'all' run in a source checkout, otherwise not written. Earlier results there "
+                             "are replaced (atomically, after every target), but without --force only if they "
+                             "are neurohand benchmark results that this run measures again: not results of "
+                             "targets it would drop (use --update) nor a full run's under --quick")
+    parser.add_argument("--force", action="store_true",
+                        help="replace existing output files (results.json and results.md in --results-dir, "
+                             "whatever they hold)")
     parser.add_argument("--libemg-python", metavar="PATH", default=None,
                         help="python of a venv with LibEMG installed, for the features comparison (LibEMG needs "
                              "numpy<2; default: $NEUROHAND_LIBEMG_PYTHON, else LibEMG in this interpreter, else "
@@ -154,24 +163,29 @@ def target_names(requested):
     return [name for name in TARGETS if name in requested]
 
 
-def results_directory(requested_dir, is_all, quick):
-    """Where results are written (a directory path) or None (print only); see --help."""
+def results_directory(requested_dir, is_all, quick, names=(), force=False, update=False, inputs=()):
+    """Where results are written (a directory path) or None (print only); see --help.
+
+    Checked before anything is measured (bench_report.check_results_directory),
+    and created if missing: a mistake must not cost a half-hour run.
+    """
+    from neurohand.deploy.bench.report import check_results_directory
     from neurohand.firmware_bridge.shared.errors import UsageError
 
     if requested_dir is not None:
-        parent = os.path.dirname(os.path.abspath(requested_dir))
-        if not os.path.isdir(parent):
-            raise UsageError("--results-dir {!r}: its parent folder {!r} does not exist".format(requested_dir, parent))
-        if os.path.exists(requested_dir) and not os.path.isdir(requested_dir):
-            raise UsageError("--results-dir {!r} exists and is not a folder".format(requested_dir))
-        os.makedirs(requested_dir, exist_ok=True)
+        check_results_directory(requested_dir, names, quick, force=force, update=update, inputs=inputs)
+        try:
+            os.makedirs(requested_dir, exist_ok=True)
+        except OSError as exc:
+            raise UsageError("--results-dir {!r}: cannot create it ({})".format(
+                requested_dir, exc.strerror or exc)) from None
         return requested_dir
     if not is_all or quick:
         return None
     if not os.path.isdir(DEFAULT_RESULTS_DIR):
         raise UsageError("'all' writes its results to ./{0}/ in a source checkout, but there is no {0}/ folder "
                          "in {1}; give --results-dir DIR".format(DEFAULT_RESULTS_DIR, os.getcwd()))
-    return DEFAULT_RESULTS_DIR
+    return check_results_directory(DEFAULT_RESULTS_DIR, names, quick, force=force, update=update, inputs=inputs)
 
 
 def options_from(args):
@@ -194,11 +208,14 @@ def run_command(args):
     # Check every user value before measuring anything: a mistake must not cost a half-hour run.
     options = options_from(args)
     command = " ".join(["neurohand bench"] + (args.targets or ["all"]) + (["--quick"] if args.quick else []))
+    inputs = [args.ninapro] if args.ninapro is not None else []
     if args.update:
-        directory = results_directory(args.results_dir or DEFAULT_RESULTS_DIR, False, args.quick)
+        directory = results_directory(args.results_dir or DEFAULT_RESULTS_DIR, False, args.quick, names,
+                                      force=args.force, update=True, inputs=inputs)
         document = bench_report.start_update(directory, command, names)
     else:
-        directory = results_directory(args.results_dir, not args.targets or args.targets == ["all"], args.quick)
+        directory = results_directory(args.results_dir, not args.targets or args.targets == ["all"], args.quick,
+                                      names, force=args.force, inputs=inputs)
         document = bench_report.new_document(command, args.quick, names, bench_report.describe_machine())
     first_error = None
     for name in names:

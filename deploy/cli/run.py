@@ -35,7 +35,8 @@ def _add_run_parser(subparsers):
                "--hand psyonic:/dev/neurohand-hand --stats-json /var/lib/neurohand/stats.json")
     parser.add_argument("--bundle", required=True, metavar="BUNDLE", help="bundle directory ('neurohand bundle')")
     parser.add_argument("--chip", required=True, metavar="PORT",
-                        help="serial port of the chip (device path, pseudo-terminal or pyserial URL)")
+                        help="serial port of the chip (device path or pseudo-terminal; pyserial URLs such as socket:// "
+                             "are refused, docs/chip-protocol.md)")
     parser.add_argument("--hand", required=True, metavar="SPEC",
                         help="hand to drive: psyonic:PORT (PSYONIC Ability Hand), neurohand:PORT (neurohand "
                              "protocol), keys:MAPFILE (key presses) or none (decode only)")
@@ -111,7 +112,9 @@ def _add_demo_parser(subparsers):
                     "files of every stage. Needs the workstation install (torch).",
         epilog="Example: neurohand demo --out demo-output")
     parser.add_argument("--out", default="demo-output", metavar="DIR",
-                        help="report folder (default ./demo-output; replaced if it holds an earlier demo)")
+                        help="report folder (default ./demo-output); an earlier demo's folder there is replaced only "
+                             "when the new demo succeeds (kept if it fails or is interrupted); any other "
+                             "non-empty folder, a file or a symlink is refused")
     parser.add_argument("--seed", type=int, default=1, metavar="K",
                         help="seed of the simulated session (default 1); the held-out recording is its continuation, "
                              "later in time, not another seed")
@@ -162,10 +165,15 @@ def _run_command(args, signals):
     from neurohand.deploy.session import load_decoder, run_on_chip
     from neurohand.firmware_bridge.shared.checks import check_number
     from neurohand.firmware_bridge.hands import parse_hand_spec
+    from neurohand.firmware_bridge.link import check_port
 
     duration = None if args.duration is None else check_number("--duration", args.duration, minimum=0.0,
                                                                 exclusive_minimum=True, maximum=MAX_DURATION_S)
-    parse_hand_spec(args.hand)
+    # Refused here, before the bundle loads: the device path promises no network (docs/chip-protocol.md).
+    check_port("--chip", args.chip)
+    hand_name, hand_target = parse_hand_spec(args.hand)
+    if hand_name in ("psyonic", "neurohand"):
+        check_port("--hand", hand_target)
     config = config_from_args(args)
     _check_outputs(args, [args.bundle])
     signals.raise_if_stopped()

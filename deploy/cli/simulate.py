@@ -4,7 +4,9 @@ Standard library only at module level (see neurohand.deploy.cli.main); the handl
 imports numpy and the simulator.
 """
 import argparse
+import contextlib
 import os
+import signal
 import sys
 
 DESCRIPTION = """\
@@ -43,7 +45,11 @@ def register(subparsers):
         "simulate", help="write a synthetic nerve recording with finger labels",
         description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, metavar="FILE",
-                        help="recording file to write, exactly this path (replaced if it exists)")
+                        help="recording file to write, exactly this path; an existing file needs --force, and "
+                             "is replaced only once the new recording is complete (an interrupted or failed "
+                             "run leaves it as it was)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace existing output files")
     parser.add_argument("--seconds", required=True, metavar="S",
                         help="duration in seconds, > 0 and at most 86400 (about 36 s make one "
                              "repetition of the protocol)")
@@ -91,9 +97,28 @@ class _Progress(object):
         self.stream.flush()
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (``kill``, a stopping service) unwinds like Ctrl-C, so the temporary file is removed."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:          # not the main thread (simulate called from a test's thread): nothing to undo
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_simulate(args):
     from neurohand.firmware_bridge.shared import checks
-    from neurohand.firmware_bridge.shared.errors import RecordingError, UsageError
+    from neurohand.firmware_bridge.shared.atomic import atomic_path
+    from neurohand.firmware_bridge.shared.errors import RecordingError
+    from neurohand.firmware_bridge.shared.outputs import check_output_path, describe_os_error
     from neurohand.firmware_bridge.virtual.simulator import SimulatorConfig, write_recording
 
     mains = checks.check_option("mains", args.mains, ("50", "60"))
@@ -103,14 +128,19 @@ def run_simulate(args):
         rate=_parse(float, "rate", args.rate),
         seed=_parse(int, "seed", args.seed),
         mains_hz=int(mains))
-    if os.path.isdir(args.out):
-        raise UsageError("--out {!r} is a directory; give a file name".format(args.out))
-    checks.check_parent_writable("--out", args.out)
+    out = check_output_path("--out", args.out, force=args.force)
     progress = None if args.quiet else _Progress(sys.stderr)
     try:
-        sim = write_recording(args.out, config, progress=progress)
+        with _terminate_as_interrupt():
+            if os.path.exists(out) and not os.path.isfile(out):
+                # /dev/null, the one sink allowed: renaming a file over it would replace the device.
+                sim = write_recording(out, config, progress=progress)
+            else:
+                # The old file stays until the new one is complete: written beside it, then renamed over it.
+                with atomic_path(out) as temporary:
+                    sim = write_recording(temporary, config, progress=progress)
     except OSError as exc:
-        raise RecordingError("cannot write {!r}: {}".format(args.out, exc)) from exc
+        raise RecordingError("cannot write {!r}: {}".format(args.out, describe_os_error(exc))) from exc
     if not args.quiet:
         print("wrote {}: {:g} s, {} channels at {:g} Hz, finger labels at 100 Hz, {} movements, "
               "{} events".format(args.out, config.seconds, config.n_channels, config.rate,

@@ -26,7 +26,10 @@ def register(subparsers):
         epilog="Example: neurohand virtual-chip rec.nhr --port /tmp/chip --autostart --drop-rate 0.001 --seed 1")
     parser.add_argument("recording", metavar="RECORDING", help="recording file to play")
     parser.add_argument("--port", metavar="PATH",
-                        help="also create a symlink PATH to the pseudo-terminal (kept across replugs)")
+                        help="also create a symlink PATH to the pseudo-terminal (kept across replugs); only "
+                             "a stale symlink to a vanished /dev/pts/N (left by a killed run) is replaced, "
+                             "anything else at PATH is refused; on exit the symlink is removed if it still "
+                             "points to this chip's terminal")
     parser.add_argument("--speed", type=float, default=1.0, metavar="X",
                         help="playback speed factor, e.g. 2 for twice real time (default 1)")
     parser.add_argument("--loop", action="store_true",
@@ -75,7 +78,8 @@ def run_virtual_chip(args):
     if args.disconnect_after is not None:
         disconnect_after = checks.check_number("--disconnect-after", args.disconnect_after, minimum=0)
     if args.port is not None:
-        checks.check_parent_writable("--port", args.port)
+        from neurohand.firmware_bridge.virtual.port_link import check_port_link
+        check_port_link("--port", args.port)
     checks.check_file_exists("RECORDING", args.recording)
     try:
         from neurohand.firmware_bridge.recording.file_format import open_recording

@@ -19,11 +19,16 @@ def register(subparsers):
                         help="the protocol to speak: 'psyonic' (PSYONIC Ability Hand UART API) "
                              "or 'neurohand' (docs/hand-protocol.md)")
     parser.add_argument("--port", metavar="PATH", default=None,
-                        help="also create a symlink PATH to the terminal, for a fixed name "
-                             "(a stale symlink is replaced, any other file is refused)")
+                        help="also create a symlink PATH to the terminal, for a fixed name; only a "
+                             "stale symlink to a vanished /dev/pts/N (left by a killed run) is replaced, "
+                             "anything else at PATH is refused; on exit the symlink is removed if it "
+                             "still points to this hand's terminal")
     parser.add_argument("--log", metavar="FILE", default=None,
                         help="append every valid command and every keep-alive timeout to FILE "
-                             "as JSON lines (monotonic and wall time, positions 0..1, seq)")
+                             "as JSON lines (monotonic and wall time, positions 0..1, seq); an "
+                             "existing FILE must be an earlier virtual-hand log (or empty), anything "
+                             "else is refused; if FILE cannot be written any more (disk full) logging "
+                             "stops with a warning and the hand goes on")
     parser.add_argument("--keepalive-timeout", metavar="SECONDS", default="0.3",
                         help="silence after a valid command that counts as a keep-alive timeout "
                              "(default: 0.3, the PSYONIC hand's API timeout)")
@@ -43,6 +48,44 @@ def _parse_seconds(text):
     return check_number("--keepalive-timeout", value, minimum=0.0, exclusive_minimum=True)
 
 
+def check_log_path(name, path, port=None):
+    """Refuse a --log FILE that cannot be appended to, or whose content is not a virtual-hand log.
+
+    Appending is the log's documented job, so an earlier log is no reason to
+    refuse; but appending JSON lines to anything else (a recording, a config,
+    the --port itself) would spoil it, and there is nothing to ``--force``.
+    """
+    import json
+    import os
+
+    from neurohand.firmware_bridge.shared.errors import UsageError
+    from neurohand.firmware_bridge.shared.outputs import check_output_path, describe_os_error
+
+    if port is not None and path.strip() and os.path.abspath(path) == os.path.abspath(port):
+        raise UsageError("{} {!r} is also the --port symlink; give two paths".format(name, path))
+    # force: an existing file is appended to (checked below), never replaced.
+    absolute = check_output_path(name, path, force=True)
+    if not os.path.isfile(absolute):
+        return absolute          # new, or the /dev/null sink
+    try:
+        with open(absolute, "rb") as stream:
+            first = stream.readline(65536)
+        with open(absolute, "ab"):
+            pass
+    except OSError as exc:
+        raise UsageError("{} {!r}: cannot append to it ({})".format(name, path, describe_os_error(exc))) from None
+    if not first.strip():
+        return absolute
+    try:
+        record = json.loads(first.decode("utf-8"))
+    except ValueError:
+        record = None
+    if not (isinstance(record, dict) and record.get("event") == "start"):
+        raise UsageError("{} {!r} exists and is not a virtual-hand log (its first line is no 'start' "
+                         "record); choose another file".format(name, path))
+    return absolute
+
+
 def run_virtual_hand(args):
     import signal
     import sys
@@ -51,17 +94,23 @@ def run_virtual_hand(args):
     from neurohand.firmware_bridge.shared import checks
     from neurohand.firmware_bridge.shared.errors import UsageError
     from neurohand.firmware_bridge.virtual.hand import PROTOCOLS, VirtualHand
+    from neurohand.firmware_bridge.virtual.port_link import check_port_link
 
     protocol = checks.check_option("--protocol", args.protocol, PROTOCOLS)
     timeout = _parse_seconds(args.keepalive_timeout)
     if args.no_stuffing and protocol != "psyonic":
         raise UsageError("--no-stuffing applies to --protocol psyonic only")
+    if args.port is not None:
+        check_port_link("--port", args.port)
     if args.log is not None:
-        checks.check_parent_writable("--log", args.log)
+        check_log_path("--log", args.log, port=args.port)
+
+    def log_failed(message):
+        print("neurohand virtual-hand: warning: {}".format(message), file=sys.stderr, flush=True)
 
     stop = threading.Event()
-    hand = VirtualHand(protocol, link_path=args.port, log_path=args.log,
-                       keepalive_timeout_s=timeout, stuffing=not args.no_stuffing).start()
+    hand = VirtualHand(protocol, link_path=args.port, log_path=args.log, keepalive_timeout_s=timeout,
+                       stuffing=not args.no_stuffing, on_log_error=log_failed).start()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
         print(hand.slave_path, flush=True)

@@ -24,7 +24,7 @@ import threading
 
 from neurohand.firmware_bridge.chip.parser import ChipParser, ChipReply
 from neurohand.firmware_bridge.chip.protocol import BAUDRATE, ChipCommandChannel
-from neurohand.firmware_bridge.link import SerialLink
+from neurohand.firmware_bridge.link import SerialLink, check_port
 from neurohand.firmware_bridge.shared.backoff import Backoff
 from neurohand.firmware_bridge.shared.errors import ConfigError, LinkError, ProtocolError
 
@@ -163,7 +163,8 @@ class ChipSession(object):
     """
 
     def __init__(self, url, baudrate=BAUDRATE, command_timeout_s=0.5):
-        self.url = url
+        # A device path only: a URL such as socket:// would reach the network (docs/chip-protocol.md).
+        self.url = check_port("chip port", url)
         self.link = SerialLink(url, None, baudrate=baudrate)
         self.channel = ChipCommandChannel(self.link.write, timeout_s=command_timeout_s)
         self.link.protocol = _ReplyReader(self.channel.handle_reply)

@@ -20,7 +20,7 @@ _TARGETLESS = ("none",)
 def parse_hand_spec(spec):
     """Split ``"name:target"`` into ``(name, target)``; ``"none"`` has no target.
 
-    Only the first colon separates, so ``neurohand:loop://`` keeps its URL.
+    Only the first colon separates, so ``neurohand:/dev/pts/3`` keeps its path whole.
     """
     if not isinstance(spec, str) or not spec:
         raise UsageError("hand must be given as NAME:TARGET (e.g. psyonic:/dev/ttyUSB0) or 'none', "

@@ -31,7 +31,8 @@ from neurohand.firmware_bridge.chip import protocol as cp
 from neurohand.firmware_bridge.chip.parser import ChipCommand, ChipParser
 from neurohand.firmware_bridge.shared.checks import check_int, check_number
 from neurohand.firmware_bridge.shared.counters import new_counters
-from neurohand.firmware_bridge.shared.errors import LinkError, UsageError
+from neurohand.firmware_bridge.shared.errors import UsageError
+from neurohand.firmware_bridge.virtual.port_link import PortLink
 
 INT16_MAX = 32767
 OUTPUT_LIMIT_BYTES = 256 * 1024     # a chip's transmit buffer: beyond this, whole frames are dropped
@@ -259,7 +260,10 @@ class VirtualChip:
     autostart: stream from the first moment instead of waiting for START.
     faults: a FaultInjector or None.  disconnect_after_s: close the pty once after
     this many seconds, reopen a new one after ``reconnect_pause_s`` (the symlink
-    ``link_path`` follows).  on_port(path) is called with each new slave path.
+    ``link_path`` follows; only a stale link to a vanished terminal is replaced,
+    anything else there is refused with UsageError, and only our own link is
+    removed: see virtual/port_link.py).  on_port(path) is called with each new
+    slave path.
     reset_on_unplug: the unplug powers the chip down, as a bus-powered chip:
     after the replug it waits for START again (unless ``autostart``), and the
     new stream starts at sequence 0 with STREAM_START.  The recording goes on
@@ -294,6 +298,7 @@ class VirtualChip:
         self.disconnect_after_s = disconnect_after_s
         self.reconnect_pause_s = reconnect_pause_s
         self.link_path = link_path
+        self._link = None               # the PortLink of link_path while a terminal is open
         self.on_port = on_port
         self.firmware = firmware
         self.reset_on_unplug = bool(reset_on_unplug)
@@ -326,16 +331,15 @@ class VirtualChip:
         os.set_blocking(master, False)
         self._master, self._slave = master, slave
         self.slave_path = os.ttyname(slave)
-        if self.link_path:
-            temporary = "{}.{}.tmp".format(self.link_path, os.getpid())
+        if self.link_path is not None:
+            # link_path may be set after construction; only a stale link is replaced (virtual/port_link.py).
+            if self._link is None or self._link.path != self.link_path:
+                self._link = PortLink(self.link_path)
             try:
-                if os.path.lexists(temporary):
-                    os.unlink(temporary)
-                os.symlink(self.slave_path, temporary)
-                os.replace(temporary, self.link_path)
-            except OSError as exc:
+                self._link.make(self.slave_path)
+            except BaseException:
                 self._close_pty()
-                raise LinkError("cannot create the port symlink {!r}: {}".format(self.link_path, exc)) from exc
+                raise
         self._connected_at = self._clock()
         self._commands = ChipParser()
         if self.autostart and not self.streaming and not self.finished:
@@ -347,12 +351,8 @@ class VirtualChip:
     def _close_pty(self):
         # The symlink goes first, so a host reopening it at once cannot reach
         # the dying terminal (as a USB device node vanishes on unplug).
-        if self.link_path and self.slave_path:
-            try:
-                if os.readlink(self.link_path) == self.slave_path:
-                    os.unlink(self.link_path)
-            except OSError:
-                pass
+        if self._link is not None:
+            self._link.remove()
         for fd in (self._master, self._slave):
             if fd is not None:
                 os.close(fd)

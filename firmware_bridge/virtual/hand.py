@@ -41,8 +41,10 @@ import time
 import tty
 
 from neurohand.firmware_bridge.shared.errors import LinkError, ProtocolError, UsageError
+from neurohand.firmware_bridge.shared.outputs import describe_os_error
 from neurohand.firmware_bridge.hands import neurohand_protocol as nhp
 from neurohand.firmware_bridge.hands import ppp, psyonic
+from neurohand.firmware_bridge.virtual.port_link import PortLink, check_port_link
 
 PROTOCOLS = ("psyonic", "neurohand")
 DEFAULT_KEEPALIVE_TIMEOUT_S = 0.3
@@ -155,9 +157,15 @@ class VirtualHand(object):
     protocol : str
         "psyonic" or "neurohand".
     link_path : str or None
-        Also make this symlink to the slave (replaced if it is a stale symlink).
+        Also make this symlink to the slave.  Only a stale link to a vanished
+        pseudo-terminal is replaced; anything else there is refused (UsageError).
+        Removed on unplug and stop only while it still points to this hand's
+        terminal (see :mod:`neurohand.firmware_bridge.virtual.port_link`).
     log_path : str or None
-        Append JSON lines here.
+        Append JSON lines here.  If the log cannot be written any more (a full
+        disk), logging stops, ``counters["log_errors"]`` and ``log_error`` say
+        so, ``on_log_error(message)`` is called (from the serving thread), and
+        the hand goes on serving.
     keepalive_timeout_s : float
         Silence after a valid command that counts as one keep-alive timeout.
     stuffing : bool
@@ -169,6 +177,8 @@ class VirtualHand(object):
     clock : callable
         Returns seconds (float) on a monotonic clock; the keep-alive watchdog and
         the ``t_monotonic`` timestamps use it.  Default ``time.monotonic``.
+    on_log_error : callable or None
+        Called once with a one-line message when the log cannot be written.
 
     Counters: valid_frames, bad_checksums, framing_errors, timeouts,
     replies_sent, replies_dropped, bytes_received, unplugs (wrong_address for PSYONIC).
@@ -179,7 +189,7 @@ class VirtualHand(object):
 
     def __init__(self, protocol, link_path=None, log_path=None,
                  keepalive_timeout_s=DEFAULT_KEEPALIVE_TIMEOUT_S, stuffing=True,
-                 address=psyonic.DEFAULT_ADDRESS, reply=True, clock=time.monotonic):
+                 address=psyonic.DEFAULT_ADDRESS, reply=True, clock=time.monotonic, on_log_error=None):
         if protocol not in PROTOCOLS:
             from neurohand.firmware_bridge.shared.checks import check_option
             check_option("protocol", protocol, PROTOCOLS)
@@ -193,6 +203,7 @@ class VirtualHand(object):
         self.address = address
         self.reply = reply
         self._clock = clock
+        self.on_log_error = on_log_error
         self.counters = {"valid_frames": 0, "bad_checksums": 0, "framing_errors": 0, "timeouts": 0,
                          "replies_sent": 0, "replies_dropped": 0, "bytes_received": 0, "unplugs": 0}
         self.slave_path = None
@@ -203,7 +214,8 @@ class VirtualHand(object):
         self._thread = None
         self._stop = threading.Event()
         self._log = None
-        self._linked = False
+        self._link = None           # the PortLink of link_path, made by start()
+        self.log_error = None       # why the log stopped being written (a full disk ...), or None
         self._receiver = None
         self._passes = 0            # serving-thread passes completed (see sync)
 
@@ -214,9 +226,13 @@ class VirtualHand(object):
             raise UsageError("virtual hand already started")
         if self.protocol == "psyonic":
             self.counters["wrong_address"] = 0
+        if self.link_path is not None:
+            self._link = PortLink(self.link_path)
+            # Before the log is opened (which creates it): a refused link leaves nothing behind.
+            check_port_link(self._link.name, self._link.path)
         try:
             if self.log_path is not None:
-                self._log = open(self.log_path, "a", encoding="utf-8")
+                self._log = _open_log(self.log_path)
             self._plug()
         except Exception:
             self._close_fds()
@@ -267,8 +283,12 @@ class VirtualHand(object):
         fcntl.fcntl(self._master, fcntl.F_SETFL, flags | os.O_NONBLOCK)
         self.slave_path = os.ttyname(self._slave)
         self._wake_r, self._wake_w = os.pipe()
-        if self.link_path is not None:
-            self._make_link()
+        if self._link is not None:
+            try:
+                self._link.make(self.slave_path)
+            except BaseException:
+                self._close_pty_fds()
+                raise
         self._stop.clear()
         self._thread = threading.Thread(target=self._serve, args=(self._receiver,),
                                         name="virtual-hand", daemon=True)
@@ -282,10 +302,17 @@ class VirtualHand(object):
             self._thread = None
         # The symlink goes first, as a device node vanishes on unplug.
         self._remove_link()
+        self._close_pty_fds()
+
+    def _close_pty_fds(self):
         for fd in (self._master, self._slave, self._wake_r, self._wake_w):
             if fd is not None:
                 os.close(fd)
         self._master = self._slave = self._wake_r = self._wake_w = None
+
+    def _remove_link(self):
+        if self._link is not None:
+            self._link.remove()
 
     def __enter__(self):
         return self.start()
@@ -293,34 +320,14 @@ class VirtualHand(object):
     def __exit__(self, *exc_info):
         self.stop()
 
-    def _make_link(self):
-        path = self.link_path
-        if os.path.islink(path):
-            os.remove(path)  # stale link from an earlier run
-        elif os.path.exists(path):
-            raise UsageError("--port {!r} exists and is not a symlink; refusing to replace it".format(path))
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            raise UsageError("--port {!r}: directory {!r} does not exist".format(path, parent))
-        os.symlink(self.slave_path, path)
-        self._linked = True
-
-    def _remove_link(self):
-        if self._linked:
-            try:
-                os.remove(self.link_path)
-            except OSError:
-                pass  # someone removed it already; nothing left to clean
-            self._linked = False
-
     def _close_fds(self):
-        for fd in (self._master, self._slave, self._wake_r, self._wake_w):
-            if fd is not None:
-                os.close(fd)
-        self._master = self._slave = self._wake_r = self._wake_w = None
         self._remove_link()
+        self._close_pty_fds()
         if self._log is not None:
-            self._log.close()
+            try:
+                self._log.close()
+            except OSError as exc:      # the last buffered line met a full disk
+                self._log_failed(exc)
             self._log = None
 
     # -- received commands ------------------------------------------------
@@ -429,6 +436,35 @@ class VirtualHand(object):
             self.counters["replies_dropped"] += 1
 
     def _write_log(self, record):
-        if self._log is not None:
-            self._log.write(json.dumps(record) + "\n")
-            self._log.flush()
+        log = self._log         # the serving thread and start() both write; _log_failed may clear it
+        if log is None:
+            return
+        try:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        except OSError as exc:
+            self._log_failed(exc)
+
+    def _log_failed(self, exc):
+        # A hand goes on serving when its log cannot be written (a full disk):
+        # the driver under test must not see a dead hand because of the bench's
+        # disk.  The log stops there; the counter and ``log_error`` say why.
+        log, self._log = self._log, None
+        if log is None:
+            return              # the other thread met the same failure first
+        self.counters["log_errors"] = self.counters.get("log_errors", 0) + 1
+        self.log_error = "cannot write the log {!r}: {}; logging stopped, the hand goes on".format(
+            self.log_path, describe_os_error(exc))
+        if self.on_log_error is not None:
+            self.on_log_error(self.log_error)
+        try:
+            log.close()
+        except OSError:
+            pass  # the unwritten tail is lost either way
+
+
+def _open_log(path):
+    try:
+        return open(path, "a", encoding="utf-8")
+    except OSError as exc:
+        raise UsageError("--log {!r}: cannot open it to append ({})".format(path, describe_os_error(exc))) from None

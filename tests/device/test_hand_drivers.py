@@ -56,10 +56,14 @@ def test_keepalive_before_first_send_sends_nothing():
     assert hand.counters["frames_sent"] == 0
 
 
-def test_loop_url_works():
-    with create_hand("neurohand:loop://") as hand:
-        hand.send(np.full(5, 0.5))
-        assert hand.counters["frames_sent"] == 1
+def test_loop_url_works_only_where_code_allows_it():
+    from neurohand.firmware_bridge.link import allow_url_schemes
+    with allow_url_schemes("loop"):
+        with create_hand("neurohand:loop://") as hand:
+            hand.send(np.full(5, 0.5))
+            assert hand.counters["frames_sent"] == 1
+    with pytest.raises(UsageError, match="pyserial URL"):
+        create_hand("neurohand:loop://")
 
 
 # -- command line ------------------------------------------------------------------------
@@ -108,7 +112,9 @@ def test_port_refuses_to_replace_a_regular_file(tmp_path):
 def test_cli_serves_logs_and_prints_counters(tmp_path):
     link = str(tmp_path / "hand")
     log = str(tmp_path / "hand.jsonl")
-    os.symlink("/dev/null", link)  # a stale link from an earlier run is replaced
+    # A stale link from an earlier, killed run (to a terminal that is gone) is replaced.
+    os.symlink(next("/dev/pts/{}".format(n) for n in range(999999, 0, -1)
+                    if not os.path.lexists("/dev/pts/{}".format(n))), link)
     process = subprocess.Popen(
         [sys.executable, "-m", "neurohand.deploy", "virtual-hand", "--protocol", "neurohand",
          "--port", link, "--log", log],

@@ -1,5 +1,6 @@
 """The output-path rule every command applies (firmware_bridge/shared/outputs.py), tried with hostile paths."""
 import os
+import tempfile
 
 import pytest
 
@@ -97,3 +98,20 @@ def test_an_input_path_with_a_nul_byte_is_one_usage_error():
     from neurohand.firmware_bridge.shared.checks import check_file_exists
     with pytest.raises(UsageError, match="NUL"):
         check_file_exists("RECORDING", "session\x00.nhr")
+
+
+def test_an_atomic_write_never_replaces_a_device_node_fifo_or_directory(tmp_path):
+    from neurohand.firmware_bridge.shared.atomic import write_atomic, write_json_atomic
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    for target in (fifo, str(tmp_path)):
+        with pytest.raises(UsageError, match="not a regular file"):
+            write_atomic(target, b"x")
+    assert os.path.isdir(str(tmp_path)) and not os.path.isfile(fifo) and os.path.exists(fifo)
+    # As root, a rename over /dev/null would replace the device node: the content is discarded instead.
+    before = os.stat("/dev/null")
+    write_json_atomic("/dev/null", {"a": 1})
+    after = os.stat("/dev/null")
+    assert (after.st_ino, after.st_rdev) == (before.st_ino, before.st_rdev)
+    assert not os.path.isfile("/dev/null")
+    assert not [name for name in os.listdir(tempfile.gettempdir()) if name.startswith(".neurohand-discarded.")]

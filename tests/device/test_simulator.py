@@ -239,7 +239,9 @@ def test_cli_writes_identical_files_for_the_same_seed(tmp_path):
     with open(paths[0], "rb") as a, open(paths[1], "rb") as b:
         assert a.read() == b.read()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.rec", "b"]     # no extension added
-    again = run_cli("--out", paths[1], "--seconds", "3", "--channels", "4", "--seed", "2", "--quiet")
+    refused = run_cli("--out", paths[1], "--seconds", "3", "--channels", "4", "--seed", "2", "--quiet")
+    assert refused.returncode == 2 and "--force" in refused.stderr
+    again = run_cli("--out", paths[1], "--seconds", "3", "--channels", "4", "--seed", "2", "--quiet", "--force")
     assert again.returncode == 0
     with open(paths[0], "rb") as a, open(paths[1], "rb") as b:
         assert a.read() != b.read()
@@ -301,6 +303,6 @@ def test_cli_refuses_a_directory_or_missing_folder(tmp_path, capsys):
 def test_cli_help_explains_the_data():
     result = run_cli("--help")
     assert result.returncode == 0
-    for word in ("--out", "--seconds", "--channels", "--rate", "--seed", "--mains", "--quiet",
+    for word in ("--out", "--force", "--seconds", "--channels", "--rate", "--seed", "--mains", "--quiet",
                  "0.195", "fingers", "pinch", "clip"):
         assert word in result.stdout, word
