@@ -40,7 +40,7 @@ import time
 import numpy as np
 
 from neurohand.firmware_bridge.shared.checks import check_number
-from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
+from neurohand.firmware_bridge.shared.errors import ConfigError, NeurohandError, RecordingError, UsageError
 from neurohand.firmware_bridge.virtual.chip import VirtualChip
 
 #: Signal (seconds) left out of scoring at the start: the filters settle and the
@@ -354,7 +354,17 @@ def replay_realtime(decoder, recording, replay_range, config, faults=None, disco
                               start_sample=replay_range.start, faults=faults, disconnect_after_s=disconnect_after_s,
                               link_path=chip_path)
     stop = threading.Event()
-    serving = threading.Thread(target=chip.serve, args=(stop,), name="virtual-chip", daemon=True)
+    chip_failure = []
+
+    def serve():
+        # The chip reads the recording as it streams: a read error (a failing SD card) ends its thread,
+        # and the run then only sees the data stop.  Kept, to be the command's error afterwards.
+        try:
+            chip.serve(stop)
+        except Exception as exc:
+            chip_failure.append(exc)
+
+    serving = threading.Thread(target=serve, name="virtual-chip", daemon=True)
     hand_side = VirtualHand("neurohand")
     try:
         chip.open()
@@ -380,6 +390,11 @@ def replay_realtime(decoder, recording, replay_range, config, faults=None, disco
         chip.close()
         hand_side.stop()
         shutil.rmtree(port_dir, ignore_errors=True)
+    if chip_failure:
+        failure = chip_failure[0]
+        if isinstance(failure, NeurohandError):
+            raise failure
+        raise RecordingError("the virtual chip stopped streaming {!r}: {}".format(recording.path, failure))
     everything = hand_side.received()
     if chip.stream_started_s is None:
         raise RuntimeError("the run returned but the virtual chip never started streaming")

@@ -411,6 +411,31 @@ def test_an_io_error_reading_the_recording_is_one_line(data, tmp_path, capsys, m
     assert err.startswith("neurohand replay: error: cannot read recording") and "Input/output error" in err
 
 
+def test_an_io_error_while_the_virtual_chip_streams_is_one_line(data, capsys, monkeypatch):
+    # replay --realtime: the recording is read by the virtual chip's thread, as it streams.
+    import errno
+    from neurohand.firmware_bridge.recording import file_format
+    from neurohand.firmware_bridge.virtual import chip as virtual_chip
+    bundle, recording = data
+    reads = []
+    real_read = virtual_chip.RecordingSource.read
+
+    def failing_later(self, start, stop):
+        reads.append(start)
+        if start >= 4000:         # after about 2 s of streaming at 2 kHz
+            raise file_format.RecordingError("cannot read recording {!r} at byte 123: {}".format(
+                recording, os.strerror(errno.EIO)))
+        return real_read(self, start, stop)
+
+    monkeypatch.setattr(virtual_chip.RecordingSource, "read", failing_later)
+    capsys.readouterr()
+    status = cli.main(["replay", bundle, recording, "--backend", "numpy", "--realtime", "--seconds", "3",
+                       "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1, err
+    assert "cannot read recording" in err and "Input/output error" in err
+
+
 def test_labels_out_of_range_are_refused_in_one_line(data, tmp_path, capsys):
     from neurohand.firmware_bridge.recording.file_format import RecordingWriter
     bundle, recording = data
