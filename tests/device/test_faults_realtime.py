@@ -233,9 +233,11 @@ def check_data_stop(run, stopped_s, earliest_s=None):
     """The data stopped at ``stopped_s`` (monotonic): the hand reaches its safe posture after the data
     timeout, and at most one writer period (plus scheduling) later.  Returns the delay (s).
 
-    earliest_s: the last time data may have arrived (defaults to ``stopped_s``).
+    earliest_s: the earliest arrival the last decoded command's data may have had (defaults to a
+    stride before ``stopped_s``: the watchdog counts from the last command, docs/safety.md, and the
+    last window may have ended up to a stride before the data stopped).
     """
-    earliest_s = stopped_s if earliest_s is None else earliest_s
+    earliest_s = stopped_s - STRIDE_S if earliest_s is None else earliest_s
     before = np.flatnonzero(run.times <= stopped_s)
     assert len(before) and run.raw[before[-1]].any(), "the hand was already open: the test cannot see the fault"
     index = run.safe(stopped_s)
@@ -346,7 +348,9 @@ def check_recovery_after_replug(run):
     """Held in the safe posture from the unplug until ``recovery_windows`` good windows after the
     replug, then from the posture at the slew limit, then following the decoder again."""
     chip = run.chip
-    check_data_stop(run, chip.unplugged_s, earliest_s=chip.unplugged_s - 2 * FRAME_S)
+    # The watchdog counts from the data of the last decoded command (docs/safety.md), and the last
+    # window before the unplug may have ended up to a stride before it.
+    check_data_stop(run, chip.unplugged_s, earliest_s=chip.unplugged_s - STRIDE_S - 2 * FRAME_S)
     assert len(run.events("data_timeout")) == 2                       # the unplug, then the end of the stream
     assert len(run.events("recovered")) == 1
     first_safe = run.safe(chip.unplugged_s)
