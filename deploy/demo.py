@@ -183,6 +183,8 @@ def demo_command(args):
     from neurohand.firmware_bridge.shared import checks
     settings = {
         "seed": checks.check_int("--seed", args.seed, minimum=0),
+        "difficulty": checks.check_option("--difficulty", getattr(args, "difficulty", "realistic"),
+                                          ("realistic", "easy")),
         "max_minutes": checks.check_number("--max-minutes", args.max_minutes, minimum=0.0, exclusive_minimum=True),
         "train_seconds": checks.check_number("--train-seconds", args.train_seconds, minimum=10.0),
         "heldout_seconds": checks.check_number("--heldout-seconds", args.heldout_seconds, minimum=3.0),
@@ -237,11 +239,12 @@ def _simulate_stage(progress, paths, settings):
     """Stage 1: one simulated session, written as the training and the held-out recording."""
     from neurohand.firmware_bridge.virtual.simulator import SimulatorConfig
     total = settings["train_seconds"] + settings["heldout_seconds"]
-    progress.start(1, "simulate", "simulating a {:g} s session ({} channels, {:g} kHz, seed {}): {:g} s to train "
-                   "on, the next {:g} s held out".format(total, settings["channels"], settings["rate"] / 1000.0,
-                                                        settings["seed"], settings["train_seconds"],
-                                                        settings["heldout_seconds"]))
-    session = SimulatorConfig(total, n_channels=settings["channels"], rate=settings["rate"], seed=settings["seed"])
+    progress.start(1, "simulate", "simulating a {:g} s session ({} channels, {:g} kHz, seed {}, difficulty {}): "
+                   "{:g} s to train on, the next {:g} s held out".format(
+                       total, settings["channels"], settings["rate"] / 1000.0, settings["seed"],
+                       settings["difficulty"], settings["train_seconds"], settings["heldout_seconds"]))
+    session = SimulatorConfig(total, n_channels=settings["channels"], rate=settings["rate"], seed=settings["seed"],
+                              difficulty=settings["difficulty"])
     write_session_parts(session, [(paths[TRAIN_RECORDING], 0.0, settings["train_seconds"]),
                                   (paths[HELDOUT_RECORDING], settings["train_seconds"], total)])
     progress.done("wrote {} and {}".format(TRAIN_RECORDING, HELDOUT_RECORDING))
@@ -390,8 +393,12 @@ def _ms(delays_s, q):
 def format_demo_table(summary):
     """The summary table printed at the end of the demo."""
     replay_result = summary["replay"]
+    difficulty = summary.get("settings", {}).get("difficulty", "realistic")
     lines = ["", "neurohand demo: {:g} s of held-out recording replayed in real time through a virtual chip "
-             "and a virtual hand".format(replay_result["seconds"]), ""]
+             "and a virtual hand".format(replay_result["seconds"]),
+             "simulated nerve: difficulty {} ({})".format(
+                 difficulty, "calibrated to published implant decoding, r about 0.3-0.55; docs/simulator.md"
+                 if difficulty == "realistic" else "the clean signal of simulator version 1"), ""]
     baselines = summary["evaluate"]["baselines"]
     names = sorted(baselines)
     lines.append("{:<12} {:>9} {:>9}{}".format("finger", "replay R2", "test R2",

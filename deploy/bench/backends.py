@@ -136,7 +136,7 @@ def _default_pipeline_and_signals(seconds):
     from neurohand.decoder.pipeline import FeaturePipeline
     from neurohand.firmware_bridge.virtual.simulator import NerveSimulator, SimulatorConfig
 
-    simulator = NerveSimulator.from_config(SimulatorConfig(seconds=seconds, n_channels=N_CHANNELS, seed=0))
+    simulator = NerveSimulator.from_config(SimulatorConfig(seconds=seconds, n_channels=N_CHANNELS, seed=0, difficulty="easy"))
     signals = simulator.signals_uv(0, int(seconds * 10000))
     pipeline = FeaturePipeline.design(10000.0, N_CHANNELS)
     features, _ = pipeline.transform(signals)

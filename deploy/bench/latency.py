@@ -60,7 +60,7 @@ def simulate_session(train_path, held_out_path, train_seconds, held_out_seconds,
     print("  {}: simulating a {:g} s session ...".format(target, train_seconds + held_out_seconds), file=sys.stderr,
           flush=True)
     total = train_seconds + held_out_seconds
-    write_session_parts(SimulatorConfig(total, n_channels=16, rate=10000.0, seed=SESSION_SEED),
+    write_session_parts(SimulatorConfig(total, n_channels=16, rate=10000.0, seed=SESSION_SEED, difficulty="easy"),
                         [(train_path, 0.0, train_seconds), (held_out_path, train_seconds, total)])
 
 

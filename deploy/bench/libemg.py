@@ -118,7 +118,7 @@ def simulated_windows(seconds):
     from neurohand.firmware_bridge.virtual.simulator import SCALE_UV, NerveSimulator, SimulatorConfig
 
     simulator = NerveSimulator.from_config(SimulatorConfig(seconds, n_channels=N_CHANNELS, rate=SIGNAL_RATE,
-                                                           seed=SEED))
+                                                           seed=SEED, difficulty="easy"))
     n_samples = simulator.config.n_samples
     # What the chip sends: int16 counts, back to µV.
     signals = simulator.signals(0, n_samples).astype(np.float64) * SCALE_UV

@@ -47,6 +47,11 @@ def _simulate(quick, options):
     return simulator_bench.run(quick)
 
 
+def _realism(quick, options):
+    from neurohand.deploy.bench import realism as realism_bench
+    return realism_bench.run(quick)
+
+
 def _libemg(quick, options):
     from neurohand.deploy.bench import libemg as libemg_compare
     return libemg_compare.run(quick)
@@ -79,6 +84,7 @@ TARGETS = {
     "features": _features,
     "backends": _backends,
     "simulate": _simulate,
+    "realism": _realism,
     "libemg": _libemg,
     "footprint": _footprint,
     "decoding": _decoding,

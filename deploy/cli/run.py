@@ -118,6 +118,9 @@ def _add_demo_parser(subparsers):
     parser.add_argument("--seed", type=int, default=1, metavar="K",
                         help="seed of the simulated session (default 1); the held-out recording is its continuation, "
                              "later in time, not another seed")
+    parser.add_argument("--difficulty", default="realistic", metavar="PRESET",
+                        help="simulator preset (docs/simulator.md): realistic (default; decoding as hard as "
+                             "published nerve implants) or easy (the clean signal of simulator version 1)")
     parser.add_argument("--max-minutes", type=float, default=2.0, metavar="MIN",
                         help="training time budget in minutes (default 2)")
     parser.add_argument("--backend", default="numpy", choices=BACKEND_CHOICES,

@@ -28,14 +28,16 @@ What it contains:
 
 The protocol mirrors clinical bilateral training: each repetition flexes thumb,
 index, middle, ring, little alone (ids 1-5), then pinch, tripod and fist (6-8),
-with rest between, ramps and holds of varying speed and strength.  The same
-options and seed give a byte-identical file.  See docs/simulator.md.
+with rest between (in an order drawn per repetition with --difficulty realistic),
+ramps and holds of varying speed and strength.  The same options and seed give a
+byte-identical file.  See docs/simulator.md.
 """
 
 EXAMPLES = """\
 examples:
   neurohand simulate --out demo.nh --seconds 120
   neurohand simulate --out us.nh --seconds 60 --channels 32 --rate 20000 --mains 60 --seed 7
+  neurohand simulate --out clean.nh --seconds 60 --difficulty easy
 """
 
 
@@ -61,6 +63,11 @@ def register(subparsers):
                         help="random seed, an integer >= 0; same seed, same file (default: 0)")
     parser.add_argument("--mains", default="50", metavar="HZ",
                         help="mains frequency of the interference, 50 or 60 (default: 50)")
+    parser.add_argument("--difficulty", default="realistic", metavar="PRESET",
+                        help="realistic (default): physiology and confounds calibrated to published "
+                             "implant recordings (silent motor fibres at rest, nerve leading the glove, "
+                             "1/f and electrode noise, EMG cross-talk, mixed fascicles); easy: the clean "
+                             "signal of simulator version 1, for tests")
     parser.add_argument("--quiet", action="store_true",
                         help="print nothing (no progress, no summary)")
     parser.set_defaults(func=run_simulate)
@@ -127,7 +134,7 @@ def run_simulate(args):
         n_channels=_parse(int, "channels", args.channels),
         rate=_parse(float, "rate", args.rate),
         seed=_parse(int, "seed", args.seed),
-        mains_hz=int(mains))
+        mains_hz=int(mains), difficulty=args.difficulty)
     out = check_output_path("--out", args.out, force=args.force)
     progress = None if args.quiet else _Progress(sys.stderr)
     try:
@@ -142,6 +149,6 @@ def run_simulate(args):
     except OSError as exc:
         raise RecordingError("cannot write {!r}: {}".format(args.out, describe_os_error(exc))) from exc
     if not args.quiet:
-        print("wrote {}: {:g} s, {} channels at {:g} Hz, finger labels at 100 Hz, {} movements, "
-              "{} events".format(args.out, config.seconds, config.n_channels, config.rate,
+        print("wrote {}: {:g} s, {} channels at {:g} Hz, difficulty {}, finger labels at 100 Hz, {} movements, "
+              "{} events".format(args.out, config.seconds, config.n_channels, config.rate, config.difficulty,
                                  sim.protocol.n_trials, len(sim.events())))

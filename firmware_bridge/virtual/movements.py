@@ -53,7 +53,6 @@ FIRST_REST_S = 1.0
 ONSET_JITTER_S = 0.05          # fingers of one combination do not start together
 AMPLITUDE = (0.75, 1.0)        # how far the glove hand flexes on purpose
 # Intent relative to glove (see module docstring).
-INTENT_LAG_S = (-0.15, 0.20)
 INTENT_SPEED = (0.7, 1.4)      # factor on ramp durations
 INTENT_EFFORT = (0.6, 1.0)     # intended flexion of the fingers moved on purpose
 INTENT_ENSLAVED = (0.0, 0.6)   # fraction of the glove's enslaved flexion that is intended
@@ -96,27 +95,39 @@ class Protocol(object):
             "fingers": list(FINGERS),
             "movements": [{"id": i, "name": name, "fingers": list(fingers)}
                           for i, name, fingers in MOVEMENTS],
-            "order": "each repetition runs movements 1..8 in id order, rest between",
+            "order": ("each repetition runs movements 1..8 in an order drawn from the seed, rest between"
+                      if getattr(self, "random_order", False)
+                      else "each repetition runs movements 1..8 in id order, rest between"),
             "trials": [{"movement": m, "repetition": r, "start_s": round(s, 4), "end_s": round(e, 4)}
                        for m, r, s, e in self.movement_spans()],
         }
 
 
-def make_protocol(seconds, rng):
-    """Draw trials until ``seconds`` is covered.  Returns a :class:`Protocol`."""
+def make_protocol(seconds, rng, order_rng=None, lead_s=(-0.20, 0.15), aligned_release=False):
+    """Draw trials until ``seconds`` is covered.  Returns a :class:`Protocol`.
+
+    ``order_rng``: if given, each repetition runs the movements in an order
+    drawn from it (else in id order).  ``lead_s``: (low, high) of the uniform
+    draw of how long the intent starts before the glove (negative: after).
+    ``aligned_release``: the intent also releases that long before the glove
+    (else its hold differs from the glove's by up to +-0.2 s).
+    """
     finger_index = {name: i for i, name in enumerate(FINGERS)}
     rows = []
     t = FIRST_REST_S
     repetition = 0
     while t < seconds:
         repetition += 1
-        for movement_id, _, fingers in MOVEMENTS[1:]:
+        movements = MOVEMENTS[1:]
+        if order_rng is not None:
+            movements = [movements[i] for i in order_rng.permutation(len(movements))]
+        for movement_id, _, fingers in movements:
             t += rng.uniform(*REST_S) if rows else 0.0
             if t >= seconds:
                 break
             primary = np.zeros(5, bool)
             primary[[finger_index[f] for f in fingers]] = True
-            row = _draw_trial(t, primary, rng)
+            row = _draw_trial(t, primary, rng, lead_s, aligned_release)
             row["movement"] = movement_id
             row["repetition"] = repetition
             rows.append(row)
@@ -129,10 +140,11 @@ def make_protocol(seconds, rng):
                   + arrays["intent_down"])
     arrays["window_start"] = np.minimum(arrays["onset"], arrays["intent_onset"]).min(axis=1)
     arrays["window_end"] = np.maximum(glove_end, intent_end).max(axis=1)
+    arrays["random_order"] = order_rng is not None
     return Protocol(**arrays)
 
 
-def _draw_trial(start, primary, rng):
+def _draw_trial(start, primary, rng, lead_s=(-0.20, 0.15), aligned_release=False):
     """One trial starting at ``start`` s; ``primary`` (5,) bool marks fingers moved on purpose."""
     base_amp = rng.uniform(*AMPLITUDE, size=5) * primary
     # Enslaved fingers follow the strongest puller, with some variability.
@@ -143,15 +155,26 @@ def _draw_trial(start, primary, rng):
     hold = np.full(5, rng.uniform(*HOLD_S)) + rng.uniform(-0.05, 0.05, size=5)
     down = np.full(5, rng.uniform(*RAMP_S)) * rng.uniform(0.9, 1.1, size=5)
 
-    lag = rng.uniform(*INTENT_LAG_S)
+    # Written as the legacy draw uniform(-0.15, 0.20) of the lag, so the easy
+    # preset's numbers are unchanged.
+    lag = rng.uniform(-lead_s[1], -lead_s[0])
     speed = rng.uniform(*INTENT_SPEED)
     intent_amp = np.where(primary, rng.uniform(*INTENT_EFFORT, size=5),
                           amp * rng.uniform(*INTENT_ENSLAVED, size=5))
+    intent_onset = onset + lag + rng.uniform(-0.03, 0.03, size=5)
+    hold_jitter = rng.uniform(-0.2, 0.2)
+    if aligned_release:
+        # The release leads the glove's release as the onset leads its onset
+        # (with a little scatter): the nerve drives the hand, both ways.
+        release = onset + up + hold + lag + 0.15 * hold_jitter
+        intent_hold = np.maximum(release - intent_onset - up * speed, 0.3)
+    else:
+        intent_hold = np.maximum(hold + hold_jitter, 0.3)
     return {
         "onset": onset, "up": up, "hold": hold, "down": down, "amp": amp,
-        "intent_onset": onset + lag + rng.uniform(-0.03, 0.03, size=5),
+        "intent_onset": intent_onset,
         "intent_up": up * speed,
-        "intent_hold": np.maximum(hold + rng.uniform(-0.2, 0.2), 0.3),
+        "intent_hold": intent_hold,
         "intent_down": down * speed * rng.uniform(0.85, 1.15),
         "intent_amp": intent_amp,
         "wobble_hz": rng.uniform(0.4, 1.2),

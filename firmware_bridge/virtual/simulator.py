@@ -26,10 +26,12 @@ import numpy as np
 from neurohand.firmware_bridge.shared import checks
 from neurohand.firmware_bridge.shared.errors import UsageError
 from neurohand.firmware_bridge.virtual.movements import FINGERS, make_protocol, trajectories
-from neurohand.firmware_bridge.virtual.units import draw_spikes, make_units, render_spikes
+from neurohand.firmware_bridge.virtual.units import draw_spikes, make_emg_sources, make_units, render_spikes
 
 # Bump when the same seed would give different data (it is stored in metadata).
-SIMULATOR_VERSION = 1
+# 2: the difficulty presets and physiology options; "easy" gives version 1's
+# signals, labels and events bit for bit (tests/device/test_simulator.py).
+SIMULATOR_VERSION = 2
 
 SCALE_UV = 0.195                 # uV per count, Intan RHD2000
 INT16_MIN, INT16_MAX = -32768, 32767
@@ -39,37 +41,101 @@ MAX_SECONDS = 86400.0            # a day; the protocol and drift are drawn up fr
 SEGMENT_SAMPLES = 4096           # unit of random draws; never depends on the block size
 DRIFT_KNOT_S = 0.5
 MAINS_HARMONICS = ((1, 1.0), (2, 0.08), (3, 0.30), (4, 0.04), (5, 0.12))   # (order, relative amplitude)
+FLICKER_OCTAVES_S = tuple(0.001 * 2 ** o for o in range(10))   # 1/f from about 1 Hz to 500 Hz
+FLICKER_CHUNK = 4096             # knots per random draw of the 1/f noise
+EMG_SOURCES_PER_FINGER = 12      # muscle motor units seen as cross-talk (assumed)
 
 # Independent random streams, so adding draws to one leaves the others alone.
 _STREAM_PROTOCOL, _STREAM_UNITS, _STREAM_DRIFT, _STREAM_MAINS, _STREAM_ARTEFACTS = 1, 2, 3, 4, 5
-_STREAM_NOISE, _STREAM_SPIKES = 10, 11
+_STREAM_ORDER, _STREAM_RECRUITMENT, _STREAM_EMG_UNITS, _STREAM_ELECTRODE, _STREAM_ONSET_ARTEFACTS = 6, 7, 8, 9, 12
+_STREAM_NOISE, _STREAM_SPIKES, _STREAM_FLICKER, _STREAM_EMG = 10, 11, 13, 14
+
+DIFFICULTIES = ("realistic", "easy")
+
+# The physiology and interference settings of each preset.  "easy" is the
+# simulator of version 1 (kept for tests that need a clean signal); "realistic"
+# is calibrated to published recordings (docs/simulator.md gives each value's
+# source, or says that it is assumed).
+PRESETS = {
+    "easy": {
+        "noise_uv": 3.0, "mains_uv": 25.0, "drift_uv": 30.0, "artefact_interval_s": 15.0,
+        "units_per_channel": 4, "hash_per_channel": 16,
+        "electrode_noise_uv": 0.0, "flicker_uv": 0.0, "emg_uv": 0.0, "artefact_onset_prob": 0.0,
+        "lead_min_s": -0.20, "lead_max_s": 0.15, "aligned_release": False, "recruitment": False,
+        "random_order": False, "fascicles": 5, "fascicle_purity": 0.7, "shared_fraction": 0.3,
+    },
+    "realistic": {
+        "noise_uv": 2.4, "mains_uv": 25.0, "drift_uv": 30.0, "artefact_interval_s": 60.0,
+        "units_per_channel": 4, "hash_per_channel": 16,
+        "electrode_noise_uv": 4.0, "flicker_uv": 3.0, "emg_uv": 3.0, "artefact_onset_prob": 0.25,
+        "lead_min_s": 0.04, "lead_max_s": 0.14, "aligned_release": True, "recruitment": True,
+        "random_order": True, "fascicles": 10, "fascicle_purity": 0.4, "shared_fraction": 0.6,
+    },
+}
+_FLAGS = ("aligned_release", "recruitment", "random_order")
+_COUNTS = ("units_per_channel", "hash_per_channel", "fascicles")
+_FRACTIONS = ("artefact_onset_prob", "fascicle_purity", "shared_fraction")
 
 
 class SimulatorConfig(object):
     """What to simulate.  Stores and validates settings; builds nothing.
 
     seconds: duration; n_channels: electrode sites; rate: samples/s per channel;
-    seed: non-negative int; mains_hz: 50 or 60; noise_uv: amplifier noise, uV rms;
+    seed: non-negative int; mains_hz: 50 or 60; difficulty: "realistic" (default)
+    or "easy" (version 1's clean signal), which sets every option below that is
+    left as None:
+
+    noise_uv: amplifier noise, uV rms; electrode_noise_uv: electrode thermal noise,
+    uV rms (white, added in quadrature); flicker_uv: 1/f noise, uV rms;
     mains_uv: mean 50/60 Hz amplitude per channel, uV; drift_uv: baseline drift, uV rms;
-    artefact_interval_s: mean time between motion artefacts (0 = none);
-    units_per_channel / hash_per_channel: large and background units per channel.
+    emg_uv: median peak of a muscle motor unit's cross-talk potential, uV (0 = none);
+    artefact_interval_s: mean time between random motion artefacts (0 = none);
+    artefact_onset_prob: chance that a movement's onset brings a motion artefact;
+    units_per_channel / hash_per_channel: large and background units per channel;
+    lead_min_s / lead_max_s: range of how long the nerve leads the glove (negative: lags);
+    aligned_release: the nerve also leads the glove's release;
+    recruitment: motor units silent at rest, recruited by size with rate coding
+    (else every unit fires at 2-8 Hz at rest); random_order: movement order drawn
+    per repetition (else in id order); fascicles: fascicles along the channels;
+    fascicle_purity: fraction of a fascicle's fibres serving its finger;
+    shared_fraction: fibres also serving a neighbouring finger.
     """
 
-    def __init__(self, seconds, n_channels=16, rate=10000.0, seed=0, mains_hz=50.0, noise_uv=3.0,
-                 mains_uv=25.0, drift_uv=30.0, artefact_interval_s=15.0, units_per_channel=4,
-                 hash_per_channel=16):
+    def __init__(self, seconds, n_channels=16, rate=10000.0, seed=0, mains_hz=50.0, noise_uv=None,
+                 mains_uv=None, drift_uv=None, artefact_interval_s=None, units_per_channel=None,
+                 hash_per_channel=None, difficulty="realistic", **options):
         self.seconds = checks.check_number("seconds", seconds, minimum=0.0, exclusive_minimum=True,
                                            maximum=MAX_SECONDS)
         self.n_channels = checks.check_int("channels", n_channels, minimum=1, maximum=256)
         self.rate = checks.check_number("rate", rate, minimum=1000.0, maximum=50000.0)
         self.seed = checks.check_int("seed", seed, minimum=0, maximum=2 ** 63 - 1)
         self.mains_hz = float(checks.check_option("mains", mains_hz, (50, 60)))
-        self.noise_uv = checks.check_number("noise_uv", noise_uv, minimum=0.0)
-        self.mains_uv = checks.check_number("mains_uv", mains_uv, minimum=0.0)
-        self.drift_uv = checks.check_number("drift_uv", drift_uv, minimum=0.0)
-        self.artefact_interval_s = checks.check_number("artefact_interval_s", artefact_interval_s, minimum=0.0)
-        self.units_per_channel = checks.check_int("units_per_channel", units_per_channel, minimum=0)
-        self.hash_per_channel = checks.check_int("hash_per_channel", hash_per_channel, minimum=0)
+        self.difficulty = checks.check_option("difficulty", difficulty, DIFFICULTIES)
+        unknown = sorted(set(options) - set(PRESETS["easy"]))
+        if unknown:
+            raise UsageError("unknown simulator option {!r}".format(unknown[0]))
+        options.update(noise_uv=noise_uv, mains_uv=mains_uv, drift_uv=drift_uv,
+                       artefact_interval_s=artefact_interval_s, units_per_channel=units_per_channel,
+                       hash_per_channel=hash_per_channel)
+        for name, preset in sorted(PRESETS[self.difficulty].items()):
+            value = options.get(name)
+            value = preset if value is None else value
+            if name in _FLAGS:
+                if not isinstance(value, bool):
+                    raise UsageError("{} must be true or false, but got {!r}".format(name, value))
+            elif name in _COUNTS:
+                value = checks.check_int(name, value, minimum=1 if name == "fascicles" else 0,
+                                         maximum=256 if name == "fascicles" else None)
+            elif name in _FRACTIONS:
+                value = checks.check_number(name, value, minimum=0.0, maximum=1.0)
+            elif name in ("lead_min_s", "lead_max_s"):
+                value = checks.check_number(name, value, minimum=-1.0, maximum=1.0)
+            else:
+                value = checks.check_number(name, value, minimum=0.0)
+            setattr(self, name, value)
+        if self.lead_min_s > self.lead_max_s:
+            raise UsageError("lead_min_s must be <= lead_max_s, but got {} > {}".format(
+                self.lead_min_s, self.lead_max_s))
         if self.seconds * self.rate < 1:
             raise UsageError("seconds={} at rate={} gives no samples".format(seconds, rate))
 
@@ -82,11 +148,11 @@ class SimulatorConfig(object):
         return int(math.ceil(self.n_samples * LABEL_RATE / self.rate))
 
     def to_metadata(self):
-        return {"seconds": self.seconds, "n_channels": self.n_channels, "rate": self.rate,
-                "seed": self.seed, "mains_hz": self.mains_hz, "noise_uv": self.noise_uv,
-                "mains_uv": self.mains_uv, "drift_uv": self.drift_uv,
-                "artefact_interval_s": self.artefact_interval_s,
-                "units_per_channel": self.units_per_channel, "hash_per_channel": self.hash_per_channel}
+        meta = {"seconds": self.seconds, "n_channels": self.n_channels, "rate": self.rate,
+                "seed": self.seed, "mains_hz": self.mains_hz, "difficulty": self.difficulty}
+        for name in sorted(PRESETS["easy"]):
+            meta[name] = getattr(self, name)
+        return meta
 
 
 def _rng(seed, *key):
@@ -100,10 +166,11 @@ class NerveSimulator(object):
     microvolts with shape (n_samples, n_channels), labels with shape (n, 5).
     """
 
-    def __init__(self, config, protocol, units, drift_knots, mains, artefacts):
+    def __init__(self, config, protocol, units, drift_knots, mains, artefacts, emg=None):
         self.config = config
         self.protocol = protocol
         self.units = units
+        self.emg = emg                          # Units of the muscles' cross-talk, or None
         self.drift_knots = drift_knots          # (n_knots, n_channels) uV
         self.mains = mains                      # dict of per-channel and per-harmonic parameters
         self.artefacts = artefacts              # list of dicts, sorted by start sample
@@ -112,13 +179,34 @@ class NerveSimulator(object):
     @classmethod
     def from_config(cls, config):
         seed, n_ch = config.seed, config.n_channels
-        protocol = make_protocol(config.seconds, _rng(seed, _STREAM_PROTOCOL))
+        # New draws come from their own streams, so the easy preset's draws are version 1's.
+        protocol = make_protocol(config.seconds, _rng(seed, _STREAM_PROTOCOL),
+                                 order_rng=_rng(seed, _STREAM_ORDER) if config.random_order else None,
+                                 lead_s=(config.lead_min_s, config.lead_max_s),
+                                 aligned_release=config.aligned_release)
         units = make_units(n_ch, config.rate, _rng(seed, _STREAM_UNITS),
                            units_per_channel=config.units_per_channel,
-                           hash_per_channel=config.hash_per_channel)
-        return cls(config, protocol, units, _draw_drift(config, _rng(seed, _STREAM_DRIFT)),
-                   _draw_mains(config, _rng(seed, _STREAM_MAINS)),
-                   _draw_artefacts(config, _rng(seed, _STREAM_ARTEFACTS)))
+                           hash_per_channel=config.hash_per_channel, fascicles=config.fascicles,
+                           fascicle_purity=config.fascicle_purity, shared_fraction=config.shared_fraction,
+                           recruitment_rng=_rng(seed, _STREAM_RECRUITMENT) if config.recruitment else None)
+        emg = None
+        if config.emg_uv > 0:
+            emg = make_emg_sources(n_ch, config.rate, _rng(seed, _STREAM_EMG_UNITS),
+                                   5 * EMG_SOURCES_PER_FINGER, config.emg_uv)
+        mains = _draw_mains(config, _rng(seed, _STREAM_MAINS))
+        if config.electrode_noise_uv > 0:
+            # Electrode thermal noise (impedance differs per site) is white like the
+            # amplifier's and independent of it: one draw with the summed variance.
+            electrode = config.electrode_noise_uv * np.exp(
+                0.25 * _rng(seed, _STREAM_ELECTRODE).standard_normal(n_ch))
+            mains["noise_uv"] = np.sqrt(mains["noise_uv"] ** 2 + electrode ** 2)
+        artefacts = _draw_artefacts(config, _rng(seed, _STREAM_ARTEFACTS))
+        if config.artefact_onset_prob > 0:
+            artefacts = sorted(artefacts + _draw_onset_artefacts(config, protocol,
+                                                                 _rng(seed, _STREAM_ONSET_ARTEFACTS)),
+                               key=lambda a: a["start"])
+        return cls(config, protocol, units, _draw_drift(config, _rng(seed, _STREAM_DRIFT)), mains,
+                   artefacts, emg)
 
     # -- signals -----------------------------------------------------------
     def signals_uv(self, start, stop):
@@ -130,6 +218,10 @@ class NerveSimulator(object):
         sample = np.arange(start, stop)
         total = self._noise(start, stop)
         total += self._spikes(start, stop)
+        if self.emg is not None:
+            total += self._spikes(start, stop, self.emg, _STREAM_EMG)
+        if self.config.flicker_uv > 0:
+            total += self._flicker(start, stop)
         total += self._mains(sample)
         total += self._drift(sample)
         total += self._artefacts(start, stop)
@@ -163,9 +255,10 @@ class NerveSimulator(object):
         offset = start - first * SEGMENT_SAMPLES
         return joined[offset:offset + stop - start]          # a view of a fresh array
 
-    def _spikes(self, start, stop):
+    def _spikes(self, start, stop, units=None, stream=_STREAM_SPIKES):
+        units = self.units if units is None else units
         n_ch = self.config.n_channels
-        length = self.units.waveforms.shape[1]
+        length = units.waveforms.shape[1]
         lo = max(start - length + 1, 0)
         if stop <= lo:
             return np.zeros((stop - start, n_ch))
@@ -174,13 +267,39 @@ class NerveSimulator(object):
         def make(rng, k):
             seg_start = k * SEGMENT_SAMPLES
             # Always the whole segment, so a recording's end does not change its draws.
-            return draw_spikes(self.units, self.protocol, seg_start, seg_start + SEGMENT_SAMPLES,
+            return draw_spikes(units, self.protocol, seg_start, seg_start + SEGMENT_SAMPLES,
                                self.config.rate, rng)
-        pieces = [self._segment(_STREAM_SPIKES, k, make) for k in range(first, last + 1)]
+        pieces = [self._segment(stream, k, make) for k in range(first, last + 1)]
         sample = np.concatenate([p[0] for p in pieces])
         unit = np.concatenate([p[1] for p in pieces])
         near = (sample >= lo) & (sample < stop)
-        return render_spikes(self.units, sample[near], unit[near], start, stop, n_ch)
+        return render_spikes(units, sample[near], unit[near], start, stop, n_ch)
+
+    def _flicker(self, start, stop):
+        """1/f noise: octaves of smoothly interpolated random knots of equal power
+        (Voss-McCartney), every knot drawn from a stream keyed by its chunk, so
+        any range is generated on its own."""
+        n_ch = self.config.n_channels
+        out = np.zeros((stop - start, n_ch))
+        if stop == start:
+            return out
+        per_octave = self.config.flicker_uv / math.sqrt(len(FLICKER_OCTAVES_S))
+        sample = np.arange(start, stop)
+        for octave, spacing_s in enumerate(FLICKER_OCTAVES_S):
+            position = sample / (self.config.rate * spacing_s)
+            k = np.floor(position).astype(np.int64)
+            frac = position - k
+            k0, k1 = int(k[0]), int(k[-1]) + 1
+            chunks = range(k0 // FLICKER_CHUNK, k1 // FLICKER_CHUNK + 1)
+            knots = np.concatenate([
+                _rng(self.config.seed, _STREAM_FLICKER, octave, c).standard_normal((FLICKER_CHUNK, n_ch))
+                for c in chunks])
+            base = chunks[0] * FLICKER_CHUNK
+            a, b = knots[k - base], knots[k + 1 - base]
+            smooth = (0.5 - 0.5 * np.cos(np.pi * frac))[:, None]
+            # Cosine interpolation keeps about 3/4 of the knots' variance on average.
+            out += (a + (b - a) * smooth) * (per_octave / 0.87)
+        return out
 
     def _mains(self, sample):
         m = self.mains
@@ -323,6 +442,28 @@ def _draw_artefacts(config, rng):
             "amplitude_uv": float(sign * math.exp(rng.uniform(math.log(300.0), math.log(20000.0)))),
             "tau_s": tau, "freq_hz": rng.uniform(1.0, 6.0), "channel_gain": gain})
         t += rng.exponential(config.artefact_interval_s)
+    return artefacts
+
+
+def _draw_onset_artefacts(config, protocol, rng):
+    """Motion artefacts tied to movements: with probability ``artefact_onset_prob``
+    a movement's onset (the limb and cable move) brings one, 0-0.4 s after the
+    nerve's onset, amplitudes as the random ones (assumed)."""
+    artefacts = []
+    for trial in range(protocol.n_trials):
+        u, delay, tau, sign_draw, freq, log_amp = rng.random(6)
+        gain = rng.uniform(0.3, 1.0, size=config.n_channels)
+        if u >= config.artefact_onset_prob:
+            continue
+        tau = 0.03 + 0.22 * tau
+        start = int(round((protocol.window_start[trial] + 0.4 * delay) * config.rate))
+        if start >= config.n_samples:
+            continue
+        amplitude = math.exp(math.log(300.0) + (math.log(20000.0) - math.log(300.0)) * log_amp)
+        artefacts.append({
+            "start": start, "stop": start + int(round(8 * tau * config.rate)),
+            "amplitude_uv": float(amplitude if sign_draw < 0.5 else -amplitude),
+            "tau_s": tau, "freq_hz": 1.0 + 5.0 * freq, "channel_gain": gain, "movement": True})
     return artefacts
 
 

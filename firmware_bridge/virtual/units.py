@@ -46,27 +46,41 @@ class Units(object):
 
 
 def make_units(n_channels, rate, rng, units_per_channel=4, hash_per_channel=16,
-               unit_uv=(12.0, 0.45), hash_uv=(2.0, 5.0)):
+               unit_uv=(12.0, 0.45), hash_uv=(2.0, 5.0), fascicles=5, fascicle_purity=0.7,
+               shared_fraction=0.3, recruitment_rng=None):
     """Draw the units of a nerve recorded on ``n_channels`` at ``rate`` Hz.
 
-    ``unit_uv`` is (median, log-sd) of the peak amplitude of the large units in
-    microvolts; ``hash_uv`` the (low, high) of the small ones.
+    ``unit_uv`` is (median, log-sd) of the peak amplitude of the large units at
+    the fibre (the nearest channel sees ``exp(-distance / CROSSTALK_SPACE)`` of
+    it) in microvolts; ``hash_uv`` the (low, high) of the small ones.
+    ``fascicles``: groups of neighbouring channels, each mostly serving one
+    finger; ``fascicle_purity``: fraction of a fascicle's fibres serving its
+    finger (the rest serve a random one); ``shared_fraction``: fibres that also
+    serve a neighbouring finger.  ``recruitment_rng``: if given, motor units
+    are recruited by size (silent at rest, see :func:`add_recruitment`),
+    drawn from this stream so the other draws stay as they were.
     """
     # Fascicles: contiguous groups of channels whose fibres mostly serve one finger.
-    channel_finger = (np.arange(n_channels) * 5) // max(n_channels, 1)
-    channel_finger = rng.permutation(5)[channel_finger]
+    if fascicles == 5:
+        fascicle_finger = rng.permutation(5)
+    else:
+        # Every finger has a fascicle (if there are enough); the rest are drawn, so
+        # one finger's fibres can lie in fascicles far apart.
+        extra = rng.integers(0, 5, size=max(fascicles - 5, 0))
+        fascicle_finger = rng.permutation(np.concatenate([rng.permutation(5), extra]))[:fascicles]
+    channel_finger = fascicle_finger[(np.arange(n_channels) * fascicles) // max(n_channels, 1)]
 
     n_big = n_channels * units_per_channel
     n_hash = n_channels * hash_per_channel
     n = n_big + n_hash
     location = rng.uniform(-0.5, n_channels - 0.5, size=n)
     nearest = np.clip(np.rint(location).astype(int), 0, n_channels - 1)
-    main_finger = np.where(rng.random(n) < 0.7, channel_finger[nearest], rng.integers(0, 5, size=n))
+    main_finger = np.where(rng.random(n) < fascicle_purity, channel_finger[nearest], rng.integers(0, 5, size=n))
     weights = np.zeros((n, 5))
     weights[np.arange(n), main_finger] = 1.0
     # Some fibres serve a neighbouring finger too (shared muscle bellies).
     second = np.clip(main_finger + rng.choice([-1, 1], size=n), 0, 4)
-    mixed = (rng.random(n) < 0.3) & (second != main_finger)
+    mixed = (rng.random(n) < shared_fraction) & (second != main_finger)
     weights[np.nonzero(mixed)[0], second[mixed]] = rng.uniform(0.3, 0.6, size=int(mixed.sum()))
 
     kind = rng.choice(3, size=n, p=[0.55, 0.30, 0.15])
@@ -87,11 +101,89 @@ def make_units(n_channels, rate, rng, units_per_channel=4, hash_per_channel=16,
     unit_idx, channel_idx = np.nonzero(falloff >= CROSSTALK_FLOOR)   # sorted by unit
     proj_gain = peak_uv[unit_idx] * falloff[unit_idx, channel_idx]
     proj_start = np.concatenate([[0], np.cumsum(np.bincount(unit_idx, minlength=n))])
-    return Units(kind=kind, finger_weights=weights, base_hz=base, gain_hz=gain, velocity_hz=velocity,
-                 max_hz=base + gain * np.where(kind == 1, 1.2, 1.0) + velocity,
-                 waveforms=waveforms, location=location, channel_finger=channel_finger,
-                 proj_unit=unit_idx, proj_channel=channel_idx, proj_gain_uv=proj_gain,
-                 proj_start=proj_start)
+    units = Units(kind=kind, finger_weights=weights, base_hz=base, gain_hz=gain, velocity_hz=velocity,
+                  max_hz=base + gain * np.where(kind == 1, 1.2, 1.0) + velocity,
+                  waveforms=waveforms, location=location, channel_finger=channel_finger,
+                  proj_unit=unit_idx, proj_channel=channel_idx, proj_gain_uv=proj_gain,
+                  proj_start=proj_start, peak_uv=peak_uv, recruited=False)
+    if recruitment_rng is not None:
+        add_recruitment(units, recruitment_rng)
+    return units
+
+
+# Recruitment by size (Henneman) and rate coding.  The shape follows the
+# "onion skin" of De Luca & Hostage 2010 (J Neurophysiol 104:1034): motor units
+# are silent until the excitation passes their threshold, start firing at a
+# low rate and speed up as it rises, and units recruited early fire faster
+# than those recruited late.  The numbers below are assumed (chosen within
+# the ranges reported for hand and forearm muscles), not taken from one paper.
+RECRUIT_MAX = 0.6              # highest threshold, as a fraction of full effort
+RECRUIT_HZ = (6.0, 10.0)       # rate at recruitment
+PEAK_HZ = (22.0, 40.0)         # rate at full effort: the lowest-threshold units fire fastest
+SPONTANEOUS_HZ = (0.2, 2.0)    # untuned fibres (afferent/spontaneous background)
+DYNAMIC_GAIN = 0.3             # extra excitation while flexing (the force-rate burst)
+
+
+def add_recruitment(units, rng):
+    """Give motor units thresholds and rate coding (in place); untuned units fire slowly."""
+    n = units.n_units
+    # Many low-threshold units, few high-threshold ones; larger fibres (bigger
+    # spikes) are recruited later (size principle), with some scatter.
+    threshold = np.sort(RECRUIT_MAX * rng.random(n) ** 2)
+    size_rank = np.argsort(np.argsort(np.log(units.peak_uv) + 0.3 * rng.standard_normal(n)))
+    threshold = threshold[size_rank]
+    recruit_hz = rng.uniform(RECRUIT_HZ[0], RECRUIT_HZ[1], size=n)
+    peak_hz = PEAK_HZ[1] - (PEAK_HZ[1] - PEAK_HZ[0]) * threshold / RECRUIT_MAX + rng.uniform(-3.0, 3.0, size=n)
+    spontaneous = rng.uniform(SPONTANEOUS_HZ[0], SPONTANEOUS_HZ[1], size=n)
+    units.recruited = True
+    units.threshold = threshold
+    units.recruit_hz = recruit_hz
+    units.peak_hz = peak_hz
+    units.base_hz = np.where(units.kind == 2, spontaneous, 0.0)
+    units.max_hz = np.where(units.kind == 2, spontaneous, peak_hz)
+
+
+# EMG cross-talk: motor units of the residual forearm muscles, seen from inside
+# the nerve as slow, small potentials on every channel (volume conduction).
+MUAP_MS = 14.0                 # stored length of a far-field motor-unit potential
+MUAP_WIDTH_MS = (1.0, 2.5)     # Gaussian width of its phases (assumed)
+
+
+def make_emg_sources(n_channels, rate, rng, n_sources, peak_uv):
+    """Muscle motor units whose far-field potentials reach every channel.
+
+    Each source serves one or two fingers (a forearm muscle's compartment),
+    is recruited by size like the nerve's motor units, and is seen on every
+    channel with a gain of 0.4-1.0 of ``peak_uv`` (log-normal, sd 0.5).
+    Returns :class:`Units` usable with :func:`draw_spikes` and :func:`render_spikes`.
+    """
+    n = int(n_sources)
+    main = rng.integers(0, 5, size=n)
+    weights = np.zeros((n, 5))
+    weights[np.arange(n), main] = 1.0
+    second = rng.integers(0, 5, size=n)
+    shared = (rng.random(n) < 0.5) & (second != main)
+    weights[np.nonzero(shared)[0], second[shared]] = rng.uniform(0.3, 0.8, size=int(shared.sum()))
+    length = max(int(round(MUAP_MS * 1e-3 * rate)), 2)
+    t = (np.arange(length) / rate * 1e3)[None, :]
+    width = rng.uniform(MUAP_WIDTH_MS[0], MUAP_WIDTH_MS[1], size=n)[:, None]
+    centre = MUAP_MS / 2.0
+    # Biphasic (first derivative of a Gaussian), sign and skew per source.
+    x = (t - centre) / width
+    shape = -x * np.exp(-0.5 * x * x) * (1.0 + rng.uniform(-0.3, 0.3, size=n)[:, None] * x)
+    shape = shape * np.where(rng.random(n) < 0.5, 1.0, -1.0)[:, None]
+    shape = shape / np.abs(shape).max(axis=1, keepdims=True)
+    amplitude = peak_uv * np.exp(0.5 * rng.standard_normal(n))
+    gain = amplitude[:, None] * rng.uniform(0.4, 1.0, size=(n, n_channels))
+    unit_idx = np.repeat(np.arange(n), n_channels)
+    channel_idx = np.tile(np.arange(n_channels), n)
+    kind = np.where(rng.random(n) < 0.65, 0, 1)          # flexor and extensor muscles
+    units = Units(kind=kind, finger_weights=weights, base_hz=np.zeros(n), gain_hz=np.zeros(n),
+                  velocity_hz=np.zeros(n), max_hz=np.zeros(n), waveforms=shape, peak_uv=amplitude,
+                  proj_unit=unit_idx, proj_channel=channel_idx, proj_gain_uv=gain.ravel(),
+                  proj_start=np.arange(n + 1) * n_channels, recruited=False)
+    add_recruitment(units, rng)
+    return units
 
 
 def _draw_waveforms(n, rate, rng):
@@ -129,6 +221,14 @@ def firing_rates(units, unit_index, position, velocity):
     flexing = np.clip(speed, 0.0, 1.0)
     opening = np.clip(-speed, 0.0, 1.0)
     kind = units.kind[unit_index]
+    if units.recruited:
+        excitation = np.where(kind == 0, drive + DYNAMIC_GAIN * flexing, opening + 0.2 * drive)
+        threshold = units.threshold[unit_index]
+        above = np.clip((excitation - threshold) / (1.0 - threshold), 0.0, 1.0)
+        recruit = units.recruit_hz[unit_index]
+        rate = np.where(excitation > threshold,
+                        recruit + (units.peak_hz[unit_index] - recruit) * above, 0.0)
+        return np.where(kind == 2, units.base_hz[unit_index], rate)
     gain = units.gain_hz[unit_index]
     flexor_rate = gain * drive + units.velocity_hz[unit_index] * flexing
     extensor_rate = gain * (opening + 0.2 * drive)

@@ -61,12 +61,19 @@ def r2_score(truth, prediction):
     return 1.0 - residual / np.maximum(total, 1e-12)
 
 
+def correlation(truth, prediction):
+    """Pearson r per column (the figure published decoders of real implants report)."""
+    t = truth - truth.mean(axis=0)
+    p = prediction - prediction.mean(axis=0)
+    return (t * p).sum(axis=0) / np.maximum(np.sqrt((t * t).sum(axis=0) * (p * p).sum(axis=0)), 1e-12)
+
+
 def linear_decoder_r2(signals, labels, rate, label_rate=100.0, train_fraction=0.7, n_lags=10, ridge=10.0):
     """Fit the yardstick decoder on the first ``train_fraction`` and score the rest.
 
     ``signals`` ndarray (n_samples, n_channels); ``labels`` ndarray (n_labels, 5)
     at ``label_rate``.  Returns a dict: ``r2`` (per finger list), ``mean_r2``,
-    ``n_train``, ``n_test`` (windows).
+    ``r`` and ``mean_r`` (Pearson correlation), ``n_train``, ``n_test`` (windows).
     """
     features, end_sample = window_features(signals, rate)
     x = lagged(features, n_lags)
@@ -83,5 +90,7 @@ def linear_decoder_r2(signals, labels, rate, label_rate=100.0, train_fraction=0.
     weights = np.linalg.solve(a.T.dot(a) + ridge * np.eye(a.shape[1]), a.T.dot(y[:n_train] - y_mean))
     prediction = xs[n_train:].dot(weights) + y_mean
     r2 = r2_score(y[n_train:], prediction)
+    r = correlation(y[n_train:], prediction)
     return {"r2": [float(v) for v in r2], "mean_r2": float(r2.mean()),
+            "r": [float(v) for v in r], "mean_r": float(r.mean()),
             "n_train": int(n_train), "n_test": int(x.shape[0] - n_train)}

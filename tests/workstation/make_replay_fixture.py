@@ -22,7 +22,7 @@ OUT = os.path.join(HERE, "..", "device", "data", "replay_run")
 
 #: The simulated session (shared with tests/device/test_run_replay.py): train on
 #: [0, TRAIN_S), the device tests replay from TRAIN_S on.
-SESSION = {"seconds": 130.0, "n_channels": 4, "rate": 2000.0, "seed": 11}
+SESSION = {"seconds": 130.0, "n_channels": 4, "rate": 2000.0, "seed": 11, "difficulty": "easy"}
 TRAIN_S = 110.0
 TRAINING = {
     "model": {"hidden_size": 32, "num_layers": 1, "input_projection": 32},
