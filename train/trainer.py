@@ -93,7 +93,7 @@ MODE_DEFAULTS = {
 MIN_DEFAULT_WINDOW_SAMPLES = 4
 SECTIONS = ("pipeline", "model", "training", "split", "labels", "baselines")
 LABEL_DEFAULTS = {"stream": None, "scaling": "auto"}
-BASELINE_DEFAULTS = {"wiener": {"lags": 10, "lag_step": 5}, "kalman": {}}
+BASELINE_DEFAULTS = {"wiener": {}, "kalman": {}}   # history and settings chosen on validation (train/baselines.py)
 
 
 # --- settings -----------------------------------------------------------------------

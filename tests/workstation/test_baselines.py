@@ -70,18 +70,22 @@ def test_wiener_chooses_alpha_on_validation():
     decoder = baselines.WienerFilter(lags=4).fit(train, validation)
     assert decoder.alpha_ in decoder.alphas
     best = max(decoder.validation_r2_.values())
-    assert decoder.validation_r2_[decoder.alpha_] == best
+    # Keyed by (lags, lag_step, alpha) since the history is chosen with the ridge strength.
+    assert decoder.validation_r2_[(decoder.lags, decoder.lag_step, decoder.alpha_)] == best
 
 
 def test_kalman_matches_a_textbook_recursion():
     train, validation, test = linear_problem(seed=3, n_features=4, noise=0.5)
-    kalman = baselines.KalmanFilter().fit(train, validation)
+    # The textbook set-up (no lag, every step observed, fitted noise), started as the filter now
+    # is: from the labels' stationary covariance P0 (it used to start from W, which held the
+    # first steps at the mean), with the prediction step from the second observation on.
+    kalman = baselines.KalmanFilter(lags=0, bins=1, noise_scales=1.0).fit(train, validation)
     z = test[0][0] - kalman.z_mean_
     a, w, h, q = kalman.A_, kalman.W_, kalman.H_, kalman.Q_
-    state, covariance = np.zeros(a.shape[0]), w.copy()
+    state, covariance = np.zeros(a.shape[0]), kalman.P0_.copy()
     expected = []
     for t in range(len(z)):
-        prior, prior_cov = a @ state, a @ covariance @ a.T + w
+        prior, prior_cov = (a @ state, a @ covariance @ a.T + w) if t else (state, covariance)
         gain = prior_cov @ h.T @ np.linalg.inv(h @ prior_cov @ h.T + q)
         state = prior + gain @ (z[t] - h @ prior)
         covariance = (np.eye(len(state)) - gain @ h) @ prior_cov
