@@ -17,7 +17,8 @@ sample axis of the replay (0 = the first replayed sample):
 * fast: the decoded window's end sample (``DecodedCommand.sample``);
 * realtime: ``(t - t0) * rate`` where ``t`` is when the virtual hand received
   it and ``t0`` when the virtual chip started streaming (same process, same
-  monotonic clock), so the decoding and link latency count against it.
+  monotonic clock), so the decoding and link latency count against it (the
+  frame's own wait does not: see :class:`StampedVirtualChip`).
 
 The truth is the recording's label stream (``bundle.config["labels"]``:
 stream, names) scaled as in training (``labels.scaling``), at the label row
@@ -30,6 +31,10 @@ output (at the hand link's 16-bit resolution) to the one before it, as a
 keep-alive is, moves nothing and is not scored again.  R² per output is
 ``1 - SS_res / SS_tot`` over the scored commands (``nan`` -> null for an
 output whose truth is constant), the same definition as ``evaluate``.
+
+The intent-to-command lag (``lag_ms``, decoder/lag.py, docs/latency.md) is
+measured over the same span, from the end of the warm-up: every command held
+until the next, as the hand holds it, against the label stream on a 1 ms grid.
 """
 import os
 import shutil
@@ -39,6 +44,7 @@ import time
 
 import numpy as np
 
+from neurohand.decoder import lag as lag_metric
 from neurohand.firmware_bridge.shared.checks import check_number
 from neurohand.firmware_bridge.shared.errors import ConfigError, NeurohandError, RecordingError, UsageError
 from neurohand.firmware_bridge.virtual.chip import VirtualChip
@@ -428,6 +434,9 @@ def _outcome(mode, decoder, recording, replay_range, truth, samples, positions, 
     score_from = max(int(round(WARMUP_S * rate)), ready if ready is not None else replay_range.stop)
     r2, scored, repeated = score_commands(truth, replay_range.start, samples, positions, wire, score_from)
     expected = truth.at(replay_range.start + samples) if len(samples) else np.zeros((0, len(truth.names)))
+    # What the hand holds: every command (repeats included) until the next, from the first after warm-up.
+    lag = lag_metric.replay_lag(truth.at, replay_range.start + samples, positions, replay_range.start + score_from,
+                                replay_range.stop, rate, recording.events)
     latency = document.get("latency_us") or {}
     frames = document.get("frames") or {}
     safety = document.get("safety_events") or {}
@@ -447,6 +456,7 @@ def _outcome(mode, decoder, recording, replay_range, truth, samples, positions, 
         "scored_from_s": round(score_from / rate, 4),
         "warmup_s": WARMUP_S,
         "latency_us": {key: latency.get(key) for key in ("p50", "p90", "p99", "max", "count")},
+        "lag_ms": lag,
         "frames": {key: frames.get(key) for key in ("received", "missing", "corrupt")},
         "skips": document.get("skips"),
         "safety_events": safety.get("count"),
@@ -470,6 +480,7 @@ def format_summary(summary):
     lines.append("{:<14} {:>7}   ({} of {} commands scored, from {:g} s)".format(
         "mean", number(summary["mean_r2"], "{:.3f}"), summary["scored_commands"], summary["commands"],
         summary["scored_from_s"]))
+    lines.append(lag_metric.format_lag(summary.get("lag_ms")))
     latency = summary["latency_us"]
     if latency.get("count"):
         lines.append("latency        p50 {} us  p99 {} us  max {} us  (chip bytes in -> hand command written)".format(
@@ -493,7 +504,12 @@ def format_summary(summary):
 # --- the virtual chip with a known stream start -----------------------------------
 
 class StampedVirtualChip(VirtualChip):
-    """A VirtualChip that remembers when its stream started: ``stream_started_s`` (its clock, time.monotonic)."""
+    """A VirtualChip that remembers when its stream started: ``stream_started_s`` (its clock, time.monotonic).
+
+    The virtual chip sends frame k at ``t0 + k * frame_period_s`` (firmware_bridge/virtual/chip.py),
+    one frame period before a real chip could (it sends a frame once its last sample is measured), so
+    realtime commands on this axis, and their lag, look one frame period early (docs/latency.md).
+    """
 
     stream_started_s = None
 

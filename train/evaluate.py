@@ -9,6 +9,16 @@ split when the recording is one the run was trained on.
 
 Classic decoders (train/baselines.py) are fitted on the same split and the
 same normalised features, and scored on the same steps.
+
+The intent-to-command lag (``lag_ms``, decoder/lag.py, docs/latency.md) is
+measured per test segment on a 1 ms grid: each decoded step held from its
+window's end until the next, against the label stream scaled as in training.
+A test segment can start at its movement (a NinaPro test repetition does),
+where a decoder started afresh has no output yet; so for the lag, and only
+for it, each segment is decoded again from up to :data:`LAG_PREROLL_S`
+earlier, as the device decodes without a break.  That signal is rest
+belonging to the repetition before; its labels are used only for the
+movement's rest level.
 """
 import json
 import os
@@ -16,11 +26,15 @@ import time
 
 import numpy as np
 
+from neurohand.decoder import lag as lag_metric
 from neurohand.firmware_bridge.shared import checks
 from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 from neurohand.train import baselines, dataset, metrics, splits
 
 RUN_FORMAT = "neurohand-run"
+#: Signal decoded before each test segment for the lag: the rest before a movement the segment starts
+#: with, so the decoder is running, and the rest level known, when the movement begins.
+LAG_PREROLL_S = 3.0
 
 
 def load_run(run_dir):
@@ -96,6 +110,46 @@ def stream_decode(pipeline, onnx_path, recording, segments, block_samples):
     return decoded
 
 
+def truth_on_grid(recording, scaling, positions):
+    """Scaled labels in force at sample positions (a position ``e`` means just after sample e - 1,
+    the rule for window ends in training), shape (len(positions), n_outputs)."""
+    labels = recording.labels
+    rows = np.floor((np.asarray(positions, dtype=np.float64) - 1.0) / recording.signal_rate * float(labels.rate)
+                    + 1e-9).astype(np.int64)
+    return scaling.apply(np.asarray(labels.data, dtype=np.float64)[np.clip(rows, 0, len(labels.data) - 1)])
+
+
+def lag_segments(recording, test_segments):
+    """The test segments, each begun up to LAG_PREROLL_S earlier (see the module's docstring)."""
+    preroll = int(round(LAG_PREROLL_S * recording.signal_rate))
+    return [splits.Segment(max(0, s.start - preroll), s.stop, s.split) for s in test_segments]
+
+
+def lag_of(recording, scaling, segments, decoded, step_ms=lag_metric.GRID_MS):
+    """``lag_ms`` of decoded segments: ``decoded`` a list of (outputs, ends) per segment of
+    ``segments`` that holds windows (as from :func:`stream_decode`)."""
+    step = recording.signal_rate * step_ms / 1000.0
+    pieces = []
+    for outputs, ends in decoded:
+        segment = next(s for s in segments if s.start < ends[0] <= s.stop)
+        grid = segment.start + step * np.arange(int((segment.stop - segment.start) // step))
+        movements = lag_metric.movements_from_events(recording.events, segment.start, step)
+        pieces.append((truth_on_grid(recording, scaling, grid), lag_metric.hold(ends, outputs, grid), movements))
+    return lag_metric.lag_summary(pieces, step_ms)
+
+
+def baseline_lags(pipeline, recording, scaling, segments, decoders):
+    """``lag_ms`` of each fitted baseline (the decoders ``baselines.fit_and_score`` scored) on ``segments``."""
+    from neurohand.train.dataset import segment_windows
+
+    windows = [w for w in (segment_windows(pipeline, recording, s) for s in segments) if w is not None and len(w[1])]
+    result = {}
+    for name, decoder in decoders.items():
+        decoded = [(decoder.predict(pipeline.normalise(f).astype(np.float32)), ends) for f, ends in windows]
+        result[name] = lag_of(recording, scaling, segments, decoded)
+    return result
+
+
 def evaluate_run(run_dir, recording_path, block_s=0.05, with_baselines=True):
     """Score a run on ``recording_path``'s test split; returns a JSON-ready dict.
 
@@ -117,6 +171,10 @@ def evaluate_run(run_dir, recording_path, block_s=0.05, with_baselines=True):
     truth = np.concatenate([s.labels for s in test]).astype(np.float64)
     prediction = np.concatenate([o for o, _ in decoded])
     result = metrics.score(truth, prediction)
+    scaling = dataset.LabelScaling.from_config(config["labels"]["scaling"])
+    extended = lag_segments(recording, test_segments)
+    result["lag_ms"] = lag_of(recording, scaling, extended,
+                              stream_decode(pipeline, onnx_path, recording, extended, block_samples))
     n_steps = len(prediction)
     result.update({
         "run_dir": os.path.abspath(run_dir), "recording": os.path.abspath(recording_path),
@@ -129,8 +187,11 @@ def evaluate_run(run_dir, recording_path, block_s=0.05, with_baselines=True):
     })
     if with_baselines:
         pairs = {name: [(s.features, s.labels) for s in sequences[name]] for name in splits.SPLIT_NAMES}
+        fitted = {}
         result["baselines"] = baselines.fit_and_score(pairs["train"], pairs["validation"], pairs["test"],
-                                                      config["settings"].get("baselines"))
+                                                      config["settings"].get("baselines"), decoders=fitted)
+        for name, lag in baseline_lags(pipeline, recording, scaling, extended, fitted).items():
+            result["baselines"][name]["lag_ms"] = lag
     return metrics.json_ready(result)
 
 
@@ -143,14 +204,28 @@ def format_table(result):
     def fmt(value):
         return "  n/a" if value is None else "{:6.3f}".format(value)
 
-    lines = ["{:<10} {:>8} {:>8} {:>8}".format("decoder", "mean R2", "mean r", "RMSE")]
+    def ms(lag, key):
+        value = (lag or {}).get(key)
+        return "n/a" if value is None else "{:+.0f}".format(value)
+
+    lines = ["{:<10} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>7}".format(
+        "decoder", "mean R2", "mean r", "RMSE", "onset ms", "p90 ms", "release", "xcorr")]
     rows = [("rnn", result)] + sorted((result.get("baselines") or {}).items())
     for name, scores in rows:
-        lines.append("{:<10} {:>8} {:>8} {:>8}".format(name, fmt(scores["mean_r2"]), fmt(scores["mean_pearson_r"]),
-                                                       fmt(scores["mean_rmse"])))
+        lag = scores.get("lag_ms")
+        lines.append("{:<10} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>7}".format(
+            name, fmt(scores["mean_r2"]), fmt(scores["mean_pearson_r"]), fmt(scores["mean_rmse"]),
+            ms(lag, "onset_p50"), ms(lag, "onset_p90"), ms(lag, "release_p50"), ms(lag, "xcorr")))
     lines.append("")
     lines.append("R2 per output (rnn): " + ", ".join(
         "{} {}".format(name, fmt(value).strip()) for name, value in zip(result["label_names"], result["r2"])))
     lines.append("{} test steps decoded causally with the numpy backend, {:.1f} us per step".format(
         result["n_steps"], result["decode"]["us_per_step"]))
+    lag = result.get("lag_ms")
+    if lag is not None:
+        lines.append("lag (rnn, ms, + = late, at {:g} of each movement): {} onsets ({} missed, {} not measured), "
+                     "{} releases ({} missed){}".format(
+                         lag["threshold"], lag["onsets"], lag["onsets_missed"], lag["onsets_not_measured"],
+                         lag["releases"], lag["releases_missed"],
+                         "; " + lag["reason"] if lag.get("reason") else ""))
     return "\n".join(lines)
