@@ -18,6 +18,10 @@ DEFAULT_ALPHAS = tuple(10.0 ** p for p in range(-7, 2))
 # Wiener histories tried on validation: every (lags, lag_step) pair, up to 3.8 s at 50 steps per second.
 DEFAULT_WIENER_LAGS = (1, 3, 5, 10, 20)
 DEFAULT_WIENER_LAG_STEPS = (1, 2, 5, 10)
+#: Widest history searched (lags x features): its cost grows with the cube of the width
+#: (an eigendecomposition per history), and beyond this a ridge fit on a few minutes of
+#: data has more columns than it can use.  NinaPro's 20 features keep every history.
+MAX_WIENER_COLUMNS = 512
 # Kalman set-ups tried on validation (see KalmanFilter): feature-to-state lag and
 # observation spacing in steps, and the scale of the fitted observation noise.
 DEFAULT_KALMAN_LAGS = (0, 5)
@@ -89,6 +93,9 @@ class WienerFilter:
     def fit(self, train_segments, validation_segments=None):
         n_features = np.shape(train_segments[0][0])[1]
         lag_candidates, step_candidates = self.lag_candidates, self.lag_step_candidates
+        if len(lag_candidates) > 1:
+            affordable = tuple(lags for lags in lag_candidates if lags * n_features <= MAX_WIENER_COLUMNS)
+            lag_candidates = affordable or lag_candidates[:1]
         alphas = self.alphas
         if not validation_segments:
             lag_candidates, step_candidates = lag_candidates[:1], step_candidates[:1]
@@ -296,16 +303,20 @@ class KalmanFilter:
 BASELINES = {"wiener": WienerFilter, "kalman": KalmanFilter}
 
 
-def fit_and_score(train_segments, validation_segments, test_segments, settings=None):
+def fit_and_score(train_segments, validation_segments, test_segments, settings=None, decoders=None):
     """Fit every baseline and score it on the test segments.
 
-    ``settings`` maps a baseline name to keyword arguments of its class.
+    ``settings`` maps a baseline name to keyword arguments of its class; a
+    ``decoders`` dict, when given, receives each fitted decoder by name (so a
+    caller that needs their predictions elsewhere does not fit them again).
     Returns {name: score dict (see metrics.score) plus the fitted hyper-parameters}."""
     settings = settings or {}
     truth = np.concatenate([l for _, l in test_segments], axis=0)
     results = {}
     for name, cls in BASELINES.items():
         decoder = cls(**settings.get(name, {})).fit(train_segments, validation_segments)
+        if decoders is not None:
+            decoders[name] = decoder
         prediction = np.concatenate([decoder.predict(f) for f, _ in test_segments], axis=0)
         result = metrics.score(truth, prediction)
         if name == "wiener":

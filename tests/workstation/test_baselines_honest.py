@@ -154,6 +154,18 @@ def test_wiener_reads_a_longer_history_when_the_labels_need_it():
     assert np.mean(decoded_r2(long, test)) > np.mean(decoded_r2(one_step, test)) + 0.2
 
 
+def test_wiener_searches_no_history_wider_than_its_column_budget():
+    # 144 features (the demo's raw-mode pipeline): 20 lags would be 2,880 columns, an eigendecomposition
+    # costing tens of seconds per candidate; the search stays within MAX_WIENER_COLUMNS.
+    train, validation, _ = history_problem(4, span=5, n_segments=5, n_steps=300, n_features=144)
+    wiener = baselines.WienerFilter().fit(train, validation)
+    widths = {lags * 144 for lags, _, _ in wiener.validation_r2_}
+    assert widths and max(widths) <= baselines.MAX_WIENER_COLUMNS
+    assert wiener.lags * 144 <= baselines.MAX_WIENER_COLUMNS
+    # Fixed by the user, a history is used as given, whatever its width.
+    assert baselines.WienerFilter(lags=5, lag_step=1).fit(train, validation).lags == 5
+
+
 @pytest.mark.parametrize("kwargs", [{"lags": ()}, {"lags": 0}, {"lag_step": 0}])
 def test_wiener_refuses_an_empty_or_zero_history(kwargs):
     with pytest.raises(ValueError):
