@@ -10,6 +10,10 @@ docs/simulator.md reports these figures.
 
 ``run(quick) -> dict``; also ``python -m neurohand.deploy.bench.realism
 [--seconds S] [--seeds 0,1] [--difficulty realistic,easy]`` prints JSON.
+
+``days(...)`` (``--sessions N``) measures how different the sessions of one
+patient are: the yardstick fitted on session 0 and scored on sessions 1..N-1,
+against the yardstick fitted within each of them, on the same test part.
 """
 import argparse
 import json
@@ -198,6 +202,52 @@ def measure(difficulty="realistic", seed=0, seconds=120.0, n_channels=16, rate=1
     return out
 
 
+def days(patients=(0, 1, 2), n_sessions=6, seconds=120.0, difficulty="realistic", n_channels=16, rate=10000.0):
+    """Decay of a decoder over days: per patient and session, the yardstick fitted on
+    the first 70 % of session 0 ("carried") and one fitted on the first 70 % of the
+    session itself ("within"), both scored on the session's last 30 %; a JSON-able dict."""
+    import numpy as np
+    from neurohand.firmware_bridge.virtual import simulator as simmod
+    from neurohand.firmware_bridge.virtual.yardstick import across_sessions
+
+    def recording(patient, session):
+        config = simmod.SimulatorConfig(seconds, n_channels=n_channels, rate=rate, seed=patient, session=session,
+                                        difficulty=difficulty)
+        sim = simmod.NerveSimulator.from_config(config)
+        n = config.n_samples
+        signals = np.concatenate([sim.signals(s, min(s + 100000, n)) for s in range(0, n, 100000)])
+        return (signals, sim.labels(0, config.n_labels)), sim.metadata().get("day")
+
+    rows = []
+    for patient in patients:
+        first, _ = recording(patient, 0)
+        for session in range(n_sessions):
+            data, day = (first, None) if session == 0 else recording(patient, session)
+            scores = across_sessions(first, data, rate)
+            row = {"patient": patient, "session": session}
+            for kind in ("carried", "renormalised", "within"):
+                row[kind] = {"mean_r": round(scores[kind]["mean_r"], 3), "mean_r2": round(scores[kind]["mean_r2"], 3)}
+            if day is not None:
+                row["day"] = {"shift": day["electrode_shift_channels"], "lost": day["large_units_lost"],
+                              "new": day["large_units_new"], "speed": day["speed"], "strength": day["strength"]}
+            rows.append(row)
+    summary = []
+    for session in range(n_sessions):
+        mine = [r for r in rows if r["session"] == session]
+        summary.append({"session": session, "patients": len(mine),
+                        "carried_r": round(float(np.mean([r["carried"]["mean_r"] for r in mine])), 3),
+                        "renormalised_r": round(float(np.mean([r["renormalised"]["mean_r"] for r in mine])), 3),
+                        "renormalised_r2": round(float(np.mean([r["renormalised"]["mean_r2"] for r in mine])), 3),
+                        "within_r": round(float(np.mean([r["within"]["mean_r"] for r in mine])), 3),
+                        "carried_r2_median": round(float(np.median([r["carried"]["mean_r2"] for r in mine])), 3),
+                        "within_r2": round(float(np.mean([r["within"]["mean_r2"] for r in mine])), 3)})
+    return {"difficulty": difficulty, "seconds": seconds, "channels": n_channels, "rate_hz": rate,
+            "about": "yardstick fitted on 70 % of session 0 (carried) or of the session itself (within), "
+                     "scored on the session's last 30 %; renormalised: carried with its feature mean and SD "
+                     "re-fitted on the session's first 70 %; session 0's three are the same fit",
+            "sessions": rows, "per_session": summary}
+
+
 def run(quick, seeds=(0,), difficulties=("realistic", "easy"), seconds=None):
     """Both presets, ``seconds`` (120, or 40 when ``quick``) of 16 channels at 10 kHz."""
     seconds = (40.0 if quick else 120.0) if seconds is None else seconds
@@ -211,7 +261,16 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     parser.add_argument("--difficulty", default="realistic,easy", help="comma-separated presets")
+    parser.add_argument("--sessions", type=int, default=0,
+                        help="instead: sessions 0..N-1 of each seed (patient), the yardstick carried over from "
+                             "session 0 against one fitted within each session")
     args = parser.parse_args(argv)
+    if args.sessions:
+        result = {"days": [days([int(s) for s in args.seeds.split(",")], args.sessions, args.seconds, difficulty)
+                           for difficulty in args.difficulty.split(",")]}
+        json.dump(result, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
     result = run(False, seeds=[int(s) for s in args.seeds.split(",")],
                  difficulties=args.difficulty.split(","), seconds=args.seconds)
     json.dump(result, sys.stdout, indent=1)

@@ -31,6 +31,12 @@ index, middle, ring, little alone (ids 1-5), then pinch, tripod and fist (6-8),
 with rest between (in an order drawn per repetition with --difficulty realistic),
 ramps and holds of varying speed and strength.  The same options and seed give a
 byte-identical file.  See docs/simulator.md.
+
+Days: --patient K (the same as --seed K) draws the patient's nerve fibres and
+electrode array; --session N draws day N of that patient: the electrode has moved
+a little along the nerve, some units are lost and others appear, each channel's
+gain and noise differ, and the patient moves faster or slower, harder or softer.
+Session 0 is the recording of --seed K without sessions, bit for bit.
 """
 
 EXAMPLES = """\
@@ -38,6 +44,7 @@ examples:
   neurohand simulate --out demo.nh --seconds 120
   neurohand simulate --out us.nh --seconds 60 --channels 32 --rate 20000 --mains 60 --seed 7
   neurohand simulate --out clean.nh --seconds 60 --difficulty easy
+  neurohand simulate --out p3-day2.nh --seconds 120 --patient 3 --session 2
 """
 
 
@@ -59,8 +66,14 @@ def register(subparsers):
                         help="number of electrode channels, 1..256 (default: 16)")
     parser.add_argument("--rate", default="10000", metavar="HZ",
                         help="samples per second per channel, 1000..50000 (default: 10000)")
-    parser.add_argument("--seed", default="0", metavar="K",
+    parser.add_argument("--seed", default=None, metavar="K",
                         help="random seed, an integer >= 0; same seed, same file (default: 0)")
+    parser.add_argument("--patient", default=None, metavar="K",
+                        help="the patient, an integer >= 0: another name for --seed (give one of them)")
+    parser.add_argument("--session", default="0", metavar="N",
+                        help="the day, an integer 0..10000: sessions of one patient share the nerve and "
+                             "electrode and differ as days of a chronic implant do; session 0 is the "
+                             "recording without sessions (default: 0)")
     parser.add_argument("--mains", default="50", metavar="HZ",
                         help="mains frequency of the interference, 50 or 60 (default: 50)")
     parser.add_argument("--difficulty", default="realistic", metavar="PRESET",
@@ -128,12 +141,20 @@ def run_simulate(args):
     from neurohand.firmware_bridge.shared.outputs import check_output_path, describe_os_error
     from neurohand.firmware_bridge.virtual.simulator import SimulatorConfig, write_recording
 
+    from neurohand.firmware_bridge.shared.errors import UsageError
+
     mains = checks.check_option("mains", args.mains, ("50", "60"))
+    if args.seed is not None and args.patient is not None:
+        raise UsageError("--patient and --seed name the same thing; give one of them")
+    if args.patient is not None:
+        seed = checks.check_int("patient", _parse(int, "patient", args.patient), minimum=0)
+    else:
+        seed = _parse(int, "seed", "0" if args.seed is None else args.seed)
     config = SimulatorConfig(
         seconds=_parse(float, "seconds", args.seconds),
         n_channels=_parse(int, "channels", args.channels),
         rate=_parse(float, "rate", args.rate),
-        seed=_parse(int, "seed", args.seed),
+        seed=seed, session=_parse(int, "session", args.session),
         mains_hz=int(mains), difficulty=args.difficulty)
     out = check_output_path("--out", args.out, force=args.force)
     progress = None if args.quiet else _Progress(sys.stderr)
@@ -149,6 +170,7 @@ def run_simulate(args):
     except OSError as exc:
         raise RecordingError("cannot write {!r}: {}".format(args.out, describe_os_error(exc))) from exc
     if not args.quiet:
-        print("wrote {}: {:g} s, {} channels at {:g} Hz, difficulty {}, finger labels at 100 Hz, {} movements, "
-              "{} events".format(args.out, config.seconds, config.n_channels, config.rate, config.difficulty,
-                                 sim.protocol.n_trials, len(sim.events())))
+        print("wrote {}: {:g} s, {} channels at {:g} Hz, difficulty {}, patient {} session {}, finger labels at "
+              "100 Hz, {} movements, {} events".format(args.out, config.seconds, config.n_channels, config.rate,
+                                                       config.difficulty, config.seed, config.session,
+                                                       sim.protocol.n_trials, len(sim.events())))

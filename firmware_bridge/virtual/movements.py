@@ -103,14 +103,17 @@ class Protocol(object):
         }
 
 
-def make_protocol(seconds, rng, order_rng=None, lead_s=(-0.20, 0.15), aligned_release=False):
+def make_protocol(seconds, rng, order_rng=None, lead_s=(-0.20, 0.15), aligned_release=False, speed=1.0,
+                  strength=1.0):
     """Draw trials until ``seconds`` is covered.  Returns a :class:`Protocol`.
 
     ``order_rng``: if given, each repetition runs the movements in an order
     drawn from it (else in id order).  ``lead_s``: (low, high) of the uniform
     draw of how long the intent starts before the glove (negative: after).
     ``aligned_release``: the intent also releases that long before the glove
-    (else its hold differs from the glove's by up to +-0.2 s).
+    (else its hold differs from the glove's by up to +-0.2 s).  ``speed``: the
+    day's movements are this many times as fast (ramps shorter); ``strength``:
+    the day's intended effort is this many times as strong (at most full effort).
     """
     finger_index = {name: i for i, name in enumerate(FINGERS)}
     rows = []
@@ -127,7 +130,7 @@ def make_protocol(seconds, rng, order_rng=None, lead_s=(-0.20, 0.15), aligned_re
                 break
             primary = np.zeros(5, bool)
             primary[[finger_index[f] for f in fingers]] = True
-            row = _draw_trial(t, primary, rng, lead_s, aligned_release)
+            row = _draw_trial(t, primary, rng, lead_s, aligned_release, speed, strength)
             row["movement"] = movement_id
             row["repetition"] = repetition
             rows.append(row)
@@ -144,7 +147,7 @@ def make_protocol(seconds, rng, order_rng=None, lead_s=(-0.20, 0.15), aligned_re
     return Protocol(**arrays)
 
 
-def _draw_trial(start, primary, rng, lead_s=(-0.20, 0.15), aligned_release=False):
+def _draw_trial(start, primary, rng, lead_s=(-0.20, 0.15), aligned_release=False, speed=1.0, strength=1.0):
     """One trial starting at ``start`` s; ``primary`` (5,) bool marks fingers moved on purpose."""
     base_amp = rng.uniform(*AMPLITUDE, size=5) * primary
     # Enslaved fingers follow the strongest puller, with some variability.
@@ -154,6 +157,8 @@ def _draw_trial(start, primary, rng, lead_s=(-0.20, 0.15), aligned_release=False
     up = np.full(5, rng.uniform(*RAMP_S)) * rng.uniform(0.9, 1.1, size=5)
     hold = np.full(5, rng.uniform(*HOLD_S)) + rng.uniform(-0.05, 0.05, size=5)
     down = np.full(5, rng.uniform(*RAMP_S)) * rng.uniform(0.9, 1.1, size=5)
+    if speed != 1.0:            # left alone at 1, so the first session's numbers are the same bits
+        up, down = up / speed, down / speed
 
     # Written as the legacy draw uniform(-0.15, 0.20) of the lag, so the easy
     # preset's numbers are unchanged.
@@ -161,6 +166,8 @@ def _draw_trial(start, primary, rng, lead_s=(-0.20, 0.15), aligned_release=False
     speed = rng.uniform(*INTENT_SPEED)
     intent_amp = np.where(primary, rng.uniform(*INTENT_EFFORT, size=5),
                           amp * rng.uniform(*INTENT_ENSLAVED, size=5))
+    if strength != 1.0:
+        intent_amp = np.minimum(intent_amp * strength, 1.0)
     intent_onset = onset + lag + rng.uniform(-0.03, 0.03, size=5)
     hold_jitter = rng.uniform(-0.2, 0.2)
     if aligned_release:

@@ -17,7 +17,9 @@ Reproducibility: every random draw comes from a stream keyed by
 ``SEGMENT_SAMPLES`` signal samples, and everything else is a function of the
 absolute sample index.  Any sample range can therefore be generated on its own
 and equals the same range cut out of a longer generation, bit for bit, whatever
-the block size.  See docs/simulator.md.
+the block size.  Sessions (days) of one patient share the seed's fibres and
+electrode and draw the rest from streams keyed by the session as well; session
+0 is the recording without sessions, bit for bit.  See docs/simulator.md.
 """
 import math
 
@@ -26,7 +28,8 @@ import numpy as np
 from neurohand.firmware_bridge.shared import checks
 from neurohand.firmware_bridge.shared.errors import UsageError
 from neurohand.firmware_bridge.virtual.movements import FINGERS, make_protocol, trajectories
-from neurohand.firmware_bridge.virtual.units import draw_spikes, make_emg_sources, make_units, render_spikes
+from neurohand.firmware_bridge.virtual.units import (
+    draw_spikes, make_emg_sources, make_units, render_spikes, scale_channels, session_units)
 
 # Bump when the same seed would give different data (it is stored in metadata).
 # 2: the difficulty presets and physiology options; "easy" gives version 1's
@@ -49,6 +52,13 @@ EMG_SOURCES_PER_FINGER = 12      # muscle motor units seen as cross-talk (assume
 _STREAM_PROTOCOL, _STREAM_UNITS, _STREAM_DRIFT, _STREAM_MAINS, _STREAM_ARTEFACTS = 1, 2, 3, 4, 5
 _STREAM_ORDER, _STREAM_RECRUITMENT, _STREAM_EMG_UNITS, _STREAM_ELECTRODE, _STREAM_ONSET_ARTEFACTS = 6, 7, 8, 9, 12
 _STREAM_NOISE, _STREAM_SPIKES, _STREAM_FLICKER, _STREAM_EMG = 10, 11, 13, 14
+# Sessions: the day's changes are drawn from (seed, _STREAM_DAY, day); a later
+# session's recording streams are keyed (seed, _STREAM_SESSION, session, stream, ...)
+# so session 0 keeps the streams (and the bits) of a recording without sessions.
+_STREAM_DAY, _STREAM_SESSION, _STREAM_NEW_UNITS, _STREAM_NEW_RECRUITMENT = 15, 16, 17, 18
+# What belongs to the patient (the same in every session); every other stream is the day's.
+_PATIENT_STREAMS = (_STREAM_UNITS, _STREAM_RECRUITMENT, _STREAM_EMG_UNITS, _STREAM_ELECTRODE)
+MAX_SESSION = 10000
 
 DIFFICULTIES = ("realistic", "easy")
 
@@ -72,6 +82,18 @@ PRESETS = {
         "random_order": True, "fascicles": 10, "fascicle_purity": 0.4, "shared_fraction": 0.6,
     },
 }
+# What changes between sessions (days) of one patient; the same in both presets.
+# docs/simulator.md ("Sessions") gives each value's source or says it is assumed.
+SESSION_OPTIONS = {
+    "electrode_shift_sd": 0.1,     # channel spacings per day, a random walk along the nerve
+    "unit_turnover": 0.025,        # chance per day that a seen large unit is lost (as many appear)
+    "channel_gain_sd": 0.2,        # log-sd of each channel's gain on a day
+    "channel_noise_sd": 0.15,      # log-sd of each channel's white noise on a day
+    "speed_sd": 0.1,               # log-sd of the day's movement speed
+    "strength_sd": 0.1,            # log-sd of the day's intended effort
+}
+for _preset in PRESETS.values():
+    _preset.update(SESSION_OPTIONS)
 _FLAGS = ("aligned_release", "recruitment", "random_order")
 _COUNTS = ("units_per_channel", "hash_per_channel", "fascicles")
 _FRACTIONS = ("artefact_onset_prob", "fascicle_purity", "shared_fraction")
@@ -99,11 +121,20 @@ class SimulatorConfig(object):
     per repetition (else in id order); fascicles: fascicles along the channels;
     fascicle_purity: fraction of a fascicle's fibres serving its finger;
     shared_fraction: fibres also serving a neighbouring finger.
+
+    Sessions: ``seed`` draws the patient (fibres, fascicles, electrode array);
+    ``session`` (0 = the first day, the recording as without sessions) draws
+    the day: its movements, noise and interference, and how the day differs from
+    the first (per session: electrode_shift_sd, a random walk of the electrode
+    along the nerve in channel spacings; unit_turnover, the chance that a large
+    unit is lost, with as many new ones appearing on average; channel_gain_sd and
+    channel_noise_sd, log-sd of each channel's gain and white noise; speed_sd
+    and strength_sd, log-sd of the day's movement speed and intended effort).
     """
 
     def __init__(self, seconds, n_channels=16, rate=10000.0, seed=0, mains_hz=50.0, noise_uv=None,
                  mains_uv=None, drift_uv=None, artefact_interval_s=None, units_per_channel=None,
-                 hash_per_channel=None, difficulty="realistic", **options):
+                 hash_per_channel=None, difficulty="realistic", session=0, **options):
         self.seconds = checks.check_number("seconds", seconds, minimum=0.0, exclusive_minimum=True,
                                            maximum=MAX_SECONDS)
         self.n_channels = checks.check_int("channels", n_channels, minimum=1, maximum=256)
@@ -111,6 +142,7 @@ class SimulatorConfig(object):
         self.seed = checks.check_int("seed", seed, minimum=0, maximum=2 ** 63 - 1)
         self.mains_hz = float(checks.check_option("mains", mains_hz, (50, 60)))
         self.difficulty = checks.check_option("difficulty", difficulty, DIFFICULTIES)
+        self.session = checks.check_int("session", session, minimum=0, maximum=MAX_SESSION)
         unknown = sorted(set(options) - set(PRESETS["easy"]))
         if unknown:
             raise UsageError("unknown simulator option {!r}".format(unknown[0]))
@@ -128,6 +160,10 @@ class SimulatorConfig(object):
                                          maximum=256 if name == "fascicles" else None)
             elif name in _FRACTIONS:
                 value = checks.check_number(name, value, minimum=0.0, maximum=1.0)
+            elif name == "unit_turnover":
+                value = checks.check_number(name, value, minimum=0.0, maximum=0.5)
+            elif name in SESSION_OPTIONS:
+                value = checks.check_number(name, value, minimum=0.0, maximum=2.0)
             elif name in ("lead_min_s", "lead_max_s"):
                 value = checks.check_number(name, value, minimum=-1.0, maximum=1.0)
             else:
@@ -151,12 +187,56 @@ class SimulatorConfig(object):
         meta = {"seconds": self.seconds, "n_channels": self.n_channels, "rate": self.rate,
                 "seed": self.seed, "mains_hz": self.mains_hz, "difficulty": self.difficulty}
         for name in sorted(PRESETS["easy"]):
-            meta[name] = getattr(self, name)
+            if self.session or name not in SESSION_OPTIONS:
+                meta[name] = getattr(self, name)
+        if self.session:
+            # Session 0 is the seed's recording byte for byte, metadata included: no session
+            # means session 0 of patient = seed.
+            meta.update(patient=self.seed, session=self.session)
         return meta
 
 
 def _rng(seed, *key):
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=key)))
+
+
+def _day_rng(config, stream, *key):
+    """The stream ``stream`` of ``config``'s session: the patient's streams and
+    every stream of session 0 are keyed as without sessions."""
+    if config.session == 0 or stream in _PATIENT_STREAMS:
+        return _rng(config.seed, stream, *key)
+    return _rng(config.seed, _STREAM_SESSION, config.session, stream, *key)
+
+
+def _draw_day(config):
+    """How session ``config.session`` differs from session 0 (None for session 0).
+
+    Day k's draws come from their own stream, always in the same order and
+    number, so the walk of the electrode and the units' fates up to day k are
+    the same in every later session.  Returns a dict: ``shift`` (channel
+    spacings), ``visible_large`` (the large units seen, then the new fibres
+    seen), ``channel_gain`` and ``noise_factor`` (n_channels,), ``speed``,
+    ``strength``.
+    """
+    if config.session == 0:
+        return None
+    n_ch, n_big = config.n_channels, config.n_channels * config.units_per_channel
+    visible = np.concatenate([np.ones(n_big, bool), np.zeros(n_big, bool)])
+    shift = 0.0
+    for day in range(1, config.session + 1):
+        rng = _rng(config.seed, _STREAM_DAY, day)
+        shift += config.electrode_shift_sd * float(rng.standard_normal())
+        # Losses and appearances at the same rate from equal pools: as many
+        # units are seen on every day, on average.
+        change = rng.random(2 * n_big) < config.unit_turnover
+        visible = visible ^ change
+        gain_z, noise_z = rng.standard_normal(n_ch), rng.standard_normal(n_ch)
+        speed_z, strength_z = rng.standard_normal(2)
+    return {"shift": shift, "visible_large": visible,
+            "channel_gain": np.exp(config.channel_gain_sd * gain_z),
+            "noise_factor": np.exp(config.channel_noise_sd * noise_z),
+            "speed": float(np.exp(config.speed_sd * speed_z)),
+            "strength": float(np.exp(config.strength_sd * strength_z))}
 
 
 class NerveSimulator(object):
@@ -166,8 +246,9 @@ class NerveSimulator(object):
     microvolts with shape (n_samples, n_channels), labels with shape (n, 5).
     """
 
-    def __init__(self, config, protocol, units, drift_knots, mains, artefacts, emg=None):
+    def __init__(self, config, protocol, units, drift_knots, mains, artefacts, emg=None, day=None):
         self.config = config
+        self.day = day                          # how this session differs from session 0, or None
         self.protocol = protocol
         self.units = units
         self.emg = emg                          # Units of the muscles' cross-talk, or None
@@ -179,34 +260,46 @@ class NerveSimulator(object):
     @classmethod
     def from_config(cls, config):
         seed, n_ch = config.seed, config.n_channels
+        day = _draw_day(config)
         # New draws come from their own streams, so the easy preset's draws are version 1's.
-        protocol = make_protocol(config.seconds, _rng(seed, _STREAM_PROTOCOL),
-                                 order_rng=_rng(seed, _STREAM_ORDER) if config.random_order else None,
+        protocol = make_protocol(config.seconds, _day_rng(config, _STREAM_PROTOCOL),
+                                 order_rng=_day_rng(config, _STREAM_ORDER) if config.random_order else None,
                                  lead_s=(config.lead_min_s, config.lead_max_s),
-                                 aligned_release=config.aligned_release)
+                                 aligned_release=config.aligned_release,
+                                 speed=day["speed"] if day else 1.0, strength=day["strength"] if day else 1.0)
         units = make_units(n_ch, config.rate, _rng(seed, _STREAM_UNITS),
                            units_per_channel=config.units_per_channel,
                            hash_per_channel=config.hash_per_channel, fascicles=config.fascicles,
                            fascicle_purity=config.fascicle_purity, shared_fraction=config.shared_fraction,
                            recruitment_rng=_rng(seed, _STREAM_RECRUITMENT) if config.recruitment else None)
+        if day is not None:
+            units = _units_of_the_day(config, units, day)
         emg = None
         if config.emg_uv > 0:
             emg = make_emg_sources(n_ch, config.rate, _rng(seed, _STREAM_EMG_UNITS),
                                    5 * EMG_SOURCES_PER_FINGER, config.emg_uv)
-        mains = _draw_mains(config, _rng(seed, _STREAM_MAINS))
+            if day is not None:
+                emg = scale_channels(emg, day["channel_gain"])
+        mains = _draw_mains(config, _day_rng(config, _STREAM_MAINS))
+        if day is not None:
+            # The amplifier's noise per channel is the patient's hardware, drawn with
+            # session 0's mains; the day changes it by ``channel_noise_sd`` only.
+            mains["noise_uv"] = _draw_mains(config, _rng(seed, _STREAM_MAINS))["noise_uv"]
         if config.electrode_noise_uv > 0:
             # Electrode thermal noise (impedance differs per site) is white like the
             # amplifier's and independent of it: one draw with the summed variance.
             electrode = config.electrode_noise_uv * np.exp(
                 0.25 * _rng(seed, _STREAM_ELECTRODE).standard_normal(n_ch))
             mains["noise_uv"] = np.sqrt(mains["noise_uv"] ** 2 + electrode ** 2)
-        artefacts = _draw_artefacts(config, _rng(seed, _STREAM_ARTEFACTS))
+        if day is not None:
+            mains["noise_uv"] = mains["noise_uv"] * day["noise_factor"]
+        artefacts = _draw_artefacts(config, _day_rng(config, _STREAM_ARTEFACTS))
         if config.artefact_onset_prob > 0:
             artefacts = sorted(artefacts + _draw_onset_artefacts(config, protocol,
-                                                                 _rng(seed, _STREAM_ONSET_ARTEFACTS)),
+                                                                 _day_rng(config, _STREAM_ONSET_ARTEFACTS)),
                                key=lambda a: a["start"])
-        return cls(config, protocol, units, _draw_drift(config, _rng(seed, _STREAM_DRIFT)), mains,
-                   artefacts, emg)
+        return cls(config, protocol, units, _draw_drift(config, _day_rng(config, _STREAM_DRIFT)), mains,
+                   artefacts, emg, day)
 
     # -- signals -----------------------------------------------------------
     def signals_uv(self, start, stop):
@@ -239,7 +332,7 @@ class NerveSimulator(object):
         if k not in cache:
             if len(cache) >= 4:
                 del cache[min(cache)]
-            cache[k] = make(_rng(self.config.seed, stream, k), k)
+            cache[k] = make(_day_rng(self.config, stream, k), k)
         return cache[k]
 
     def _noise(self, start, stop):
@@ -292,7 +385,7 @@ class NerveSimulator(object):
             k0, k1 = int(k[0]), int(k[-1]) + 1
             chunks = range(k0 // FLICKER_CHUNK, k1 // FLICKER_CHUNK + 1)
             knots = np.concatenate([
-                _rng(self.config.seed, _STREAM_FLICKER, octave, c).standard_normal((FLICKER_CHUNK, n_ch))
+                _day_rng(self.config, _STREAM_FLICKER, octave, c).standard_normal((FLICKER_CHUNK, n_ch))
                 for c in chunks])
             base = chunks[0] * FLICKER_CHUNK
             a, b = knots[k - base], knots[k + 1 - base]
@@ -367,7 +460,7 @@ class NerveSimulator(object):
 
     def metadata(self):
         """JSON-able description of how the data were made (no wall-clock time)."""
-        return {
+        meta = {
             "source": "synthetic",
             "simulator": {"name": "neurohand simulate", "version": SIMULATOR_VERSION,
                           "config": self.config.to_metadata()},
@@ -380,6 +473,21 @@ class NerveSimulator(object):
             "artefacts": [{"start_sample": a["start"], "peak_uv": round(a["amplitude_uv"], 1)}
                           for a in self.artefacts],
         }
+        if self.config.session:
+            meta.update(patient=self.config.seed, session=self.config.session)
+        if self.day is not None:
+            n_big = self.config.n_channels * self.config.units_per_channel
+            visible = self.day["visible_large"]
+            meta["day"] = {
+                "about": "how this session differs from session 0 of the patient",
+                "electrode_shift_channels": round(self.day["shift"], 4),
+                "large_units_seen": int(visible.sum()),
+                "large_units_lost": int(n_big - visible[:n_big].sum()),
+                "large_units_new": int(visible[n_big:].sum()),
+                "channel_gain": [round(float(g), 4) for g in self.day["channel_gain"]],
+                "noise_factor": [round(float(g), 4) for g in self.day["noise_factor"]],
+                "speed": round(self.day["speed"], 4), "strength": round(self.day["strength"], 4)}
+        return meta
 
     def iter_blocks(self, block_samples):
         """Yield (start, stop, signals int16, labels float32, events) covering the recording."""
@@ -394,6 +502,25 @@ class NerveSimulator(object):
                 block_events.append(events[e])
                 e += 1
             yield start, stop, self.signals(start, stop), self.labels(j0, j1), block_events
+
+
+def _units_of_the_day(config, units, day):
+    """The patient's fibres as session ``day`` sees them: the electrode moved,
+    some large units lost, some of the patient's other fibres (drawn once per
+    patient, unseen on the first day) seen, each channel's gain changed."""
+    n_ch, n_big = config.n_channels, config.n_channels * config.units_per_channel
+    extra = None
+    if n_big:
+        extra = make_units(n_ch, config.rate, _rng(config.seed, _STREAM_NEW_UNITS),
+                           units_per_channel=config.units_per_channel, hash_per_channel=0,
+                           fascicles=config.fascicles, fascicle_purity=config.fascicle_purity,
+                           shared_fraction=config.shared_fraction,
+                           recruitment_rng=(_rng(config.seed, _STREAM_NEW_RECRUITMENT) if config.recruitment
+                                            else None),
+                           channel_finger=units.channel_finger)
+    large = day["visible_large"]
+    visible = np.concatenate([large[:n_big], np.ones(units.n_units - n_big, bool), large[n_big:]])
+    return session_units(units, extra, day["shift"], visible, day["channel_gain"], n_ch)
 
 
 def _draw_drift(config, rng):

@@ -47,7 +47,7 @@ class Units(object):
 
 def make_units(n_channels, rate, rng, units_per_channel=4, hash_per_channel=16,
                unit_uv=(12.0, 0.45), hash_uv=(2.0, 5.0), fascicles=5, fascicle_purity=0.7,
-               shared_fraction=0.3, recruitment_rng=None):
+               shared_fraction=0.3, recruitment_rng=None, channel_finger=None):
     """Draw the units of a nerve recorded on ``n_channels`` at ``rate`` Hz.
 
     ``unit_uv`` is (median, log-sd) of the peak amplitude of the large units at
@@ -59,16 +59,21 @@ def make_units(n_channels, rate, rng, units_per_channel=4, hash_per_channel=16,
     serve a neighbouring finger.  ``recruitment_rng``: if given, motor units
     are recruited by size (silent at rest, see :func:`add_recruitment`),
     drawn from this stream so the other draws stay as they were.
+    ``channel_finger``: the finger of each channel's fascicle, if already drawn
+    (more fibres of the same nerve: units that appear in later sessions).
     """
     # Fascicles: contiguous groups of channels whose fibres mostly serve one finger.
-    if fascicles == 5:
+    if channel_finger is not None:
+        pass
+    elif fascicles == 5:
         fascicle_finger = rng.permutation(5)
     else:
         # Every finger has a fascicle (if there are enough); the rest are drawn, so
         # one finger's fibres can lie in fascicles far apart.
         extra = rng.integers(0, 5, size=max(fascicles - 5, 0))
         fascicle_finger = rng.permutation(np.concatenate([rng.permutation(5), extra]))[:fascicles]
-    channel_finger = fascicle_finger[(np.arange(n_channels) * fascicles) // max(n_channels, 1)]
+    if channel_finger is None:
+        channel_finger = fascicle_finger[(np.arange(n_channels) * fascicles) // max(n_channels, 1)]
 
     n_big = n_channels * units_per_channel
     n_hash = n_channels * hash_per_channel
@@ -96,11 +101,7 @@ def make_units(n_channels, rate, rng, units_per_channel=4, hash_per_channel=16,
                        np.minimum(unit_uv[0] * np.exp(unit_uv[1] * rng.standard_normal(n)), 80.0))
 
     waveforms = _draw_waveforms(n, rate, rng)
-    distance = np.abs(location[:, None] - np.arange(n_channels)[None, :])
-    falloff = np.exp(-distance / CROSSTALK_SPACE)
-    unit_idx, channel_idx = np.nonzero(falloff >= CROSSTALK_FLOOR)   # sorted by unit
-    proj_gain = peak_uv[unit_idx] * falloff[unit_idx, channel_idx]
-    proj_start = np.concatenate([[0], np.cumsum(np.bincount(unit_idx, minlength=n))])
+    unit_idx, channel_idx, proj_gain, proj_start = _project(location, peak_uv, n_channels)
     units = Units(kind=kind, finger_weights=weights, base_hz=base, gain_hz=gain, velocity_hz=velocity,
                   max_hz=base + gain * np.where(kind == 1, 1.2, 1.0) + velocity,
                   waveforms=waveforms, location=location, channel_finger=channel_finger,
@@ -109,6 +110,56 @@ def make_units(n_channels, rate, rng, units_per_channel=4, hash_per_channel=16,
     if recruitment_rng is not None:
         add_recruitment(units, recruitment_rng)
     return units
+
+
+def _project(location, peak_uv, n_channels):
+    """Which channels see each unit, and how strongly (crosstalk falling off with
+    distance): ``(proj_unit, proj_channel, proj_gain_uv, proj_start)``, sorted by unit."""
+    distance = np.abs(location[:, None] - np.arange(n_channels)[None, :])
+    falloff = np.exp(-distance / CROSSTALK_SPACE)
+    unit_idx, channel_idx = np.nonzero(falloff >= CROSSTALK_FLOOR)   # sorted by unit
+    proj_gain = peak_uv[unit_idx] * falloff[unit_idx, channel_idx]
+    proj_start = np.concatenate([[0], np.cumsum(np.bincount(unit_idx, minlength=location.size))])
+    return unit_idx, channel_idx, proj_gain, proj_start
+
+
+_PER_UNIT = ("kind", "finger_weights", "base_hz", "gain_hz", "velocity_hz", "max_hz", "waveforms", "location",
+             "peak_uv", "threshold", "recruit_hz", "peak_hz")
+
+
+def session_units(units, extra, shift, visible, channel_gain, n_channels):
+    """The fibres of one patient as a later session's electrode sees them.
+
+    ``units`` (every session) and ``extra`` (fibres no channel saw on the first
+    day, or None) are joined; the electrode has moved by ``shift`` channel
+    spacings along the nerve, so every projection is recomputed from the
+    fibres' locations; units with ``visible`` (n,) false are seen by no
+    channel (lost, or not yet appeared); each channel's gain is multiplied by
+    ``channel_gain`` (n_channels,).  Spikes are still drawn for invisible
+    units, so visibility changes what is seen, not what fires.
+    """
+    arrays = {}
+    for name in _PER_UNIT:
+        if not hasattr(units, name):
+            continue
+        parts = [getattr(units, name)] + ([getattr(extra, name)] if extra is not None else [])
+        arrays[name] = np.concatenate(parts, axis=0)
+    location = arrays["location"] + shift
+    peak_uv = np.where(visible, arrays["peak_uv"], 0.0)
+    unit_idx, channel_idx, proj_gain, _ = _project(location, peak_uv, n_channels)
+    seen = proj_gain > 0
+    unit_idx, channel_idx = unit_idx[seen], channel_idx[seen]
+    proj_gain = proj_gain[seen] * channel_gain[channel_idx]
+    arrays["proj_start"] = np.concatenate([[0], np.cumsum(np.bincount(unit_idx, minlength=location.size))])
+    return Units(proj_unit=unit_idx, proj_channel=channel_idx, proj_gain_uv=proj_gain,
+                 channel_finger=units.channel_finger, recruited=units.recruited, **arrays)
+
+
+def scale_channels(units, channel_gain):
+    """A copy of ``units`` seen through channels whose gains are multiplied by ``channel_gain``."""
+    arrays = dict(vars(units))
+    arrays["proj_gain_uv"] = units.proj_gain_uv * channel_gain[units.proj_channel]
+    return Units(**arrays)
 
 
 # Recruitment by size (Henneman) and rate coding.  The shape follows the

@@ -68,6 +68,36 @@ def correlation(truth, prediction):
     return (t * p).sum(axis=0) / np.maximum(np.sqrt((t * t).sum(axis=0) * (p * p).sum(axis=0)), 1e-12)
 
 
+def _design(signals, labels, rate, label_rate, n_lags):
+    """Lagged features and the glove label at each window's end: ``(x, y)``."""
+    features, end_sample = window_features(signals, rate)
+    x = lagged(features, n_lags)
+    end_sample = end_sample[n_lags - 1:]
+    label_index = np.minimum((end_sample * label_rate // rate).astype(int) - 1, labels.shape[0] - 1)
+    y = labels[np.maximum(label_index, 0)].astype(np.float64)
+    return x, y
+
+
+def _fit(x, y, ridge):
+    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-9
+    # Motion artefacts make a few windows extreme; clipping keeps them from
+    # dominating a least-squares fit (a real pipeline would blank them).
+    a = np.clip((x - mean) / std, -4.0, 4.0)
+    y_mean = y.mean(axis=0)
+    weights = np.linalg.solve(a.T.dot(a) + ridge * np.eye(a.shape[1]), a.T.dot(y - y_mean))
+    return {"mean": mean, "std": std, "weights": weights, "y_mean": y_mean}
+
+
+def _predict(model, x):
+    return np.clip((x - model["mean"]) / model["std"], -4.0, 4.0).dot(model["weights"]) + model["y_mean"]
+
+
+def _scores(y, prediction):
+    r2, r = r2_score(y, prediction), correlation(y, prediction)
+    return {"r2": [float(v) for v in r2], "mean_r2": float(r2.mean()),
+            "r": [float(v) for v in r], "mean_r": float(r.mean())}
+
+
 def linear_decoder_r2(signals, labels, rate, label_rate=100.0, train_fraction=0.7, n_lags=10, ridge=10.0):
     """Fit the yardstick decoder on the first ``train_fraction`` and score the rest.
 
@@ -75,22 +105,32 @@ def linear_decoder_r2(signals, labels, rate, label_rate=100.0, train_fraction=0.
     at ``label_rate``.  Returns a dict: ``r2`` (per finger list), ``mean_r2``,
     ``r`` and ``mean_r`` (Pearson correlation), ``n_train``, ``n_test`` (windows).
     """
-    features, end_sample = window_features(signals, rate)
-    x = lagged(features, n_lags)
-    end_sample = end_sample[n_lags - 1:]
-    label_index = np.minimum((end_sample * label_rate // rate).astype(int) - 1, labels.shape[0] - 1)
-    y = labels[np.maximum(label_index, 0)].astype(np.float64)
+    x, y = _design(signals, labels, rate, label_rate, n_lags)
     n_train = int(train_fraction * x.shape[0])
-    mean, std = x[:n_train].mean(axis=0), x[:n_train].std(axis=0) + 1e-9
-    # Motion artefacts make a few windows extreme; clipping keeps them from
-    # dominating a least-squares fit (a real pipeline would blank them).
-    xs = np.clip((x - mean) / std, -4.0, 4.0)
-    y_mean = y[:n_train].mean(axis=0)
-    a = xs[:n_train]
-    weights = np.linalg.solve(a.T.dot(a) + ridge * np.eye(a.shape[1]), a.T.dot(y[:n_train] - y_mean))
-    prediction = xs[n_train:].dot(weights) + y_mean
-    r2 = r2_score(y[n_train:], prediction)
-    r = correlation(y[n_train:], prediction)
-    return {"r2": [float(v) for v in r2], "mean_r2": float(r2.mean()),
-            "r": [float(v) for v in r], "mean_r": float(r.mean()),
-            "n_train": int(n_train), "n_test": int(x.shape[0] - n_train)}
+    model = _fit(x[:n_train], y[:n_train], ridge)
+    result = _scores(y[n_train:], _predict(model, x[n_train:]))
+    result.update(n_train=int(n_train), n_test=int(x.shape[0] - n_train))
+    return result
+
+
+def across_sessions(train, test, rate, label_rate=100.0, train_fraction=0.7, n_lags=10, ridge=10.0):
+    """The yardstick fitted on one session and scored on another, against one
+    fitted within the other: how much a decoder loses from one day to the next.
+
+    ``train`` and ``test`` are ``(signals, labels)`` of two sessions of one
+    patient (same channels).  Both decoders are scored on the last
+    ``1 - train_fraction`` of ``test``; the carried-over one is fitted on the
+    first ``train_fraction`` of ``train``, the within-session one on the first
+    ``train_fraction`` of ``test``; "renormalised" is the carried decoder with its
+    feature normalisation (mean, SD) re-fitted on that first part of ``test``, the
+    cheapest recalibration.  Returns ``{"carried", "renormalised", "within"}`` scores.
+    """
+    x0, y0 = _design(train[0], train[1], rate, label_rate, n_lags)
+    x1, y1 = _design(test[0], test[1], rate, label_rate, n_lags)
+    n0, n1 = int(train_fraction * x0.shape[0]), int(train_fraction * x1.shape[0])
+    carried = _fit(x0[:n0], y0[:n0], ridge)
+    within = _fit(x1[:n1], y1[:n1], ridge)
+    renormalised = dict(carried, mean=within["mean"], std=within["std"])
+    return {"carried": _scores(y1[n1:], _predict(carried, x1[n1:])),
+            "renormalised": _scores(y1[n1:], _predict(renormalised, x1[n1:])),
+            "within": _scores(y1[n1:], _predict(within, x1[n1:]))}
