@@ -77,9 +77,11 @@ def register(subparsers):
     parser.add_argument("--mains", default="50", metavar="HZ",
                         help="mains frequency of the interference, 50 or 60 (default: 50)")
     parser.add_argument("--difficulty", default="realistic", metavar="PRESET",
-                        help="realistic (default): physiology and confounds calibrated to published "
-                             "implant recordings (silent motor fibres at rest, nerve leading the glove, "
-                             "1/f and electrode noise, EMG cross-talk, mixed fascicles); easy: the clean "
+                        help="realistic (default): physiology and confounds modelled on published "
+                             "recordings (silent motor fibres at rest, nerve leading the glove, "
+                             "1/f and electrode noise, EMG cross-talk, mixed fascicles), calibrated so a "
+                             "linear decoder reaches published implant figures (the RNN still does better "
+                             "than real implants allow, docs/simulator.md); easy: the clean "
                              "signal of simulator version 1, for tests")
     parser.add_argument("--quiet", action="store_true",
                         help="print nothing (no progress, no summary)")
