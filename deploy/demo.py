@@ -360,8 +360,10 @@ def _summarize(out, settings, progress, training, selftest, evaluation, replayed
                      "test_mean_r2": training["scores"]["test"]["mean_r2"],
                      "test_r2": training["scores"]["test"]["r2"]},
         "evaluate": {"split": "test split of {}".format(TRAIN_RECORDING),
-                     "rnn": {"mean_r2": evaluation["mean_r2"], "r2": evaluation["r2"]},
-                     "baselines": {name: {"mean_r2": scores["mean_r2"], "r2": scores["r2"]}
+                     "rnn": {"mean_r2": evaluation["mean_r2"], "r2": evaluation["r2"],
+                             "mean_r": evaluation.get("mean_pearson_r")},
+                     "baselines": {name: {"mean_r2": scores["mean_r2"], "r2": scores["r2"],
+                                          "mean_r": scores.get("mean_pearson_r")}
                                    for name, scores in (evaluation.get("baselines") or {}).items()}},
         "selftest": {key: selftest[key] for key in ("passed", "backend", "max_abs_error", "tolerance")},
         "hand_delay_ms": {"p50": _ms(scored_delays, 50), "p99": _ms(scored_delays, 99),
@@ -397,8 +399,8 @@ def format_demo_table(summary):
     lines = ["", "neurohand demo: {:g} s of held-out recording replayed in real time through a virtual chip "
              "and a virtual hand".format(replay_result["seconds"]),
              "simulated nerve: difficulty {} ({})".format(
-                 difficulty, ("calibrated so a linear decoder reaches the r 0.3-0.55 published for implants; the RNN still "
-                             "decodes it far better than that: docs/simulator.md")
+                 difficulty, ("calibrated to the r 0.3-0.55 published for implants, so R2 near 0 is expected here; "
+                             "'--difficulty easy' gives the clean signal: docs/simulator.md")
                  if difficulty == "realistic" else "the clean signal of simulator version 1"), ""]
     baselines = summary["evaluate"]["baselines"]
     names = sorted(baselines)
@@ -412,6 +414,9 @@ def format_demo_table(summary):
     lines.append("{:<12} {:>9} {:>9}{}".format("mean", _fmt(replay_result["mean_r2"], "{:.3f}"),
                                                _fmt(summary["evaluate"]["rnn"]["mean_r2"], "{:.3f}"),
                                                "".join(" {:>9}".format(_fmt(baselines[n]["mean_r2"], "{:.3f}"))
+                                                       for n in names)))
+    lines.append("{:<12} {:>9} {:>9}{}".format("mean r", "", _fmt(summary["evaluate"]["rnn"].get("mean_r"), "{:.3f}"),
+                                               "".join(" {:>9}".format(_fmt(baselines[n].get("mean_r"), "{:.3f}"))
                                                        for n in names)))
     lines.append("  replay R2: the RNN on the held-out recording, scored on what the hand received; test R2 "
                  "and {}: 'neurohand evaluate' on the training recording's test split".format(

@@ -80,8 +80,8 @@ def register(subparsers):
                         help="realistic (default): physiology and confounds modelled on published "
                              "recordings (silent motor fibres at rest, nerve leading the glove, "
                              "1/f and electrode noise, EMG cross-talk, mixed fascicles), calibrated so a "
-                             "linear decoder reaches published implant figures (the RNN still does better "
-                             "than real implants allow, docs/simulator.md); easy: the clean "
+                             "decoder reaches published implant figures (r about 0.3-0.55; mirror mismatch and "
+                             "electrode yield included, docs/simulator.md); easy: the clean "
                              "signal of simulator version 1, for tests")
     parser.add_argument("--quiet", action="store_true",
                         help="print nothing (no progress, no summary)")

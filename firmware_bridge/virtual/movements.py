@@ -240,3 +240,34 @@ def trajectories(protocol, times, kind="glove"):
     position[rows] = np.clip(pos, 0.0, 1.0)
     velocity[rows] = vel
     return position, velocity
+
+
+def mirror_mismatch(protocol, rng, effort_sd=0.0, timing_sd_s=0.0, cocontraction=0.0, miss_prob=0.0):
+    """A copy of ``protocol`` whose phantom intent differs more from the glove.
+
+    In mirrored training the intact hand's glove is only a proxy of the phantom's
+    attempt; per trial: each finger's intended effort is multiplied by
+    exp(N(0, ``effort_sd``)) (at most full effort); the whole intent is shifted
+    by N(0, ``timing_sd_s``) s (clipped to +-3 sd); every finger not flexed in the
+    glove receives up to ``cocontraction`` (uniform) of the trial's strongest
+    intent (co-contraction); with chance ``miss_prob`` the phantom does not
+    perform the trial at all (no intent).  The glove is unchanged.  Every draw is
+    made whatever the values, so one option does not move another's draws.
+    """
+    n = protocol.n_trials
+    effort = np.exp(effort_sd * rng.standard_normal((n, 5)))
+    shift = timing_sd_s * np.clip(rng.standard_normal(n), -3.0, 3.0)
+    leak = cocontraction * rng.random((n, 5))
+    missed = rng.random(n) < miss_prob
+    arrays = dict(vars(protocol))
+    amp = np.minimum(protocol.intent_amp * effort, 1.0)
+    strongest = amp.max(axis=1)[:, None]
+    moved = protocol.amp > 0
+    amp = np.where(moved, amp, np.maximum(amp, leak * strongest))
+    arrays["intent_amp"] = np.where(missed[:, None], 0.0, amp)
+    arrays["intent_onset"] = protocol.intent_onset + shift[:, None]
+    glove_end = protocol.onset + protocol.up + protocol.hold + protocol.down
+    intent_end = arrays["intent_onset"] + protocol.intent_up + protocol.intent_hold + protocol.intent_down
+    arrays["window_start"] = np.minimum(protocol.onset, arrays["intent_onset"]).min(axis=1)
+    arrays["window_end"] = np.maximum(glove_end, intent_end).max(axis=1)
+    return Protocol(**arrays)

@@ -27,7 +27,7 @@ import numpy as np
 
 from neurohand.firmware_bridge.shared import checks
 from neurohand.firmware_bridge.shared.errors import UsageError
-from neurohand.firmware_bridge.virtual.movements import FINGERS, make_protocol, trajectories
+from neurohand.firmware_bridge.virtual.movements import FINGERS, make_protocol, mirror_mismatch, trajectories
 from neurohand.firmware_bridge.virtual.units import (
     draw_spikes, make_emg_sources, make_units, render_spikes, scale_channels, session_units)
 
@@ -56,8 +56,11 @@ _STREAM_NOISE, _STREAM_SPIKES, _STREAM_FLICKER, _STREAM_EMG = 10, 11, 13, 14
 # session's recording streams are keyed (seed, _STREAM_SESSION, session, stream, ...)
 # so session 0 keeps the streams (and the bits) of a recording without sessions.
 _STREAM_DAY, _STREAM_SESSION, _STREAM_NEW_UNITS, _STREAM_NEW_RECRUITMENT = 15, 16, 17, 18
+# Confounds added after sessions: their own streams, so with the options at their
+# no-op values every earlier draw (and so the file) is unchanged.
+_STREAM_MIRROR, _STREAM_YIELD = 19, 20
 # What belongs to the patient (the same in every session); every other stream is the day's.
-_PATIENT_STREAMS = (_STREAM_UNITS, _STREAM_RECRUITMENT, _STREAM_EMG_UNITS, _STREAM_ELECTRODE)
+_PATIENT_STREAMS = (_STREAM_UNITS, _STREAM_RECRUITMENT, _STREAM_EMG_UNITS, _STREAM_ELECTRODE, _STREAM_YIELD)
 MAX_SESSION = 10000
 
 DIFFICULTIES = ("realistic", "easy")
@@ -73,6 +76,8 @@ PRESETS = {
         "electrode_noise_uv": 0.0, "flicker_uv": 0.0, "emg_uv": 0.0, "artefact_onset_prob": 0.0,
         "lead_min_s": -0.20, "lead_max_s": 0.15, "aligned_release": False, "recruitment": False,
         "random_order": False, "fascicles": 5, "fascicle_purity": 0.7, "shared_fraction": 0.3,
+        "mirror_effort_sd": 0.0, "mirror_timing_sd_s": 0.0, "mirror_cocontraction": 0.0,
+        "mirror_miss_prob": 0.0, "electrode_yield": 1.0,
     },
     "realistic": {
         "noise_uv": 2.4, "mains_uv": 25.0, "drift_uv": 30.0, "artefact_interval_s": 60.0,
@@ -80,6 +85,8 @@ PRESETS = {
         "electrode_noise_uv": 4.0, "flicker_uv": 3.0, "emg_uv": 3.0, "artefact_onset_prob": 0.25,
         "lead_min_s": 0.04, "lead_max_s": 0.14, "aligned_release": True, "recruitment": True,
         "random_order": True, "fascicles": 10, "fascicle_purity": 0.4, "shared_fraction": 0.6,
+        "mirror_effort_sd": 0.6, "mirror_timing_sd_s": 0.1, "mirror_cocontraction": 0.4,
+        "mirror_miss_prob": 0.25, "electrode_yield": 0.8,
     },
 }
 # What changes between sessions (days) of one patient; the same in both presets.
@@ -96,7 +103,9 @@ for _preset in PRESETS.values():
     _preset.update(SESSION_OPTIONS)
 _FLAGS = ("aligned_release", "recruitment", "random_order")
 _COUNTS = ("units_per_channel", "hash_per_channel", "fascicles")
-_FRACTIONS = ("artefact_onset_prob", "fascicle_purity", "shared_fraction")
+_FRACTIONS = ("artefact_onset_prob", "fascicle_purity", "shared_fraction", "mirror_cocontraction",
+              "mirror_miss_prob", "electrode_yield")
+_MIRROR = ("mirror_effort_sd", "mirror_timing_sd_s", "mirror_cocontraction", "mirror_miss_prob")
 
 
 class SimulatorConfig(object):
@@ -121,6 +130,12 @@ class SimulatorConfig(object):
     per repetition (else in id order); fascicles: fascicles along the channels;
     fascicle_purity: fraction of a fascicle's fibres serving its finger;
     shared_fraction: fibres also serving a neighbouring finger.
+    Mirror mismatch, per trial (0 = none): mirror_effort_sd, log-sd of each finger's
+    intended effort against the glove; mirror_timing_sd_s, sd of the intent's shift;
+    mirror_cocontraction, up to this fraction of the trial's effort intended for
+    fingers the glove does not move; mirror_miss_prob, chance that the phantom does
+    not perform a trial.  electrode_yield: share of channels that record the nerve's
+    units at all (the rest: noise and EMG only; 1 = all).
 
     Sessions: ``seed`` draws the patient (fibres, fascicles, electrode array);
     ``session`` (0 = the first day, the recording as without sessions) draws
@@ -162,7 +177,7 @@ class SimulatorConfig(object):
                 value = checks.check_number(name, value, minimum=0.0, maximum=1.0)
             elif name == "unit_turnover":
                 value = checks.check_number(name, value, minimum=0.0, maximum=0.5)
-            elif name in SESSION_OPTIONS:
+            elif name in SESSION_OPTIONS or name in ("mirror_effort_sd", "mirror_timing_sd_s"):
                 value = checks.check_number(name, value, minimum=0.0, maximum=2.0)
             elif name in ("lead_min_s", "lead_max_s"):
                 value = checks.check_number(name, value, minimum=-1.0, maximum=1.0)
@@ -267,6 +282,11 @@ class NerveSimulator(object):
                                  lead_s=(config.lead_min_s, config.lead_max_s),
                                  aligned_release=config.aligned_release,
                                  speed=day["speed"] if day else 1.0, strength=day["strength"] if day else 1.0)
+        if any(getattr(config, name) > 0 for name in _MIRROR):
+            protocol = mirror_mismatch(protocol, _day_rng(config, _STREAM_MIRROR),
+                                       effort_sd=config.mirror_effort_sd, timing_sd_s=config.mirror_timing_sd_s,
+                                       cocontraction=config.mirror_cocontraction,
+                                       miss_prob=config.mirror_miss_prob)
         units = make_units(n_ch, config.rate, _rng(seed, _STREAM_UNITS),
                            units_per_channel=config.units_per_channel,
                            hash_per_channel=config.hash_per_channel, fascicles=config.fascicles,
@@ -274,6 +294,10 @@ class NerveSimulator(object):
                            recruitment_rng=_rng(seed, _STREAM_RECRUITMENT) if config.recruitment else None)
         if day is not None:
             units = _units_of_the_day(config, units, day)
+        if config.electrode_yield < 1:
+            # Tips outside a fascicle record no unit: the patient's array, fixed over days.
+            units = scale_channels(units, _yielding_channels(n_ch, config.electrode_yield,
+                                                             _rng(seed, _STREAM_YIELD)))
         emg = None
         if config.emg_uv > 0:
             emg = make_emg_sources(n_ch, config.rate, _rng(seed, _STREAM_EMG_UNITS),
@@ -521,6 +545,17 @@ def _units_of_the_day(config, units, day):
     large = day["visible_large"]
     visible = np.concatenate([large[:n_big], np.ones(units.n_units - n_big, bool), large[n_big:]])
     return session_units(units, extra, day["shift"], visible, day["channel_gain"], n_ch)
+
+
+def _yielding_channels(n_channels, share, rng):
+    """(n_channels,) gains: 1 for the round(share * n) channels that record units
+    (at least one while share > 0), 0 for the others."""
+    n_yield = int(round(share * n_channels))
+    if share > 0:
+        n_yield = max(n_yield, 1)
+    gain = np.zeros(n_channels)
+    gain[rng.permutation(n_channels)[:n_yield]] = 1.0
+    return gain
 
 
 def _draw_drift(config, rng):

@@ -277,7 +277,9 @@ def test_realistic_motor_units_are_silent_at_rest_and_recruited_by_effort():
 
 
 def test_realistic_nerve_leads_the_glove_and_order_varies():
-    sim = NerveSimulator.from_config(SimulatorConfig(seconds=300.0, seed=4))
+    # The lead options' own range: the mirror mismatch's timing scatter (tested below)
+    # widens it on purpose.
+    sim = NerveSimulator.from_config(SimulatorConfig(seconds=300.0, seed=4, mirror_timing_sd_s=0.0))
     p = sim.protocol
     lead = p.onset.min(axis=1) - p.intent_onset.min(axis=1)
     assert np.all(lead > 0.0) and 0.04 < np.mean(lead) < 0.14
@@ -462,3 +464,60 @@ def test_cli_help_explains_the_data():
     for word in ("--out", "--force", "--seconds", "--channels", "--rate", "--seed", "--mains", "--quiet",
                  "0.195", "fingers", "pinch", "clip"):
         assert word in result.stdout, word
+
+
+MIRROR_OFF = dict(mirror_effort_sd=0.0, mirror_timing_sd_s=0.0, mirror_cocontraction=0.0, mirror_miss_prob=0.0)
+
+
+def test_mirror_mismatch_changes_the_intent_only():
+    kwargs = dict(seconds=600.0, seed=3)
+    off = NerveSimulator.from_config(SimulatorConfig(**dict(kwargs, **MIRROR_OFF))).protocol
+    sim = NerveSimulator.from_config(SimulatorConfig(mirror_miss_prob=0.3, mirror_cocontraction=0.5,
+                                                     mirror_effort_sd=0.5, mirror_timing_sd_s=0.1, **kwargs))
+    on = sim.protocol
+    for name in ("onset", "up", "hold", "down", "amp", "intent_up", "intent_hold", "intent_down"):
+        assert np.array_equal(getattr(on, name), getattr(off, name)), name
+    missed = on.intent_amp.max(axis=1) == 0
+    assert 0.15 < missed.mean() < 0.45 and off.intent_amp.max(axis=1).min() > 0
+    # Co-contraction: fingers the glove leaves still are intended in performed trials.
+    still = (on.amp == 0) & ~missed[:, None]
+    assert still.any() and np.all(off.intent_amp[still] == 0) and np.mean(on.intent_amp[still] > 0) > 0.9
+    assert on.intent_amp[still].max() <= 0.5
+    # Per-trial timing: the whole intent moves together.
+    shift = (on.intent_onset - off.intent_onset)
+    assert np.allclose(shift, shift[:, :1]) and 0.05 < np.std(shift[:, 0]) < 0.15
+    moved = (on.amp > 0) & ~missed[:, None] & (off.intent_amp < 0.5)
+    ratio = np.log(on.intent_amp[moved] / off.intent_amp[moved])
+    assert 0.3 < np.std(ratio) < 0.7
+    easy = SimulatorConfig(seconds=1.0, difficulty="easy")
+    assert all(getattr(easy, name) == 0 for name in MIRROR_OFF) and easy.electrode_yield == 1.0
+
+
+def test_mirror_mismatch_leaves_the_labels_and_moves_the_spikes():
+    kwargs = dict(seconds=20.0, seed=1, n_channels=4)
+    off_signals, off_labels, off_events = generate(SimulatorConfig(**dict(kwargs, **MIRROR_OFF)))
+    signals, labels, events = generate(SimulatorConfig(**kwargs))
+    assert np.array_equal(labels, off_labels) and events == off_events
+    assert not np.array_equal(signals, off_signals)
+
+
+def test_electrode_yield_silences_whole_channels_of_the_patient():
+    def units(**kwargs):
+        sim = NerveSimulator.from_config(SimulatorConfig(seconds=2.0, seed=7, electrode_yield=0.75, **kwargs))
+        gain = np.zeros(16)
+        np.add.at(gain, sim.units.proj_channel, np.abs(sim.units.proj_gain_uv))
+        return gain > 0
+    recording = units()
+    assert recording.sum() == 12                      # round(0.75 * 16) channels record units
+    assert np.array_equal(units(session=3), recording)  # the array's tips do not move between days
+    sim = NerveSimulator.from_config(SimulatorConfig(seconds=2.0, seed=7, electrode_yield=0.75, emg_uv=3.0))
+    spikes = sim._spikes(0, sim.config.n_samples)
+    assert np.all(spikes[:, ~recording] == 0) and np.all(np.abs(spikes[:, recording]).max(axis=0) > 0)
+
+
+@pytest.mark.parametrize("option, value", [("electrode_yield", 1.5), ("mirror_miss_prob", -0.1),
+                                           ("mirror_cocontraction", 2.0), ("mirror_effort_sd", -1.0),
+                                           ("mirror_timing_sd_s", 5.0)])
+def test_confound_options_out_of_range_are_usage_errors(option, value):
+    with pytest.raises(UsageError):
+        SimulatorConfig(seconds=1.0, **{option: value})
