@@ -237,10 +237,12 @@ def days(patients=(0, 1, 2), n_sessions=6, seconds=120.0, difficulty="realistic"
         summary.append({"session": session, "patients": len(mine),
                         "carried_r": round(float(np.mean([r["carried"]["mean_r"] for r in mine])), 3),
                         "renormalised_r": round(float(np.mean([r["renormalised"]["mean_r"] for r in mine])), 3),
-                        "renormalised_r2": round(float(np.mean([r["renormalised"]["mean_r2"] for r in mine])), 3),
+                        # R^2 as medians: one patient's day can reach -30 and swamp a mean.
+                        "renormalised_r2_median": round(float(np.median([r["renormalised"]["mean_r2"]
+                                                                         for r in mine])), 3),
                         "within_r": round(float(np.mean([r["within"]["mean_r"] for r in mine])), 3),
                         "carried_r2_median": round(float(np.median([r["carried"]["mean_r2"] for r in mine])), 3),
-                        "within_r2": round(float(np.mean([r["within"]["mean_r2"] for r in mine])), 3)})
+                        "within_r2_median": round(float(np.median([r["within"]["mean_r2"] for r in mine])), 3)})
     return {"difficulty": difficulty, "seconds": seconds, "channels": n_channels, "rate_hz": rate,
             "about": "yardstick fitted on 70 % of session 0 (carried) or of the session itself (within), "
                      "scored on the session's last 30 %; renormalised: carried with its feature mean and SD "
