@@ -70,12 +70,24 @@ def _check_range(name, value, minimum, maximum):
         raise UsageError("{} must be at most {}, but got {!r}".format(name, maximum, value))
 
 
+def check_path_text(name, path):
+    """Return ``path`` as a str if it can name a file at all: not None, not blank, no NUL byte.
+
+    (os.path.exists raises ValueError on 3.6 for a NUL byte instead of answering.)
+    """
+    if path is None:
+        raise UsageError("{} needs a path".format(name))
+    path = os.fspath(path)
+    if not path.strip():
+        raise UsageError("{} is an empty path".format(name))
+    if "\x00" in path:
+        raise UsageError("{} {!r} contains a NUL character".format(name, path))
+    return path
+
+
 def check_file_exists(name, path):
     """Return ``path`` if it names an existing regular file."""
-    path = os.fspath(path)
-    if "\x00" in path:
-        # os.path.exists raises ValueError on 3.6 for a NUL byte instead of answering
-        raise UsageError("{} {!r} contains a NUL character".format(name, path))
+    path = check_path_text(name, path)
     if not os.path.exists(path):
         raise UsageError("{} {!r} does not exist".format(name, path))
     if not os.path.isfile(path):

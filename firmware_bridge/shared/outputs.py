@@ -14,12 +14,21 @@ import errno
 import os
 import tempfile
 
+from neurohand.firmware_bridge.shared.checks import check_path_text
 from neurohand.firmware_bridge.shared.errors import UsageError
 
 #: Virtual file systems whose "files" are kernel interfaces, never outputs.
 _KERNEL_TREES = ("/proc", "/sys", "/dev")
 #: ... except these, which are harmless sinks people do use for an output.
 _DEVICE_SINKS = ("/dev/null",)
+
+
+def kernel_tree(real_path, trees):
+    """The one of ``trees`` (absolute paths) that ``real_path`` is or lies inside, else None."""
+    for tree in trees:
+        if real_path == tree or real_path.startswith(tree + os.sep):
+            return tree
+    return None
 
 
 def _same_or_inside(path, other):
@@ -43,20 +52,14 @@ def check_output_path(name, path, inputs=(), force=False, directory=False):
     ``directory=True`` is for outputs that are directories (``bundle --out``):
     an existing one must be empty unless ``force``.
     """
-    if path is None:
-        raise UsageError("{} needs a path".format(name))
-    path = os.fspath(path)
-    if not path.strip():
-        raise UsageError("{} is an empty path".format(name))
-    if "\x00" in path:
-        raise UsageError("{} {!r} contains a NUL character".format(name, path))
+    path = check_path_text(name, path)
     absolute = os.path.abspath(path)
     real = _real(path)
     if real in _DEVICE_SINKS:
         return absolute
-    for tree in _KERNEL_TREES:
-        if real == tree or real.startswith(tree + os.sep):
-            raise UsageError("{} {!r} is inside {}, which holds no files to write".format(name, path, tree))
+    tree = kernel_tree(real, _KERNEL_TREES)
+    if tree is not None:
+        raise UsageError("{} {!r} is inside {}, which holds no files to write".format(name, path, tree))
     for item in inputs:
         if item is None:
             continue

@@ -19,8 +19,9 @@ import binascii
 import os
 import re
 
+from neurohand.firmware_bridge.shared.checks import check_path_text
 from neurohand.firmware_bridge.shared.errors import LinkError, UsageError
-from neurohand.firmware_bridge.shared.outputs import describe_os_error
+from neurohand.firmware_bridge.shared.outputs import describe_os_error, kernel_tree
 
 #: The slave side of a Unix 98 pseudo-terminal (Linux, where the devices run).
 _PTY_SLAVE = re.compile(r"^/dev/pts/[0-9]+$")
@@ -42,19 +43,12 @@ def check_port_link(name, path):
 
     ``name`` is the option as typed (``--port``).  Nothing is created or removed.
     """
-    if path is None:
-        raise UsageError("{} needs a path".format(name))
-    path = os.fspath(path)
-    if not path.strip():
-        raise UsageError("{} is an empty path".format(name))
-    if "\x00" in path:
-        raise UsageError("{} {!r} contains a NUL character".format(name, path))
+    path = check_path_text(name, path)
     absolute = os.path.abspath(path)
     parent = os.path.dirname(absolute)
-    real_parent = os.path.realpath(parent)
-    for tree in _KERNEL_TREES:
-        if real_parent == tree or real_parent.startswith(tree + os.sep):
-            raise UsageError("{} {!r} is inside {}, where no symlink can be made".format(name, path, tree))
+    tree = kernel_tree(os.path.realpath(parent), _KERNEL_TREES)
+    if tree is not None:
+        raise UsageError("{} {!r} is inside {}, where no symlink can be made".format(name, path, tree))
     if os.path.lexists(path):
         if not os.path.islink(path):
             kind = "a directory" if os.path.isdir(path) else "not a symlink"
