@@ -5,7 +5,6 @@ imports numpy and the simulator.
 """
 import argparse
 import contextlib
-import os
 import signal
 import sys
 
@@ -162,13 +161,9 @@ def run_simulate(args):
     progress = None if args.quiet else _Progress(sys.stderr)
     try:
         with _terminate_as_interrupt():
-            if os.path.exists(out) and not os.path.isfile(out):
-                # /dev/null, the one sink allowed: renaming a file over it would replace the device.
-                sim = write_recording(out, config, progress=progress)
-            else:
-                # The old file stays until the new one is complete: written beside it, then renamed over it.
-                with atomic_path(out) as temporary:
-                    sim = write_recording(temporary, config, progress=progress)
+            # The old file stays until the new one is complete: written beside it, then renamed over it.
+            with atomic_path(out) as temporary:
+                sim = write_recording(temporary, config, progress=progress)
     except OSError as exc:
         raise RecordingError("cannot write {!r}: {}".format(args.out, describe_os_error(exc))) from exc
     if not args.quiet:

@@ -7,7 +7,7 @@ same directory, is forced to the disk (fsync), then renamed over the target,
 and the directory entry is synced too (a power cut must not undo the rename).
 On any failure the temporary file is removed and the old file is untouched.
 A target that exists and is not a regular file is never renamed over (one
-error), except ``/dev/null``, where the content is made and discarded.
+error), except ``/dev/null``, which the writer writes to directly (it discards everything).
 """
 import contextlib
 import json
@@ -29,7 +29,8 @@ def atomic_path(path, suffix=".tmp"):
         # Renaming over a device node, a FIFO or a directory would replace it (as root, even /dev/null).
         if os.path.realpath(path) != os.devnull:
             raise UsageError("{!r} exists and is not a regular file; it is never replaced".format(path))
-        yield from _discarded(suffix)
+        # Writing to /dev/null: the writer runs (its errors still show) and the sink discards it.
+        yield os.devnull
         return
     directory = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=suffix, dir=directory)
@@ -49,19 +50,6 @@ def atomic_path(path, suffix=".tmp"):
             pass
         raise
     sync_directory(directory)
-
-
-def _discarded(suffix):
-    """Writing to /dev/null: the content is made (so its errors still show) and thrown away."""
-    handle, temporary = tempfile.mkstemp(prefix=".neurohand-discarded.", suffix=suffix)
-    os.close(handle)
-    try:
-        yield temporary
-    finally:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
 
 
 def write_atomic(path, data):
