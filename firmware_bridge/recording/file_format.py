@@ -787,6 +787,14 @@ class _Scanner(object):
         payload = self._read_exact(frame.payload_offset, frame.length)
         return payload if zlib.crc32(payload) & 0xFFFFFFFF == frame.payload_crc else None
 
+    def _checked(self, frame):
+        """(CRC matches, payload): a small chunk's payload is read once and kept; a large
+        one's is only checked, in pieces (None), so memory stays bounded."""
+        if frame.length <= PIECE_BYTES:
+            payload = self._payload(frame)
+            return payload is not None, payload
+        return self._crc(frame.payload_offset, frame.length) == frame.payload_crc, None
+
     def _read_file_header(self):
         data = self._read_exact(0, FILE_HEADER.size)
         if not data:
@@ -887,12 +895,7 @@ class _Scanner(object):
         if frame.length < LABEL_PREFIX.size:
             return self._skip(frame, "LABL chunk at byte {} is too short ({} bytes): skipped{}".format(
                 frame.offset, frame.length, shifted))
-        payload = None
-        if frame.length <= PIECE_BYTES:
-            payload = self._payload(frame)
-            good = payload is not None
-        else:
-            good = self._crc(frame.payload_offset, frame.length) == frame.payload_crc
+        good, payload = self._checked(frame)
         if not good:
             return self._skip(frame, "damaged LABL chunk at byte {} (payload CRC mismatch): skipped{}".format(
                 frame.offset, shifted))
@@ -915,12 +918,7 @@ class _Scanner(object):
         return True
 
     def _take_events(self, frame):
-        payload = None
-        if frame.length <= PIECE_BYTES:
-            payload = self._payload(frame)
-            good = payload is not None
-        else:
-            good = self._crc(frame.payload_offset, frame.length) == frame.payload_crc
+        good, payload = self._checked(frame)
         if not good:
             return self._skip(frame, "damaged EVNT chunk at byte {} (payload CRC mismatch): skipped its events "
                                      "(the events of other chunks are kept)".format(frame.offset))
