@@ -1,5 +1,4 @@
 """Sessions of one simulated patient (``neurohand simulate --patient K --session N``, docs/simulator.md)."""
-import hashlib
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ from neurohand.firmware_bridge.shared.errors import UsageError
 from neurohand.firmware_bridge.virtual.simulator import (
     SESSION_OPTIONS, NerveSimulator, SimulatorConfig, generate)
 from neurohand.firmware_bridge.virtual.yardstick import across_sessions
+from test_simulator import digest   # the same digest as the version-1 ones, one definition
 
 # The confounds added after sessions (mirror mismatch, electrode yield) switched off:
 # the realistic preset as it was when the digests below were recorded.  Those
@@ -37,14 +37,6 @@ BEFORE_SESSIONS = [
 # Every change between days switched off: a later session differs from session 0
 # only by the day's own draws (movements, noise, interference).
 NO_CHANGE = {name: 0.0 for name in SESSION_OPTIONS}
-
-
-def digest(signals, labels, events):
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(signals).astype("<i2").tobytes())
-    h.update(np.ascontiguousarray(labels).astype("<f4").tobytes())
-    h.update(repr(events).encode())
-    return h.hexdigest()
 
 
 @pytest.mark.parametrize("difficulty, kwargs, expected", BEFORE_SESSIONS)
