@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: setup.py scripts/constraints-workstation.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -c scripts/constraints-workstation.txt -e '.[train,test]' vermin
+	$(VENV)/bin/pip install --quiet -c scripts/constraints-workstation.txt -e '.[train,test,lab]' vermin pyflakes
 	touch $@
 
 $(VENV36)/.installed: setup.py scripts/constraints-device.txt

@@ -69,6 +69,10 @@ setup(
         # Jetson: TensorRT itself comes with JetPack (python3-libnvinfer).
         "jetson": ["pycuda>=2021.1"],
         "test": ["pytest>=7.0", "hypothesis>=6.31"],
+        # The lab's tools (workstation; each imported only by the command that uses it):
+        # Lab Streaming Layer, BrainFlow boards, NWB and XDF files, MNE-Python.
+        "lab": ["pylsl>=1.16", "brainflow>=5.10", "pynwb>=2.5", "nwbinspector>=0.5", "pyxdf>=1.16",
+                "mne>=1.5"],
     },
     entry_points={"console_scripts": ["neurohand = neurohand.deploy.cli.main:main"]},
     classifiers=[

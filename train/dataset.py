@@ -186,6 +186,19 @@ def smooth_labels(labels, width):
     return (padded_sum[high] - padded_sum[low]) / (high - low)[:, None]
 
 
+def lead_labels(labels, steps):
+    """Labels moved ``steps`` decoder steps earlier: row t holds row t + steps (the last row repeats).
+
+    For training targets only: the nerve fires before the finger moves, so a decoder
+    trained toward where the finger will be can cancel part of its window's delay.
+    Scored labels are never shifted."""
+    labels = np.asarray(labels, dtype=np.float64)
+    if steps <= 0 or len(labels) < 2:
+        return labels.copy()
+    index = np.minimum(np.arange(len(labels)) + int(steps), len(labels) - 1)
+    return labels[index]
+
+
 def segment_windows(pipeline, recording, segment):
     """Raw features and absolute window ends of one segment, shape (n_windows, n_features), (n_windows,)."""
     if segment.stop - segment.start < pipeline.window_samples:

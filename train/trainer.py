@@ -68,6 +68,7 @@ TRAINING_DEFAULTS = {
     "lr_factor": 0.5,
     "label_smoothing_s": 0.0,  # centred moving average of training targets, seconds (0 = off)
     "input_noise": 0.0,        # std of Gaussian noise added to training features (normalised units)
+    "target_lead_s": 0.0,      # train on labels this far ahead (the nerve leads the finger); scoring is unshifted
     "max_minutes": None,       # training time budget (None = no limit)
 }
 
@@ -182,6 +183,8 @@ def check_training(training):
     t["input_noise"] = checks.check_number("training input_noise", t["input_noise"], minimum=0.0)
     t["label_smoothing_s"] = checks.check_number("training label_smoothing_s", t["label_smoothing_s"],
                                                  minimum=0.0)
+    t["target_lead_s"] = checks.check_number("training target_lead_s", t["target_lead_s"], minimum=0.0,
+                                             maximum=1.0)
     if t["max_minutes"] is not None:
         t["max_minutes"] = checks.check_number("max_minutes", t["max_minutes"], minimum=0.0,
                                                exclusive_minimum=True)
@@ -534,8 +537,9 @@ def prepare(recording_paths, user_config):
     plans = dataset.split_recordings(recordings, settings["split"], dataset.guard_samples(pipeline))
     sequences, label_scaling = dataset.build_sequences(pipeline, recordings, plans, settings["labels"]["scaling"])
     width = int(round(settings["training"]["label_smoothing_s"] * dataset.steps_per_second(pipeline)))
-    targets = [dataset.smooth_labels(s.labels, width).astype(np.float32) if width > 1 else s.labels
-               for s in sequences["train"]]
+    lead = int(round(settings["training"]["target_lead_s"] * dataset.steps_per_second(pipeline)))
+    targets = [dataset.lead_labels(dataset.smooth_labels(s.labels, width), lead).astype(np.float32)
+               if width > 1 or lead > 0 else s.labels for s in sequences["train"]]
     return Prepared(settings, recordings, plans, pipeline, sequences, label_scaling, targets, windows)
 
 

@@ -163,3 +163,16 @@ def test_auto_falls_back_to_time_blocks_with_too_few_repetitions():
     assert method == "time" and [s.split for s in segments] == ["train", "validation", "test"]
     method, _ = splits.plan_split(1000, events, splits.check_split_settings({"validation_repetitions": [3]}), 20)
     assert method == "repetition"
+
+
+def test_lead_labels_moves_targets_earlier_and_holds_the_last_row():
+    labels = np.array([[0.0], [1.0], [2.0], [3.0]])
+    assert dataset.lead_labels(labels, 2)[:, 0].tolist() == [2.0, 3.0, 3.0, 3.0]
+    assert dataset.lead_labels(labels, 0)[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("lead", [-0.1, 1.5, "x"])
+def test_target_lead_is_checked(lead):
+    from neurohand.train import trainer
+    with pytest.raises(UsageError, match="target_lead_s"):
+        trainer.resolve_settings({"training": {"target_lead_s": lead}}, "envelope")
