@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "neurohand.deploy.cli.simulate",      # simulate
     "neurohand.deploy.cli.virtual_chip",  # virtual-chip
     "neurohand.deploy.cli.virtual_hand",  # virtual-hand
+    "neurohand.deploy.cli.virtual_glove",  # virtual-glove
     "neurohand.deploy.cli.train",         # import, train, evaluate
     "neurohand.deploy.cli.bundle",        # bundle, build-engine, selftest, flash
     "neurohand.deploy.cli.run",           # run, replay, demo
