@@ -38,7 +38,7 @@ LAYERS = (
 )
 RANK = {name: rank for rank, (name, _) in enumerate(LAYERS)}
 # Libraries the device never has, and where they may be imported.
-WORKSTATION_LIBRARIES = ("torch", "scipy", "matplotlib", "onnx", "tqdm")
+WORKSTATION_LIBRARIES = ("torch", "scipy", "matplotlib", "onnx", "tqdm", "pynwb", "hdmf", "h5py", "nwbinspector", "pyxdf", "mne")
 WORKSTATION_LAYERS = ("train", "top")
 # Where scipy may appear below those: filter design (run on the workstation when a pipeline is made).
 SCIPY_ALLOWED = ("neurohand.decoder.filter_design",)
