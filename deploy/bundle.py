@@ -394,38 +394,87 @@ def make_golden_vectors(onnx_path, sequences=GOLDEN_SEQUENCES, steps=GOLDEN_STEP
 def make_bundle(run_dir, out, force=False):
     """Build BUNDLE ``out`` from a training run directory; return the manifest.
 
-    Written to a temporary directory beside ``out`` and renamed into place, so
-    an interrupted build never leaves something that looks like a bundle.
-    ``out`` may exist as an empty directory; a non-empty one is replaced only
-    with ``force`` and only if it is a bundle itself (``--force`` must not
-    delete a folder of something else given by mistake), never when the run
-    directory is inside it.
+    Written as :func:`write_bundle` writes every bundle: ``out`` may exist as
+    an empty directory; a non-empty one is replaced only with ``force`` and
+    only if it is a bundle itself, never when the run directory is inside it.
     """
     run_dir = os.fspath(run_dir)
-    out = os.fspath(out)
     for name in (MODEL, CONFIG):
         if not os.path.isfile(os.path.join(run_dir, name)):
             raise UsageError("run directory {!r} has no {} (is it the output of 'neurohand train'?)".format(run_dir, name))
-    check_output_path("--out", out, inputs=(run_dir,), force=force, directory=True)
+    files = {MODEL: os.path.join(run_dir, MODEL)}
+    if os.path.isfile(os.path.join(run_dir, PLAIN_MODEL)):
+        files[PLAIN_MODEL] = os.path.join(run_dir, PLAIN_MODEL)
+    return write_bundle(files, lambda: _read_json(os.path.join(run_dir, CONFIG), "run config"), out,
+                        ("run directory", run_dir), force=force)
+
+
+def check_bundle_output(out, source, inputs=(), force=False):
+    """Check ``out`` may become a bundle made from ``source``; return True if it replaces an existing bundle.
+
+    source : (noun, path) of what the bundle is made from (``("run directory",
+        RUN)``, ``("bundle", OLD)``); ``out`` may be neither it nor inside it,
+        nor (replacing) hold it.
+    inputs : further paths the command reads (same rule).
+    An existing non-empty ``out`` is replaced only with ``force`` and only if
+    it is a bundle (``--force`` must not delete a folder of something else
+    given by mistake).  UsageError (one line) otherwise.
+    """
+    noun, source_path = source
+    check_output_path("--out", out, inputs=(source_path,) + tuple(inputs), force=force, directory=True)
     replacing = os.path.isdir(out) and bool(os.listdir(out))
     if replacing:
         real_out = os.path.realpath(out)
-        if os.path.realpath(run_dir).startswith(real_out.rstrip(os.sep) + os.sep):
-            raise UsageError("--out {!r} holds the run directory {!r}; replacing it would delete the run".format(
-                out, run_dir))
+        for path, what in [(source_path, noun)] + [(path, "input") for path in inputs]:
+            if path is not None and os.path.realpath(path).startswith(real_out.rstrip(os.sep) + os.sep):
+                raise UsageError("--out {!r} holds the {} {!r}; replacing it would delete the {}".format(
+                    out, what, path, what.split()[0]))
         if not os.path.isfile(os.path.join(out, MANIFEST)):
             raise UsageError("--out {!r} exists and is not a bundle (it has no {}); --force replaces only a "
                              "bundle: choose a new path".format(out, MANIFEST))
+    return replacing
+
+
+def write_bundle(files, config, out, source, force=False, inputs=(), check=None):
+    """Write BUNDLE ``out``: the model files, config.json, golden vectors, manifest; return the manifest.
+
+    The one way a bundle is written (``neurohand bundle``, ``neurohand recalibrate``).
+
+    files : dict, bundle file name (:data:`MODEL`, optionally
+        :data:`PLAIN_MODEL`) -> a path to copy, or bytes to write
+    config : dict for config.json (its ``io`` is set from the model), or a
+        function returning it, called after the output checks
+    source : (noun, path) of what the bundle is made from, for the output
+        rules of :func:`check_bundle_output`; inputs: further paths read
+    check : None, or ``check(staging_path)`` called once the complete bundle
+        is written to its staging directory, before it moves into place; any
+        exception it raises leaves nothing behind and replaces nothing
+        (``recalibrate`` self-tests the new bundle there)
+
+    Written to a temporary directory beside ``out`` and renamed into place, so
+    an interrupted build never leaves something that looks like a bundle.
+    Golden vectors come from the numpy backend (no ONNX Runtime needed).
+    """
+    out = os.fspath(out)
+    if MODEL not in files or not set(files) <= set((MODEL, PLAIN_MODEL)):
+        raise ValueError("files must hold {} (and {} at most), not {}".format(MODEL, PLAIN_MODEL, sorted(files)))
+    replacing = check_bundle_output(out, source, inputs=inputs, force=force)
     parent = os.path.dirname(os.path.abspath(out))
 
-    config = _read_json(os.path.join(run_dir, CONFIG), "run config")
+    config = config() if callable(config) else dict(config)
     staging = tempfile.mkdtemp(prefix=".bundle-", dir=parent)
     try:
-        shutil.copyfile(os.path.join(run_dir, MODEL), os.path.join(staging, MODEL))
         bundled = list(BUNDLED_FILES)
-        if os.path.isfile(os.path.join(run_dir, PLAIN_MODEL)):
-            shutil.copyfile(os.path.join(run_dir, PLAIN_MODEL), os.path.join(staging, PLAIN_MODEL))
-            bundled.append(PLAIN_MODEL)
+        for name in (MODEL, PLAIN_MODEL):
+            if name not in files:
+                continue
+            if isinstance(files[name], bytes):
+                with open(os.path.join(staging, name), "wb") as handle:
+                    handle.write(files[name])
+            else:
+                shutil.copyfile(files[name], os.path.join(staging, name))
+            if name == PLAIN_MODEL:
+                bundled.append(PLAIN_MODEL)
         features, outputs, states, io_spec = make_golden_vectors(os.path.join(staging, MODEL))
         config["io"] = io_spec
         manifest = {
@@ -434,7 +483,7 @@ def make_bundle(run_dir, out, force=False):
             "produced_by": _versions(),
             "io": io_spec,
         }
-        _check_io_spec(run_dir, manifest, config, what="run directory")
+        _check_io_spec(source[1], manifest, config, what=source[0])
         with open(os.path.join(staging, CONFIG), "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=1, sort_keys=True)
         with open(os.path.join(staging, GOLDEN), "wb") as handle:
@@ -444,6 +493,8 @@ def make_bundle(run_dir, out, force=False):
                              for name in bundled}
         with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=1, sort_keys=True)
+        if check is not None:
+            check(staging)
         _move_into_place(staging, out, replacing)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "neurohand.deploy.cli.train",         # import, train, evaluate
     "neurohand.deploy.cli.interop",       # export (NWB); import nwb / xdf sources
     "neurohand.deploy.cli.bundle",        # bundle, build-engine, selftest, flash
+    "neurohand.deploy.cli.recalibrate",   # recalibrate
     "neurohand.deploy.cli.run",           # run, replay, demo
     "neurohand.deploy.cli.bench",         # bench
 )
