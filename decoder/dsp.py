@@ -151,10 +151,20 @@ class _BlockEngine(object):
         self.k_rev = np.ascontiguousarray(states[length:0:-1, :, 0].T)      # (M, L)
         self.a_pow = np.ascontiguousarray(states[:, :, 1:])                 # (L + 1, M, M)
         self.length = length
+        self._scratch = None
+
+    def _scratch_for(self, n_channels):
+        # The products' temporaries, allocated once per channel count: the same products into
+        # kept arrays instead of fresh ones each chunk (a few microseconds per 20 ms block).
+        if self._scratch is None or self._scratch[0].shape[1] != n_channels:
+            self._scratch = (np.empty((self.length, n_channels)), np.empty((len(self.a_pow[0]), n_channels)),
+                             np.empty((len(self.a_pow[0]), n_channels)))
+        return self._scratch
 
     def run(self, x, state, out):
         """Filter ``x`` (n, C) into ``out`` (n, C); ``state`` (M, C) is updated in place."""
         length = self.length
+        from_state, state_from_input, state_from_state = self._scratch_for(state.shape[1])
         start = 0
         n_total = len(x)
         while start < n_total:
@@ -162,8 +172,10 @@ class _BlockEngine(object):
             chunk = x[start:start + r]
             target = out[start:start + r]
             np.matmul(self.h[:r, :r], chunk, out=target)
-            target += np.matmul(self.g[:r], state)
-            state[...] = np.matmul(self.k_rev[:, length - r:], chunk) + np.matmul(self.a_pow[r], state)
+            target += np.matmul(self.g[:r], state, out=from_state[:r])
+            np.matmul(self.k_rev[:, length - r:], chunk, out=state_from_input)
+            np.matmul(self.a_pow[r], state, out=state_from_state)
+            np.add(state_from_input, state_from_state, out=state)
             start += r
 
 

@@ -2,11 +2,13 @@
 
 Two modes, one decoding:
 
-* realtime: a virtual chip (thread, pseudo-terminal) streams the recording at
-  its true rate; :func:`neurohand.deploy.session.run_on_chip` -- exactly what
+* realtime: a virtual chip (pseudo-terminal) streams the recording at its
+  true rate; :func:`neurohand.deploy.session.run_on_chip` -- exactly what
   ``neurohand run`` does -- decodes it and drives a neurohand-protocol hand
   driver into a virtual hand (pseudo-terminal), which timestamps every
-  command it receives.
+  command it receives.  The two devices run in processes of their own, as
+  hardware would (``devices="process"``), or as threads of this process
+  (``"thread"``), where they compete with the runtime for the interpreter lock.
 * fast: the same stage objects in this thread on a virtual clock
   (``run_fast_replay``), half-second items; with ``jobs=2`` a child process
   computes the features one item ahead (runtime/feature_worker.py).
@@ -16,9 +18,10 @@ sample axis of the replay (0 = the first replayed sample):
 
 * fast: the decoded window's end sample (``DecodedCommand.sample``);
 * realtime: ``(t - t0) * rate`` where ``t`` is when the virtual hand received
-  it and ``t0`` when the virtual chip started streaming (same process, same
-  monotonic clock), so the decoding and link latency count against it (the
-  frame's own wait does not: see :class:`StampedVirtualChip`).
+  it and ``t0`` when the virtual chip started streaming (``time.monotonic``:
+  one clock for every process of the machine), so the decoding and link
+  latency count against it (the frame's own wait does not: see
+  :class:`StampedVirtualChip`).
 
 The truth is the recording's label stream (``bundle.config["labels"]``:
 stream, names) scaled as in training (``labels.scaling``), at the label row
@@ -45,7 +48,7 @@ import time
 import numpy as np
 
 from neurohand.decoder import lag as lag_metric
-from neurohand.firmware_bridge.shared.checks import check_number
+from neurohand.firmware_bridge.shared.checks import check_number, check_option
 from neurohand.firmware_bridge.shared.errors import ConfigError, NeurohandError, RecordingError, UsageError
 from neurohand.firmware_bridge.virtual.chip import VirtualChip
 
@@ -60,6 +63,8 @@ REALTIME_DEFAULT_MAX_S = 600.0
 #: How long to wait for the virtual hand to have read every command sent.
 HAND_DRAIN_S = 2.0
 MODES = ("fast", "realtime")
+#: Where replay_realtime runs the virtual chip and hand: processes of their own, or threads of the runtime's.
+DEVICES = ("process", "thread")
 #: Largest scaled label scored: hand positions are 0..1, so a truth a million
 #: times that is damage, and its square would overflow far sooner than R2 says so.
 MAX_SCALED_LABEL = 1e6
@@ -340,79 +345,68 @@ def replay_fast(decoder, recording, replay_range, config, record_path=None, stat
 
 
 def replay_realtime(decoder, recording, replay_range, config, faults=None, disconnect_after_s=None,
-                    record_path=None, stats_path=None, quiet=True, install_signals=True):
+                    record_path=None, stats_path=None, quiet=True, install_signals=True, devices="thread"):
     """Replay through a virtual chip and a virtual hand on pseudo-terminals, in real time.
 
     ``faults`` (a FaultInjector or None) and ``disconnect_after_s`` are given
-    to the virtual chip.  Returns a ReplayOutcome whose commands are what the
-    virtual hand received.
+    to the virtual chip.  ``devices``: where the virtual chip and hand run --
+    "process": each in a process of its own (a fresh interpreter), as hardware,
+    so that they do not compete with the runtime for this interpreter's lock;
+    "thread": threads of this process (tests look inside them).  The latency
+    is measured the same way in both (inside the runtime, chip bytes in ->
+    hand command written); the summary's ``devices`` says which it was.
+    Returns a ReplayOutcome whose commands are what the virtual hand received.
     """
     from neurohand.deploy.session import run_on_chip
-    from neurohand.firmware_bridge.virtual.chip import RecordingSource
-    from neurohand.firmware_bridge.virtual.hand import VirtualHand
-
+    try:
+        check_option("devices", devices, DEVICES)
+    except UsageError:
+        decoder.close()
+        raise
     truth = _prepare(decoder, recording)
     # The run opens the chip through a symlink, as a udev name on the device: after a simulated
     # unplug the chip comes back on a new pseudo-terminal and the link follows it.
     port_dir = tempfile.mkdtemp(prefix="neurohand-replay-")
     chip_path = os.path.join(port_dir, "chip")
-    chip = StampedVirtualChip(RecordingSource(recording, start_sample=replay_range.start),
-                              start_sample=replay_range.start, faults=faults, disconnect_after_s=disconnect_after_s,
-                              link_path=chip_path)
-    stop = threading.Event()
-    chip_failure = []
-
-    def serve():
-        # The chip reads the recording as it streams: a read error (a failing SD card) ends its thread,
-        # and the run then only sees the data stop.  Kept, to be the command's error afterwards.
-        try:
-            chip.serve(stop)
-        except Exception as exc:
-            chip_failure.append(exc)
-
-    serving = threading.Thread(target=serve, name="virtual-chip", daemon=True)
-    hand_side = VirtualHand("neurohand")
+    rig_class = ProcessDevices if devices == "process" else ThreadDevices
+    rig = rig_class(recording, replay_range.start, faults, disconnect_after_s, chip_path)
     try:
-        chip.open()
-        serving.start()
-        hand_side.start()
+        rig.start()
     except BaseException:
-        chip.close()
+        rig.stop()
         shutil.rmtree(port_dir, ignore_errors=True)
         decoder.close()
         raise
     started = time.perf_counter()
     try:
-        document = run_on_chip(decoder, chip_path, "neurohand:" + hand_side.slave_path, config,
+        document = run_on_chip(decoder, chip_path, "neurohand:" + rig.hand_port, config,
                                record_path=record_path, stats_path=stats_path, duration_s=replay_range.seconds,
                                quiet=quiet, install_signals=install_signals,
                                metadata={"replay_of": recording.path, "replay_start_sample": replay_range.start})
         wall_s = time.perf_counter() - started
-        hand_side.wait_for(document["commands_sent"], HAND_DRAIN_S)
+        rig.wait_for_hand(document["commands_sent"], HAND_DRAIN_S)
     finally:
-        stop.set()
-        if serving.is_alive():
-            serving.join(5.0)
-        chip.close()
-        hand_side.stop()
+        rig.stop()
         shutil.rmtree(port_dir, ignore_errors=True)
-    if chip_failure:
-        failure = chip_failure[0]
+    if rig.chip_failure is not None:
+        failure = rig.chip_failure
         if isinstance(failure, NeurohandError):
             raise failure
         raise RecordingError("the virtual chip stopped streaming {!r}: {}".format(recording.path, failure))
-    everything = hand_side.received()
-    if chip.stream_started_s is None:
+    if rig.received is None:
+        raise RuntimeError(rig.hand_failure or "the virtual hand reported nothing")
+    everything = rig.received
+    if rig.stream_started_s is None:
         raise RuntimeError("the run returned but the virtual chip never started streaming")
     # The last command is the safe posture of the shutdown, sent after the run stopped.
     received = everything[:-1]
-    samples = np.array([(c.t_monotonic - chip.stream_started_s) * replay_range.rate for c in received],
+    samples = np.array([(c.t_monotonic - rig.stream_started_s) * replay_range.rate for c in received],
                        dtype=np.float64)
     positions = np.array([c.positions for c in received], dtype=np.float64).reshape(-1, decoder.backend.n_outputs)
     wire = np.array([c.raw for c in received], dtype=np.int64).reshape(-1, decoder.backend.n_outputs)
-    # chip.summary(): what the chip sent, and the faults it injected (if any).
-    extra = {"hand": dict(hand_side.counters), "hand_received": len(everything),
-             "commands_sent": document["commands_sent"], "chip": chip.summary()}
+    # chip: what the chip sent, and the faults it injected (if any).
+    extra = {"devices": devices, "hand": rig.hand_counters, "hand_received": len(everything),
+             "commands_sent": document["commands_sent"], "chip": rig.chip_summary}
     return _outcome("realtime", decoder, recording, replay_range, truth, samples, positions, wire, document, wall_s,
                     extra)
 
@@ -501,19 +495,346 @@ def format_summary(summary):
     return "\n".join(lines)
 
 
-# --- the virtual chip with a known stream start -----------------------------------
+# --- the virtual devices: threads of this process, or processes of their own ------------
 
 class StampedVirtualChip(VirtualChip):
-    """A VirtualChip that remembers when its stream started: ``stream_started_s`` (its clock, time.monotonic).
+    """The replay's in-process virtual chip (``devices="thread"``), a class of its own so that
+    tests can watch the chip a replay makes.  ``stream_started_s``: when its stream's first
+    frame was due (VirtualChip.stream_started_at, time.monotonic).
 
     The virtual chip sends frame k at ``t0 + k * frame_period_s`` (firmware_bridge/virtual/chip.py),
     one frame period before a real chip could (it sends a frame once its last sample is measured), so
     realtime commands on this axis, and their lag, look one frame period early (docs/latency.md).
     """
 
-    stream_started_s = None
+    @property
+    def stream_started_s(self):
+        return self.stream_started_at
 
-    def _start_stream(self):
-        VirtualChip._start_stream(self)
-        # The pacing scheduler took its t0 from the same clock an instant before (microseconds).
-        self.stream_started_s = self._clock()
+
+class ThreadDevices(object):
+    """The virtual chip (a StampedVirtualChip, served by a thread) and the virtual hand (its own
+    thread) in this process, sharing its interpreter lock with the runtime.
+
+    After :meth:`stop`: ``received`` (the hand's ReceivedCommand list), ``hand_counters``,
+    ``chip_summary``, ``stream_started_s``, ``chip_failure`` (an exception or None) and
+    ``hand_failure`` (why ``received`` is None, or None).
+    """
+
+    def __init__(self, recording, start_sample, faults, disconnect_after_s, chip_path):
+        self._options = (recording, start_sample, faults, disconnect_after_s, chip_path)
+        self.chip = self.hand = None
+        self._stop = threading.Event()
+        self._serving = None
+        self._failures = []
+        self.received = self.hand_counters = self.chip_summary = self.stream_started_s = self.chip_failure = None
+        self.hand_failure = None
+
+    @property
+    def hand_port(self):
+        return self.hand.slave_path
+
+    def start(self):
+        from neurohand.firmware_bridge.virtual import hand as virtual_hand     # looked up now: tests replace it
+        from neurohand.firmware_bridge.virtual.chip import RecordingSource
+        recording, start_sample, faults, disconnect_after_s, chip_path = self._options
+        self.chip = StampedVirtualChip(RecordingSource(recording, start_sample=start_sample),
+                                       start_sample=start_sample, faults=faults,
+                                       disconnect_after_s=disconnect_after_s, link_path=chip_path)
+        self.chip.open()
+        self._serving = threading.Thread(target=self._serve, name="virtual-chip", daemon=True)
+        self._serving.start()
+        self.hand = virtual_hand.VirtualHand("neurohand")
+        self.hand.start()
+
+    def _serve(self):
+        # The chip reads the recording as it streams: a read error (a failing SD card) ends its thread,
+        # and the run then only sees the data stop.  Kept, to be the command's error afterwards.
+        try:
+            self.chip.serve(self._stop)
+        except Exception as exc:
+            self._failures.append(exc)
+
+    def wait_for_hand(self, count, timeout_s):
+        return self.hand.wait_for(count, timeout_s)
+
+    def stop(self):
+        self._stop.set()
+        if self._serving is not None and self._serving.is_alive():
+            self._serving.join(5.0)
+        if self.chip is not None:
+            self.chip.close()
+            self.chip_summary = self.chip.summary()
+            self.stream_started_s = self.chip.stream_started_s
+        if self.hand is not None:
+            self.hand.stop()
+            self.received = self.hand.received()
+            self.hand_counters = dict(self.hand.counters)
+        self.chip_failure = self._failures[0] if self._failures else None
+
+
+#: How long a device process may take to start (spawn, imports; a loaded Jetson is slow) and to report.
+DEVICE_START_TIMEOUT_S = 60.0
+DEVICE_REPORT_TIMEOUT_S = 20.0
+
+
+class ProcessDevices(object):
+    """The virtual chip and the virtual hand each in a process of its own, as separate hardware:
+    fresh interpreters (``sys.executable``; nothing of this process is inherited, no lock held
+    by one of its threads, no copy of the decoder), driven over pipes, connected to the runtime
+    by the same pseudo-terminals.  The same attributes as ThreadDevices after :meth:`stop`; the
+    faults' counters, counted in the chip's process, are copied back into ``faults``.
+
+    Their clocks are ``time.monotonic`` (CLOCK_MONOTONIC, one clock for every process of the
+    machine), so the hand's receive times and the chip's stream start share the replay's axis.
+    """
+
+    def __init__(self, recording, start_sample, faults, disconnect_after_s, chip_path):
+        self._faults = faults
+        self._chip = _DeviceProcess("virtual chip", "chip",
+                                    (recording.path, start_sample, faults, disconnect_after_s, chip_path))
+        self._hand = _DeviceProcess("virtual hand", "hand", ())
+        self.hand_port = None
+        self.received = self.hand_counters = self.chip_summary = self.stream_started_s = self.chip_failure = None
+        self.hand_failure = None
+
+    def start(self):
+        self._chip.start()
+        self._hand.start()          # both start up at once
+        self._chip.expect("ready", DEVICE_START_TIMEOUT_S)
+        self.hand_port = self._hand.expect("ready", DEVICE_START_TIMEOUT_S)[1]
+
+    def wait_for_hand(self, count, timeout_s):
+        self._hand.send("wait_for", count, timeout_s)
+        return self._hand.expect("waited", timeout_s + DEVICE_REPORT_TIMEOUT_S)[1]
+
+    def stop(self):
+        """Stop both and collect what they report; never raises (it runs in ``finally``): a
+        device that reported nothing leaves ``chip_failure`` or ``hand_failure`` set."""
+        chip = self._chip.finish(DEVICE_REPORT_TIMEOUT_S)
+        hand = self._hand.finish(DEVICE_REPORT_TIMEOUT_S)
+        if chip is None:
+            self.chip_failure = RuntimeError(self._chip.problem)
+        else:
+            self.chip_summary, self.chip_failure = chip[1], chip[2]
+            self.stream_started_s = self.chip_summary.get("stream_started_at")
+            if self._faults is not None and "faults" in self.chip_summary:
+                self._faults.counters.update(self.chip_summary["faults"])
+        if hand is None:
+            self.hand_failure = self._hand.problem
+        else:
+            self.received, self.hand_counters = hand[1], hand[2]
+
+
+#: What a device process runs: argv[1] is the replay's sys.path (JSON), so that it imports what the replay imports.
+_DEVICE_PROCESS_CODE = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+                        "from neurohand.deploy.replay import device_process_main; device_process_main()")
+
+
+class _DeviceProcess(object):
+    """One virtual device in a process of its own; ``kind`` and ``args`` are its first message."""
+
+    def __init__(self, what, kind, args):
+        self.what = what
+        self._first = (kind, tuple(args))
+        self._process = self._channel = None
+        self.problem = None
+
+    def start(self):
+        import json
+        import subprocess
+        import sys
+        self._process = subprocess.Popen([sys.executable, "-c", _DEVICE_PROCESS_CODE, json.dumps(sys.path)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._channel = _Channel(self._process.stdout.fileno(), self._process.stdin.fileno())
+        self._channel.send(*self._first)
+
+    def send(self, *message):
+        self._channel.send(*message)
+
+    def receive(self, timeout_s):
+        """The next message; a ``failed`` message raises the exception it carries."""
+        if not self._channel.poll(timeout_s):
+            raise RuntimeError("the {} process did not answer within {:g} s".format(self.what, timeout_s))
+        try:
+            message = self._channel.recv()
+        except EOFError:
+            raise RuntimeError("the {} process ended (exit status {}) without a word".format(
+                self.what, self._exit_status())) from None
+        if message[0] == "failed":
+            raise message[1]
+        return message
+
+    def expect(self, kind, timeout_s):
+        message = self.receive(timeout_s)
+        if message[0] != kind:
+            raise RuntimeError("the {} process said {!r} where {!r} was expected".format(
+                self.what, message[0], kind))
+        return message
+
+    def _exit_status(self):
+        try:
+            return self._process.wait(1.0)
+        except Exception:
+            return None
+
+    def finish(self, timeout_s):
+        """Ask it to stop; return its ``done`` message (None: ``problem`` says why).  It is gone after."""
+        if self._process is None:
+            self.problem = "the {} process never started".format(self.what)
+            return None
+        done = None
+        try:
+            self.send("stop")
+            deadline = time.monotonic() + timeout_s
+            while done is None:
+                # Skip what it said before the stop (a "ready" that a failed start did not wait for).
+                message = self.receive(max(0.0, deadline - time.monotonic()))
+                if message[0] == "done":
+                    done = message
+        except Exception as exc:
+            self.problem = str(exc)
+        try:
+            self._process.wait(timeout_s)
+        except Exception:
+            self._process.kill()
+            self._process.wait()
+        self._process.stdin.close()
+        self._process.stdout.close()
+        return done
+
+
+class _Channel(object):
+    """Pickled tuples, each after its length (4 bytes, big-endian), over two pipe descriptors.
+
+    Both ends are this module, in processes of the same interpreter, started by the replay.
+    """
+
+    def __init__(self, read_fd, write_fd):
+        self._read_fd, self._write_fd = read_fd, write_fd
+
+    def send(self, *message):
+        import pickle
+        import struct
+        body = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        data = memoryview(struct.pack("!I", len(body)) + body)
+        while len(data):
+            data = data[os.write(self._write_fd, data):]
+
+    def poll(self, timeout_s):
+        import select
+        return bool(select.select([self._read_fd], [], [], timeout_s)[0])
+
+    def recv(self):
+        """The next message; EOFError once the other end is gone."""
+        import pickle
+        import struct
+        (size,) = struct.unpack("!I", self._read_exactly(4))
+        return pickle.loads(self._read_exactly(size))
+
+    def _read_exactly(self, size):
+        data = bytearray()
+        while len(data) < size:
+            chunk = os.read(self._read_fd, size - len(data))
+            if not chunk:
+                raise EOFError("the other end closed its pipe")
+            data += chunk
+        return bytes(data)
+
+
+def _portable(exc):
+    """``exc`` if it survives the pipe (pickling), else a RuntimeError with its type and text."""
+    import pickle
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError("{}: {}".format(type(exc).__name__, exc))
+
+
+def _tell(channel, *message):
+    try:
+        channel.send(*message)
+    except OSError:
+        pass        # the replay is gone; nobody to tell
+
+
+def _stop_when_told(channel):
+    """An Event set by the replay's ``stop`` (or by its end: a closed pipe)."""
+    stop = threading.Event()
+
+    def listen():
+        try:
+            channel.recv()
+        except (EOFError, OSError):
+            pass
+        stop.set()
+
+    threading.Thread(target=listen, name="stop-listener", daemon=True).start()
+    return stop
+
+
+def _chip_process(channel, recording_path, start_sample, faults, disconnect_after_s, link_path):
+    """The virtual chip's process: ready, serve until told to stop, done."""
+    from neurohand.firmware_bridge.recording.file_format import open_recording
+    from neurohand.firmware_bridge.virtual.chip import RecordingSource
+    try:
+        recording = open_recording(recording_path)
+    except Exception as exc:
+        _tell(channel, "failed", _portable(exc))
+        return
+    with recording:
+        try:
+            chip = VirtualChip(RecordingSource(recording, start_sample=start_sample), start_sample=start_sample,
+                               faults=faults, disconnect_after_s=disconnect_after_s, link_path=link_path)
+            chip.open()
+        except Exception as exc:
+            _tell(channel, "failed", _portable(exc))
+            return
+        _tell(channel, "ready", chip.slave_path)
+        stop = _stop_when_told(channel)
+        failure = None
+        try:
+            chip.serve(stop)
+        except Exception as exc:        # see ThreadDevices._serve
+            failure = _portable(exc)
+        stop.wait()         # as in a thread, the terminal stays until the replay is over
+        chip.close()
+    _tell(channel, "done", chip.summary(), failure)
+
+
+def _hand_process(channel):
+    """The virtual hand's process: ready, answer ``wait_for`` until told to stop, done."""
+    from neurohand.firmware_bridge.virtual.hand import VirtualHand
+    try:
+        hand = VirtualHand("neurohand").start()
+    except Exception as exc:
+        _tell(channel, "failed", _portable(exc))
+        return
+    _tell(channel, "ready", hand.slave_path)
+    try:
+        while True:
+            message = channel.recv()
+            if message[0] != "wait_for":
+                break
+            _tell(channel, "waited", hand.wait_for(message[1], message[2]))
+    except (EOFError, OSError):
+        pass
+    finally:
+        hand.stop()
+    _tell(channel, "done", hand.received(), dict(hand.counters))
+
+
+#: The devices a device process can be (an explicit registry: the first message names one).
+_DEVICE_MAINS = {"chip": _chip_process, "hand": _hand_process}
+
+
+def device_process_main():
+    """Entry point of a device process (ProcessDevices): its stdin and stdout carry the messages."""
+    import signal
+    # Ctrl-C reaches the whole process group; the replay decides when its devices stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    channel = _Channel(os.dup(0), os.dup(1))
+    os.dup2(2, 1)       # a stray print must not land in the channel
+    kind, args = channel.recv()
+    _DEVICE_MAINS[kind](channel, *args)

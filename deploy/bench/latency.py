@@ -11,25 +11,40 @@ interpreter, in a temporary directory removed afterwards::
     neurohand train train.rec --out run --seed 0 --quiet --json [--max-minutes M]
     neurohand bundle run --out bundle
     neurohand selftest bundle --json
-    neurohand replay bundle held-out.rec --realtime --seconds S --json
+    neurohand replay bundle held-out.rec --realtime --seconds S --json    (R times per devices mode)
 
 The held-out part continues the training session (same simulated nerve and
 electrodes, later in time) and was never trained on; another seed would be
 another patient, whom a per-patient decoder cannot decode.
 
+Both places of the virtual devices (replay_realtime's ``devices``), side by
+side, alternating so that a change of the machine's load hits both alike:
+``process`` (the chip and the hand in processes of their own, as hardware:
+the default, and the figure the goal is judged on) and ``thread`` (threads of
+the decoding process, competing with it for the interpreter lock).  The
+measured quantity is the same in both; only the contention differs.
+
 S is 600 s (the issue's 10-minute replay; ``quick``: 20 s, with 1 training
-epoch).  One replay gives tens of thousands of commands, so p99 and max are
-order statistics of one long run, not medians over repeats.
+epoch), R is 1 (``repeats``).  One replay gives tens of thousands of commands,
+so p99 and max are order statistics of one long run; with R > 1 each mode
+reports the median of its runs with their spread (min, max).
 
 Next to it, published figures for scale (bench_report.py cites them): 50-120 ms
 for the Jetson Nano neuroprosthetic hand (Nguyen et al. 2021) and under 8 ms
 from neural data to RNN prediction in BRAND (Ali et al. 2024).  The goal of
-this project on a 2-core workstation: p99 <= 2 ms and max <= 10 ms.
+this project on a 2-core workstation (issue 18): p99 <= 1 ms and max <= 5 ms,
+on a quiet machine, devices in processes of their own.
 
-Output: ``{"available": true, "latency_us":
-{"p50", "p90", "p99", "max", "count"}, "frames", "mean_r2", "seconds",
-"commands", "backend", "safety_events", "skips", "goal": {"p99_ms",
-"max_ms", "met"}, "load_average_before", "load_average_after", ...}``.
+Output: ``{"available": true, "devices": {"process": {"latency_us": {"p50",
+"p90", "p99", "max": {median, min, max}}, "skips", "safety_events": {median,
+min, max}, "runs": [one dict per replay: latency_us, skips, safety_events,
+safety_by_kind, frames, mean_r2, stop_reason, wall_s, load_average_before,
+load_average_after]}, "thread": {...}}, "default_devices": "process",
+"latency_us": {"p50", "p90", "p99": medians over the default's runs, "max":
+the largest, "count": all}, "frames", "mean_r2", "seconds", "commands",
+"backend" (its first run's), "safety_events", "skips" (summed over its runs),
+"goal": {"p99_ms", "max_ms", "met"}, "load_average_before",
+"load_average_after", ...}``.
 """
 import json
 import os
@@ -37,15 +52,18 @@ import shutil
 import sys
 import tempfile
 
-from neurohand.deploy.bench.report import load_average
+from neurohand.deploy.bench.report import load_average, repeat_spread
 from neurohand.deploy.bench.decoding import json_output, neurohand_command, run_step as _run_step
 
 REPLAY_SECONDS, QUICK_REPLAY_SECONDS = 600.0, 20.0
+REPEATS = 1
 # Real-time replay keeps 0.5 s of the recording in reserve (deploy/replay.py); 1.5 s is ample.
 RECORDING_MARGIN_S = 1.5
 TRAIN_SECONDS, QUICK_TRAIN_SECONDS = 150.0, 40.0
-GOAL_P99_MS, GOAL_MAX_MS = 2.0, 10.0
+GOAL_P99_MS, GOAL_MAX_MS = 1.0, 5.0
 SESSION_SEED = 1
+#: Where the virtual devices run, the default (judged against the goal) first.
+DEVICE_MODES = ("process", "thread")
 
 
 def run_step(command, what):
@@ -64,9 +82,63 @@ def simulate_session(train_path, held_out_path, train_seconds, held_out_seconds,
                         [(train_path, 0.0, train_seconds), (held_out_path, train_seconds, total)])
 
 
-def run(quick, max_minutes=None, replay_seconds=None):
-    """The ``latency`` target; ``replay_seconds`` overrides S (see the module docstring)."""
+def replay_command(bundle, recording, seconds, devices):
+    """``neurohand replay BUNDLE RECORDING --realtime --seconds S --json`` in a fresh interpreter, with
+    replay_realtime's ``devices``.  The replay command has no option for it yet (deploy/cli/run.py), so
+    the interpreter sets the argument and runs the command; :func:`replay_summary` checks the summary
+    says the devices asked for.  Once ``--devices`` exists: ``neurohand_command("replay", ...,
+    "--devices", devices)``."""
+    code = ("import functools, sys; from neurohand.deploy import replay; "
+            "replay.replay_realtime = functools.partial(replay.replay_realtime, devices=sys.argv[1]); "
+            "from neurohand.deploy.cli.main import main; sys.exit(main(sys.argv[2:]))")
+    return [sys.executable, "-c", code, devices, "replay", bundle, recording, "--realtime", "--seconds",
+            str(seconds), "--json"]
+
+
+def replay_summary(stdout, devices):
+    summary = json_output(stdout, "neurohand replay")
+    if summary.get("devices") != devices:
+        raise RuntimeError("asked for the virtual devices as {!r}, the replay ran them as {!r}".format(
+            devices, summary.get("devices")))
+    if not summary["latency_us"].get("count"):
+        raise RuntimeError("replay --realtime measured no latency: {}".format(json.dumps(summary)[:500]))
+    return summary
+
+
+def run_entry(summary, wall_s, before, after):
+    """What one replay contributes to the result."""
+    keys = ("latency_us", "skips", "safety_events", "safety_by_kind", "frames", "mean_r2", "commands",
+            "stop_reason", "backend", "seconds")
+    entry = {key: summary.get(key) for key in keys}
+    entry.update({"wall_s": round(wall_s, 1), "load_average_before": before, "load_average_after": after})
+    return entry
+
+
+def summarise_devices(runs):
+    """The spread of each figure over the runs of one devices mode (``runs``: run_entry dicts)."""
+    latency = {key: repeat_spread([r["latency_us"][key] for r in runs])
+               for key in ("p50", "p90", "p99", "max")}
+    return {"latency_us": latency, "skips": repeat_spread([r["skips"] or 0 for r in runs], digits=0),
+            "safety_events": repeat_spread([r["safety_events"] or 0 for r in runs], digits=0), "runs": runs}
+
+
+def headline_latency(runs):
+    """One latency_us for a mode's runs: median p50, p90, p99; the largest max; every command counted."""
+    def median(values):
+        return repeat_spread(values)["median"]
+    return {"p50": median([r["latency_us"]["p50"] for r in runs]),
+            "p90": median([r["latency_us"]["p90"] for r in runs]),
+            "p99": median([r["latency_us"]["p99"] for r in runs]),
+            "max": max(r["latency_us"]["max"] for r in runs),
+            "count": sum(r["latency_us"]["count"] for r in runs)}
+
+
+def run(quick, max_minutes=None, replay_seconds=None, repeats=None, devices=DEVICE_MODES):
+    """The ``latency`` target; ``replay_seconds`` overrides S, ``repeats`` R, ``devices`` the modes
+    compared (the first is judged against the goal); see the module docstring."""
     seconds = replay_seconds or (QUICK_REPLAY_SECONDS if quick else REPLAY_SECONDS)
+    repeats = repeats or REPEATS
+    devices = tuple(devices)
     work = tempfile.mkdtemp(prefix="neurohand-bench-latency-")
     try:
         train_rec, held_out = os.path.join(work, "train.rec"), os.path.join(work, "held-out.rec")
@@ -81,33 +153,46 @@ def run(quick, max_minutes=None, replay_seconds=None):
         run_step(neurohand_command(*train), "training the decoder to replay")
         run_step(neurohand_command("bundle", run_dir, "--out", bundle), "bundling")
         selftest, _ = run_step(neurohand_command("selftest", bundle, "--json"), "self-testing the bundle")
-        before = load_average()
-        stdout, wall = run_step(neurohand_command("replay", bundle, held_out, "--realtime", "--seconds", seconds,
-                                                  "--json"),
-                                "replaying {:g} s in real time".format(seconds))
-        after = load_average()
+        first_load = load_average()
+        runs = {mode: [] for mode in devices}
+        for repeat in range(repeats):
+            for mode in devices:
+                before = load_average()
+                stdout, wall = run_step(replay_command(bundle, held_out, seconds, mode),
+                                        "replaying {:g} s in real time, devices in {}{} ({}/{})".format(
+                                            seconds, "their own processes" if mode == "process" else "threads",
+                                            "" if mode == "process" else " of the decoding process",
+                                            repeat + 1, repeats))
+                runs[mode].append(run_entry(replay_summary(stdout, mode), wall, before, load_average()))
+        last_load = load_average()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    summary = json_output(stdout, "neurohand replay")
-    latency = summary["latency_us"]
-    if not latency.get("count"):
-        raise RuntimeError("replay --realtime measured no latency: {}".format(json.dumps(summary)[:500]))
+    by_devices = {mode: summarise_devices(runs[mode]) for mode in devices}
+    default = devices[0]
+    chosen = runs[default]
+    latency = headline_latency(chosen)
     met = latency["p99"] <= GOAL_P99_MS * 1000.0 and latency["max"] <= GOAL_MAX_MS * 1000.0
-    print("  latency: p50 {} us, p99 {} us, max {} us over {:g} s".format(
-        latency["p50"], latency["p99"], latency["max"], seconds), file=sys.stderr)
+    for mode in devices:
+        spread = by_devices[mode]["latency_us"]
+        print("  latency, devices {}: p50 {} us, p99 {} us (runs {}..{}), max {} us (largest), over {} x {:g} s".format(
+            mode, spread["p50"]["median"], spread["p99"]["median"], spread["p99"]["min"], spread["p99"]["max"],
+            spread["max"]["max"], repeats, seconds), file=sys.stderr)
     return {
         "available": True, "quick": bool(quick),
         "what": "chip bytes in -> hand command written, neurohand replay --realtime through a virtual chip and "
-                "a virtual hand on pseudo-terminals, held-out continuation of the simulated training "
-                "session (seed {})".format(SESSION_SEED),
-        "latency_us": latency, "frames": summary.get("frames"), "mean_r2": summary.get("mean_r2"),
-        "seconds": summary.get("seconds"), "commands": summary.get("commands"), "backend": summary.get("backend"),
-        "safety_events": summary.get("safety_events"), "skips": summary.get("skips"),
-        "safety_by_kind": summary.get("safety_by_kind"),
-        "stop_reason": summary.get("stop_reason"), "replay_wall_s": round(wall, 1),
+                "a virtual hand on pseudo-terminals ({}), held-out continuation of the simulated training "
+                "session (seed {}); {} run(s) of {:g} s per mode, medians of the runs (max: the largest)".format(
+                    "in processes of their own" if default == "process" else "threads of the decoding process",
+                    SESSION_SEED, repeats, seconds),
+        "devices": by_devices, "default_devices": default, "repeats": repeats,
+        "latency_us": latency, "frames": chosen[0]["frames"], "mean_r2": chosen[0]["mean_r2"],
+        "seconds": chosen[0]["seconds"], "commands": chosen[0]["commands"], "backend": chosen[0]["backend"],
+        "safety_events": sum(r["safety_events"] or 0 for r in chosen), "skips": sum(r["skips"] or 0 for r in chosen),
+        "safety_by_kind": chosen[0]["safety_by_kind"], "stop_reason": chosen[0]["stop_reason"],
+        "replay_wall_s": round(sum(r["wall_s"] for r in chosen), 1),
         "selftest_backend": json_output(selftest, "neurohand selftest").get("backend"),
         "train_budget": "1 epoch (quick)" if quick else (
             "{:g} min".format(max_minutes) if max_minutes is not None else "trainer defaults"),
         "goal": {"p99_ms": GOAL_P99_MS, "max_ms": GOAL_MAX_MS, "met": bool(met)},
-        "load_average_before": before, "load_average_after": after,
+        "load_average_before": first_load, "load_average_after": last_load,
     }

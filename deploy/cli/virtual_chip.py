@@ -38,6 +38,12 @@ def register(subparsers):
                         help="start this many seconds into the recording (default 0)")
     parser.add_argument("--autostart", action="store_true",
                         help="stream as soon as the port is open, without waiting for a START command")
+    parser.add_argument("--start-at", type=float, default=None, metavar="MONOTONIC",
+                        help="the time.monotonic() (CLOCK_MONOTONIC, seconds; the same in every process of this "
+                             "machine) at which the first sample (at --start) is due, as 'virtual-glove --start-at', "
+                             "so that a chip and a glove given the same time play one recording together; samples "
+                             "due before the stream starts (before START) are skipped. Default: when the stream "
+                             "starts. Must not be in the past")
     parser.add_argument("--samples-per-frame", type=int, default=20, metavar="N",
                         help="samples per channel in each frame, 1..255 (default 20; a host can change it "
                              "with CONFIGURE)")
@@ -54,6 +60,21 @@ def register(subparsers):
     parser.add_argument("--seed", type=int, default=None,
                         help="random seed for the injected faults (default: a different run each time)")
     parser.set_defaults(func=run_virtual_chip)
+
+
+def check_start_at(value, name="--start-at"):
+    """A time.monotonic() value not in the past (UsageError otherwise)."""
+    import time
+
+    from neurohand.firmware_bridge.shared import checks
+    from neurohand.firmware_bridge.shared.errors import UsageError
+
+    value = checks.check_number(name, value)
+    now = time.monotonic()
+    if value < now:
+        raise UsageError("{} {:.3f} is {:.3f} s in the past (time.monotonic() is {:.3f} now); give a time a few "
+                         "seconds ahead".format(name, value, now - value, now))
+    return value
 
 
 def run_virtual_chip(args):
@@ -77,6 +98,9 @@ def run_virtual_chip(args):
     disconnect_after = None
     if args.disconnect_after is not None:
         disconnect_after = checks.check_number("--disconnect-after", args.disconnect_after, minimum=0)
+    start_at = None
+    if args.start_at is not None:
+        start_at = check_start_at(args.start_at)
     if args.port is not None:
         from neurohand.firmware_bridge.virtual.port_link import check_port_link
         check_port_link("--port", args.port)
@@ -106,7 +130,7 @@ def run_virtual_chip(args):
     chip = VirtualChip(source, samples_per_frame=spf, speed=speed, loop=args.loop, start_sample=start_sample,
                        autostart=args.autostart, faults=faults if faults.active else None,
                        disconnect_after_s=disconnect_after, reconnect_pause_s=pause, link_path=args.port,
-                       on_port=announce, firmware=firmware)
+                       on_port=announce, firmware=firmware, start_at=start_at)
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:

@@ -59,10 +59,10 @@ def run_virtual_glove(args):
     import signal
     import sys
     import threading
-    import time
 
     from neurohand.firmware_bridge.shared import checks
     from neurohand.firmware_bridge.shared.errors import RecordingError, UsageError
+    from neurohand.deploy.cli.virtual_chip import check_start_at
     from neurohand.firmware_bridge.virtual.glove import PROTOCOLS, VirtualGlove, glove_faults, recording_labels
 
     protocol = checks.check_option("--protocol", args.protocol, PROTOCOLS)
@@ -80,7 +80,7 @@ def run_virtual_glove(args):
         optional[option] = value
     start_at = None
     if args.start_at is not None:
-        start_at = checks.check_number("--start-at", args.start_at)
+        start_at = check_start_at(args.start_at)
     if args.port is not None:
         from neurohand.firmware_bridge.virtual.port_link import check_port_link
         check_port_link("--port", args.port)
@@ -97,9 +97,8 @@ def run_virtual_glove(args):
         raise UsageError("--garbage-bursts {:g}/s is more than one burst per label ({:g} labels/s)".format(
             bursts, rate))
     faults = glove_faults(protocol, drop, corrupt, garbage_probability, garbage_max, seed=args.seed)
-    if start_at is not None and start_at < time.monotonic():
-        raise UsageError("--start-at {:.3f} is {:.3f} s in the past (time.monotonic() is {:.3f} now); give a "
-                         "time a few seconds ahead".format(start_at, time.monotonic() - start_at, time.monotonic()))
+    if start_at is not None:
+        start_at = check_start_at(start_at)         # again: reading the labels took time
 
     def announce(path):
         print(path, flush=True)

@@ -10,20 +10,14 @@ testable on its own:
   an injectable clock, so the rate cannot drift.
 * ``FaultInjector``: seeded drops, corruption and garbage, with counters of what
   was injected and of what a receiver should therefore count.
-* ``VirtualChip``: the pty, the command handling and the event loop (one thread,
-  ``select``; no locks needed).
+* ``VirtualChip``: the command handling and the event loop (one thread,
+  ``select``; no locks needed) on a pseudo-terminal (virtual/pty_device.py).
 
 Standard library and numpy only (runs on the Jetson's Python 3.6 too).
 """
-import errno
-import fcntl
-import os
+import math
 import random
-import select
-import struct
-import termios
 import time
-import tty
 
 import numpy as np
 
@@ -32,11 +26,10 @@ from neurohand.firmware_bridge.chip.parser import ChipCommand, ChipParser
 from neurohand.firmware_bridge.shared.checks import check_int, check_number
 from neurohand.firmware_bridge.shared.counters import new_counters
 from neurohand.firmware_bridge.shared.errors import UsageError
-from neurohand.firmware_bridge.virtual.port_link import PortLink
+from neurohand.firmware_bridge.virtual.pty_device import DrainWatch, PtyDevice
 
 INT16_MAX = 32767
 OUTPUT_LIMIT_BYTES = 256 * 1024     # a chip's transmit buffer: beyond this, whole frames are dropped
-DRAIN_SETTLE_S = 0.2                # see VirtualChip.serve
 CHIP_ID = 0x4E480001                # "NH" + 1
 MODEL = "NH-VIRTUAL"
 MAX_SAMPLE_RATE_HZ = 30000
@@ -139,16 +132,18 @@ class PacingScheduler:
 
     Due times are computed from the absolute start, never by adding periods, so
     sleep overshoot and a loaded machine delay frames but never change the rate.
+    ``t0`` may lie in the future (``start(at=...)``): nothing is due before it.
     """
 
     def __init__(self, frame_period_s, clock=time.monotonic):
         self.frame_period_s = frame_period_s
         self._clock = clock
-        self._t0 = None
+        self.t0 = None
         self.released = 0
 
     def start(self, at=None):
-        self._t0 = self._clock() if at is None else at
+        """Frame 0 is due at ``at`` (a time on the clock; default: now)."""
+        self.t0 = self._clock() if at is None else at
         self.released = 0
 
     def take_due(self, now=None):
@@ -156,7 +151,8 @@ class PacingScheduler:
         taken yet (0 or more)."""
         if now is None:
             now = self._clock()
-        due = int((now - self._t0) / self.frame_period_s) + 1
+        # floor, not int(): before t0 the quotient is negative and must not round up to frame 0.
+        due = int(math.floor((now - self.t0) / self.frame_period_s)) + 1
         count = due - self.released
         if count <= 0:
             return 0
@@ -164,7 +160,7 @@ class PacingScheduler:
         return count
 
     def seconds_until_next(self):
-        return self._t0 + self.released * self.frame_period_s - self._clock()
+        return self.t0 + self.released * self.frame_period_s - self._clock()
 
 
 # --- fault injection ---------------------------------------------------------
@@ -179,17 +175,25 @@ class FaultInjector:
     """Seeded faults applied to encoded frames, one frame at a time.
 
     drop_rate, corrupt_rate: probability per frame.  garbage_probability:
-    probability per frame of a burst of 1..garbage_max_bytes random bytes (never
-    containing the sync word) before the frame.  Corruption XORs one byte after
-    the 8-byte envelope header with a non-zero value, so the receiver sees a
-    plausible frame whose CRC fails.
+    probability per frame of a burst of 1..garbage_max_bytes random bytes
+    before the frame, never containing ``sync`` (the byte string a receiver
+    resynchronises on, or a tuple of them), so a burst never forges a frame
+    start and every fault stays countable.  Corruption XORs one byte after
+    the ``header_size``-byte envelope header with a non-zero value, so the
+    receiver sees a plausible frame whose CRC fails.  The defaults are the
+    chip's envelope (docs/chip-protocol.md); a glove passes its own.
     """
 
-    def __init__(self, drop_rate=0.0, corrupt_rate=0.0, garbage_probability=0.0, garbage_max_bytes=64, seed=None):
+    def __init__(self, drop_rate=0.0, corrupt_rate=0.0, garbage_probability=0.0, garbage_max_bytes=64, seed=None,
+                 sync=cp.SYNC, header_size=cp.HEADER_SIZE):
         self.drop_rate = check_number("drop rate", drop_rate, minimum=0, maximum=1)
         self.corrupt_rate = check_number("corrupt rate", corrupt_rate, minimum=0, maximum=1)
         self.garbage_probability = check_number("garbage probability", garbage_probability, minimum=0, maximum=1)
         self.garbage_max_bytes = check_int("garbage max bytes", garbage_max_bytes, minimum=1, maximum=65536)
+        self.sync = (sync,) if isinstance(sync, bytes) else tuple(sync)
+        if not self.sync or not all(isinstance(s, bytes) and s for s in self.sync):
+            raise UsageError("sync must be a non-empty byte string or a tuple of them, got {!r}".format(sync))
+        self.header_size = check_int("header size", header_size, minimum=0)
         self._random = random.Random(seed)
         self.counters = new_counters(FAULT_COUNTERS)
         self._pending_missing = 0       # frames lost since the last intact one
@@ -217,15 +221,21 @@ class FaultInjector:
             return out
         if not protected and self.corrupt_rate and rnd.random() < self.corrupt_rate:
             damaged = bytearray(frame)
-            damaged[rnd.randrange(cp.HEADER_SIZE, len(frame))] ^= rnd.randint(1, 255)
+            damaged[rnd.randrange(self.header_size, len(frame))] ^= rnd.randint(1, 255)
             c["frames_corrupted"] += 1
             self._pending_missing += 1
             self._bad_bytes(len(damaged))
             return out + bytes(damaged)
-        self._in_bad_run = False
+        self.intact_frame_passed()
         c["expected_frames_missing"] += self._pending_missing
         self._pending_missing = 0
         return out + frame
+
+    def intact_frame_passed(self):
+        """An intact frame reached the wire (from :meth:`apply`, or one the device sends
+        past the faults, such as a glove's hello): a receiver resynchronises on it, so
+        a run of discarded bytes ends there."""
+        self._in_bad_run = False
 
     def stream_restarted(self):
         """A new stream starts (its first frame resets the receiver's sequence)."""
@@ -241,16 +251,16 @@ class FaultInjector:
     def _garbage(self, length):
         while True:
             data = bytes(self._random.getrandbits(8) for _ in range(length))
-            if cp.SYNC not in data:
+            if not any(s in data for s in self.sync):
                 return data
 
 
 # --- the chip ----------------------------------------------------------------
-CHIP_COUNTERS = ("frames_sent", "samples_sent", "frames_overflowed", "frames_lost_unplugged", "commands",
-                 "naks", "disconnects", "loops")
+CHIP_COUNTERS = ("frames_sent", "samples_sent", "frames_overflowed", "frames_lost_unplugged",
+                 "frames_before_start", "commands", "naks", "disconnects", "loops")
 
 
-class VirtualChip:
+class VirtualChip(PtyDevice):
     """A chip on a pseudo-terminal, streaming ``source``.
 
     source: ArraySource, RecordingSource or anything with n_samples, n_channels,
@@ -274,9 +284,17 @@ class VirtualChip:
     clock: the chip's time, in seconds (``time.monotonic`` unless injected); the
     pacing, ``disconnect_after_s``, ``reconnect_pause_s`` and the drain at the end
     all read it, never the wall clock.
+    start_at: a time on ``clock`` (for ``time.monotonic``, the same in every
+    process of the machine) at which the stream's first sample is due, so that a
+    chip and a virtual glove given the same time play one recording together.
+    Frames due before the stream starts (before START) are skipped, as the
+    nerve's signal does not wait (``frames_before_start``).  None: the stream's
+    own start (START, or the open with ``autostart``).
 
     ``bytes_written``: bytes written to the terminal so far (replies and frames),
-    so that a host can tell when it has read everything.
+    so that a host can tell when it has read everything.  ``stream_started_at``:
+    when the first frame of the latest stream was due (its pacing's t0, on
+    ``clock``), None before a stream started.
 
     The constructor only stores configuration; :meth:`open` creates the pty and
     :meth:`serve` runs the loop (in the caller's thread).
@@ -284,7 +302,9 @@ class VirtualChip:
 
     def __init__(self, source, samples_per_frame=cp.DEFAULT_SAMPLES_PER_FRAME, speed=1.0, loop=False,
                  start_sample=0, autostart=False, faults=None, disconnect_after_s=None, reconnect_pause_s=1.0,
-                 link_path=None, on_port=None, clock=time.monotonic, firmware=(0, 0, 0), reset_on_unplug=True):
+                 link_path=None, on_port=None, clock=time.monotonic, firmware=(0, 0, 0), reset_on_unplug=True,
+                 start_at=None):
+        PtyDevice.__init__(self, link_path)
         if source.n_channels > cp.MAX_CHANNELS:
             raise UsageError("the chip carries at most {} channels, the recording has {}".format(
                 cp.MAX_CHANNELS, source.n_channels))
@@ -297,8 +317,7 @@ class VirtualChip:
         self.faults = faults
         self.disconnect_after_s = disconnect_after_s
         self.reconnect_pause_s = reconnect_pause_s
-        self.link_path = link_path
-        self._link = None               # the PortLink of link_path while a terminal is open
+        self.start_at = None if start_at is None else check_number("start at", start_at)
         self.on_port = on_port
         self.firmware = firmware
         self.reset_on_unplug = bool(reset_on_unplug)
@@ -311,10 +330,7 @@ class VirtualChip:
         self._sequence = 0
         self._stream_samples = 0
         self._scheduler = None
-        self._master = self._slave = None
-        self.slave_path = None
-        self._out = bytearray()
-        self.bytes_written = 0
+        self.stream_started_at = None
         self._commands = ChipParser()
         self._connected_at = None
         self._replug_at = None
@@ -324,22 +340,7 @@ class VirtualChip:
     # -- pty ------------------------------------------------------------------
     def open(self):
         """Create the pseudo-terminal (and symlink); return the slave path."""
-        master, slave = os.openpty()
-        # Raw from the start: bytes written before the host configures the port
-        # must not be echoed or translated by the line discipline.
-        tty.setraw(slave)
-        os.set_blocking(master, False)
-        self._master, self._slave = master, slave
-        self.slave_path = os.ttyname(slave)
-        if self.link_path is not None:
-            # link_path may be set after construction; only a stale link is replaced (virtual/port_link.py).
-            if self._link is None or self._link.path != self.link_path:
-                self._link = PortLink(self.link_path)
-            try:
-                self._link.make(self.slave_path)
-            except BaseException:
-                self._close_pty()
-                raise
+        self._open_pty()
         self._connected_at = self._clock()
         self._commands = ChipParser()
         if self.autostart and not self.streaming and not self.finished:
@@ -348,28 +349,8 @@ class VirtualChip:
             self.on_port(self.slave_path)
         return self.slave_path
 
-    def _close_pty(self):
-        # The symlink goes first, so a host reopening it at once cannot reach
-        # the dying terminal (as a USB device node vanishes on unplug).
-        if self._link is not None:
-            self._link.remove()
-        for fd in (self._master, self._slave):
-            if fd is not None:
-                os.close(fd)
-        self._master = self._slave = None
-
-    def unread_bytes(self):
-        """Bytes written to the terminal that the host has not read yet."""
-        if self._slave is None:
-            return 0
-        return struct.unpack("i", fcntl.ioctl(self._slave, termios.FIONREAD, b"\0" * 4))[0]
-
     def close(self):
         self._close_pty()
-
-    @property
-    def connected(self):
-        return self._master is not None
 
     # -- streaming -------------------------------------------------------------
     @property
@@ -406,9 +387,18 @@ class VirtualChip:
         self._sequence = 0
         self._stream_samples = 0
         self._scheduler = PacingScheduler(self.frame_period_s, self._clock)
-        self._scheduler.start()
+        self._scheduler.start(at=self.start_at)
+        self.stream_started_at = self._scheduler.t0
         if self.faults is not None:
             self.faults.stream_restarted()
+        if self.start_at is not None:
+            # Started after start_at: the samples due meanwhile passed unseen.
+            for _ in range(self._scheduler.take_due()):
+                if self._read_frame_samples() is None:
+                    self.streaming = False
+                    self.finished = True
+                    return
+                self.counters["frames_before_start"] += 1
 
     def _read_frame_samples(self):
         spf, end = self.samples_per_frame, self.source.n_samples
@@ -496,7 +486,7 @@ class VirtualChip:
         pty discards what its reader has not read yet."""
         if not self.connected and self._replug_at is None:
             self.open()
-        finished_at = drained_since = None
+        drain = DrainWatch(drain_timeout_s)
         while not stop_event.is_set():
             now = self._clock()
             self._maybe_unplug_or_replug(now)
@@ -507,18 +497,8 @@ class VirtualChip:
                         break
             elif self._powered_down and not self.finished:
                 self._skip_due_frames()
-            if self.finished:
-                if finished_at is None:
-                    finished_at = now
-                if self._out or self.unread_bytes():
-                    drained_since = None
-                elif drained_since is None:
-                    drained_since = now
-                # The kernel moves bytes into the reader's queue asynchronously, so
-                # "nothing unread" must hold for a while before it is believed.
-                if (drained_since is not None and now - drained_since >= DRAIN_SETTLE_S) \
-                        or now - finished_at > drain_timeout_s:
-                    return
+            if self.finished and drain.over(now, not self._host_has_everything()):
+                return
             timeout = 0.05
             if self.streaming or (self._powered_down and not self.finished):
                 timeout = min(timeout, max(0.0, self._scheduler.seconds_until_next()))
@@ -527,12 +507,7 @@ class VirtualChip:
                     timeout = min(timeout, max(0.0, self._replug_at - now))
                 stop_event.wait(timeout)
                 continue
-            want_write = [self._master] if self._out else []
-            readable, writable, _ = select.select([self._master], want_write, [], timeout)
-            if readable:
-                self._read_commands()
-            if self._out and self.connected:
-                self._write_out()
+            self._exchange(timeout, self._handle_host_bytes)
 
     def _maybe_unplug_or_replug(self, now):
         if self._replug_at is not None and now >= self._replug_at:
@@ -549,38 +524,21 @@ class VirtualChip:
               and now - self._connected_at >= self.disconnect_after_s):
             self._unplugged_once = True
             self.counters["disconnects"] += 1
-            self._out = bytearray()       # unsent bytes die with the link
             if self.reset_on_unplug and self.streaming:
                 self.streaming = False
                 self._powered_down = True
                 self._commands = ChipParser()
-            self._close_pty()
+            self._unplug_pty()
             self._replug_at = now + self.reconnect_pause_s
 
-    def _read_commands(self):
-        try:
-            data = os.read(self._master, 4096)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EINTR):
-                return
-            raise
+    def _handle_host_bytes(self, data):
         for event in self._commands.feed(data):
             if isinstance(event, ChipCommand):
                 self._out += self.handle_command(event)
 
-    def _write_out(self):
-        try:
-            written = os.write(self._master, bytes(self._out[:65536]))
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EINTR):
-                return
-            raise
-        del self._out[:written]
-        self.bytes_written += written
-
     def summary(self):
-        """Counters of the chip and of injected faults, as one dict."""
-        result = {"chip": dict(self.counters)}
+        """Counters of the chip and of injected faults, and when the stream started, as one dict."""
+        result = {"chip": dict(self.counters), "stream_started_at": self.stream_started_at}
         if self.faults is not None:
             result["faults"] = dict(self.faults.counters)
         return result

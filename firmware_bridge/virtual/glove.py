@@ -27,14 +27,7 @@ corruption could not be detected: it is refused.
 
 Standard library and numpy only (runs on the Jetson's Python 3.6 too).
 """
-import errno
-import fcntl
-import os
-import select
-import struct
-import termios
 import time
-import tty
 
 import numpy as np
 
@@ -45,8 +38,8 @@ from neurohand.firmware_bridge.gloves.calibration import (
 from neurohand.firmware_bridge.shared.checks import check_number, check_option
 from neurohand.firmware_bridge.shared.counters import new_counters
 from neurohand.firmware_bridge.shared.errors import RecordingError, UsageError
-from neurohand.firmware_bridge.virtual.chip import DRAIN_SETTLE_S, FaultInjector, PacingScheduler
-from neurohand.firmware_bridge.virtual.port_link import PortLink
+from neurohand.firmware_bridge.virtual.chip import FaultInjector, PacingScheduler
+from neurohand.firmware_bridge.virtual.pty_device import DrainWatch, PtyDevice
 
 PROTOCOLS = ("serial", "cyberglove")
 #: What a glove's transmit buffer holds when its host does not read (bytes
@@ -132,38 +125,19 @@ def recording_labels(recording, stream=None):
     return labels, float(s.rate), stream
 
 
-class GloveFaults(FaultInjector):
-    """The virtual chip's FaultInjector with garbage that never contains the
-    glove's own frame start (neurohand sync word, or a CyberGlove ``G``), so
-    a burst never forges a frame and every injected fault is countable."""
-
-    def __init__(self, drop_rate=0.0, corrupt_rate=0.0, garbage_probability=0.0, garbage_max_bytes=64, seed=None,
-                 forbidden=(gp.SYNC,)):
-        super(GloveFaults, self).__init__(drop_rate, corrupt_rate, garbage_probability, garbage_max_bytes, seed)
-        self.forbidden = tuple(forbidden)
-
-    def _garbage(self, length):
-        while True:
-            data = bytes(self._random.getrandbits(8) for _ in range(length))
-            if not any(f in data for f in self.forbidden):
-                return data
-
-    def passed_clean(self):
-        """A frame that bypasses the faults (a hello) went out intact: for a receiver
-        that ends a run of discarded bytes, as an intact data frame does."""
-        self._in_bad_run = False
-
-
 def glove_faults(protocol, drop_rate=0.0, corrupt_rate=0.0, garbage_probability=0.0, garbage_max_bytes=64,
                  seed=None):
-    """A GloveFaults for ``protocol`` (UsageError: corruption of a CyberGlove, which nobody could detect)."""
+    """The virtual chip's FaultInjector for ``protocol``'s frames: garbage never holds the
+    glove's own frame start, so a burst never forges a frame and every fault is
+    countable (UsageError: corruption of a CyberGlove, which nobody could detect)."""
     check_option("glove protocol", protocol, PROTOCOLS)
     if protocol == "cyberglove" and corrupt_rate:
         raise UsageError("a CyberGlove record has no checksum, so a corrupted byte could never be counted; "
                          "use --drop-rate or --garbage-bursts with --protocol cyberglove")
     # A CyberGlove's garbage must hold no 'G' (a record start) and no 0 (a record end).
     forbidden = (gp.SYNC,) if protocol == "serial" else (b"G", b"\x00")
-    return GloveFaults(drop_rate, corrupt_rate, garbage_probability, garbage_max_bytes, seed, forbidden)
+    return FaultInjector(drop_rate, corrupt_rate, garbage_probability, garbage_max_bytes, seed, sync=forbidden,
+                         header_size=gp.HEADER_SIZE)
 
 
 GLOVE_COUNTERS = ("frames_sent", "hellos_sent", "polls_answered", "queries_answered", "unknown_commands",
@@ -171,7 +145,7 @@ GLOVE_COUNTERS = ("frames_sent", "hellos_sent", "polls_answered", "queries_answe
                   "host_bytes_ignored", "disconnects", "loops")
 
 
-class VirtualGlove(object):
+class VirtualGlove(PtyDevice):
     """A glove on a pseudo-terminal, playing ``labels``; see the module docstring.
 
     Parameters
@@ -196,6 +170,7 @@ class VirtualGlove(object):
     def __init__(self, labels, label_rate_hz, protocol="serial", speed=1.0, loop=False, start_at=None,
                  faults=None, disconnect_after_s=None, reconnect_pause_s=1.0, stall_after_s=None, stall_for_s=None,
                  link_path=None, on_port=None, clock=time.monotonic, hello_period_s=gp.HELLO_PERIOD_S):
+        PtyDevice.__init__(self, link_path)
         self.protocol = check_option("glove protocol", protocol, PROTOCOLS)
         labels = np.asarray(labels, dtype=np.float64)
         if labels.ndim != 2 or labels.shape[1] != len(FINGERS) or labels.shape[0] == 0:
@@ -218,17 +193,11 @@ class VirtualGlove(object):
         self.reconnect_pause_s = reconnect_pause_s
         self.stall_after_s = stall_after_s
         self.stall_for_s = stall_for_s
-        self.link_path = link_path
         self.on_port = on_port
         self.hello_period_s = hello_period_s
         self._clock = clock
         self.counters = new_counters(GLOVE_COUNTERS)
         self.finished = False
-        self.slave_path = None
-        self._link = None
-        self._master = self._slave = None
-        self._out = bytearray()
-        self.bytes_written = 0
         self._scheduler = None
         self._row = 0                     # next row (serial)
         self._sequence = 0
@@ -268,19 +237,7 @@ class VirtualGlove(object):
     # -- the terminal ---------------------------------------------------------------
     def open(self):
         """Create the pseudo-terminal (and symlink); return the slave path."""
-        master, slave = os.openpty()
-        tty.setraw(slave)       # raw before the host configures it: nothing echoed or translated
-        os.set_blocking(master, False)
-        self._master, self._slave = master, slave
-        self.slave_path = os.ttyname(slave)
-        if self.link_path is not None:
-            if self._link is None:
-                self._link = PortLink(self.link_path)
-            try:
-                self._link.make(self.slave_path)
-            except BaseException:
-                self._close_pty()
-                raise
+        self._open_pty()
         now = self._clock()
         self._connected_at = now
         if self.start_at is None:
@@ -298,27 +255,8 @@ class VirtualGlove(object):
             self.on_port(self.slave_path)
         return self.slave_path
 
-    def _close_pty(self):
-        if self._link is not None:
-            self._link.remove()       # first, so a host reopening it cannot reach the dying terminal
-        for fd in (self._master, self._slave):
-            if fd is not None:
-                os.close(fd)
-        self._master = self._slave = None
-        self._out = bytearray()
-
     def close(self):
         self._close_pty()
-
-    @property
-    def connected(self):
-        return self._master is not None
-
-    def unread_bytes(self):
-        """Bytes written to the terminal that the host has not read yet."""
-        if self._slave is None:
-            return 0
-        return struct.unpack("i", fcntl.ioctl(self._slave, termios.FIONREAD, b"\0" * 4))[0]
 
     # -- sending -------------------------------------------------------------------
     def _send(self, data, counter=None):
@@ -345,11 +283,9 @@ class VirtualGlove(object):
             hello = gp.GloveHello(gp.DEFAULT_N_CHANNELS, int(round(self.label_rate_hz * self.speed)),
                                   gp.DEFAULT_ADC_BITS, VIRTUAL_NAME)
             self._send(gp.encode_hello(hello), "hellos_sent")   # hellos bypass the faults: they are the hand-shake
-            if hasattr(self.faults, "passed_clean"):
-                self.faults.passed_clean()
+            if self.faults is not None:
+                self.faults.intact_frame_passed()
             self._next_hello = now + self.hello_period_s
-        if now < self.start_at:
-            return      # (the scheduler would release row 0 up to a period early)
         for _ in range(self._scheduler.take_due(now)):
             if self._row >= self.n_rows:
                 if not self.loop:
@@ -372,7 +308,8 @@ class VirtualGlove(object):
         if self._row >= self.n_rows and not self.loop:
             self.finished = True
 
-    def _handle_host_bytes(self, data, now):
+    def _handle_host_bytes(self, data):
+        now = self._clock()
         if self.protocol == "serial":
             self.counters["host_bytes_ignored"] += len(data)      # this glove never listens
             return
@@ -417,7 +354,7 @@ class VirtualGlove(object):
         the host read everything (or ``drain_timeout_s`` passed)."""
         if not self.connected and self._replug_at is None:
             self.open()
-        finished_at = drained_since = None
+        drain = DrainWatch(drain_timeout_s)
         while not stop_event.is_set():
             now = self._clock()
             self._maybe_unplug_or_replug(now)
@@ -425,16 +362,8 @@ class VirtualGlove(object):
                 self._serial_tick(now)
             elif self.protocol == "cyberglove" and not self.finished and self.row_at(now) is None:
                 self.finished = True
-            if self.finished:
-                if finished_at is None:
-                    finished_at = now
-                if self._out or self.unread_bytes():
-                    drained_since = None
-                elif drained_since is None:
-                    drained_since = now
-                if (drained_since is not None and now - drained_since >= DRAIN_SETTLE_S) \
-                        or now - finished_at > drain_timeout_s:
-                    return
+            if self.finished and drain.over(now, not self._host_has_everything()):
+                return
             timeout = 0.05
             if self.protocol == "serial" and not self.finished:
                 timeout = min(timeout, max(0.0, self._scheduler.seconds_until_next()))
@@ -445,12 +374,7 @@ class VirtualGlove(object):
                     timeout = min(timeout, max(0.0, self._replug_at - now))
                 stop_event.wait(timeout)
                 continue
-            want_write = [self._master] if self._out else []
-            readable, _, _ = select.select([self._master], want_write, [], timeout)
-            if readable:
-                self._read_host()
-            if self._out and self.connected:
-                self._write_out()
+            self._exchange(timeout, self._handle_host_bytes)
 
     def _maybe_unplug_or_replug(self, now):
         if self._replug_at is not None and now >= self._replug_at:
@@ -462,28 +386,8 @@ class VirtualGlove(object):
               and now - self._connected_at >= self.disconnect_after_s):
             self._unplugged_once = True
             self.counters["disconnects"] += 1
-            self._close_pty()
+            self._unplug_pty()
             self._replug_at = now + self.reconnect_pause_s
-
-    def _read_host(self):
-        try:
-            data = os.read(self._master, 4096)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EINTR, errno.EIO):
-                return      # EIO: no host has the terminal open right now
-            raise
-        if data:
-            self._handle_host_bytes(data, self._clock())
-
-    def _write_out(self):
-        try:
-            written = os.write(self._master, bytes(self._out[:65536]))
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EINTR):
-                return
-            raise
-        del self._out[:written]
-        self.bytes_written += written
 
     def summary(self):
         """Counters of the glove and of injected faults, and the start time, as one dict."""

@@ -38,13 +38,13 @@ import struct
 import termios
 import threading
 import time
-import tty
 
 from neurohand.firmware_bridge.shared.errors import LinkError, ProtocolError, UsageError
 from neurohand.firmware_bridge.shared.outputs import describe_os_error
 from neurohand.firmware_bridge.hands import neurohand_protocol as nhp
 from neurohand.firmware_bridge.hands import ppp, psyonic
 from neurohand.firmware_bridge.virtual.port_link import PortLink, check_port_link
+from neurohand.firmware_bridge.virtual.pty_device import PtyDevice
 
 PROTOCOLS = ("psyonic", "neurohand")
 DEFAULT_KEEPALIVE_TIMEOUT_S = 0.3
@@ -149,7 +149,7 @@ class _NeurohandReceiver(object):
         return nhp.encode_telemetry(seq, positions, flags, temperature_c=30.0, current_a=0.0)
 
 
-class VirtualHand(object):
+class VirtualHand(PtyDevice):
     """A hand on a pseudo-terminal.  ``start()``, connect a driver to ``slave_path``, ``stop()``.
 
     Parameters
@@ -195,8 +195,8 @@ class VirtualHand(object):
             check_option("protocol", protocol, PROTOCOLS)
         if not keepalive_timeout_s > 0:
             raise UsageError("keepalive timeout must be > 0 s, got {!r}".format(keepalive_timeout_s))
+        PtyDevice.__init__(self, link_path)
         self.protocol = protocol
-        self.link_path = link_path
         self.log_path = log_path
         self.keepalive_timeout_s = float(keepalive_timeout_s)
         self.stuffing = stuffing
@@ -206,15 +206,12 @@ class VirtualHand(object):
         self.on_log_error = on_log_error
         self.counters = {"valid_frames": 0, "bad_checksums": 0, "framing_errors": 0, "timeouts": 0,
                          "replies_sent": 0, "replies_dropped": 0, "bytes_received": 0, "unplugs": 0}
-        self.slave_path = None
         self._commands = []
         self._condition = threading.Condition()
-        self._master = self._slave = None
         self._wake_r = self._wake_w = None
         self._thread = None
         self._stop = threading.Event()
         self._log = None
-        self._link = None           # the PortLink of link_path, made by start()
         self.log_error = None       # why the log stopped being written (a full disk ...), or None
         self._receiver = None
         self._passes = 0            # serving-thread passes completed (see sync)
@@ -276,19 +273,12 @@ class VirtualHand(object):
             self._receiver = _PsyonicReceiver(self.counters, self.stuffing, self.address)
         else:
             self._receiver = _NeurohandReceiver(self.counters)
-        self._master, self._slave = os.openpty()
-        # Raw mode before anyone connects: no echo, no line editing of binary frames.
-        tty.setraw(self._slave)
-        flags = fcntl.fcntl(self._master, fcntl.F_GETFL)
-        fcntl.fcntl(self._master, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-        self.slave_path = os.ttyname(self._slave)
-        self._wake_r, self._wake_w = os.pipe()
-        if self._link is not None:
-            try:
-                self._link.make(self.slave_path)
-            except BaseException:
-                self._close_pty_fds()
-                raise
+        self._open_pty()
+        try:
+            self._wake_r, self._wake_w = os.pipe()
+        except BaseException:
+            self._close_pty()
+            raise
         self._stop.clear()
         self._thread = threading.Thread(target=self._serve, args=(self._receiver,),
                                         name="virtual-hand", daemon=True)
@@ -300,19 +290,14 @@ class VirtualHand(object):
             os.write(self._wake_w, b"x")
             self._thread.join()
             self._thread = None
-        # The symlink goes first, as a device node vanishes on unplug.
-        self._remove_link()
         self._close_pty_fds()
 
     def _close_pty_fds(self):
-        for fd in (self._master, self._slave, self._wake_r, self._wake_w):
+        self._close_pty()       # the symlink first, as a device node vanishes on unplug
+        for fd in (self._wake_r, self._wake_w):
             if fd is not None:
                 os.close(fd)
-        self._master = self._slave = self._wake_r = self._wake_w = None
-
-    def _remove_link(self):
-        if self._link is not None:
-            self._link.remove()
+        self._wake_r = self._wake_w = None
 
     def __enter__(self):
         return self.start()
@@ -321,7 +306,6 @@ class VirtualHand(object):
         self.stop()
 
     def _close_fds(self):
-        self._remove_link()
         self._close_pty_fds()
         if self._log is not None:
             try:
@@ -367,7 +351,8 @@ class VirtualHand(object):
             return True
 
     def unread_bytes(self):
-        """Bytes the driver wrote to the terminal that the hand has not read yet."""
+        """Bytes the driver wrote to the terminal that the hand has not read yet
+        (the other direction from a streaming device's: here the host writes)."""
         if self._master is None:
             return 0
         return struct.unpack("i", fcntl.ioctl(self._master, termios.FIONREAD, b"\0" * 4))[0]

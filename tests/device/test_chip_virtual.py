@@ -57,6 +57,20 @@ def test_scheduler_releases_nothing_early():
     assert scheduler.take_due() == 20
 
 
+def test_scheduler_started_in_the_future_releases_nothing_before_its_start():
+    clock = FakeClock()
+    scheduler = PacingScheduler(0.5, clock)
+    scheduler.start(at=clock.now + 0.3)
+    assert scheduler.take_due() == 0                  # int() truncation released frame 0 here, 0.3 s early
+    clock.now += 0.29
+    assert scheduler.take_due() == 0
+    assert scheduler.seconds_until_next() == pytest.approx(0.01)
+    clock.now += 0.02
+    assert scheduler.take_due() == 1
+    scheduler.start(at=clock.now + 10.0)
+    assert scheduler.take_due(clock.now + 9.99) == 0 and scheduler.take_due(clock.now + 10.0) == 1
+
+
 def test_fault_injector_is_reproducible_and_protects_stream_start():
     frame = cp.encode_data_frame(0, 0, np.zeros((20, 16), np.int16))
     runs = []
@@ -73,6 +87,24 @@ def test_fault_injector_is_reproducible_and_protects_stream_start():
 def test_fault_injector_rejects_bad_rates():
     with pytest.raises(UsageError, match="drop rate must be at most 1"):
         FaultInjector(drop_rate=1.5)
+    with pytest.raises(UsageError, match="sync must be"):
+        FaultInjector(sync=b"")
+
+
+def test_fault_injector_for_another_envelope_and_frames_that_bypass_it():
+    frame = bytes(bytearray(range(1, 13)))
+    injector = FaultInjector(corrupt_rate=1.0, garbage_probability=1.0, garbage_max_bytes=8, seed=3,
+                             sync=(b"A", b"\x00"), header_size=5)
+    outs = [injector.apply(frame) for _ in range(300)]
+    damaged = [out[-len(frame):] for out in outs]
+    assert all(d[:5] == frame[:5] and d != frame for d in damaged)          # only after the 5-byte header
+    garbage = b"".join(out[:-len(frame)] for out in outs)
+    assert len(garbage) > 300 and b"A" not in garbage and b"\x00" not in garbage
+    # All of it is one run of discarded bytes, until an intact frame passes outside the injector.
+    assert injector.counters["expected_resyncs"] == 1
+    injector.intact_frame_passed()
+    injector.apply(frame)
+    assert injector.counters["expected_resyncs"] == 2
 
 
 def make_chip(n_samples=1000, n_channels=4, rate=1000.0, **kwargs):
@@ -138,6 +170,24 @@ def test_loop_wraps_inside_a_frame():
     assert chip.counters["loops"] == 2
 
 
+def test_start_at_skips_the_frames_due_before_start():
+    clock = FakeClock()
+    chip = make_chip(n_samples=1000, rate=1000.0, clock=clock, start_at=clock.now + 1.0)
+    chip._master = -1
+    chip.handle_command(ChipCommand(cp.CMD_START, 2, b""))          # before start_at: nothing due yet
+    assert chip.streaming and chip.stream_started_at == clock.now + 1.0
+    assert chip._scheduler.take_due() == 0
+    late = make_chip(n_samples=1000, rate=1000.0, clock=clock, start_at=clock.now - 0.11)
+    late._master = -1
+    late.handle_command(ChipCommand(cp.CMD_START, 2, b""))          # 0.11 s after start_at: frames 0..5 passed
+    assert late.counters["frames_before_start"] == 6
+    late._emit_frame()
+    late._master = None
+    (frame,) = ChipParser().feed(late._out)
+    np.testing.assert_array_equal(frame.samples, late.source.samples[120:140])
+    assert frame.stream_start and frame.device_time_us == 0
+
+
 class ContractRecording:
     """Stands in for neurohand.firmware_bridge.recording.file_format (its documented contract)."""
 
@@ -183,7 +233,7 @@ def test_cli_help_explains_every_option():
     result = run_cli("--help")
     assert result.returncode == 0
     for option in ("--port", "--speed", "--loop", "--start", "--autostart", "--drop-rate", "--corrupt-rate",
-                   "--garbage-bursts", "--disconnect-after", "--seed", "START command"):
+                   "--garbage-bursts", "--disconnect-after", "--seed", "START command", "--start-at"):
         assert option in result.stdout
 
 
@@ -193,6 +243,7 @@ def test_cli_help_explains_every_option():
     (["rec.bin", "--samples-per-frame", "0"], "--samples-per-frame must be at least 1"),
     (["/no/such/recording"], "does not exist"),
     (["rec.bin", "--port", "/no/such/dir/chip"], "does not exist"),
+    (["rec.bin", "--start-at", "1"], "--start-at 1.000 is"),
 ])
 def test_cli_bad_values_are_one_line_and_exit_2(args, message):
     result = run_cli(*args)

@@ -454,3 +454,55 @@ def test_labels_out_of_range_are_refused_in_one_line(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1, err
     assert "not finite or out of range" in err and "first at row 10" in err
+
+
+# --- the virtual devices in processes of their own (replay_realtime devices="process") -------------
+
+def realtime_api(bundle, recording_path, seconds, **options):
+    from neurohand.deploy import replay
+    from neurohand.deploy.runtime.config import RuntimeConfig
+    from neurohand.deploy.session import load_decoder
+    decoder = load_decoder(bundle, "numpy")
+    with open_recording(recording_path) as source:
+        replay_range = replay.ReplayRange(source, 0.0, seconds, "realtime")
+        return replay.replay_realtime(decoder, source, replay_range, RuntimeConfig(status_interval_s=0),
+                                      install_signals=False, **options)
+
+
+def test_realtime_replay_with_the_devices_in_processes_of_their_own(data):
+    from neurohand.firmware_bridge.virtual.chip import FaultInjector
+    bundle, recording = data
+    faults = FaultInjector(drop_rate=0.02, seed=4)
+    outcome = realtime_api(bundle, recording, 4.0, faults=faults, devices="process")
+    summary = outcome.summary
+    assert summary["devices"] == "process"
+    assert summary["hand_received"] == summary["commands_sent"] > 100
+    assert summary["latency_us"]["count"] > 0 and summary["hand"]["bad_checksums"] == 0
+    # Counted in the chip's process, the faults come back in the summary and in the caller's injector.
+    assert faults.counters == summary["chip"]["faults"] and faults.counters["frames_dropped"] > 0
+    assert 0 < summary["frames"]["missing"] <= faults.counters["frames_dropped"]
+    # The hand's receive times and the chip's stream start share one clock across the processes: every
+    # command lands within the run, and only the open posture sent as the hand opens comes before START.
+    samples = outcome.samples
+    early = samples < 0
+    assert np.all(np.diff(samples) >= 0) and early.sum() <= 1 and not outcome.positions[early].any()
+    assert samples[-1] <= (4.0 + 1.0) * 2000
+
+
+def test_a_device_process_that_cannot_start_is_a_one_line_error(data, tmp_path):
+    from neurohand.firmware_bridge.shared.errors import NeurohandError, UsageError
+    bundle, recording = data
+    gone = str(tmp_path / "gone.nhr")
+    shutil.copy(recording, gone)
+    from neurohand.deploy import replay
+    from neurohand.deploy.runtime.config import RuntimeConfig
+    from neurohand.deploy.session import load_decoder
+    decoder = load_decoder(bundle, "numpy")
+    with open_recording(gone) as source:
+        os.remove(gone)                 # this process holds it open; the chip's process finds nothing
+        replay_range = replay.ReplayRange(source, 0.0, 3.0, "realtime")
+        with pytest.raises(NeurohandError, match="gone.nhr"):
+            replay.replay_realtime(decoder, source, replay_range, RuntimeConfig(status_interval_s=0),
+                                   install_signals=False, devices="process")
+        with pytest.raises(UsageError, match="devices must be one of"):
+            replay.replay_realtime(decoder, source, replay_range, RuntimeConfig(), devices="fork")

@@ -18,3 +18,50 @@ def test_quick_replay_bench_reports_every_run_and_equal_scores():
     assert result["same_scores"] is True
     assert result["runs"]["jobs1_numpy"]["backend"] == "numpy"
     assert result["met"] == (result["runs"][result["default"]]["speed_x"]["median"] >= 100.0)
+
+
+# --- bench latency: the virtual devices in processes of their own and in threads ------------------------
+
+def test_latency_bench_runs_the_replay_with_the_devices_asked_and_checks_it(tmp_path):
+    import os
+
+    import pytest
+
+    from neurohand.deploy.bench import latency
+    from neurohand.deploy.bundle import make_bundle
+    from neurohand.deploy.demo import write_session_parts
+    from neurohand.firmware_bridge.virtual.simulator import SimulatorConfig
+
+    run_dir = os.path.join(os.path.dirname(__file__), "..", "device", "data", "replay_run")
+    with open(os.path.join(run_dir, "config.json")) as handle:
+        fixture = json.load(handle)["fixture"]
+    bundle, recording = str(tmp_path / "bundle"), str(tmp_path / "held-out.nhr")
+    make_bundle(run_dir, bundle)
+    start = fixture["train_s"]
+    write_session_parts(SimulatorConfig(**fixture["session"]), [(recording, start, start + 4.0)])
+    selftest = subprocess.run([sys.executable, "-m", "neurohand.deploy", "selftest", bundle, "--backend", "numpy"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+    assert selftest.returncode == 0, selftest.stderr[-2000:]
+    output = subprocess.run(latency.replay_command(bundle, recording, 3, "process"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+    assert output.returncode == 0, output.stderr[-2000:]
+    summary = latency.replay_summary(output.stdout, "process")
+    assert summary["latency_us"]["count"] > 0 and summary["hand_received"] == summary["commands_sent"]
+    with pytest.raises(RuntimeError, match="asked for the virtual devices as 'thread'"):
+        latency.replay_summary(output.stdout, "thread")
+
+
+def test_latency_bench_reports_each_mode_as_the_median_of_its_runs_with_the_spread():
+    from neurohand.deploy.bench import latency
+
+    def entry(p50, p99, maximum, skips, events):
+        return {"latency_us": {"p50": p50, "p90": p50 + 100, "p99": p99, "max": maximum, "count": 1000},
+                "skips": skips, "safety_events": events}
+
+    runs = [entry(900, 2000, 5000, 0, 1), entry(1000, 2500, 9000, 4, 0), entry(1100, 3000, 6000, 1, 0)]
+    mode = latency.summarise_devices(runs)
+    assert mode["latency_us"]["p99"] == {"median": 2500, "min": 2000, "max": 3000}
+    assert mode["latency_us"]["max"] == {"median": 6000, "min": 5000, "max": 9000}
+    assert mode["skips"] == {"median": 1, "min": 0, "max": 4} and mode["runs"] is runs
+    headline = latency.headline_latency(runs)
+    assert headline == {"p50": 1000, "p90": 1100, "p99": 2500, "max": 9000, "count": 3000}
