@@ -11,7 +11,9 @@ print exactly what would run):
    ``INSTALL_DIR/current`` at the new release;
 4. install udev rules (stable /dev/neurohand-chip and /dev/neurohand-hand)
    and a hardened systemd unit running ``neurohand run`` as an unprivileged
-   user in the dialout group, then enable and (re)start it;
+   user in the dialout group, then enable and (re)start it; the unit has no
+   network, unless it is asked to use Lab Streaming Layer (``lsl_allow``:
+   then IPv4/IPv6 sockets to the addresses given, nothing else; docs/safety.md);
 5. optionally the maximum-performance power mode (nvpmodel -m 0, jetson_clocks).
 
 SSH uses keys only: BatchMode (never a password prompt), password and
@@ -42,7 +44,11 @@ SOURCE_ITEMS = ("setup.py", "README.md") + PACKAGE_FOLDERS
 
 FlashSettings = collections.namedtuple("FlashSettings", [
     "install_dir", "system_root", "service_user", "remote_python", "chip_port", "hand", "backend",
-    "fp16", "skip_engine", "max_performance", "chip_usb", "hand_usb", "start_service"])
+    "fp16", "skip_engine", "max_performance", "chip_usb", "hand_usb", "start_service",
+    # Lab Streaming Layer (docs/lab-streams.md): the addresses the service may reach (a tuple of
+    # IPAddressAllow= entries; None: no network at all, the default), and --lsl-outlet's stream name.
+    "lsl_allow", "lsl_outlet"])
+FlashSettings.__new__.__defaults__ = (None, None)
 
 Step = collections.namedtuple("Step", ["description", "command", "upload"])  # upload: local file piped to stdin
 
@@ -58,6 +64,15 @@ _SSH_USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\Z")
 # A DNS name or IPv4 address, or a bare IPv6 address (no %scope: ssh would expand the '%').
 _SSH_HOST = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}|[0-9A-Fa-f:.]{2,45})\Z")
 MAX_PATH_CHARS = 200
+# What LSL may be given in a unit: a stream name or query of plain characters, systemd's address keywords
+# (any is not one of them: LSL is let reach named addresses only) or IP prefixes.
+_LSL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
+_LSL_CHIP = re.compile(r"^lsl:(?:(?:name|type|source_id)=)?[A-Za-z0-9_.-]{1,64}\Z")
+_BRAINFLOW_CHIP = re.compile(r"^brainflow:([a-z0-9_]{1,40})(?::(.*))?\Z", re.DOTALL)
+LSL_ADDRESS_KEYWORDS = ("localhost", "link-local", "multicast")
+#: Socket families LSL needs: IPv4 and IPv6 (its TCP data and UDP discovery) and netlink, which
+#: getifaddrs() uses to list the interfaces liblsl multicasts on (a kernel socket, no network).
+LSL_ADDRESS_FAMILIES = ("AF_INET", "AF_INET6", "AF_NETLINK")
 
 
 def _shown(value, limit=80):
@@ -162,7 +177,15 @@ def check_settings(settings):
         check_absolute_path("--system-root", settings.system_root)
     check_service_user(settings.service_user)
     check_remote_python(settings.remote_python)
-    check_absolute_path("--chip", settings.chip_port)
+    check_lsl_allow(settings.lsl_allow)
+    check_unit_chip(settings.chip_port, settings.lsl_allow)
+    if settings.lsl_outlet is not None:
+        if settings.lsl_allow is None:
+            raise UsageError("--lsl-outlet opens network sockets, which the service may not: give --allow-lsl with "
+                             "the addresses its consumers have (docs/safety.md)")
+        if not isinstance(settings.lsl_outlet, str) or not _LSL_NAME.match(settings.lsl_outlet):
+            raise UsageError("--lsl-outlet in the unit must be 1 to 64 letters, digits, '_', '.' or '-', but got "
+                             "{}".format(_shown(settings.lsl_outlet)))
     check_hand_spec(settings.hand)
     if settings.backend not in BACKEND_CHOICES:
         raise UsageError("--backend must be one of {}, but got {}".format(", ".join(BACKEND_CHOICES),
@@ -175,6 +198,54 @@ def check_settings(settings):
             raise UsageError("{} must be a USB VENDOR:PRODUCT id (as parse_usb_id gives it), but got {}".format(
                 name, _shown(usb_id)))
     return settings
+
+
+def check_lsl_allow(value):
+    """``value`` if it is None or a non-empty tuple of addresses LSL may reach; else UsageError.
+
+    Each entry: ``localhost``, ``link-local``, ``multicast`` (systemd's names) or an IPv4/IPv6
+    network in CIDR notation with no host bits set (``192.168.10.0/24``, ``10.0.0.7``); never
+    everything (``any``, ``0.0.0.0/0``, ``::/0``).
+    """
+    if value is None:
+        return None
+    import ipaddress
+    if not isinstance(value, (tuple, list)) or not value:
+        raise UsageError("--allow-lsl needs at least one address (localhost, or the lab's subnet such as "
+                         "192.168.10.0/24), but got {}".format(_shown(value)))
+    for entry in value:
+        if entry in LSL_ADDRESS_KEYWORDS:
+            continue
+        try:
+            network = ipaddress.ip_network(entry if isinstance(entry, str) else "", strict=True)
+        except ValueError as exc:
+            raise UsageError("--allow-lsl {} is not {} nor an IP network like 192.168.10.0/24 ({})".format(
+                _shown(entry), ", ".join(LSL_ADDRESS_KEYWORDS), str(exc).splitlines()[0][:80])) from None
+        if network.prefixlen == 0:
+            raise UsageError("--allow-lsl {} would let the service reach every address; name the lab's subnet "
+                             "or localhost".format(_shown(entry)))
+        if str(network) != entry and str(network.network_address) != entry:
+            raise UsageError("--allow-lsl {}: write it as {}".format(_shown(entry), network))
+    return value
+
+
+def check_unit_chip(chip, lsl_allow):
+    """The unit's --chip: an absolute device path, a plain ``lsl:`` query (with ``lsl_allow``) or a
+    ``brainflow:BOARD[:/absolute/port]``; UsageError otherwise."""
+    if isinstance(chip, str) and chip.startswith("lsl:"):
+        if lsl_allow is None:
+            raise UsageError("--chip {} reads a Lab Streaming Layer stream over the network, which the service "
+                             "may not: give --allow-lsl too (docs/safety.md)".format(_shown(chip)))
+        if not _LSL_CHIP.match(chip):
+            raise UsageError("--chip {} in the unit must be lsl:NAME, lsl:type=TYPE or lsl:source_id=ID of 1 to 64 "
+                             "letters, digits, '_', '.' or '-'".format(_shown(chip)))
+        return chip
+    found = _BRAINFLOW_CHIP.match(chip) if isinstance(chip, str) else None
+    if found is not None:
+        if found.group(2) is not None:
+            check_absolute_path("--chip {} port".format(found.group(1)), found.group(2))
+        return chip
+    return check_absolute_path("--chip", chip)
 
 
 def parse_usb_id(name, value):
@@ -351,6 +422,14 @@ def service_unit(settings):
     run = [neurohand, "run", "--bundle", os.path.join(settings.install_dir, "current"),
            "--chip", settings.chip_port, "--hand", settings.hand, "--backend", settings.backend,
            "--stats-json", "/var/lib/neurohand/stats.json"]
+    families = ["AF_UNIX"]
+    allow = []
+    if settings.lsl_allow is not None:
+        # Only what LSL needs, only when asked (docs/safety.md): its sockets, to the addresses named.
+        families += list(LSL_ADDRESS_FAMILIES)
+        allow = ["IPAddressAllow={}".format(" ".join(settings.lsl_allow))]
+    if settings.lsl_outlet is not None:
+        run += ["--lsl-outlet", settings.lsl_outlet]
     return "\n".join([
         "[Unit]",
         "Description=neurohand: nerve-signal decoder driving the prosthetic hand",
@@ -375,8 +454,9 @@ def service_unit(settings):
         "ProtectKernelTunables=yes",
         "ProtectKernelModules=yes",
         "ProtectControlGroups=yes",
-        "RestrictAddressFamilies=AF_UNIX",
+        "RestrictAddressFamilies={}".format(" ".join(families)),
         "IPAddressDeny=any",
+    ] + allow + [
         "",
         "[Install]",
         "WantedBy=multi-user.target",

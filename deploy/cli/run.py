@@ -4,6 +4,7 @@ Standard library only at module level; the handlers import the runtime
 (numpy, no torch) and, for ``demo`` only, the workstation's trainer.
 """
 import argparse
+import contextlib
 import json
 import sys
 
@@ -36,7 +37,10 @@ def _add_run_parser(subparsers):
     parser.add_argument("--bundle", required=True, metavar="BUNDLE", help="bundle directory ('neurohand bundle')")
     parser.add_argument("--chip", required=True, metavar="PORT",
                         help="serial port of the chip (device path or pseudo-terminal; pyserial URLs such as socket:// "
-                             "are refused, docs/chip-protocol.md)")
+                             "are refused, docs/chip-protocol.md); or another signal source (the 'lab' extra, "
+                             "docs/lab-streams.md): lsl:NAME or lsl:type=TYPE (a Lab Streaming Layer stream), "
+                             "brainflow:BOARD[:PORT] (a BrainFlow board, e.g. brainflow:synthetic, "
+                             "brainflow:cyton:/dev/ttyUSB0, brainflow:playback:FILE)")
     parser.add_argument("--hand", required=True, metavar="SPEC",
                         help="hand to drive: psyonic:PORT (PSYONIC Ability Hand), neurohand:PORT (neurohand "
                              "protocol), keys:MAPFILE (key presses) or none (decode only)")
@@ -48,6 +52,7 @@ def _add_run_parser(subparsers):
     parser.add_argument("--skip-selftest-check", action="store_true",
                         help="start even if the bundle has not passed its self-test on this device "
                              "(bench use only: never with a hand on a patient)")
+    _add_lsl_arguments(parser)
     add_runtime_arguments(parser)
     parser.set_defaults(func=_run)
 
@@ -95,8 +100,21 @@ def _add_replay_parser(subparsers):
                         help="unplug the virtual chip once after this many seconds, for 1 s")
     faults.add_argument("--seed", type=int, default=None, metavar="K",
                         help="random seed of the injected faults (default: different each time)")
+    _add_lsl_arguments(parser, "--realtime only: ")
     add_runtime_arguments(parser)
     parser.set_defaults(func=_replay)
+
+
+def _add_lsl_arguments(parser, prefix=""):
+    """--lsl-outlet and --lsl-signals (the 'lab' extra; docs/lab-streams.md)."""
+    group = parser.add_argument_group("Lab Streaming Layer (the 'lab' extra; docs/lab-streams.md)")
+    group.add_argument("--lsl-outlet", metavar="NAME",
+                       help=prefix + "publish the finger positions sent to the hand as the LSL stream NAME (type "
+                                     "Control, one channel per finger, 0 = open .. 1 = flexed), stamped on LSL's "
+                                     "clock with the arrival of their data; opens network sockets (off by default)")
+    group.add_argument("--lsl-signals", action="store_true",
+                       help=prefix + "with --lsl-outlet: also publish every decoded signal sample, in microvolts, "
+                                     "as the stream NAME-signals (type ENG)")
 
 
 def _add_demo_parser(subparsers):
@@ -166,14 +184,22 @@ def _run_command(args, signals):
     from neurohand.deploy.runtime.options import config_from_args
     from neurohand.deploy.selftest import require_passed_selftest
     from neurohand.deploy.session import load_decoder, run_on_chip
+    from neurohand.firmware_bridge.chip.session import check_chip_spec, source_kind
     from neurohand.firmware_bridge.shared.checks import check_number
+    from neurohand.firmware_bridge.shared.errors import UsageError
     from neurohand.firmware_bridge.hands import parse_hand_spec
     from neurohand.firmware_bridge.link import check_port
 
     duration = None if args.duration is None else check_number("--duration", args.duration, minimum=0.0,
                                                                 exclusive_minimum=True, maximum=MAX_DURATION_S)
-    # Refused here, before the bundle loads: the device path promises no network (docs/chip-protocol.md).
-    check_port("--chip", args.chip)
+    # Refused here, before the bundle loads: the device path promises no network (docs/chip-protocol.md);
+    # a source of the lab's tools must be spelt right (docs/lab-streams.md).
+    check_chip_spec("--chip", args.chip)
+    source = source_kind(args.chip)
+    if source is not None and args.record is not None:
+        raise UsageError("--record writes the chip's int16 counts; the samples of {} (microvolts) are not recorded "
+                         "here: record the stream with LabRecorder, or the board with BrainFlow".format(args.chip))
+    _check_lsl_options(args)
     hand_name, hand_target = parse_hand_spec(args.hand)
     if hand_name in ("psyonic", "neurohand"):
         check_port("--hand", hand_target)
@@ -189,19 +215,26 @@ def _run_command(args, signals):
                   .format(decoder.backend.name), file=sys.stderr)
         else:
             require_passed_selftest(decoder.bundle, decoder.backend.name)
+        outlets = _open_outlets(args, decoder)
     except BaseException:
         decoder.close()
         raise
     def announce(chip_config):
         if not args.quiet:
-            print("neurohand run: bundle {} (backend {}) <- chip {} ({} channels, {} Hz, {:.6g} uV per count) "
-                  "-> hand {}".format(args.bundle, decoder.backend.name, args.chip, chip_config.n_channels,
-                                      chip_config.sample_rate_hz, chip_config.scale_uv, args.hand),
-                  file=sys.stderr)
+            if source is None:
+                signal = "chip {} ({} channels, {} Hz, {:.6g} uV per count)".format(
+                    args.chip, chip_config.n_channels, chip_config.sample_rate_hz, chip_config.scale_uv)
+            else:
+                signal = "{} ({} channels, {:g} Hz, microvolts)".format(
+                    args.chip, chip_config.n_channels, chip_config.sample_rate_hz)
+            print("neurohand run: bundle {} (backend {}) <- {} -> hand {}{}".format(
+                args.bundle, decoder.backend.name, signal, args.hand,
+                "" if outlets is None else "; LSL outlet {!r}".format(outlets.name)), file=sys.stderr)
 
-    document = run_on_chip(decoder, args.chip, args.hand, config, record_path=args.record,
-                           stats_path=args.stats_json, duration_s=duration, quiet=args.quiet, announce=announce,
-                           signals=signals)
+    with _publishing(outlets):
+        document = run_on_chip(decoder, args.chip, args.hand, config, record_path=args.record,
+                               stats_path=args.stats_json, duration_s=duration, quiet=args.quiet, announce=announce,
+                               signals=signals)
     if not args.quiet:
         latency = document["latency_us"]
         print("neurohand run: stopped ({}); {} commands sent, latency p50 {} us p99 {} us, {} safety events, "
@@ -237,6 +270,40 @@ def _us(value):
     return "n/a" if value is None else "{:.0f}".format(value)
 
 
+def _check_lsl_options(args):
+    from neurohand.firmware_bridge.shared.errors import UsageError
+    from neurohand.firmware_bridge.streams.lsl_outlet import check_stream_name
+    if args.lsl_outlet is not None:
+        check_stream_name("--lsl-outlet", args.lsl_outlet)
+    elif args.lsl_signals:
+        raise UsageError("--lsl-signals publishes beside the positions: give --lsl-outlet NAME too")
+
+
+def _open_outlets(args, decoder):
+    """The opened LslOutlets of --lsl-outlet (None without it), named after the decoder's outputs and channels."""
+    if args.lsl_outlet is None:
+        return None
+    from neurohand.firmware_bridge.streams.lsl_outlet import LslOutlets
+    pipeline = decoder.pipeline
+    return LslOutlets(args.lsl_outlet, decoder.label_names, float(pipeline.signal_rate) / pipeline.stride_samples,
+                      channel_names=decoder.channel_names, signal_rate_hz=pipeline.signal_rate,
+                      signals=args.lsl_signals).open()
+
+
+@contextlib.contextmanager
+def _publishing(outlets):
+    """Runtimes built in the block publish to ``outlets`` (None: nothing); the outlets close at its end."""
+    if outlets is None:
+        yield None
+        return
+    from neurohand.deploy.runtime.assemble import stream_outlets
+    try:
+        with stream_outlets(outlets):
+            yield outlets
+    finally:
+        outlets.close()
+
+
 def _replay(args):
     from neurohand.deploy import replay
     from neurohand.deploy.runtime.options import config_from_args
@@ -257,6 +324,9 @@ def _replay(args):
         from neurohand.deploy.runtime.feature_worker import fork_available
         if jobs == 2 and not fork_available():
             raise UsageError("--jobs 2 needs processes that fork (Linux), which this system has not; use --jobs 1")
+    if args.mode == "fast" and (args.lsl_outlet is not None or args.lsl_signals):
+        raise UsageError("--lsl-outlet and --lsl-signals publish in real time: use them with --realtime")
+    _check_lsl_options(args)
     config = config_from_args(args)
     checks.check_file_exists("RECORDING", args.recording)
     _check_outputs(args, [args.bundle, args.recording])
@@ -269,9 +339,15 @@ def _replay(args):
             outcome = replay.replay_fast(decoder, recording, replay_range, config, record_path=args.record,
                                          stats_path=args.stats_json, jobs=jobs)
         else:
-            outcome = replay.replay_realtime(decoder, recording, replay_range, config, faults=faults,
-                                             disconnect_after_s=disconnect_after, record_path=args.record,
-                                             stats_path=args.stats_json, quiet=args.quiet)
+            try:
+                outlets = _open_outlets(args, decoder)
+            except BaseException:
+                decoder.close()
+                raise
+            with _publishing(outlets):
+                outcome = replay.replay_realtime(decoder, recording, replay_range, config, faults=faults,
+                                                 disconnect_after_s=disconnect_after, record_path=args.record,
+                                                 stats_path=args.stats_json, quiet=args.quiet)
     if args.json:
         print(json.dumps(outcome.summary, sort_keys=True, allow_nan=False))
     else:

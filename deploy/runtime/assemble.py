@@ -4,11 +4,18 @@
 the chip's scales and the settings fit together (it refuses to start on
 nonsense) and returns the :class:`RuntimeParts`; :mod:`.realtime` runs them
 with threads on live links, :mod:`.fast` in one thread at CPU speed.
+
+Outlets (``--lsl-outlet``) are given to :func:`build_runtime`, or set for a
+block with :func:`stream_outlets`: ``neurohand run`` and ``replay --realtime``
+reach it through ``run_on_chip`` and ``run_realtime``, which do not pass
+them on.
 """
+import contextlib
+
 from neurohand.deploy.runtime.decode import DecodeStage
 from neurohand.deploy.runtime.postprocess import PostProcessor
 from neurohand.deploy.runtime.safety import SafetySupervisor
-from neurohand.deploy.runtime.stats import RuntimeStats, build_stats_document
+from neurohand.deploy.runtime.stats import Distribution, RuntimeStats, build_stats_document
 from neurohand.deploy.runtime.writer import HandWriterStage
 from neurohand.firmware_bridge.shared.atomic import write_json_atomic
 from neurohand.firmware_bridge.shared.errors import ConfigError
@@ -27,10 +34,11 @@ class RuntimeParts(object):
     recorder : RecordingSink / ThreadedRecorder or None
     writer_period_s : float, longest the writer waits between two steps
     n_outputs : int;  sample_rate : float (Hz);  stride_samples : int
+    outlets : LslOutlets (bound to this run) or None
     """
 
     def __init__(self, pipeline, backend, hand, config, stats, supervisor, postprocessor, decode, writer,
-                 recorder, writer_period_s, n_outputs, sample_rate, stride_samples):
+                 recorder, writer_period_s, n_outputs, sample_rate, stride_samples, outlets=None):
         self.pipeline = pipeline
         self.backend = backend
         self.hand = hand
@@ -45,10 +53,26 @@ class RuntimeParts(object):
         self.n_outputs = n_outputs
         self.sample_rate = sample_rate
         self.stride_samples = stride_samples
+        self.outlets = outlets
+
+
+_outlets_in_force = []
+
+
+@contextlib.contextmanager
+def stream_outlets(outlets):
+    """Within the block, a runtime built without outlets of its own publishes to ``outlets``
+    (an opened :class:`~neurohand.firmware_bridge.streams.lsl_outlet.LslOutlets`).  The caller
+    opens and closes them."""
+    _outlets_in_force.append(outlets)
+    try:
+        yield outlets
+    finally:
+        _outlets_in_force.remove(outlets)
 
 
 def build_runtime(pipeline, backend, hand, config, scale_uv, clock, timer=None, catch_up="newest",
-                  recorder=None, measure_latency=True, stream=None):
+                  recorder=None, measure_latency=True, stream=None, outlets=None):
     """Check that the pieces fit and build the stage objects.
 
     Parameters
@@ -64,6 +88,9 @@ def build_runtime(pipeline, backend, hand, config, scale_uv, clock, timer=None, 
     recorder : RecordingSink / ThreadedRecorder or None
     stream : the feature stream, or None for ``pipeline.stream()`` (fast replay
         with a feature worker passes its PrefetchedStream)
+    outlets : opened LslOutlets or None (None: those of :func:`stream_outlets`, if any);
+        bound here to ``clock`` and the scales; each publish is timed in the
+        ``publish`` (writer thread) and ``publish_signals`` (decode thread) stages
 
     Raises ConfigError when the model, the pipeline, the hand, the scales
     and the settings do not fit together (refuse to start on nonsense).
@@ -101,7 +128,17 @@ def build_runtime(pipeline, backend, hand, config, scale_uv, clock, timer=None, 
     decode = DecodeStage(pipeline.stream() if stream is None else stream, backend, postprocessor, supervisor, stats, scale, rate,
                          pipeline.stride_samples, pipeline.n_features, n_outputs, clock, timer=timer,
                          catch_up=catch_up, recorder=recorder)
-    writer = HandWriterStage(hand, supervisor, stats, timer, n_outputs, measure_latency=measure_latency)
+    if outlets is None and _outlets_in_force:
+        outlets = _outlets_in_force[-1]
+    publish = None
+    if outlets is not None:
+        outlets.bind(clock, scale, n_outputs)
+        publish = outlets.publish_positions
+        stats.stages["publish"] = Distribution()
+        if outlets.signals:
+            stats.stages["publish_signals"] = Distribution()
+    writer = HandWriterStage(hand, supervisor, stats, timer, n_outputs, measure_latency=measure_latency,
+                             publish=publish)
     if recorder is not None:
         supervisor.listeners.append(recorder.on_safety_event)
     period = config.writer_period_ms / 1000.0
@@ -112,7 +149,7 @@ def build_runtime(pipeline, backend, hand, config, scale_uv, clock, timer=None, 
     return RuntimeParts(pipeline=pipeline, backend=backend, hand=hand, config=config, stats=stats,
                         supervisor=supervisor, postprocessor=postprocessor, decode=decode, writer=writer,
                         recorder=recorder, writer_period_s=period, n_outputs=n_outputs,
-                        sample_rate=rate, stride_samples=pipeline.stride_samples)
+                        sample_rate=rate, stride_samples=pipeline.stride_samples, outlets=outlets)
 
 
 def run_document(parts, frames, writer_counters, extra, duration_s):
@@ -125,6 +162,8 @@ def run_document(parts, frames, writer_counters, extra, duration_s):
             "feature_stream": dict(getattr(parts.decode, "stream_counters", {}) or {}),
             "hand": dict(getattr(parts.hand, "counters", {}) or {}),
             "recording": recorder.summary() if hasattr(recorder, "summary") else None}
+    if parts.outlets is not None:
+        more["lsl_outlet"] = parts.outlets.summary()
     more.update(extra)
     return build_stats_document(parts.stats, frames, parts.decode.counters, writer_counters,
                                 parts.supervisor.summary(), more)

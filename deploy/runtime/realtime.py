@@ -180,10 +180,30 @@ class RealtimeRunner(object):
         process = self.parts.decode.process
         emit = self.commands.put
         take_all = self.frames.take_all
+        outlets = self.parts.outlets
+        if outlets is not None and outlets.signals:
+            self._decode_and_publish_loop(items, process, emit, take_all, outlets.publish_frames)
+            return
         while True:
             finished = take_all(items, WAKE_S)
             if items:
                 process(items, emit)
+                del items[:]
+            if finished:
+                return
+
+    def _decode_and_publish_loop(self, items, process, emit, take_all, publish):
+        # --lsl-outlet with the signals: after each batch is decoded (its command is on its way
+        # to the hand), its samples are published.  A loop of its own: the usual one stays as it was.
+        timer = self.parts.stats.stages["publish_signals"]
+        clock = self._clock
+        while True:
+            finished = take_all(items, WAKE_S)
+            if items:
+                process(items, emit)
+                start = clock()
+                publish(items)
+                timer.add(clock() - start)
                 del items[:]
             if finished:
                 return
@@ -283,7 +303,8 @@ class RealtimeRunner(object):
                 event["kind"], event["time_s"], event["sample"], event["reason"]), file=self._status)
 
     def frames_summary(self):
-        counters = self.parser.counters
+        # The receiver's parser: a signal source other than the chip puts its own in (firmware_bridge/streams).
+        counters = self.receiver.parser.counters
         return {"received": counters["frames_good"], "missing": counters["frames_missing"],
                 "corrupt": counters["crc_errors"] + counters["malformed"], "resyncs": counters["resyncs"],
                 "bad_headers": counters["bad_headers"], "bytes_discarded": counters["bytes_discarded"],

@@ -17,6 +17,10 @@ Per call::
 The check right before ``hand.send`` is the one that guarantees a NaN or an
 out-of-range value never reaches the hand, whatever happened upstream.
 
+``publish(positions, arrival_s)`` (``--lsl-outlet``), when given, is called
+for each new command once the hand was written (its latency measured first):
+with what the hand was told, stamped with the arrival of the command's data.
+
 A vanished hand port (``hand.send`` raised LinkError: cable or USB glitch)
 starts an outage, logged once (``hand_error``).  During it nothing is
 written; each command that could not be delivered is counted in
@@ -59,16 +63,21 @@ class HandWriterStage(object):
         Backoff of ``hand.reopen()`` after the hand's port vanished: the
         first attempt after ``reopen_initial_s``, then doubling up to
         ``reopen_max_s`` between attempts.
+    publish : callable(positions, arrival_s) or None
+        Told what the hand was sent for each new command, after the write;
+        timed into the ``publish`` stage of ``stats``.
     """
 
     def __init__(self, hand, supervisor, stats, timer, n_outputs, measure_latency=True,
-                 reopen_initial_s=REOPEN_INITIAL_S, reopen_max_s=REOPEN_MAX_S):
+                 reopen_initial_s=REOPEN_INITIAL_S, reopen_max_s=REOPEN_MAX_S, publish=None):
         self._hand = hand
         self._supervisor = supervisor
         self._write_timer = stats.stages["write"]
         self._latency = stats.latency
         self._clock = timer
         self._measure_latency = measure_latency
+        self._publish = publish
+        self._publish_timer = stats.stages.get("publish") if publish is not None else None
         self.n_outputs = int(n_outputs)
         self._open = np.zeros(self.n_outputs)
         self._last_sent = None
@@ -131,7 +140,13 @@ class HandWriterStage(object):
                 positions = self._open
             kind = "safe_posture_sent"
             fresh = False
-        return self._send(positions, kind, command if fresh else None, now_s)
+        sent = self._send(positions, kind, command if fresh else None, now_s)
+        if self._publish is not None and command is not None and sent is not None:
+            start = self._clock()
+            self._publish(sent, command.arrival_s)
+            if self._publish_timer is not None:
+                self._publish_timer.add(self._clock() - start)
+        return sent
 
     def send_safe_posture(self, now_s):
         """Shutdown path: put the hand in the safe posture now, whatever the state."""

@@ -19,7 +19,14 @@ streaming).  A chip that comes back configured differently is never decoded:
 the restarter reports a ``chip_config`` fault (safe posture, logged) and
 leaves the frames held until the next reconnect.  A command that gets no
 reply (the port flapping) is retried with backoff while the link is up.
+
+**Other signal sources.**  ``--chip`` may also name a source of the lab's
+tools (:data:`SIGNAL_SOURCES`: ``lsl:NAME``, ``brainflow:BOARD[:PORT]``;
+docs/lab-streams.md).  ``ChipSession(url)`` then returns that source, which
+is opened, checked, streamed and closed exactly as a chip session is, and
+feeds the same receiver; a device path opens the chip as before.
 """
+import importlib
 import threading
 
 from neurohand.firmware_bridge.chip.parser import ChipParser, ChipReply
@@ -150,6 +157,41 @@ class _ReplyReader(object):
         self.parser.flush()
 
 
+#: Signal sources other than the chip, by the prefix of ``--chip``: name -> "module:class",
+#: imported only when asked for (their libraries are optional extras).
+SIGNAL_SOURCES = {
+    "lsl": "neurohand.firmware_bridge.streams.lsl_inlet:LslSource",
+    "brainflow": "neurohand.firmware_bridge.streams.brainflow_source:BrainFlowSource",
+}
+
+
+def source_kind(url):
+    """The :data:`SIGNAL_SOURCES` name ``url`` starts with (``lsl:...`` -> "lsl"), or None for a port."""
+    if isinstance(url, str):
+        prefix, colon, _ = url.partition(":")
+        if colon and prefix in SIGNAL_SOURCES:
+            return prefix
+    return None
+
+
+def source_class(kind):
+    """The class of signal source ``kind`` (a :data:`SIGNAL_SOURCES` name)."""
+    module_name, class_name = SIGNAL_SOURCES[kind].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def check_chip_spec(name, url):
+    """``url`` if it is a device path or a well-formed source spec; UsageError (one line) otherwise.
+
+    ``name`` is the option (``--chip``).  A source spec is checked without
+    opening anything (a BrainFlow board name is looked up in BrainFlow).
+    """
+    kind = source_kind(url)
+    if kind is None:
+        return check_port(name, url)
+    return source_class(kind).check_spec(url)
+
+
 class ChipSession(object):
     """One connection to the chip, opened once: configuration first, then streaming.
 
@@ -160,7 +202,16 @@ class ChipSession(object):
 
     The port is opened once for all of it (``neurohand run`` reads the chip's
     scale before it builds the runtime, and streams on the same connection).
+    ``ChipSession("lsl:MyAmp")`` (any :data:`SIGNAL_SOURCES` prefix) returns
+    that signal source instead, which has the same methods.
     """
+
+    def __new__(cls, url, *args, **kwargs):
+        kind = source_kind(url) if cls is ChipSession else None
+        if kind is not None:
+            # Not a ChipSession, so __init__ is not run on it: the source was built by its own class.
+            return source_class(kind)(url)
+        return super(ChipSession, cls).__new__(cls)
 
     def __init__(self, url, baudrate=BAUDRATE, command_timeout_s=0.5):
         # A device path only: a URL such as socket:// would reach the network (docs/chip-protocol.md).
@@ -284,7 +335,10 @@ def chip_scale_uv(url, chip_config):
 
 
 def check_chip_config(url, chip_config, n_channels, sample_rate_hz, scale_uv=None):
-    """ConfigError naming what differs unless ``chip_config`` is what the decoder needs."""
+    """ConfigError naming what differs unless ``chip_config`` is what the decoder needs.
+
+    ``url``: the chip's port, or a signal source's spec (then named as that source).
+    """
     problems = []
     if chip_config.n_channels != n_channels:
         problems.append("{} channels, the decoder needs {}".format(chip_config.n_channels, n_channels))
@@ -297,4 +351,5 @@ def check_chip_config(url, chip_config, n_channels, sample_rate_hz, scale_uv=Non
             problems.append("scale {:g} µV/count, the run was given {}".format(chip_config.scale_uv,
                                                                                list(scale_uv)))
     if problems:
-        raise ConfigError("chip at {} is configured for {}".format(url, "; ".join(problems)))
+        what = "chip at {}".format(url) if source_kind(url) is None else "signal source {}".format(url)
+        raise ConfigError("{} is configured for {}".format(what, "; ".join(problems)))
