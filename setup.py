@@ -49,6 +49,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.6",
     packages=find_packages(),
+    # collect's web display ships its page, script and style: no CDN.
+    package_data={"neurohand.deploy.collect": ["web/*"]},
     package_dir={"neurohand." + folder: folder for folder in SOURCE_FOLDERS},
     install_requires=[
         # JetPack 4.6 ships numpy 1.19 for Python 3.6; nothing newer is required.

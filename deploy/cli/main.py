@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "neurohand.deploy.cli.bundle",        # bundle, build-engine, selftest, flash
     "neurohand.deploy.cli.recalibrate",   # recalibrate
     "neurohand.deploy.cli.run",           # run, replay, demo
+    "neurohand.deploy.cli.collect",       # collect
     "neurohand.deploy.cli.bench",         # bench
 )
 
