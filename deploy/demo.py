@@ -323,7 +323,8 @@ def _replay_stage(progress, out, paths, settings):
     with open_recording(paths[HELDOUT_RECORDING]) as recording:
         replay_range = replay.ReplayRange(recording, 0.0, settings["replay_seconds"], "realtime")
         outcome = replay.replay_realtime(decoder, recording, replay_range, RuntimeConfig(status_interval_s=0),
-                                         stats_path=os.path.join(out, REPLAY_STATS_JSON), quiet=True)
+                                         stats_path=os.path.join(out, REPLAY_STATS_JSON), quiet=True,
+                                         devices="process")
         label_stream = recording.label_streams[decoder.bundle.config["labels"]["stream"]]
         true_rows = int(np.ceil(replay_range.seconds * label_stream.rate))
         true_labels = replay.scale_labels(label_stream.data[:true_rows], decoder.bundle.config["labels"]["scaling"])

@@ -345,7 +345,8 @@ def replay_fast(decoder, recording, replay_range, config, record_path=None, stat
 
 
 def replay_realtime(decoder, recording, replay_range, config, faults=None, disconnect_after_s=None,
-                    record_path=None, stats_path=None, quiet=True, install_signals=True, devices="thread"):
+                    record_path=None, stats_path=None, quiet=True, install_signals=True, devices="thread",
+                    outlets=None):
     """Replay through a virtual chip and a virtual hand on pseudo-terminals, in real time.
 
     ``faults`` (a FaultInjector or None) and ``disconnect_after_s`` are given
@@ -355,6 +356,8 @@ def replay_realtime(decoder, recording, replay_range, config, faults=None, disco
     "thread": threads of this process (tests look inside them).  The latency
     is measured the same way in both (inside the runtime, chip bytes in ->
     hand command written); the summary's ``devices`` says which it was.
+    ``outlets``: opened LslOutlets the run also publishes to (``--lsl-outlet``),
+    or None; the caller closes them.
     Returns a ReplayOutcome whose commands are what the virtual hand received.
     """
     from neurohand.deploy.session import run_on_chip
@@ -381,7 +384,7 @@ def replay_realtime(decoder, recording, replay_range, config, faults=None, disco
     try:
         document = run_on_chip(decoder, chip_path, "neurohand:" + rig.hand_port, config,
                                record_path=record_path, stats_path=stats_path, duration_s=replay_range.seconds,
-                               quiet=quiet, install_signals=install_signals,
+                               quiet=quiet, install_signals=install_signals, outlets=outlets,
                                metadata={"replay_of": recording.path, "replay_start_sample": replay_range.start})
         wall_s = time.perf_counter() - started
         rig.wait_for_hand(document["commands_sent"], HAND_DRAIN_S)

@@ -72,7 +72,8 @@ def load_decoder(bundle_path, backend_name="auto"):
 
 
 def run_on_chip(decoder, chip_url, hand_spec, config, record_path=None, stats_path=None, duration_s=None,
-                quiet=False, install_signals=True, metadata=None, baudrate=None, announce=None, signals=None):
+                quiet=False, install_signals=True, metadata=None, baudrate=None, announce=None, signals=None,
+                outlets=None):
     """Decode the chip at ``chip_url`` into the hand ``hand_spec`` until stopped; return the stats document.
 
     Reads the chip's configuration first (scale, channels, rate) and refuses a
@@ -86,6 +87,8 @@ def run_on_chip(decoder, chip_url, hand_spec, config, record_path=None, stats_pa
     noted before the hand is opened ends here with StoppedDuringStartup; one
     noted later ends the run at once through its shutdown (safe posture,
     recording closed complete).
+    ``outlets`` (opened LslOutlets or None): where the run also publishes
+    (``--lsl-outlet``); the caller opened them and closes them.
     """
     from neurohand.deploy.runtime import run_realtime
     from neurohand.firmware_bridge.chip.protocol import BAUDRATE
@@ -123,6 +126,6 @@ def run_on_chip(decoder, chip_url, hand_spec, config, record_path=None, stats_pa
         return run_realtime(pipeline, decoder.backend, hand, lambda receiver: session.start_streaming(receiver, check),
                             scale, decoder.channel_names, config, record_path=record_path, stats_path=stats_path,
                             duration_s=duration_s, quiet=quiet, metadata=info, install_signals=install_signals,
-                            signals=signals)
+                            signals=signals, outlets=outlets)
     finally:
         session.close()   # already closed by the run, unless it failed before streaming

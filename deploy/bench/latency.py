@@ -11,13 +11,13 @@ interpreter, in a temporary directory removed afterwards::
     neurohand train train.rec --out run --seed 0 --quiet --json [--max-minutes M]
     neurohand bundle run --out bundle
     neurohand selftest bundle --json
-    neurohand replay bundle held-out.rec --realtime --seconds S --json    (R times per devices mode)
+    neurohand replay bundle held-out.rec --realtime --devices D --seconds S --json   (R times per D)
 
 The held-out part continues the training session (same simulated nerve and
 electrodes, later in time) and was never trained on; another seed would be
 another patient, whom a per-patient decoder cannot decode.
 
-Both places of the virtual devices (replay_realtime's ``devices``), side by
+Both places of the virtual devices (``--devices``, replay_realtime's ``devices``), side by
 side, alternating so that a change of the machine's load hits both alike:
 ``process`` (the chip and the hand in processes of their own, as hardware:
 the default, and the figure the goal is judged on) and ``thread`` (threads of
@@ -83,16 +83,10 @@ def simulate_session(train_path, held_out_path, train_seconds, held_out_seconds,
 
 
 def replay_command(bundle, recording, seconds, devices):
-    """``neurohand replay BUNDLE RECORDING --realtime --seconds S --json`` in a fresh interpreter, with
-    replay_realtime's ``devices``.  The replay command has no option for it yet (deploy/cli/run.py), so
-    the interpreter sets the argument and runs the command; :func:`replay_summary` checks the summary
-    says the devices asked for.  Once ``--devices`` exists: ``neurohand_command("replay", ...,
-    "--devices", devices)``."""
-    code = ("import functools, sys; from neurohand.deploy import replay; "
-            "replay.replay_realtime = functools.partial(replay.replay_realtime, devices=sys.argv[1]); "
-            "from neurohand.deploy.cli.main import main; sys.exit(main(sys.argv[2:]))")
-    return [sys.executable, "-c", code, devices, "replay", bundle, recording, "--realtime", "--seconds",
-            str(seconds), "--json"]
+    """``neurohand replay BUNDLE RECORDING --realtime --devices DEVICES --seconds S --json`` in a fresh
+    interpreter; :func:`replay_summary` checks the summary says the devices asked for."""
+    return neurohand_command("replay", bundle, recording, "--realtime", "--devices", devices, "--seconds",
+                             str(seconds), "--json")
 
 
 def replay_summary(stdout, devices):

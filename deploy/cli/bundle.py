@@ -158,6 +158,15 @@ def register_flash(subparsers):
     parser.add_argument("--max-performance", action="store_true",
                         help="set the Jetson's maximum-performance mode (nvpmodel -m 0, jetson_clocks)")
     parser.add_argument("--no-start", action="store_true", help="install the service but do not (re)start it")
+    lab = parser.add_argument_group("Lab Streaming Layer (the 'lab' extra; docs/lab-streams.md)")
+    lab.add_argument("--allow-lsl", action="append", default=None, metavar="ADDR",
+                     help="let the service reach ADDR over the network for Lab Streaming Layer, nothing else "
+                          "(its unit has no network otherwise): localhost, link-local, multicast or an IP network "
+                          "such as 192.168.10.0/24 (never everything); repeat for several. Needed by --chip "
+                          "lsl:NAME and --lsl-outlet")
+    lab.add_argument("--lsl-outlet", metavar="NAME",
+                     help="the service also publishes the finger positions as the LSL stream NAME (1 to 64 "
+                          "letters, digits, '_', '.' or '-'; 'neurohand run --lsl-outlet'); needs --allow-lsl")
     parser.add_argument("--package", metavar="ARCHIVE",
                         help="pip-installable neurohand archive to copy (default: built from this source tree)")
     parser.set_defaults(func=_flash)
@@ -179,7 +188,8 @@ def _flash(args):
         remote_python=args.remote_python, chip_port=args.chip, hand=args.hand, backend=args.backend,
         fp16=args.fp16, skip_engine=args.skip_engine, max_performance=args.max_performance,
         chip_usb=flash.parse_usb_id("--chip-usb", args.chip_usb),
-        hand_usb=flash.parse_usb_id("--hand-usb", args.hand_usb), start_service=not args.no_start)
+        hand_usb=flash.parse_usb_id("--hand-usb", args.hand_usb), start_service=not args.no_start,
+        lsl_allow=None if args.allow_lsl is None else tuple(args.allow_lsl), lsl_outlet=args.lsl_outlet)
     outcomes = flash.flash(args.bundle, hosts, settings, identity=args.identity, known_hosts=args.known_hosts,
                            dry_run=args.dry_run, jobs=check_int("--jobs", args.jobs, minimum=1, maximum=64),
                            package=args.package)

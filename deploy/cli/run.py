@@ -4,7 +4,6 @@ Standard library only at module level; the handlers import the runtime
 (numpy, no torch) and, for ``demo`` only, the workstation's trainer.
 """
 import argparse
-import contextlib
 import json
 import sys
 
@@ -94,6 +93,10 @@ def _add_replay_parser(subparsers):
                              "one block ahead while this one decodes (the same numbers, about 1.2-1.4x faster "
                              "on 2 cores); 1 = everything in this process (default: 2 where two CPUs are usable "
                              "and processes can fork, as on Linux)")
+    parser.add_argument("--devices", choices=("process", "thread"), default=None,
+                        help="--realtime only: where the virtual chip and hand run: 'process' (default: each in a "
+                             "process of its own, as hardware; the figure to quote for latency) or 'thread' "
+                             "(threads of the decoding process, competing with it for the interpreter lock)")
     faults = parser.add_argument_group("faults injected by the virtual chip (--realtime only)")
     add_fault_arguments(faults)
     faults.add_argument("--disconnect-after", type=float, default=None, metavar="S",
@@ -231,10 +234,12 @@ def _run_command(args, signals):
                 args.bundle, decoder.backend.name, signal, args.hand,
                 "" if outlets is None else "; LSL outlet {!r}".format(outlets.name)), file=sys.stderr)
 
-    with _publishing(outlets):
+    try:
         document = run_on_chip(decoder, args.chip, args.hand, config, record_path=args.record,
                                stats_path=args.stats_json, duration_s=duration, quiet=args.quiet, announce=announce,
-                               signals=signals)
+                               signals=signals, outlets=outlets)
+    finally:
+        _close_outlets(outlets)
     if not args.quiet:
         latency = document["latency_us"]
         print("neurohand run: stopped ({}); {} commands sent, latency p50 {} us p99 {} us, {} safety events, "
@@ -290,17 +295,9 @@ def _open_outlets(args, decoder):
                       signals=args.lsl_signals).open()
 
 
-@contextlib.contextmanager
-def _publishing(outlets):
-    """Runtimes built in the block publish to ``outlets`` (None: nothing); the outlets close at its end."""
-    if outlets is None:
-        yield None
-        return
-    from neurohand.deploy.runtime.assemble import stream_outlets
-    try:
-        with stream_outlets(outlets):
-            yield outlets
-    finally:
+def _close_outlets(outlets):
+    """The command opened the outlets, so it closes them, after the run (None: nothing)."""
+    if outlets is not None:
         outlets.close()
 
 
@@ -324,6 +321,8 @@ def _replay(args):
         from neurohand.deploy.runtime.feature_worker import fork_available
         if jobs == 2 and not fork_available():
             raise UsageError("--jobs 2 needs processes that fork (Linux), which this system has not; use --jobs 1")
+    if args.mode == "fast" and args.devices is not None:
+        raise UsageError("--devices places the virtual chip and hand of --realtime: use it with --realtime")
     if args.mode == "fast" and (args.lsl_outlet is not None or args.lsl_signals):
         raise UsageError("--lsl-outlet and --lsl-signals publish in real time: use them with --realtime")
     _check_lsl_options(args)
@@ -344,10 +343,13 @@ def _replay(args):
             except BaseException:
                 decoder.close()
                 raise
-            with _publishing(outlets):
+            try:
                 outcome = replay.replay_realtime(decoder, recording, replay_range, config, faults=faults,
                                                  disconnect_after_s=disconnect_after, record_path=args.record,
-                                                 stats_path=args.stats_json, quiet=args.quiet)
+                                                 stats_path=args.stats_json, quiet=args.quiet,
+                                                 devices=args.devices or "process", outlets=outlets)
+            finally:
+                _close_outlets(outlets)
     if args.json:
         print(json.dumps(outcome.summary, sort_keys=True, allow_nan=False))
     else:

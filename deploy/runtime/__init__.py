@@ -30,7 +30,7 @@ import time
 
 def run_realtime(pipeline, backend, hand, open_chip, scale_uv, channel_names, config=None,
                  record_path=None, stats_path=None, duration_s=None, quiet=False, metadata=None,
-                 install_signals=True, clock=time.perf_counter, signals=None):
+                 install_signals=True, clock=time.perf_counter, signals=None, outlets=None):
     """Run the decode loop on live links until SIGINT/SIGTERM or ``duration_s``.
 
     Parameters
@@ -54,6 +54,8 @@ def run_realtime(pipeline, backend, hand, open_chip, scale_uv, channel_names, co
     signals : StopSignals or None, handlers the caller installed already (at
         the start of its command); used instead of installing new ones, and a
         stop they noted during start-up ends the run at once, cleanly
+    outlets : opened LslOutlets or None, also publish there (``--lsl-outlet``,
+        see ``build_runtime``); the caller closes them
 
     Returns the stats document (dict).  The hand, the backend and the
     recording are closed on return, whatever happened.
@@ -71,7 +73,7 @@ def run_realtime(pipeline, backend, hand, open_chip, scale_uv, channel_names, co
             backlog = int(config.record_backlog_ms / 1000.0 * pipeline.signal_rate)
             recorder = ThreadedRecorder(sink, max(backlog, 1))
         parts = build_runtime(pipeline, backend, hand, config, scale_uv, clock, catch_up="newest",
-                              recorder=recorder)
+                              recorder=recorder, outlets=outlets)
     except BaseException:
         _close_quietly(recorder, hand, backend)
         raise

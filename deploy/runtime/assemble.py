@@ -5,12 +5,10 @@ the chip's scales and the settings fit together (it refuses to start on
 nonsense) and returns the :class:`RuntimeParts`; :mod:`.realtime` runs them
 with threads on live links, :mod:`.fast` in one thread at CPU speed.
 
-Outlets (``--lsl-outlet``) are given to :func:`build_runtime`, or set for a
-block with :func:`stream_outlets`: ``neurohand run`` and ``replay --realtime``
-reach it through ``run_on_chip`` and ``run_realtime``, which do not pass
-them on.
+Outlets (``--lsl-outlet``) are given to :func:`build_runtime`; ``neurohand
+run`` and ``replay --realtime`` pass them down through ``run_on_chip`` and
+``run_realtime``.
 """
-import contextlib
 
 from neurohand.deploy.runtime.decode import DecodeStage
 from neurohand.deploy.runtime.postprocess import PostProcessor
@@ -56,21 +54,6 @@ class RuntimeParts(object):
         self.outlets = outlets
 
 
-_outlets_in_force = []
-
-
-@contextlib.contextmanager
-def stream_outlets(outlets):
-    """Within the block, a runtime built without outlets of its own publishes to ``outlets``
-    (an opened :class:`~neurohand.firmware_bridge.streams.lsl_outlet.LslOutlets`).  The caller
-    opens and closes them."""
-    _outlets_in_force.append(outlets)
-    try:
-        yield outlets
-    finally:
-        _outlets_in_force.remove(outlets)
-
-
 def build_runtime(pipeline, backend, hand, config, scale_uv, clock, timer=None, catch_up="newest",
                   recorder=None, measure_latency=True, stream=None, outlets=None):
     """Check that the pieces fit and build the stage objects.
@@ -88,7 +71,7 @@ def build_runtime(pipeline, backend, hand, config, scale_uv, clock, timer=None, 
     recorder : RecordingSink / ThreadedRecorder or None
     stream : the feature stream, or None for ``pipeline.stream()`` (fast replay
         with a feature worker passes its PrefetchedStream)
-    outlets : opened LslOutlets or None (None: those of :func:`stream_outlets`, if any);
+    outlets : opened LslOutlets or None (nothing published), opened and closed by the caller;
         bound here to ``clock`` and the scales; each publish is timed in the
         ``publish`` (writer thread) and ``publish_signals`` (decode thread) stages
 
@@ -128,8 +111,6 @@ def build_runtime(pipeline, backend, hand, config, scale_uv, clock, timer=None, 
     decode = DecodeStage(pipeline.stream() if stream is None else stream, backend, postprocessor, supervisor, stats, scale, rate,
                          pipeline.stride_samples, pipeline.n_features, n_outputs, clock, timer=timer,
                          catch_up=catch_up, recorder=recorder)
-    if outlets is None and _outlets_in_force:
-        outlets = _outlets_in_force[-1]
     publish = None
     if outlets is not None:
         outlets.bind(clock, scale, n_outputs)

@@ -14,7 +14,12 @@ the backend), ``invalid_command`` (the writer's last check found a
 non-finite or out-of-range position), ``hand_error`` (the hand link failed;
 logged, the posture is unchanged because the hand cannot be told anything),
 ``chip_config`` (the chip came back from a reconnect configured differently
-from the bundle: its frames are no longer decoded).
+from the bundle: its frames are no longer decoded), ``source_lost`` (a
+signal source that says when it is gone, an LSL stream or a BrainFlow board,
+reported itself lost: the safe posture at once, without waiting for the data
+timeout, and counted apart from ``data_timeout`` so that a vanished stream is
+told from a slow or gappy one; while ``starting`` it is logged and counted
+like a data timeout, the hand being in its safe posture already).
 
 :meth:`require_recovery` is for events that are not faults but after which
 the hand must start again from its safe posture (``hand_reconnected``: the
@@ -59,7 +64,9 @@ SAFE = "safe"
 
 #: Kinds of fault events (counted in ``count``).
 FAULT_KINDS = ("data_timeout", "decoder_error", "non_finite_output", "invalid_command", "hand_error",
-               "chip_config")
+               "chip_config", "source_lost")
+#: Faults that leave the state ``starting`` as it is: no data yet is what starting means.
+_NO_DATA_KINDS = ("data_timeout", "source_lost")
 #: Events kept in the log; later ones are only counted.
 MAX_LOGGED_EVENTS = 1000
 
@@ -160,7 +167,7 @@ class SafetySupervisor(object):
             else:
                 if self.state != SAFE or self._fault_kind != kind:
                     event = self._log(kind, now_s, reason)
-                if self.state != STARTING or kind != "data_timeout":
+                if self.state != STARTING or kind not in _NO_DATA_KINDS:
                     self.state = SAFE
                     self._fault_kind = kind
                 self._good_windows = 0

@@ -225,7 +225,8 @@ class SignalSource(object):
         receiver = self._receiver
         receiver.connection_lost(exc)
         # The watchdog's kind: no trustworthy data will come; the reason says why.
-        receiver.report_fault("data_timeout", "{} {} lost: {}".format(self.noun, self.url, reason))
+        # Its own kind: the source said it is gone (not a slow or gappy one).
+        receiver.report_fault("source_lost", "{} {} lost: {}".format(self.noun, self.url, reason))
         self._gaps.reset()
 
     @property

@@ -173,7 +173,7 @@ def test_realtime_replay_matches_fast_replay(data, capsys, tmp_path):
     stats = tmp_path / "stats.json"
     realtime = replay_json(capsys, bundle, recording, "--realtime", "--seconds", REALTIME_S, "--stats-json", stats)
     fast = replay_json(capsys, bundle, recording, "--fast", "--seconds", REALTIME_S)
-    assert realtime["mode"] == "realtime"
+    assert realtime["mode"] == "realtime" and realtime["devices"] == "process"
     assert realtime["frames"]["missing"] == 0 and realtime["frames"]["corrupt"] == 0
     assert realtime["frames"]["received"] >= 0.95 * REALTIME_S * 2000 / 20
     assert realtime["safety_events"] == 0
@@ -190,8 +190,9 @@ def test_realtime_replay_matches_fast_replay(data, capsys, tmp_path):
 
 def test_replay_faults_reach_the_counters(data, capsys):
     bundle, recording = data
-    result = replay_json(capsys, bundle, recording, "--realtime", "--seconds", 3, "--drop-rate", 0.02,
-                         "--seed", 4)
+    result = replay_json(capsys, bundle, recording, "--realtime", "--devices", "thread", "--seconds", 3,
+                         "--drop-rate", 0.02, "--seed", 4)
+    assert result["devices"] == "thread"
     dropped = result["chip"]["faults"]["frames_dropped"]
     assert dropped > 0 and result["frames"]["missing"] > 0
     assert result["frames"]["missing"] <= dropped
@@ -338,6 +339,7 @@ def test_run_refuses_a_chip_configured_differently(data, tmp_path, capsys):
     (["replay", "{bundle}", "{recording}", "--drop-rate", "2", "--realtime"], "--drop-rate must be at most 1"),
     (["replay", "{bundle}", "{recording}", "--jobs", "3"], "--jobs must be at most 2"),
     (["replay", "{bundle}", "{recording}", "--realtime", "--jobs", "2"], "--jobs sets how --fast computes"),
+    (["replay", "{bundle}", "{recording}", "--devices", "thread"], "use it with --realtime"),
     (["replay", "{bundle}", "{other}"], "4 channels at 2000 Hz"),
     (["run", "--bundle", "{bundle}", "--chip", "/dev/nonexistent-chip", "--hand", "none", "--backend", "numpy"],
      "cannot open serial port"),
@@ -429,8 +431,9 @@ def test_an_io_error_while_the_virtual_chip_streams_is_one_line(data, capsys, mo
 
     monkeypatch.setattr(virtual_chip.RecordingSource, "read", failing_later)
     capsys.readouterr()
-    status = cli.main(["replay", bundle, recording, "--backend", "numpy", "--realtime", "--seconds", "3",
-                       "--quiet"])
+    # --devices thread: the virtual chip must run in this process to see the patched read.
+    status = cli.main(["replay", bundle, recording, "--backend", "numpy", "--realtime", "--devices", "thread",
+                       "--seconds", "3", "--quiet"])
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1, err
     assert "cannot read recording" in err and "Input/output error" in err
@@ -482,10 +485,12 @@ def test_realtime_replay_with_the_devices_in_processes_of_their_own(data):
     assert faults.counters == summary["chip"]["faults"] and faults.counters["frames_dropped"] > 0
     assert 0 < summary["frames"]["missing"] <= faults.counters["frames_dropped"]
     # The hand's receive times and the chip's stream start share one clock across the processes: every
-    # command lands within the run, and only the open posture sent as the hand opens comes before START.
+    # command lands within the run; only the open posture sent as the hand opens (and, on a loaded
+    # machine, its keep-alives every writer period until the chip starts) comes before START.
     samples = outcome.samples
     early = samples < 0
-    assert np.all(np.diff(samples) >= 0) and early.sum() <= 1 and not outcome.positions[early].any()
+    assert np.all(np.diff(samples) >= 0) and not outcome.positions[early].any()
+    assert early.sum() <= 10 and (not early.any() or samples[0] >= -1.0 * 2000)
     assert samples[-1] <= (4.0 + 1.0) * 2000
 
 

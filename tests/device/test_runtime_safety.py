@@ -140,6 +140,31 @@ def test_data_stop_gives_safe_posture_within_one_writer_period(posture):
     assert kinds[:3] == ["ready", "data_timeout", "recovered"]
 
 
+def test_a_lost_source_is_a_fault_of_its_own_safe_at_once_and_not_counted_twice():
+    from neurohand.deploy.runtime.safety import SafetySupervisor
+    supervisor = SafetySupervisor("open", 0.1, 2, 5, 0.0)
+    # While starting (the hand safe already) it is counted and logged, and starting goes on.
+    supervisor.on_fault("source_lost", 0.01, "LSL stream lsl:x lost: gone")
+    assert supervisor.state == "starting"
+    for t in (0.02, 0.03):
+        supervisor.on_good_window(t)
+    assert supervisor.is_ok and supervisor.check(0.035)
+    supervisor.on_command(0.03)
+    # Lost while ok: the safe posture at once, well within the data timeout.
+    supervisor.on_fault("source_lost", 0.04, "LSL stream lsl:x lost: gone")
+    assert not supervisor.is_ok and not supervisor.check(0.041)
+    # The silence that follows is the same outage: the watchdog adds no data_timeout.
+    assert not supervisor.check(1.0)
+    supervisor.on_good_window(1.5)
+    supervisor.on_good_window(1.51)
+    summary = supervisor.summary()
+    assert summary["by_kind"]["source_lost"] == 2 and summary["by_kind"]["data_timeout"] == 0
+    assert summary["count"] == 2 and summary["state"] == "ok"
+    assert [e["kind"] for e in summary["events"]] == ["source_lost", "ready", "source_lost", "recovered"]
+    with pytest.raises(ValueError):
+        supervisor.on_fault("stream_gone", 2.0, "no such kind")
+
+
 def test_recovery_needs_n_good_windows_and_starts_from_the_posture_at_the_slew_limit():
     config = RuntimeConfig(recovery_windows=3, max_slew_per_s=2.0)   # 0.02 per 10 ms window
     parts, hand, _, clock = build(config)

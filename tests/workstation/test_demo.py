@@ -48,7 +48,7 @@ def test_demo_summary_holds_every_stage(demo):
     with open(os.path.join(out, "summary.json")) as handle:
         summary = json.load(handle)
     replay = summary["replay"]
-    assert replay["mode"] == "realtime" and replay["seconds"] == 6.0
+    assert replay["mode"] == "realtime" and replay["seconds"] == 6.0 and replay["devices"] == "process"
     assert len(replay["r2"]) == 5 and replay["label_names"][0] == "thumb"
     assert replay["frames"]["received"] >= 0.9 * 6 * 2000 / 20 and replay["frames"]["missing"] == 0
     assert replay["safety_events"] == 0

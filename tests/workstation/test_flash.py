@@ -197,3 +197,27 @@ def test_flash_works_from_an_installed_package_without_the_source_tree(bundle, t
     version = subprocess.check_output([sys.executable, "-S", "-m", "neurohand.deploy", "--version"], env=env,
                                       cwd=str(tmp_path), universal_newlines=True)
     assert version.startswith("neurohand ")
+
+
+def test_lab_streaming_options_reach_the_unit_and_bad_ones_are_refused(bundle, tmp_path):
+    result = flash(bundle, "--host", "jetson@192.0.2.1", "--dry-run", "--install-dir", tmp_path / "never",
+                   "--chip", "lsl:type=ENG", "--allow-lsl", "192.168.10.0/24", "--allow-lsl", "localhost",
+                   "--lsl-outlet", "hand-out")
+    assert result.returncode == 0, result.stderr
+    exec_start = [line for line in result.stdout.splitlines() if line.startswith("ExecStart=")]
+    assert len(exec_start) == 1, result.stdout
+    assert "--chip lsl:type=ENG" in exec_start[0] and exec_start[0].endswith(" --lsl-outlet hand-out")
+    assert "IPAddressAllow=192.168.10.0/24 localhost" in result.stdout.splitlines()
+    assert "IPAddressDeny=any" in result.stdout and "AF_INET" in result.stdout
+    # Without them the unit has no network at all.
+    plain = flash(bundle, "--host", "jetson@192.0.2.1", "--dry-run", "--install-dir", tmp_path / "never")
+    assert plain.returncode == 0 and "IPAddressAllow" not in plain.stdout and "--lsl-outlet" not in plain.stdout
+    for extra, message in ((["--allow-lsl", "0.0.0.0/0"], "every address"),
+                           (["--allow-lsl", "192.168.10.1/24"], "host bits set"),
+                           (["--lsl-outlet", "hand-out"], "give --allow-lsl"),
+                           (["--allow-lsl", "localhost", "--lsl-outlet", "a b"], "--lsl-outlet in the unit"),
+                           (["--chip", "lsl:type=ENG"], "--allow-lsl")):
+        refused = flash(bundle, "--host", "jetson@192.0.2.1", "--dry-run", *extra)
+        assert refused.returncode == 2, (extra, refused.stdout)
+        assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert message in refused.stderr, (extra, refused.stderr)
