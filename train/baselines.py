@@ -1,8 +1,10 @@
-"""Classic linear decoders to compare the RNN against: Wiener and Kalman filters.
+"""Decoders to compare the RNN against: Wiener and Kalman filters, and on request a TCN.
 
-Both are fitted on the same features and split as the RNN and decode causally
-(each output uses features up to its own step only).  numpy only, so they are
-light enough to refit on every ``neurohand evaluate``.
+All are fitted on the same features and split as the RNN and decode causally
+(each output uses features up to its own step only).  The filters are numpy
+only, light enough to refit on every ``neurohand evaluate``.  The temporal
+convolutional network (train/tcn.py, torch) trains for minutes, so it is
+fitted only when named (:data:`ON_REQUEST`).
 
 A *segment* here is a pair ``(features, labels)``: arrays of shape
 ``(n_steps, n_features)`` and ``(n_steps, n_outputs)``, consecutive feature
@@ -11,6 +13,7 @@ cross from one segment into the next.
 """
 import numpy as np
 
+from neurohand.firmware_bridge.shared import checks
 from neurohand.train import metrics
 
 # Ridge strengths relative to the mean feature energy (see WienerFilter.fit).
@@ -299,21 +302,43 @@ class KalmanFilter:
         return {"lag": self.lag, "bin": self.bin, "noise_scale": self.noise_scale}
 
 
-# Explicit registry: baseline name -> class, in the order reports list them.
+def _tcn_class():
+    # torch is imported only when the TCN is asked for: the linear filters stay numpy-only.
+    from neurohand.train.tcn import TCNDecoder
+    return TCNDecoder
+
+
+# Explicit registry: baseline name -> class, in the order reports list them; fitted by default.
 BASELINES = {"wiener": WienerFilter, "kalman": KalmanFilter}
+#: Fitted only when named (``fit_and_score(..., names=...)``): name -> function returning the class.
+#: The TCN trains with torch for minutes (NinaPro DB1 S2E1: about as long as the RNN).
+ON_REQUEST = {"tcn": _tcn_class}
+#: Every name ``fit_and_score`` accepts, in report order.
+ALL_BASELINES = tuple(BASELINES) + tuple(ON_REQUEST)
 
 
-def fit_and_score(train_segments, validation_segments, test_segments, settings=None, decoders=None):
-    """Fit every baseline and score it on the test segments.
+def baseline_class(name):
+    """The class of baseline ``name`` (one of :data:`ALL_BASELINES`)."""
+    checks.check_option("baseline", name, ALL_BASELINES)
+    return BASELINES[name] if name in BASELINES else ON_REQUEST[name]()
 
-    ``settings`` maps a baseline name to keyword arguments of its class; a
+
+def fit_and_score(train_segments, validation_segments, test_segments, settings=None, decoders=None, names=None):
+    """Fit baselines and score them on the test segments.
+
+    ``names`` chooses them (default: :data:`BASELINES`, the linear filters;
+    add ``"tcn"`` for the convolutional network); ``settings`` maps a baseline
+    name to keyword arguments of its class (the TCN's ``seed`` among them); a
     ``decoders`` dict, when given, receives each fitted decoder by name (so a
     caller that needs their predictions elsewhere does not fit them again).
-    Returns {name: score dict (see metrics.score) plus the fitted hyper-parameters}."""
+    Returns {name: score dict (see metrics.score) plus the fitted hyper-parameters,
+    ``deterministic`` and, for the TCN, ``seed``}."""
     settings = settings or {}
+    names = tuple(BASELINES) if names is None else tuple(names)
+    chosen = [(name, baseline_class(name)) for name in names]
     truth = np.concatenate([l for _, l in test_segments], axis=0)
     results = {}
-    for name, cls in BASELINES.items():
+    for name, cls in chosen:
         decoder = cls(**settings.get(name, {})).fit(train_segments, validation_segments)
         if decoders is not None:
             decoders[name] = decoder
@@ -321,9 +346,10 @@ def fit_and_score(train_segments, validation_segments, test_segments, settings=N
         result = metrics.score(truth, prediction)
         if name == "wiener":
             result.update({"alpha": decoder.alpha_, "lags": decoder.lags, "lag_step": decoder.lag_step})
-        elif name == "kalman":
+        else:
             result.update(decoder.settings())
-        # Fitted in closed form on a fixed split: no seed changes these figures.
-        result["deterministic"] = True
+        # The linear filters are fitted in closed form on a fixed split: no seed changes their figures.
+        # The TCN's initial weights, pieces and noise come from its seed.
+        result["deterministic"] = name != "tcn"
         results[name] = result
     return results

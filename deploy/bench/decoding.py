@@ -21,7 +21,9 @@ Output::
     {"quick": bool, "max_minutes": float | None,
      "datasets": {"ninapro_db1_s2_e1" | "simulator_150s_seed1": {
          "what": str, "test_steps": int, "test_seconds": float,
-         "scores": {"rnn" | "wiener" | "kalman": {"mean_r2", "mean_pearson_r", "mean_rmse", "r2": [...]}},
+         "scores": {"rnn" | "wiener" | "kalman" | "tcn": {"mean_r2", "mean_pearson_r", "mean_rmse", "r2": [...]}},
+         "classes": {"rnn" | "lda" | "lda_td": {"accuracy", "balanced_accuracy", "trial_accuracy", ...}}
+                    (only where evaluate reports movement classes),
          "label_names": [...],
          "training": {"epochs_run", "best_epoch", "stopped", "train_seconds", "wall_seconds", "budget",
                       "validation_mean_r2", "device", "threads"},
@@ -45,6 +47,8 @@ SIMULATOR_DIFFICULTY = "easy"
 QUICK_SIMULATOR_SECONDS = 40.0
 TRAIN_SEED = 0
 SCORE_KEYS = ("mean_r2", "mean_pearson_r", "mean_rmse", "r2")
+# Movement-class scores (train/classes.py), where the recording has movement events.
+CLASS_KEYS = ("accuracy", "balanced_accuracy", "trial_accuracy", "rest_trial_accuracy", "delay_s")
 
 
 def default_ninapro_file():
@@ -80,10 +84,20 @@ def json_output(stdout, what):
 def summarise(train_summary, evaluation, wall_seconds, budget):
     """One data set's entry from ``train --json`` and ``evaluate --json`` output (see the module docstring)."""
     scores = {"rnn": {key: evaluation[key] for key in SCORE_KEYS}}
+    classes = {}
+    if evaluation.get("classes"):
+        classes["rnn"] = {key: evaluation["classes"].get(key) for key in CLASS_KEYS}
     for name in sorted(evaluation.get("baselines") or {}):
-        scores[name] = {key: evaluation["baselines"][name][key] for key in SCORE_KEYS}
+        baseline = evaluation["baselines"][name]
+        # Regression baselines score positions, classifiers (train/classes.py: lda, lda_td) movement classes.
+        if "mean_r2" in baseline:
+            scores[name] = {key: baseline[key] for key in SCORE_KEYS}
+            if "seed" in baseline:
+                scores[name]["seed"] = baseline["seed"]
+        elif "balanced_accuracy" in baseline:
+            classes[name] = {key: baseline.get(key) for key in CLASS_KEYS}
     validation = train_summary["scores"].get("validation", {})
-    return {
+    entry = {
         "test_steps": evaluation["n_steps"],
         "test_seconds": evaluation["split"]["test_seconds"],
         "split_method": evaluation["split"]["method"],
@@ -97,6 +111,9 @@ def summarise(train_summary, evaluation, wall_seconds, budget):
         },
         "decode_us_per_step": evaluation["decode"]["us_per_step"],
     }
+    if classes:
+        entry["classes"] = classes
+    return entry
 
 
 def train_and_evaluate(recording, run_dir, quick, max_minutes, label):

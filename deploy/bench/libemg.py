@@ -1,5 +1,9 @@
 """``neurohand bench libemg``: our window features against LibEMG's, on the same windows.
 
+It also holds the classifier comparison: :func:`lda_comparison` fits our
+numpy LDA (train/classes.py) and LibEMG's standard one on the same features
+(used for docs/training.md's NinaPro figures and tests/workstation/test_libemg_compare.py).
+
 LibEMG (https://libemg.github.io/libemg/, PyPI ``libemg``) is the reference
 feature library of the myoelectric-control field.  This benchmark feeds the
 very same windows to :class:`~neurohand.decoder.features.WindowFeatures` and to
@@ -189,6 +193,37 @@ def flat_steps(windows):
     """Number of inner samples whose slope product (x[i]-x[i-1])(x[i]-x[i+1]) is exactly 0."""
     steps = windows[:, :, 1:] - windows[:, :, :-1]
     return int(np.count_nonzero(steps[:, :, :-1] * steps[:, :, 1:] == 0))
+
+
+def libemg_lda_decisions(train_features, train_classes, test_features):
+    """LibEMG's standard classifier, ``EMGClassifier("LDA")`` (scikit-learn's ``LinearDiscriminantAnalysis()``
+    with its defaults), fitted on one set of features and run on another: decided class per test row."""
+    from libemg.emg_predictor import EMGClassifier
+
+    classifier = EMGClassifier("LDA")
+    classifier.fit(feature_dictionary={"training_features": np.asarray(train_features, dtype=np.float64),
+                                       "training_labels": np.asarray(train_classes)})
+    decided, _ = classifier.run(np.asarray(test_features, dtype=np.float64))
+    return np.asarray(decided).astype(np.int64)
+
+
+def lda_comparison(train_features, train_classes, test_features, test_classes):
+    """Our numpy LDA (train/classes.py, shrinkage 0 and empirical priors: LibEMG's settings) against
+    LibEMG's on the same features.
+
+    Returns dict: ours and libemg (accuracy, balanced_accuracy per step) and
+    agreement (share of test rows where the two decide the same class)."""
+    from neurohand.train import classes
+
+    ours = classes.LDAClassifier(shrinkages=0.0).fit([(train_features, train_classes)]).predict(test_features)
+    theirs = libemg_lda_decisions(train_features, train_classes, test_features)
+    labels = np.union1d(np.union1d(ours, theirs), test_classes)
+    result = {"agreement": float(np.mean(ours == theirs)), "n_test": int(len(ours))}
+    for name, decided in (("ours", ours), ("libemg", theirs)):
+        confusion = classes.confusion_matrix(test_classes, decided, labels)
+        result[name] = {"accuracy": classes.accuracy(confusion),
+                        "balanced_accuracy": classes.balanced_accuracy(confusion)}
+    return result
 
 
 def _seconds(function):

@@ -120,3 +120,19 @@ def test_flat_steps_are_where_ssc_definitions_differ():
     assert libemg_compare.flat_steps(windows) == 2 * libemg_compare.N_CHANNELS
     for name in ("mav", "rms", "wl", "zc"):
         np.testing.assert_array_equal(ours[name], theirs[name])
+
+
+def test_our_lda_decides_as_libemg_s_lda():
+    status = libemg_compare.libemg_status()
+    if not status["importable"]:
+        pytest.skip("LibEMG not importable: {}".format(status["reason"]))
+    rng = np.random.default_rng(0)
+    means = rng.normal(scale=1.5, size=(4, 6))
+    mixing = rng.normal(size=(6, 6)) / 3.0 + np.eye(6)
+    classes_ = rng.integers(0, 4, 2000)
+    features = means[classes_] + rng.normal(size=(2000, 6)) @ mixing
+    result = libemg_compare.lda_comparison(features[:1500], classes_[:1500], features[1500:], classes_[1500:])
+    # Same model (shared covariance, empirical priors, no shrinkage): the same decisions.
+    assert result["agreement"] == 1.0
+    assert result["ours"] == result["libemg"]
+    assert 0.6 < result["ours"]["balanced_accuracy"] < 1.0

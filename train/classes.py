@@ -1,0 +1,416 @@
+"""Movement classes: labels per decoder step, the usual accuracy measures, and an LDA baseline (numpy).
+
+**Classes.**  A recording's ``movement`` events (NinaPro: ``restimulus``, 0 =
+rest, 1..12 the movements of exercise 1; train/importers.py) give the
+movement in force at every sample.  A decoder step's class is the movement in
+force at its window's last sample, the causal rule of the labels
+(train/dataset.py): for a window ending before sample ``e``, the value at
+sample ``e - 1``.  Rest (0) is a class like the others.
+
+**Per-step measures** (Atzori et al., Sci Data 1, 140053, 2014, score NinaPro
+classifiers per window): accuracy, balanced accuracy (the mean over the true
+classes of each class's recall, so rest, about half of the steps, weighs as
+much as one movement), per-class recall and precision, and the confusion
+matrix (rows: true class, columns: decided class, counts of steps).
+
+**Per-trial measure** ("the decided class of a movement").  A *trial* is a
+maximal run of steps of one true class within one segment.  The decision for
+it is the majority vote (Englehart & Hudgins, IEEE Trans Biomed Eng 50(7),
+848-854, 2003) over the decided classes of its steps from ``delay_s`` after
+its onset to its end (or to ``delay_s + vote_s``); a tie goes to the lowest
+class id, so to rest where rest is among the tied.  The delay, 0.3 s by
+default, is the controller delay Englehart and Hudgins keep within: a decision
+the user waits for no longer than that, and which leaves out the onset where
+the muscles are still changing state.  A trial shorter than the delay cannot
+be decided and is counted apart (``trials_undecided``).  ``trial_accuracy``
+is over the movement trials (rest excluded), ``rest_trial_accuracy`` over the
+rest trials.
+
+**LDA baseline.**  Linear discriminant analysis with one covariance shared by
+all classes, shrunk toward a multiple of the identity (Ledoit-Wolf form
+``(1 - s) S + s tr(S)/d I``), the shrinkage chosen on the validation split
+by balanced accuracy; with ``s = 0`` and empirical priors it is the
+classifier LibEMG's ``EMGClassifier("LDA")`` trains (scikit-learn's
+``LinearDiscriminantAnalysis()``).  In the myoelectric literature LDA runs
+on Hudgins' time-domain set (MAV, ZC, SSC, WL; Hudgins et al., IEEE Trans
+Biomed Eng 40(1), 82-94, 1993).  On envelopes such as NinaPro DB1's (an RMS
+output, positive throughout) ZC counts nothing and SSC counts ripples of the
+envelope rather than of the EMG, so there the set reduces to MAV, WL and
+envelope SSC; docs/training.md reports LDA on both that set and the RNN's
+own features.
+"""
+import numpy as np
+
+#: Decision delay of the per-trial measure (see the module docstring).
+DEFAULT_DELAY_S = 0.3
+#: Shrinkage candidates of the LDA, chosen on validation; 0 is the textbook (and LibEMG's) LDA.
+DEFAULT_SHRINKAGES = (0.0, 1e-4, 1e-3, 1e-2, 0.1, 0.3, 0.6)
+REST = 0
+
+
+# --- labels -------------------------------------------------------------------------
+
+def movement_at(events, samples, kind="movement"):
+    """Value of the ``kind`` events in force at each sample index, int64 array like ``samples``.
+
+    events : objects with ``sample``, ``kind`` and ``value`` (recording events),
+        or ``(sample, kind, value)`` tuples; before the first event the value is 0 (rest).
+    samples : int array, sample indices on the recording's axis."""
+    changes = sorted((int(_field(e, "sample", 0)), int(_field(e, "value", 2)))
+                     for e in events if _field(e, "kind", 1) == kind)
+    samples = np.asarray(samples, dtype=np.int64)
+    if not changes:
+        return np.zeros(samples.shape, dtype=np.int64)
+    at = np.array([s for s, _ in changes], dtype=np.int64)
+    values = np.array([v for _, v in changes], dtype=np.int64)
+    # Several events at one sample: the last one listed wins, as a stream of changes reads.
+    index = np.searchsorted(at, samples, side="right") - 1
+    return np.where(index >= 0, values[np.maximum(index, 0)], REST)
+
+
+def _field(event, name, position):
+    return getattr(event, name) if hasattr(event, name) else event[position]
+
+
+def step_classes(events, ends, kind="movement"):
+    """Class of each decoder step: the movement in force at its window's last sample.
+
+    ends : int array (n_steps,), sample index after each window's last sample
+    (``Sequence.ends``, absolute on the recording's axis).  Returns int64 (n_steps,)."""
+    return movement_at(events, np.asarray(ends, dtype=np.int64) - 1, kind)
+
+
+def class_names(classes):
+    """Display names: "rest" for 0, "m<k>" for movement k."""
+    return ["rest" if int(c) == REST else "m{}".format(int(c)) for c in classes]
+
+
+# --- per-step measures --------------------------------------------------------------
+
+def confusion_matrix(truth, decided, classes):
+    """Counts, int64 (n_classes, n_classes): row = true class, column = decided class.
+
+    A decided class outside ``classes`` raises ValueError (it would silently vanish)."""
+    truth = np.asarray(truth, dtype=np.int64).reshape(-1)
+    decided = np.asarray(decided, dtype=np.int64).reshape(-1)
+    classes = np.asarray(classes, dtype=np.int64)
+    if truth.shape != decided.shape:
+        raise ValueError("truth {} and decided {} differ in length".format(truth.shape, decided.shape))
+    unknown = np.setdiff1d(np.union1d(truth, decided), classes)
+    if unknown.size:
+        raise ValueError("classes {} are not among {}".format(unknown.tolist(), classes.tolist()))
+    order = np.argsort(classes, kind="stable")
+    rows = order[np.searchsorted(classes, truth, sorter=order)]
+    columns = order[np.searchsorted(classes, decided, sorter=order)]
+    matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    np.add.at(matrix, (rows, columns), 1)
+    return matrix
+
+
+def accuracy(confusion):
+    """Share of steps decided right (nan with no step)."""
+    confusion = np.asarray(confusion)
+    total = confusion.sum()
+    return float(np.trace(confusion) / total) if total else float("nan")
+
+
+def recall(confusion):
+    """Per true class: share of its steps decided right; nan for a class with no step."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    support = confusion.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(support > 0, np.diag(confusion) / np.where(support > 0, support, 1.0), np.nan)
+
+
+def precision(confusion):
+    """Per decided class: share of the steps decided as it that truly are it; nan where never decided."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    decided = confusion.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(decided > 0, np.diag(confusion) / np.where(decided > 0, decided, 1.0), np.nan)
+
+
+def balanced_accuracy(confusion):
+    """Mean recall over the classes that occur in the truth (scikit-learn's balanced_accuracy_score)."""
+    values = recall(confusion)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+# --- per-trial measure --------------------------------------------------------------
+
+def trials(truth):
+    """Maximal runs of one class in one segment's step classes: list of (start, stop, class)."""
+    truth = np.asarray(truth, dtype=np.int64).reshape(-1)
+    if truth.size == 0:
+        return []
+    cuts = np.concatenate([[0], np.flatnonzero(truth[1:] != truth[:-1]) + 1, [truth.size]])
+    return [(int(a), int(b), int(truth[a])) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def majority(decided):
+    """The most frequent class in ``decided``; a tie goes to the lowest class id."""
+    values, counts = np.unique(np.asarray(decided, dtype=np.int64), return_counts=True)
+    return int(values[np.argmax(counts)])
+
+
+def trial_decisions(truth, decided, steps_per_s, delay_s=DEFAULT_DELAY_S, vote_s=None):
+    """The decision for every trial of one segment.
+
+    truth, decided : int arrays (n_steps,), true and decided class per step
+    steps_per_s : decoder steps per second
+    delay_s : the vote starts this long after the trial's onset
+    vote_s : the vote covers this long (None: to the trial's end)
+
+    Returns a list of (start, stop, true class, decided class or None where
+    the trial is shorter than the delay)."""
+    decided = np.asarray(decided, dtype=np.int64).reshape(-1)
+    delay = int(round(delay_s * steps_per_s))
+    span = None if vote_s is None else max(1, int(round(vote_s * steps_per_s)))
+    out = []
+    for start, stop, cls in trials(truth):
+        first = start + delay
+        last = stop if span is None else min(stop, first + span)
+        out.append((start, stop, cls, majority(decided[first:last]) if first < last else None))
+    return out
+
+
+def score_classes(truth_segments, decided_segments, steps_per_s, classes=None, delay_s=DEFAULT_DELAY_S,
+                  vote_s=None):
+    """Every measure of decided classes against the true ones, as a JSON-ready dict.
+
+    truth_segments, decided_segments : lists (one per segment) of int arrays (n_steps,)
+    classes : the class ids in report order (default: every id in the truth and the decisions)
+
+    Keys: classes, class_names, accuracy, balanced_accuracy, recall and
+    precision (per class), support (steps per true class), confusion (list of
+    rows, true x decided), n_steps; trial_accuracy (movement trials),
+    rest_trial_accuracy, trials (decided movement trials), trials_undecided,
+    trial_confusion (movement and rest trials, true x decided), delay_s, vote_s."""
+    if len(truth_segments) != len(decided_segments):
+        raise ValueError("{} truth segments but {} decided".format(len(truth_segments), len(decided_segments)))
+    truth = np.concatenate([np.asarray(t, dtype=np.int64).reshape(-1) for t in truth_segments])
+    decided = np.concatenate([np.asarray(d, dtype=np.int64).reshape(-1) for d in decided_segments])
+    if classes is None:
+        classes = np.union1d(truth, decided)
+    classes = np.asarray(classes, dtype=np.int64)
+    confusion = confusion_matrix(truth, decided, classes)
+    decisions = []
+    for t, d in zip(truth_segments, decided_segments):
+        if len(t) != len(d):
+            raise ValueError("a segment has {} true and {} decided steps".format(len(t), len(d)))
+        decisions.extend(trial_decisions(t, d, steps_per_s, delay_s, vote_s))
+    decided_trials = [(cls, got) for _, _, cls, got in decisions if got is not None]
+    moves = [(cls, got) for cls, got in decided_trials if cls != REST]
+    rests = [(cls, got) for cls, got in decided_trials if cls == REST]
+    trial_confusion = confusion_matrix([c for c, _ in decided_trials], [g for _, g in decided_trials], classes) \
+        if decided_trials else np.zeros((len(classes), len(classes)), dtype=np.int64)
+    return {
+        "classes": classes.tolist(), "class_names": class_names(classes),
+        "accuracy": accuracy(confusion), "balanced_accuracy": balanced_accuracy(confusion),
+        "recall": recall(confusion).tolist(), "precision": precision(confusion).tolist(),
+        "support": confusion.sum(axis=1).tolist(), "confusion": confusion.tolist(), "n_steps": int(truth.size),
+        "trial_accuracy": _share(moves), "rest_trial_accuracy": _share(rests), "trials": len(moves),
+        "rest_trials": len(rests), "trials_undecided": sum(1 for d in decisions if d[3] is None),
+        "trial_confusion": trial_confusion.tolist(), "delay_s": float(delay_s),
+        "vote_s": None if vote_s is None else float(vote_s),
+    }
+
+
+def _share(pairs):
+    return float(np.mean([cls == got for cls, got in pairs])) if pairs else float("nan")
+
+
+# --- LDA ----------------------------------------------------------------------------
+
+class LDAClassifier(object):
+    """Linear discriminant analysis, one shared covariance, shrinkage chosen on validation (numpy).
+
+    Segments are ``(features, classes)`` pairs: (n_steps, n_features) and
+    (n_steps,) int.  ``shrinkages`` are the candidates (a number fixes it);
+    ``priors`` "empirical" (class frequencies in training, as scikit-learn and
+    LibEMG) or "equal".  Decisions are per step, from that step's features only."""
+
+    def __init__(self, shrinkages=DEFAULT_SHRINKAGES, priors="empirical"):
+        self.shrinkages = tuple(float(s) for s in np.atleast_1d(shrinkages))
+        if not self.shrinkages or min(self.shrinkages) < 0 or max(self.shrinkages) > 1:
+            raise ValueError("shrinkages must lie in [0, 1]")
+        if priors not in ("empirical", "equal"):
+            raise ValueError("priors must be 'empirical' or 'equal', but got {!r}".format(priors))
+        self.priors = priors
+
+    def fit(self, train_segments, validation_segments=None):
+        x = np.concatenate([np.asarray(f, dtype=np.float64) for f, _ in train_segments], axis=0)
+        y = np.concatenate([np.asarray(c, dtype=np.int64).reshape(-1) for _, c in train_segments])
+        self.classes_ = np.unique(y)
+        n_features = x.shape[1]
+        self.means_ = np.array([x[y == c].mean(axis=0) for c in self.classes_])
+        counts = np.array([np.count_nonzero(y == c) for c in self.classes_], dtype=np.float64)
+        self.priors_ = counts / counts.sum() if self.priors == "empirical" else np.full(len(counts), 1.0 / len(counts))
+        # Pooled within-class covariance (maximum likelihood, as scikit-learn's LDA).
+        centred = x - self.means_[np.searchsorted(self.classes_, y)]
+        covariance = centred.T @ centred / len(x)
+        scale = np.trace(covariance) / n_features
+        candidates = self.shrinkages if validation_segments else self.shrinkages[:1]
+        best = None
+        self.validation_balanced_accuracy_ = {}
+        for shrinkage in candidates:
+            self._set_covariance((1.0 - shrinkage) * covariance + shrinkage * scale * np.eye(n_features))
+            score = np.nan
+            if validation_segments:
+                truth = np.concatenate([np.asarray(c, dtype=np.int64).reshape(-1) for _, c in validation_segments])
+                decided = np.concatenate([self.predict(f) for f, _ in validation_segments])
+                classes = np.union1d(self.classes_, truth)
+                score = balanced_accuracy(confusion_matrix(truth, decided, classes))
+            self.validation_balanced_accuracy_[shrinkage] = score
+            if best is None or score > best[0]:
+                best = (score, shrinkage, self.coef_, self.intercept_)
+        _, self.shrinkage_, self.coef_, self.intercept_ = best
+        return self
+
+    def _set_covariance(self, covariance):
+        # A pseudo-inverse: without shrinkage a constant feature (ZC on a positive envelope) makes S singular,
+        # and scikit-learn's default (SVD) solver ignores such directions the same way.
+        precision_matrix = np.linalg.pinv(covariance, hermitian=True)
+        self.coef_ = self.means_ @ precision_matrix
+        self.intercept_ = -0.5 * np.sum(self.coef_ * self.means_, axis=1) + np.log(self.priors_)
+
+    def decision_function(self, features):
+        """Linear scores per class, (n_steps, n_classes): the log-posterior up to a per-step constant."""
+        return np.asarray(features, dtype=np.float64) @ self.coef_.T + self.intercept_
+
+    def predict(self, features):
+        """Decided class per step, int64 (n_steps,)."""
+        return self.classes_[np.argmax(self.decision_function(features), axis=1)]
+
+    def settings(self):
+        return {"shrinkage": self.shrinkage_, "priors": self.priors}
+
+
+def lda_baseline(train_segments, validation_segments, test_segments, steps_per_s, classes=None,
+                 delay_s=DEFAULT_DELAY_S, settings=None, decoders=None):
+    """Fit the LDA on ``(features, classes)`` segments and score it on the test segments.
+
+    Returns :func:`score_classes`' dict plus the LDA's settings; ``decoders``
+    (a dict), when given, receives the fitted classifier under "lda"."""
+    lda = LDAClassifier(**(settings or {})).fit(train_segments, validation_segments)
+    if decoders is not None:
+        decoders["lda"] = lda
+    truth = [np.asarray(c, dtype=np.int64) for _, c in test_segments]
+    decided = [lda.predict(f) for f, _ in test_segments]
+    if classes is None:
+        classes = np.union1d(lda.classes_, np.concatenate(truth))
+    result = score_classes(truth, decided, steps_per_s, classes, delay_s)
+    result.update(lda.settings())
+    # Closed form on a fixed split, like the Wiener and Kalman filters.
+    result["deterministic"] = True
+    return result
+
+
+# --- features and segments ------------------------------------------------------------
+
+#: Hudgins et al.'s time-domain set, LibEMG's "HTD" group, in its order.
+HUDGINS_FEATURES = ("mav", "zc", "ssc", "wl")
+
+
+def hudgins_pipeline(pipeline_settings, signal_rate, n_channels):
+    """A FeaturePipeline with a run's windows (and filter) computing Hudgins' set instead of its features.
+
+    pipeline_settings : the run's resolved ``settings["pipeline"]`` (config.json); window, stride, mode and
+    filter are kept, the features become MAV, ZC, SSC, WL without log compression (as LibEMG computes them;
+    the threshold is 0 in envelope mode, the run's ``threshold_uv`` in raw mode)."""
+    from neurohand.decoder.pipeline import FeaturePipeline
+
+    settings = dict(pipeline_settings)
+    settings.update({"features": list(HUDGINS_FEATURES), "log": False})
+    settings.pop("bandpower_bands_hz", None)
+    return FeaturePipeline.design(signal_rate, n_channels, settings)
+
+
+def class_segments(sequences, events):
+    """``(features, classes)`` pairs of every split from train/dataset.py Sequences and the recording's events.
+
+    sequences : dict split -> list of Sequence (one recording's)
+    Returns dict split -> list of (features (n_steps, n_features), classes (n_steps,) int64)."""
+    return {name: [(s.features, step_classes(events, s.ends)) for s in segments]
+            for name, segments in sequences.items()}
+
+
+def has_classes(segments):
+    """Whether ``(features, classes)`` segments hold more than one class in training (movement events exist)."""
+    return np.unique(np.concatenate([np.asarray(c).reshape(-1) for _, c in segments])).size > 1
+
+
+def lda_baselines(recording, plan, sequences, pipeline_settings, steps_per_s, delay_s=DEFAULT_DELAY_S):
+    """Both LDA baselines of a run on one recording, as ``evaluate`` reports them.
+
+    recording : train/dataset.py RecordingData (its ``events`` give the classes)
+    plan : (method, segments) of the recording's split
+    sequences : dict split -> Sequences of the run's own (normalised) features
+    pipeline_settings : the run's ``settings["pipeline"]``
+
+    Returns {} where the training split holds one class only (no movement
+    events), else {"lda": LDA on the run's features, "lda_td": LDA on Hudgins'
+    set of the same windows}, each :func:`lda_baseline`'s dict plus ``features``."""
+    from neurohand.train import dataset
+
+    own = class_segments(sequences, recording.events)
+    if not has_classes(own["train"]):
+        return {}
+    pipeline = hudgins_pipeline(pipeline_settings, recording.signal_rate, len(recording.channel_names))
+    td_sequences, _ = dataset.build_sequences(pipeline, [recording], [plan])
+    td = class_segments(td_sequences, recording.events)
+    result = {}
+    for name, segments, what in (("lda", own, "the run's features"),
+                                 ("lda_td", td, "Hudgins' time-domain set (MAV, ZC, SSC, WL) of the same windows")):
+        result[name] = lda_baseline(segments["train"], segments["validation"], segments["test"], steps_per_s,
+                                    delay_s=delay_s)
+        result[name]["features"] = what
+    return result
+
+
+# --- plot ---------------------------------------------------------------------------
+
+def plot_confusion(path, confusion, names, title="", normalise=True):
+    """Write the confusion matrix as a PNG (matplotlib, Agg): rows true, columns decided.
+
+    normalise : colour and print each row as shares of its true class (recall
+    on the diagonal), so rest's many steps do not wash out the movements; the
+    row's step count is printed beside its name."""
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    from matplotlib import pyplot as plt
+
+    confusion = np.asarray(confusion, dtype=np.float64)
+    n = confusion.shape[0]
+    support = confusion.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shown = confusion / np.where(support > 0, support, 1.0)[:, None] if normalise else confusion
+    size = max(4.5, 0.48 * n + 2.0)
+    figure, axis = plt.subplots(figsize=(size + 0.8, size))
+    image = axis.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0 if normalise else max(1.0, shown.max()))
+    for i in range(n):
+        for j in range(n):
+            value = shown[i, j]
+            if value == 0:
+                continue
+            text = ("{:.0f}".format(100 * value) if 100 * value >= 0.5 else "<1") if normalise \
+                else "{:.0f}".format(value)
+            dark = value > (0.6 if normalise else 0.6 * shown.max())
+            axis.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    axis.set_xticks(np.arange(n))
+    axis.set_yticks(np.arange(n))
+    axis.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+    axis.set_yticklabels(["{} ({:d})".format(name, int(count)) for name, count in zip(names, support)], fontsize=8)
+    axis.set_xlabel("decided class")
+    axis.set_ylabel("true class (steps)")
+    colour_bar = figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
+    colour_bar.set_label("share of the true class's steps, %" if normalise else "steps")
+    if normalise:
+        colour_bar.set_ticks([0.0, 0.25, 0.5, 0.75, 1.0])
+        colour_bar.set_ticklabels(["0", "25", "50", "75", "100"])
+    if title:
+        axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
