@@ -3,6 +3,8 @@
 Stages (each prints one progress line)::
 
     simulate   one session of train + held-out seconds (one simulated patient), cut in two recordings
+    collect    a few seconds of the training recording played at once by a virtual chip and a virtual
+               glove, recorded by 'neurohand collect''s loop; checked to be a recording train accepts
     train      'neurohand train' defaults for raw data on the first part, within a time budget
     bundle     the run as a verified bundle (golden vectors)
     selftest   the chosen backend against the golden vectors
@@ -26,7 +28,7 @@ import time
 
 import numpy as np
 
-from neurohand.firmware_bridge.shared.errors import UsageError
+from neurohand.firmware_bridge.shared.errors import RecordingError, UsageError
 
 MARKER = ".neurohand-demo"
 TRAIN_RECORDING = "train.nhr"
@@ -38,7 +40,9 @@ DECODED_PNG = "decoded.png"
 LATENCY_PNG = "latency.png"
 TRAINING_REPORT_PNG = "training-report.png"
 REPLAY_STATS_JSON = "replay-stats.json"
-STAGES = 6
+COLLECTED_RECORDING = "collected.nh"        # the name collect.rig.collect_simulated writes
+COLLECTED_QUALITY = "collected.quality.txt"
+STAGES = 7
 
 
 # --- simulated session ------------------------------------------------------------
@@ -215,6 +219,7 @@ def run_demo(out, settings, stream=sys.stderr):
                  for name in (TRAIN_RECORDING, HELDOUT_RECORDING, RUN_DIR, BUNDLE_DIR)}
 
         _simulate_stage(progress, paths, settings)
+        collected = _collect_stage(progress, out, paths)
         training = _train_stage(progress, out, paths, settings)
         _bundle_stage(progress, paths)
         selftest = _selftest_stage(progress, paths, settings)
@@ -222,7 +227,7 @@ def run_demo(out, settings, stream=sys.stderr):
         replayed = _replay_stage(progress, out, paths, settings)
 
         _write_plots(out, replayed)
-        summary = _summarize(out, settings, progress, training, selftest, evaluation, replayed)
+        summary = _summarize(out, settings, progress, collected, training, selftest, evaluation, replayed)
         _write_summary(out, summary)
     return summary
 
@@ -250,10 +255,93 @@ def _simulate_stage(progress, paths, settings):
     progress.done("wrote {} and {}".format(TRAIN_RECORDING, HELDOUT_RECORDING))
 
 
+#: The collect stage's protocol: the paper's first two movements, twice each (7.5 s recorded); the
+#: virtual devices start collect.rig.START_DELAY_S after launch, so the stage takes about 12 s.
+COLLECT_MOVEMENTS, COLLECT_REPETITIONS = 2, 2
+COLLECT_HOLD_S, COLLECT_REST_S, COLLECT_LEAD_IN_S = 1.0, 0.75, 0.5
+
+
+def collect_protocol():
+    """The short protocol the demo collects with (a Protocol)."""
+    from neurohand.deploy.collect.protocol import Protocol, load_protocol
+    config = load_protocol("paper").to_config()
+    config.update(name="demo", movements=config["movements"][:COLLECT_MOVEMENTS], repetitions=COLLECT_REPETITIONS,
+                  hold_s=COLLECT_HOLD_S, rest_s=COLLECT_REST_S, lead_in_s=COLLECT_LEAD_IN_S, order="fixed")
+    return Protocol.from_config(config, "the demo's collect protocol")
+
+
+def _collect_stage(progress, out, paths):
+    """Stage 2: the start of the training recording played at once by ``neurohand virtual-chip`` and
+    ``virtual-glove`` and recorded by ``neurohand collect``'s loop (collect.rig.collect_simulated: no
+    display, the virtual glove's stored calibration), its quality report written; return its figures.
+
+    Only shown: training uses the simulated recording, whose labels are the truth the collected
+    ones approximate (docs/collect.md; ``neurohand bench collect`` compares the two)."""
+    from neurohand.deploy.collect import quality, rig
+    from neurohand.firmware_bridge.shared.atomic import write_atomic
+    protocol = collect_protocol()
+    seconds = protocol.lead_in_s + protocol.n_trials * (protocol.hold_s + protocol.rest_s)
+    progress.start(2, "collect", "collecting {:g} s of {} in real time: virtual chip + virtual glove -> "
+                   "'neurohand collect' (stored glove calibration, no display)".format(seconds, TRAIN_RECORDING))
+    try:
+        path, outcome, session, _ = rig.collect_simulated(out, paths[TRAIN_RECORDING], protocol)
+    except RuntimeError as exc:
+        raise RecordingError("the demo's collect stage failed: {}".format(exc)) from exc
+    alignment, _, identical = rig.alignment_error(session, path, paths[TRAIN_RECORDING])
+    report = quality.analyse(path, outcome.counters, outcome.trials_total, outcome.done_before)
+    write_atomic(os.path.join(out, COLLECTED_QUALITY), quality.format_text(report))
+    accepted = train_accepts(path)
+    counters = outcome.counters
+    collected = {"file": os.path.basename(path), "seconds": round(outcome.samples / float(outcome.signal_rate), 3),
+                 "trials": len(outcome.trials_done), "signal_identical": bool(identical),
+                 "chip_frames_lost": counters.get("chip_parser_frames_missing"),
+                 "chip_samples_missing": counters.get("chip_samples_missing"),
+                 "glove_samples_lost": counters.get("glove_sequence_lost"),
+                 "glove_rows_held": counters.get("glove_rows_held"),
+                 "alignment_ms": alignment, "unusable": report["unusable"], "train_accepts": accepted,
+                 "quality_report": COLLECTED_QUALITY}
+    progress.done(format_collect_line(collected))
+    return collected
+
+
+def train_accepts(path):
+    """What ``neurohand train`` reads of the recording at ``path`` (its default label stream, the events
+    its repetition split uses); RecordingError where it lacks labels for every sample, repetitions
+    or movements.  Returns ``{"label_stream", "label_names", "repetitions", "movements"}``."""
+    from neurohand.train import dataset, splits
+    data = dataset.load_recording(path)
+    dataset.check_finite_signals([data])
+    # Raises where the labels stop before the signal, as train's windowing would.
+    dataset.label_rows(np.array([data.n_samples]), data.signal_rate, data.labels.rate, len(data.labels.data), path)
+    repetitions = sorted(set(run[2] for run in splits.repetition_runs(data.n_samples, data.events)))
+    movements = sorted(set(int(e.value) for e in data.events if e.kind == "movement") - {0})
+    if not repetitions or not movements:
+        raise RecordingError("{}: no repetition or movement events; train's repetition split needs them".format(
+            path))
+    return {"label_stream": data.labels.name, "label_names": list(data.labels.names),
+            "repetitions": repetitions, "movements": movements}
+
+
+def format_collect_line(collected):
+    """One line: what was collected, what was lost, the alignment, what train reads of it."""
+    alignment = collected["alignment_ms"]
+    accepted = collected["train_accepts"]
+    return ("{:.1f} s collected into {}, chip frames lost {}, glove samples lost {}, glove->chip alignment {}; "
+            "signal {} the simulation's; train accepts it: label stream '{}' ({} fingers), repetitions {}, "
+            "movements {}{}".format(
+                collected["seconds"], collected["file"], collected["chip_frames_lost"],
+                collected["glove_samples_lost"],
+                "p99 {:.2f} ms (max {:.2f})".format(alignment["p99"], alignment["max"]),
+                "identical to" if collected["signal_identical"] else "DIFFERS from",
+                accepted["label_stream"], len(accepted["label_names"]),
+                ",".join(str(r) for r in accepted["repetitions"]), ",".join(str(m) for m in accepted["movements"]),
+                "; UNUSABLE: " + collected["unusable"] if collected["unusable"] else ""))
+
+
 def _train_stage(progress, out, paths, settings):
-    """Stage 2: train the run on the training recording; return trainer.train_run's result."""
+    """Stage 3: train the run on the training recording; return trainer.train_run's result."""
     from neurohand.train import trainer
-    progress.start(2, "train", "training the decoder on {} ('neurohand train' defaults, at most {:g} min)".format(
+    progress.start(3, "train", "training the decoder on {} ('neurohand train' defaults, at most {:g} min)".format(
         TRAIN_RECORDING, settings["max_minutes"]))
     user = {"training": {"max_minutes": settings["max_minutes"]}}
     if settings["epochs"] is not None:
@@ -266,19 +354,19 @@ def _train_stage(progress, out, paths, settings):
 
 
 def _bundle_stage(progress, paths):
-    """Stage 3: the run as a verified bundle, with its golden vectors."""
+    """Stage 4: the run as a verified bundle, with its golden vectors."""
     from neurohand.deploy.bundle import make_bundle
-    progress.start(3, "bundle", "bundling the run")
+    progress.start(4, "bundle", "bundling the run")
     manifest = make_bundle(paths[RUN_DIR], paths[BUNDLE_DIR])
     progress.done("{} features -> {} outputs, golden vectors made".format(manifest["io"]["n_features"],
                                                                           manifest["io"]["n_outputs"]))
 
 
 def _selftest_stage(progress, paths, settings):
-    """Stage 4: the chosen backend against the golden vectors; return the self-test result (raise if it failed)."""
+    """Stage 5: the chosen backend against the golden vectors; return the self-test result (raise if it failed)."""
     from neurohand.deploy.selftest import record_result, run_selftest
     from neurohand.deploy.session import load_decoder
-    progress.start(4, "selftest", "self-testing the {} backend against the golden vectors".format(
+    progress.start(5, "selftest", "self-testing the {} backend against the golden vectors".format(
         settings["backend"]))
     decoder = load_decoder(paths[BUNDLE_DIR], settings["backend"])
     try:
@@ -295,9 +383,9 @@ def _selftest_stage(progress, paths, settings):
 
 
 def _evaluate_stage(progress, paths, settings):
-    """Stage 5: the run (and the baselines) on the training recording's test split; return evaluate_run's result."""
+    """Stage 6: the run (and the baselines) on the training recording's test split; return evaluate_run's result."""
     from neurohand.train import evaluate
-    progress.start(5, "evaluate", "scoring the run on the training recording's test split{}".format(
+    progress.start(6, "evaluate", "scoring the run on the training recording's test split{}".format(
         ", with Wiener and Kalman baselines" if settings["baselines"] else ""))
     evaluation = evaluate.evaluate_run(paths[RUN_DIR], paths[TRAIN_RECORDING], with_baselines=settings["baselines"])
     progress.done("rnn {:.3f}{}".format(evaluation["mean_r2"], "".join(
@@ -307,7 +395,7 @@ def _evaluate_stage(progress, paths, settings):
 
 
 def _replay_stage(progress, out, paths, settings):
-    """Stage 6: the held-out recording in real time through a virtual chip and a virtual hand.
+    """Stage 7: the held-out recording in real time through a virtual chip and a virtual hand.
 
     Returns a dict: ``outcome`` (replay_realtime's), ``delays`` (chip -> hand,
     s, per command, see :func:`hand_delays`), ``true_labels`` (scaled as in
@@ -317,7 +405,7 @@ def _replay_stage(progress, out, paths, settings):
     from neurohand.deploy.runtime.config import RuntimeConfig
     from neurohand.deploy.session import load_decoder
     from neurohand.firmware_bridge.recording.file_format import open_recording
-    progress.start(6, "replay", "replaying {:g} s of {} in real time: virtual chip -> decoder -> virtual hand".format(
+    progress.start(7, "replay", "replaying {:g} s of {} in real time: virtual chip -> decoder -> virtual hand".format(
         settings["replay_seconds"], HELDOUT_RECORDING))
     decoder = load_decoder(paths[BUNDLE_DIR], settings["backend"])
     with open_recording(paths[HELDOUT_RECORDING]) as recording:
@@ -349,13 +437,14 @@ def _write_plots(out, replayed):
     plot_latency(os.path.join(out, LATENCY_PNG), replayed["delays"][outcome.scored], result["latency_us"])
 
 
-def _summarize(out, settings, progress, training, selftest, evaluation, replayed):
+def _summarize(out, settings, progress, collected, training, selftest, evaluation, replayed):
     """The summary of every stage (what summary.json holds); call it once every other file is written."""
     outcome = replayed["outcome"]
     scored_delays = replayed["delays"][outcome.scored]
     summary = {
         "settings": dict(settings),
         "replay": outcome.summary,
+        "collect": collected,
         "training": {"epochs_run": training["epochs_run"], "best_epoch": training["best_epoch"],
                      "stopped": training["stopped"], "train_seconds": training["train_seconds"],
                      "test_mean_r2": training["scores"]["test"]["mean_r2"],
@@ -433,6 +522,7 @@ def format_demo_table(summary):
     lines.append("frames         received {}  missing {}  corrupt {}".format(
         frames["received"], frames["missing"], frames["corrupt"]))
     lines.append("safety events  {}   skipped windows {}".format(replay_result["safety_events"], replay_result["skips"]))
+    lines.append("collect        " + format_collect_line(summary["collect"]))
     training = summary["training"]
     lines.append("training       {} epochs in {:.1f} s (best epoch {}, stopped by {})".format(
         training["epochs_run"], training["train_seconds"], training["best_epoch"], training["stopped"] or "epochs"))

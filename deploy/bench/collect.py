@@ -42,15 +42,13 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 
-import numpy as np
 
 from neurohand.deploy.bench.decoding import json_output, neurohand_command, run_step as _run_step
 from neurohand.deploy.bench.report import load_average
+from neurohand.deploy.collect.rig import START_DELAY_S, alignment_error, collect_simulated
 
 R2_TARGET = 0.03
 ALIGNMENT_TARGET_MS = 5.0
@@ -59,7 +57,6 @@ HELDOUT_S, QUICK_HELDOUT_S = 40.0, 15.0
 CHANNELS, RATE, SPF = 16, 10000.0, 20
 LABEL_RATE = 100.0
 SEED = 1
-START_DELAY_S = 4.0        # the devices start this long after they are launched: collect opens both first
 MARGIN_S = 3.0             # simulated signal beyond the session, before the held-out part
 SPLIT = {"split": {"method": "time"}}
 
@@ -77,60 +74,6 @@ def _protocol(seconds):
     return Protocol.from_config(config, "bench protocol")
 
 
-def _launch(command, what):
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
-    path = process.stdout.readline().strip()
-    if not path:
-        process.kill()
-        raise RuntimeError("{} printed no terminal: {}".format(what, process.stderr.read()[-2000:]))
-    return process, path
-
-
-def _stop(process):
-    if process.poll() is None:
-        process.terminate()
-    try:
-        _, stderr = process.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        _, stderr = process.communicate()
-    for line in reversed(stderr.strip().splitlines()):
-        try:
-            return json.loads(line)
-        except ValueError:
-            continue
-    return {}
-
-
-def collect_simulated(work, simulated, protocol):
-    """Play the recording ``simulated`` through ``neurohand virtual-chip`` and ``virtual-glove`` (started
-    together) and collect it into ``work``/collected.nh with ``protocol`` (a Protocol) and the virtual
-    glove's calibration.  Returns (path, Outcome, the CollectSession with its alignment log, the
-    virtual chip's counters).  RuntimeError when the collection did not complete.  (Also what a demo
-    of the collect step can call.)"""
-    from neurohand.deploy.collect.session import CollectSession, Settings
-    from neurohand.firmware_bridge.virtual.glove import virtual_calibration
-
-    start = time.monotonic() + START_DELAY_S
-    chip, chip_path = _launch(neurohand_command("virtual-chip", simulated, "--start-at", repr(start),
-                                                "--samples-per-frame", SPF), "virtual-chip")
-    glove, glove_path = _launch(neurohand_command("virtual-glove", simulated, "--start-at", repr(start)),
-                                "virtual-glove")
-    out = os.path.join(work, "collected.nh")
-    try:
-        settings = Settings(chip_path, "virtual:{}:serial".format(glove_path), out, protocol,
-                            label_rate=LABEL_RATE, calibration=virtual_calibration("serial").to_config())
-        session = CollectSession(settings)
-        session.alignment_log = []
-        outcome = session.run()
-    finally:
-        chip_summary = _stop(chip)
-        _stop(glove)
-    if outcome.error is not None or outcome.stop_reason != "complete":
-        raise RuntimeError("the collection ended early ({}): {}".format(outcome.stop_reason, outcome.error))
-    return out, outcome, session, chip_summary
-
-
 def _cut(source, path, start, stop, stream_name):
     """Samples [start, stop) of ``source`` (start a multiple of the label period) with its finger labels
     as stream ``stream_name``: the same data as a recording of its own."""
@@ -144,33 +87,6 @@ def _cut(source, path, start, stop, stream_name):
         for block_start in range(start, stop, 100000):
             writer.append_signals(source.read_signals(block_start, min(stop, block_start + 100000)))
         writer.append_labels(stream_name, labels.data[first:last])
-
-
-def _alignment(session, collected_path, simulated):
-    """Error (ms) of every glove sample's place on the chip's axis, against the devices' schedules."""
-    from neurohand.firmware_bridge.recording.file_format import open_recording
-    with open_recording(collected_path) as rec, open_recording(simulated) as sim:
-        s0 = rec.metadata["collect"]["chip_sample_at_start"]
-        head = rec.read_signals(0, 200)
-        # The session's sample 0 is simulated sample `offset`: found in the data, not assumed.
-        offset = None
-        for frames_skipped in range(0, int(sim.n_samples / SPF)):
-            candidate = frames_skipped * SPF
-            if np.array_equal(sim.read_signals(candidate + s0, candidate + s0 + 200), head):
-                offset = candidate
-                break
-        if offset is None:
-            raise RuntimeError("the collected signal is not found in the simulation")
-        identical = np.array_equal(rec.read_signals(), sim.read_signals(offset + s0, offset + s0 + rec.n_samples))
-    log = np.array([(sequence, position) for _, sequence, _, position in session.alignment_log], dtype=np.float64)
-    truth = log[:, 0] * RATE / LABEL_RATE + SPF - offset       # session sample (see the module docstring)
-    error_ms = (log[:, 1] - truth) / RATE * 1000.0
-    recorded = log[:, 1] >= s0
-    error_ms = error_ms[recorded]
-    absolute = np.abs(error_ms)
-    return {"p50": round(float(np.percentile(absolute, 50)), 3), "p99": round(float(np.percentile(absolute, 99)), 3),
-            "max": round(float(absolute.max()), 3), "mean": round(float(error_ms.mean()), 3),
-            "n": int(len(error_ms))}, offset + s0, identical
 
 
 def _train_and_score(work, name, recording, heldout, quick, max_minutes):
@@ -209,8 +125,8 @@ def run(quick, seconds=None, max_minutes=10.0):
                                    SEED, "--channels", CHANNELS, "--rate", RATE, "--difficulty", "easy"),
                  "simulate {:.0f} s".format(total))
         print("  collect: collecting {:.0f} s in real time ...".format(session_s), file=sys.stderr, flush=True)
-        collected, outcome, session, chip_summary = collect_simulated(work, simulated, protocol)
-        alignment, first, identical = _alignment(session, collected, simulated)
+        collected, outcome, session, chip_summary = collect_simulated(work, simulated, protocol, SPF, LABEL_RATE)
+        alignment, first, identical = alignment_error(session, collected, simulated, SPF, LABEL_RATE)
         with open_recording(collected) as rec, open_recording(simulated) as sim:
             n = rec.n_samples
             per_row = int(round(RATE / LABEL_RATE))
@@ -266,8 +182,8 @@ def run_long(seconds=600.0):
         run_step(neurohand_command("simulate", "--out", simulated, "--seconds",
                                    "{:.1f}".format(session_s + START_DELAY_S + MARGIN_S), "--seed", SEED, "--channels",
                                    CHANNELS, "--rate", RATE, "--difficulty", "easy"), "simulate")
-        collected, outcome, session, chip_summary = collect_simulated(work, simulated, protocol)
-        alignment, _, identical = _alignment(session, collected, simulated)
+        collected, outcome, session, chip_summary = collect_simulated(work, simulated, protocol, SPF, LABEL_RATE)
+        alignment, _, identical = alignment_error(session, collected, simulated, SPF, LABEL_RATE)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     counters = outcome.counters
