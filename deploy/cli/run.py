@@ -123,9 +123,11 @@ def _add_lsl_arguments(parser, prefix=""):
 def _add_demo_parser(subparsers):
     """``neurohand demo``: the whole pipeline on simulated data (handler :func:`_demo`)."""
     parser = subparsers.add_parser(
-        "demo", help="the whole pipeline on simulated data: simulate, train, bundle, self-test, replay",
+        "demo", help="the whole pipeline on simulated data: simulate, collect, train, bundle, self-test, replay",
         description="Run the whole pipeline on a fresh machine in a few minutes, with no hardware: simulate a "
-                    "nerve recording with finger labels and a second, held-out one; train a decoder on the "
+                    "nerve recording with finger labels and a second, held-out one; collect a few seconds of the "
+                    "first through a virtual chip and a virtual glove with 'neurohand collect' (collected.nh and "
+                    "its quality report); train a decoder on the "
                     "first; bundle and self-test it; replay the held-out recording in real time through a "
                     "virtual chip and a virtual hand on pseudo-terminals; score what the hand received. Prints "
                     "a summary table and writes a report folder: summary.json, decoded.png (decoded against "
