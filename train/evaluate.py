@@ -19,7 +19,17 @@ for it, each segment is decoded again from up to :data:`LAG_PREROLL_S`
 earlier, as the device decodes without a break.  That signal is rest
 belonging to the repetition before; its labels are used only for the
 movement's rest level.
+
+Several recordings (``neurohand evaluate RUN REC [REC ...]``) are scored one
+by one, each on its own test split, and summarised in the terms of FALCON
+(Karpowicz et al. 2024, "Few-shot algorithms for consistent neural decoding"):
+**held-in** sessions are those the run trained on (or the run it was
+initialised from with ``--init-from``), recognised by the SHA-256 of the
+recording file that config.json keeps (by path for runs made before it kept
+them); **held-out** sessions are the others.  Per session: R² mean and its
+spread over the outputs; per group: the mean over sessions and their spread.
 """
+import hashlib
 import json
 import os
 import time
@@ -155,7 +165,7 @@ def evaluate_run(run_dir, recording_path, block_s=0.05, with_baselines=True):
 
     Keys: mean_r2, r2, mean_pearson_r, pearson_r, mean_rmse, rmse (per output,
     in 0..1 scaled label units), n_steps, label_names, baselines -> {wiener, kalman}
-    -> the same scores, decode (backend, block size, timing), split."""
+    -> the same scores, decode (backend, block size, timing), split, held_in (see :func:`held_in`)."""
     config, onnx_path = load_run(run_dir)
     block_s = checks.check_number("--block-s", block_s, minimum=0.0, exclusive_minimum=True)
     pipeline, recording, (method, segments), sequences = prepare(config, recording_path)
@@ -178,6 +188,7 @@ def evaluate_run(run_dir, recording_path, block_s=0.05, with_baselines=True):
     n_steps = len(prediction)
     result.update({
         "run_dir": os.path.abspath(run_dir), "recording": os.path.abspath(recording_path),
+        "held_in": held_in(config, recording_path),
         "label_names": list(config["labels"]["names"]),
         "decode": {"backend": "numpy", "causal": True, "block_samples": block_samples,
                    "seconds": seconds, "us_per_step": 1e6 * seconds / max(n_steps, 1)},
@@ -196,7 +207,96 @@ def evaluate_run(run_dir, recording_path, block_s=0.05, with_baselines=True):
 
 
 def evaluate_command(args):
-    return evaluate_run(args.run_dir, args.recording, block_s=args.block_s, with_baselines=not args.no_baselines)
+    """One recording: :func:`evaluate_run`'s dict (as before); several: :func:`evaluate_sessions`'s."""
+    recordings = list(args.recordings)
+    if len(recordings) == 1:
+        return evaluate_run(args.run_dir, recordings[0], block_s=args.block_s, with_baselines=not args.no_baselines)
+    return evaluate_sessions(args.run_dir, recordings, block_s=args.block_s, with_baselines=not args.no_baselines)
+
+
+def _sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def held_in(config, recording_path):
+    """Whether the run (or the run it was fine-tuned from) trained on ``recording_path``.
+
+    By the SHA-256 of the file where config.json keeps them, else (older runs) by the real path."""
+    digests = list(config.get("recordings_sha256") or []) + list(
+        (config.get("init_from") or {}).get("recordings_sha256") or [])
+    if config.get("recordings_sha256") is not None:
+        return _sha256_of(recording_path) in digests
+    return os.path.realpath(recording_path) in [os.path.realpath(p) for p in config.get("recordings") or []]
+
+
+def _spread(values):
+    """Population SD of the finite values, None where there are none."""
+    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    return float(np.std(values)) if values.size else None
+
+
+def session_summary(results):
+    """The FALCON-style summary of per-recording results (each with ``held_in``)."""
+    rows = []
+    for result in results:
+        rows.append({"recording": result["recording"], "held_in": result["held_in"], "mean_r2": result["mean_r2"],
+                     "r2_sd_over_outputs": _spread(result["r2"]), "mean_pearson_r": result["mean_pearson_r"],
+                     "n_steps": result["n_steps"]})
+    summary = {"sessions": rows}
+    for group, flag in (("held_in", True), ("held_out", False)):
+        mine = [row for row in rows if row["held_in"] is flag]
+        values = [row["mean_r2"] for row in mine if row["mean_r2"] is not None]
+        summary[group] = {"n_sessions": len(mine),
+                          "mean_r2": float(np.mean(values)) if values else None,
+                          "r2_sd_over_sessions": _spread(values),
+                          "mean_r2_sd_over_outputs": (float(np.mean([r["r2_sd_over_outputs"] for r in mine
+                                                                      if r["r2_sd_over_outputs"] is not None]))
+                                                      if any(r["r2_sd_over_outputs"] is not None for r in mine)
+                                                      else None)}
+    return metrics.json_ready(summary)
+
+
+def evaluate_sessions(run_dir, recording_paths, block_s=0.05, with_baselines=True):
+    """Score a run on several recordings (sessions), each on its own test split.
+
+    Returns {"recordings": [evaluate_run's dict + "held_in", one per recording], "sessions":
+    :func:`session_summary`}."""
+    load_run(run_dir)
+    for path in recording_paths:
+        checks.check_file_exists("recording", path)
+    results = [evaluate_run(run_dir, path, block_s=block_s, with_baselines=with_baselines) for path in recording_paths]
+    return {"recordings": results, "sessions": session_summary(results)}
+
+
+def format_sessions_table(result):
+    """Human-readable summary of :func:`evaluate_sessions`: one line per session, then held-in and held-out."""
+    def fmt(value):
+        return "  n/a" if value is None else "{:6.3f}".format(value)
+
+    sessions = result["sessions"]
+    width = max([len("recording")] + [len(os.path.basename(r["recording"])) for r in sessions["sessions"]])
+    lines = ["{:<{w}} {:<9} {:>8} {:>10} {:>8} {:>7}".format("recording", "session", "mean R2", "R2 sd out",
+                                                               "mean r", "steps", w=width)]
+    for row in sessions["sessions"]:
+        lines.append("{:<{w}} {:<9} {:>8} {:>10} {:>8} {:>7}".format(
+            os.path.basename(row["recording"]), "held-in" if row["held_in"] else "held-out", fmt(row["mean_r2"]),
+            fmt(row["r2_sd_over_outputs"]), fmt(row["mean_pearson_r"]), row["n_steps"], w=width))
+    lines.append("")
+    for group, name in (("held_in", "held-in"), ("held_out", "held-out")):
+        summary = sessions[group]
+        if not summary["n_sessions"]:
+            lines.append("{}: no session".format(name))
+            continue
+        lines.append("{}: {} session{}, mean R2 {} (sd {} over sessions, mean sd {} over outputs)".format(
+            name, summary["n_sessions"], "" if summary["n_sessions"] == 1 else "s", fmt(summary["mean_r2"]).strip(),
+            fmt(summary["r2_sd_over_sessions"]).strip(), fmt(summary["mean_r2_sd_over_outputs"]).strip()))
+    lines.append("each recording scored on its test split (the run's split settings), decoded causally with the "
+                 "numpy backend; R2 per output and the baselines: --json")
+    return "\n".join(lines)
 
 
 def format_table(result):

@@ -18,6 +18,13 @@ Determinism: everything random derives from the seed and the epoch number
 a run resumed from its checkpoint continues exactly as if it had never
 stopped, and two runs with one seed give the same weights.
 
+Fine-tuning (``--init-from RUN_DIR``, :class:`InitFrom`): the new run takes the
+earlier run's model and pipeline settings and its label scaling, re-fits the
+feature normalisation on the new recordings, starts from the earlier run's
+best weights and trains with FINETUNE_DEFAULTS (a lower learning rate, an
+L2-SP pull toward the earlier weights instead of AdamW's decay toward zero);
+docs/training.md "Recalibration with --init-from" has the figures.
+
 Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) each process takes every
 ``world_size``-th batch and DistributedDataParallel averages the gradients;
 only rank 0 writes files.
@@ -72,6 +79,25 @@ TRAINING_DEFAULTS = {
     "max_minutes": None,       # training time budget (None = no limit)
 }
 
+# Training settings that only a fine-tuning run (--init-from) has.
+FINETUNE_SETTINGS = {
+    "l2sp": 0.0,                     # strength of the pull toward the earlier run's weights (L2-SP), 0 = off
+    "freeze_recurrent_epochs": 0,    # epochs at the start in which the recurrent layers stay as they were
+}
+# What a fine-tuning run changes in the earlier run's training settings (a --config overrides them).
+# Chosen on simulated patients 0-1, sessions 1-3, 60 s of the new day (docs/training.md).
+FINETUNE_DEFAULTS = {
+    "learning_rate": 1e-3,
+    "weight_decay": 0.0,             # AdamW's decay pulls toward zero; l2sp pulls toward the earlier weights
+    "l2sp": 1e-2,
+    "freeze_recurrent_epochs": 0,
+    "epochs": 40,
+    "patience": 5,                   # fine-tuning peaks within a few epochs (best epoch 1-12 in the trials)
+    "max_minutes": None,             # the earlier run's budget is not this one's
+}
+# Parameters of RNNDecoder (train/model.py) that freeze_recurrent_epochs holds still.
+RECURRENT_PREFIX = "rnn."
+
 # Per data mode: feature pipeline settings (FeaturePipeline.design), model and
 # training overrides.  Tuned on NinaPro DB1 S2 E1 (envelope) and the simulator
 # (raw); see docs/training.md for the figures.
@@ -124,8 +150,10 @@ def detect_mode(recording):
     return "envelope" if recording.signal_rate < ENVELOPE_BELOW_HZ else "raw"
 
 
-def resolve_settings(user, mode):
-    """Full settings: defaults for ``mode`` overridden by the user's sections (validated)."""
+def resolve_settings(user, mode, finetune=False):
+    """Full settings: defaults for ``mode`` overridden by the user's sections (validated).
+
+    finetune : a run with --init-from, whose training section may also hold FINETUNE_SETTINGS"""
     user = copy.deepcopy(user or {})
     pipeline_mode = user.get("pipeline", {}).get("mode", mode)
     mode = checks.check_option("pipeline mode", pipeline_mode, sorted(MODE_DEFAULTS))
@@ -145,8 +173,13 @@ def resolve_settings(user, mode):
     settings["model"] = model
     training = dict(TRAINING_DEFAULTS)
     training.update(defaults["training"])
+    allowed = sorted(TRAINING_DEFAULTS) + (sorted(FINETUNE_SETTINGS) if finetune else [])
     for key in user.get("training", {}):
-        checks.check_option("training setting", key, sorted(TRAINING_DEFAULTS))
+        if key in FINETUNE_SETTINGS and not finetune:
+            raise UsageError("training setting {!r} is for fine-tuning only: give --init-from RUN_DIR".format(key))
+        checks.check_option("training setting", key, allowed)
+    if finetune:
+        training.update(FINETUNE_SETTINGS)
     training.update(user.get("training", {}))
     settings["training"] = check_training(training)
     settings["split"] = splits.check_split_settings(user.get("split", {}))
@@ -188,6 +221,10 @@ def check_training(training):
     if t["max_minutes"] is not None:
         t["max_minutes"] = checks.check_number("max_minutes", t["max_minutes"], minimum=0.0,
                                                exclusive_minimum=True)
+    if "l2sp" in t:
+        t["l2sp"] = checks.check_number("training l2sp", t["l2sp"], minimum=0.0)
+        t["freeze_recurrent_epochs"] = checks.check_int("training freeze_recurrent_epochs",
+                                                        t["freeze_recurrent_epochs"], minimum=0)
     return t
 
 
@@ -248,15 +285,19 @@ def describe_windows(choice):
     return line
 
 
-def settings_digest(settings, recordings, seed):
+def settings_digest(settings, recordings, seed, init=None):
     """Identifies what a checkpoint was trained on; --resume refuses anything else.
 
-    The epoch limit and time budget are left out: resuming may extend them."""
+    The epoch limit and time budget are left out: resuming may extend them.
+    init : the InitFrom of a fine-tuning run (its weights' digest counts; a run without one
+    keeps the digest it had before --init-from existed)."""
     relevant = copy.deepcopy(settings)
     relevant["training"].pop("epochs", None)
     relevant["training"].pop("max_minutes", None)
     document = {"settings": relevant, "seed": seed,
                 "recordings": [(os.path.basename(r.path), r.n_samples) for r in recordings]}
+    if init is not None:
+        document["init_from"] = init.record["checkpoint_sha256"]
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
 
@@ -505,10 +546,100 @@ def write_json_atomic(path, value):
 
 # --- the run ------------------------------------------------------------------------
 
+class InitFrom(object):
+    """The earlier run a fine-tuning run starts from (``--init-from RUN_DIR``); see :func:`load_init_from`.
+
+    run_dir : absolute path; config : its config.json; weights : its best weights {name: tensor}
+    record : what config.json and metrics.json of the new run keep as "init_from": run_dir and the
+    SHA-256 of the earlier run's config.json and checkpoint.pt"""
+
+    def __init__(self, run_dir, config, weights, record):
+        self.run_dir = run_dir
+        self.config = config
+        self.weights = weights
+        self.record = record
+
+    def user_config(self, user):
+        """The sections of the new run: the earlier run's settings, FINETUNE_DEFAULTS, then the user's.
+
+        The model and pipeline are the earlier run's: a --config may not change them."""
+        user = copy.deepcopy(user or {})
+        for section in ("model", "pipeline", "labels"):
+            if user.get(section):
+                raise UsageError("--init-from {!r}: the new run keeps that run's {} settings, so --config may not "
+                                 "give a {!r} section".format(self.run_dir, section, section))
+        old = self.config["settings"]
+        merged = {"pipeline": copy.deepcopy(old["pipeline"]), "model": copy.deepcopy(old["model"]),
+                  "labels": copy.deepcopy(old["labels"]), "baselines": copy.deepcopy(old.get("baselines", {}))}
+        training = {k: v for k, v in old["training"].items() if k in TRAINING_DEFAULTS or k in FINETUNE_SETTINGS}
+        training.update(FINETUNE_DEFAULTS)
+        training.update(user.get("training", {}))
+        merged["training"] = training
+        split = copy.deepcopy(old.get("split", {}))
+        split.update(user.get("split", {}))
+        merged["split"] = split
+        for name, values in user.get("baselines", {}).items():
+            merged["baselines"].setdefault(name, {}).update(values)
+        return merged
+
+    def check_recordings(self, recordings):
+        """Refuse recordings the earlier run's model cannot take: other rate, channels or outputs (one line)."""
+        pipeline, labels = self.config["pipeline"], self.config["labels"]
+        for rec in recordings:
+            if rec.signal_rate != pipeline["signal_rate"] or len(rec.channel_names) != pipeline["n_channels"]:
+                raise UsageError("{}: {} channels at {:g} Hz, but --init-from {!r} was trained on {} channels at {:g} "
+                                 "Hz; train a new run without --init-from".format(
+                                     rec.path, len(rec.channel_names), rec.signal_rate, self.run_dir,
+                                     pipeline["n_channels"], pipeline["signal_rate"]))
+            if rec.labels.name != labels["stream"] or list(rec.labels.names) != list(labels["names"]):
+                raise UsageError("{}: label stream {!r} with outputs {}, but --init-from {!r} decodes {!r} {}; train "
+                                 "a new run without --init-from".format(
+                                     rec.path, rec.labels.name, ", ".join(rec.labels.names), self.run_dir,
+                                     labels["stream"], ", ".join(labels["names"])))
+
+    def label_scaling(self):
+        return dataset.LabelScaling.from_config(self.config["labels"]["scaling"])
+
+
+def _sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_init_from(run_dir):
+    """The earlier run of ``--init-from RUN_DIR``: its config.json and the best weights of its checkpoint.pt."""
+    run_dir = os.path.abspath(checks.check_dir_exists("--init-from", run_dir))
+    paths = {name: os.path.join(run_dir, FILES[name]) for name in ("config", "checkpoint")}
+    for path in paths.values():
+        if not os.path.isfile(path):
+            raise UsageError("--init-from {!r} is not a finished training run: {} is missing".format(
+                run_dir, os.path.basename(path)))
+    config = checks.load_json_file(paths["config"], "run config", error=ConfigError)
+    if config.get("format") != RUN_FORMAT:
+        raise ConfigError("{} is not a neurohand run config".format(paths["config"]))
+    for key in ("pipeline", "model", "labels", "settings", "mode"):
+        if key not in config:
+            raise ConfigError("{} lacks {!r}".format(paths["config"], key))
+    document = load_checkpoint(paths["checkpoint"])
+    if document["model_config"] != config["model"]:
+        raise ConfigError("--init-from {!r}: checkpoint.pt and config.json describe different models".format(run_dir))
+    record = {"run_dir": run_dir, "config_sha256": _sha256_of(paths["config"]),
+              "checkpoint_sha256": _sha256_of(paths["checkpoint"]),
+              # The earlier run's sessions (and those it was initialised from) count as seen by the new one.
+              "recordings_sha256": list(config.get("recordings_sha256") or [])
+              + list((config.get("init_from") or {}).get("recordings_sha256") or [])}
+    return InitFrom(run_dir, config, document["best_model"], record)
+
+
 class Prepared(object):
     """Everything derived from the recordings before training (same in every process)."""
 
-    def __init__(self, settings, recordings, plans, pipeline, sequences, label_scaling, targets, windows):
+    def __init__(self, settings, recordings, plans, pipeline, sequences, label_scaling, targets, windows,
+                 init=None):
+        self.init = init            # InitFrom of a fine-tuning run, else None
         self.windows = windows      # fit_windows' choice, for the log and metrics.json
         self.settings = settings
         self.recordings = recordings
@@ -519,28 +650,45 @@ class Prepared(object):
         self.targets = targets
 
 
-def prepare(recording_paths, user_config):
-    """Load recordings, resolve settings, split and build sequences."""
+def prepare(recording_paths, user_config, init=None):
+    """Load recordings, resolve settings, split and build sequences.
+
+    init : InitFrom of a fine-tuning run: its settings are the base of ``user_config``, its
+    label scaling is kept (a finger at 0.7 means the same to the hand as before, and a short
+    session need not reach every finger's extremes), the normalisation is fitted anew."""
     if not recording_paths:
         raise UsageError("give at least one recording to train on")
+    if init is not None:
+        user_config = init.user_config(user_config)
     label_stream = (user_config or {}).get("labels", {}).get("stream")
     recordings = [dataset.load_recording(checks.check_file_exists("recording", p), label_stream)
                   for p in recording_paths]
+    if init is not None:
+        init.check_recordings(recordings)
     dataset.check_compatible(recordings)
     modes = {detect_mode(r) for r in recordings}
     if len(modes) > 1:
         raise UsageError("the recordings mix envelope and raw data; train them separately")
-    settings = resolve_settings(user_config, modes.pop())
+    mode = modes.pop() if init is None else init.config["mode"]
+    settings = resolve_settings(user_config, mode, finetune=init is not None)
     first = recordings[0]
     settings["pipeline"], windows = fit_windows(settings, (user_config or {}).get("pipeline", {}), first.signal_rate)
     pipeline = FeaturePipeline.design(first.signal_rate, len(first.channel_names), settings["pipeline"])
     plans = dataset.split_recordings(recordings, settings["split"], dataset.guard_samples(pipeline))
     sequences, label_scaling = dataset.build_sequences(pipeline, recordings, plans, settings["labels"]["scaling"])
+    if init is not None:
+        sequences, label_scaling = _rescale_labels(sequences, label_scaling, init.label_scaling()), init.label_scaling()
     width = int(round(settings["training"]["label_smoothing_s"] * dataset.steps_per_second(pipeline)))
     lead = int(round(settings["training"]["target_lead_s"] * dataset.steps_per_second(pipeline)))
     targets = [dataset.lead_labels(dataset.smooth_labels(s.labels, width), lead).astype(np.float32)
                if width > 1 or lead > 0 else s.labels for s in sequences["train"]]
-    return Prepared(settings, recordings, plans, pipeline, sequences, label_scaling, targets, windows)
+    return Prepared(settings, recordings, plans, pipeline, sequences, label_scaling, targets, windows, init)
+
+
+def _rescale_labels(sequences, fitted, kept):
+    """``sequences`` with labels in ``kept``'s scaling instead of the ``fitted`` one build_sequences applied."""
+    return {name: [s._replace(labels=kept.apply(fitted.invert(s.labels)).astype(np.float32)) for s in group]
+            for name, group in sequences.items()}
 
 
 def check_run_dir(run_dir, resume, force=False, inputs=()):
@@ -594,16 +742,23 @@ def train_command(args):
         user.setdefault("training", {})["max_minutes"] = args.max_minutes
     return train_run(args.recordings, args.out, user, seed=args.seed, device=args.device, resume=args.resume,
                      progress=not args.quiet, threads=args.threads, force=getattr(args, "force", False),
-                     inputs=[args.config] if args.config else ())
+                     inputs=[args.config] if args.config else (), init_from=getattr(args, "init_from", None))
 
 
 def train_run(recording_paths, run_dir, user_config=None, seed=0, device="auto", resume=False, progress=True,
-              threads=1, force=False, inputs=()):
+              threads=1, force=False, inputs=(), init_from=None, light=False):
     """Train and write the run directory; returns a summary dict on rank 0 (None on other ranks).
 
     force : start a new run in a RUN_DIR that holds files (see check_run_dir)
-    inputs : other files the command reads (its --config), which no run file may replace"""
+    inputs : other files the command reads (its --config), which no run file may replace
+    init_from : RUN_DIR of an earlier run to fine-tune (see :class:`InitFrom`), or None
+    light : write neither report.png nor model_plain.onnx (seconds per run: matplotlib and a second export;
+    for benchmarks that train hundreds of runs and only score model.onnx)"""
     seed = checks.check_int("--seed", seed, minimum=0)
+    init = load_init_from(init_from) if init_from is not None else None
+    if init is not None:
+        # The earlier run is an input: --out (even with --force) may not write over it.
+        inputs = list(inputs) + [os.path.join(init.run_dir, FILES[name]) for name in FILES]
     run_dir = check_run_dir(run_dir, resume, force, list(recording_paths or ()) + list(inputs))
     # A damaged or crafted checkpoint is refused before the recordings are loaded, not after.
     checkpoint = load_checkpoint(os.path.join(run_dir, FILES["checkpoint"])) if resume else None
@@ -611,16 +766,20 @@ def train_run(recording_paths, run_dir, user_config=None, seed=0, device="auto",
     finished = False
     try:
         make_deterministic(seed)
-        prepared = prepare(recording_paths, user_config)
+        prepared = prepare(recording_paths, user_config, init)
         if context.is_main and progress:
             print("features: {}".format(describe_windows(prepared.windows)), file=sys.stderr)
+            if init is not None:
+                print("fine-tuning {} (learning rate {:g}, l2sp {:g}, recurrent layers frozen for {} epochs)".format(
+                    init.run_dir, prepared.settings["training"]["learning_rate"], prepared.settings["training"]["l2sp"],
+                    prepared.settings["training"]["freeze_recurrent_epochs"]), file=sys.stderr)
         if context.is_main:
             os.makedirs(run_dir, exist_ok=True)
-        digest = settings_digest(prepared.settings, prepared.recordings, seed)
+        digest = settings_digest(prepared.settings, prepared.recordings, seed, init)
         result = _train(prepared, run_dir, seed, context, checkpoint, digest, progress)
         summary = None
         if context.is_main:
-            summary = _write_outputs(prepared, run_dir, seed, context, result)
+            summary = _write_outputs(prepared, run_dir, seed, context, result, light)
         finished = True
     finally:
         stop_context(context, finished)
@@ -774,6 +933,9 @@ class _Training(object):
         self.seed = seed
         self.context = context
         self.model_config, self.model = _build(prepared, seed, context)
+        self.anchor = None
+        if prepared.init is not None:
+            self.anchor = _load_init_weights(self.model, prepared.init, context.device)
         self.train_model = self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.settings["learning_rate"],
                                            weight_decay=self.settings["weight_decay"])
@@ -788,7 +950,7 @@ class _Training(object):
             document = load_checkpoint(checkpoint_path)
         if document["settings_digest"] != digest:
             raise UsageError("the checkpoint in {!r} was trained with other settings, data or seed; resume with "
-                             "the same recordings, --config and --seed".format(run_dir))
+                             "the same recordings, --config, --seed and --init-from".format(run_dir))
         expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         for key in ("model", "best_model"):
             got = {k: tuple(v.shape) for k, v in document[key].items()}
@@ -812,6 +974,11 @@ class _Training(object):
         if self.state.stopped != "patience":
             # A time budget or epoch limit may be extended on resume; early stopping is final.
             self.state.stopped = ""
+
+    def distance_to_anchor(self):
+        """L2-SP: the squared distance of the weights to the earlier run's, summed over all parameters
+        (Li, Grandvalet & Davoine 2018, "Explicit inductive bias for transfer learning with CNNs")."""
+        return sum(((p - self.anchor[name]) ** 2).sum() for name, p in self.model.named_parameters())
 
     def save_checkpoint(self, checkpoint_path, digest):
         save_checkpoint(checkpoint_path, {
@@ -877,12 +1044,18 @@ class _Training(object):
             x = x + (settings["input_noise"] * torch.randn(x.shape)).to(device)
         losses = []
         hidden = None
+        l2sp = settings.get("l2sp", 0.0) if self.anchor is not None else 0.0
+        frozen = [p for name, p in self.model.named_parameters() if name.startswith(RECURRENT_PREFIX)] \
+            if self.state.epoch < settings.get("freeze_recurrent_epochs", 0) else []
         for start in range(0, n_steps, settings["tbptt_steps"]):
             stop = start + settings["tbptt_steps"]
             outputs, hidden = self.train_model(x[:, start:stop], hidden)
             loss = masked_mse(outputs, y[:, start:stop], mask[:, start:stop])
+            objective = loss + l2sp * self.distance_to_anchor() if l2sp > 0 else loss
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
+            for parameter in frozen:
+                parameter.grad = None       # the optimiser skips a parameter without a gradient
             if settings["grad_clip"] > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings["grad_clip"])
             self.optimizer.step()
@@ -890,6 +1063,17 @@ class _Training(object):
             if float(mask[:, start:stop].sum()) > 0:
                 losses.append(float(loss.detach()))
         return losses
+
+
+def _load_init_weights(model, init, device):
+    """Load the earlier run's best weights into ``model``; returns them on ``device`` (the L2-SP anchor)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in init.weights.items()}
+    if got != expected:
+        raise ConfigError("--init-from {!r}: its weights do not fit the model ({})".format(
+            init.run_dir, _difference(expected, got)))
+    model.load_state_dict(init.weights)
+    return {name: init.weights[name].detach().to(device) for name, _ in model.named_parameters()}
 
 
 def _difference(expected, got):
@@ -960,8 +1144,9 @@ def inference_copy(model, model_config):
     return copy_model, config
 
 
-def _write_outputs(prepared, run_dir, seed, context, result):
-    """config.json, model.onnx, model_plain.onnx, metrics.json and report.png from the best model (rank 0)."""
+def _write_outputs(prepared, run_dir, seed, context, result, light=False):
+    """config.json, model.onnx, model_plain.onnx, metrics.json and report.png from the best model (rank 0);
+    ``light``: the first and the metrics only (see train_run)."""
     from neurohand.train.export import export_onnx, export_plain_onnx
     from neurohand.train import report
 
@@ -980,16 +1165,20 @@ def _write_outputs(prepared, run_dir, seed, context, result):
                                  for rec, (method, segments) in zip(prepared.recordings, prepared.plans)]},
         "settings": prepared.settings,
         "recordings": [os.path.abspath(r.path) for r in prepared.recordings],
+        # Which sessions the run has seen (held-in for neurohand evaluate), whatever their paths become.
+        "recordings_sha256": [_sha256_of(r.path) for r in prepared.recordings],
         "channel_names": first.channel_names,
         "seed": seed,
+        "init_from": None if prepared.init is None else prepared.init.record,
     }
     write_json_atomic(os.path.join(run_dir, FILES["config"]), config)
     model = model.cpu()
     onnx_path = os.path.join(run_dir, FILES["onnx"])
     onnx_report = export_onnx(*inference_copy(model, model_config), path=onnx_path)
     # The same step without a GRU/LSTM node, for TensorRT 8.x (build-engine --graph plain, or its fallback).
-    export_plain_onnx(*inference_copy(model, model_config), path=os.path.join(run_dir, FILES["onnx_plain"]),
-                      reference_onnx=onnx_path)
+    if not light:
+        export_plain_onnx(*inference_copy(model, model_config), path=os.path.join(run_dir, FILES["onnx_plain"]),
+                          reference_onnx=onnx_path)
     scores, predictions = {}, {}
     for name in splits.SPLIT_NAMES:
         scores[name], predictions[name] = score_sequences(model, prepared.sequences[name], torch.device("cpu"))
@@ -1008,8 +1197,11 @@ def _write_outputs(prepared, run_dir, seed, context, result):
                                                                   "check_steps", "errors", "opset")},
         "scores_in": "labels scaled to 0..1 (see config.json labels.scaling); R2 and r are unaffected",
         "features": dict(prepared.windows, mode=prepared.settings["mode"], summary=describe_windows(prepared.windows)),
+        "init_from": None if prepared.init is None else prepared.init.record,
     }
     write_json_atomic(os.path.join(run_dir, FILES["metrics"]), summary)
+    if light:
+        return metrics.json_ready(summary)
     test = prepared.sequences["test"]
     report.write_report(os.path.join(run_dir, FILES["report"]),
                         truth=np.concatenate([s.labels for s in test]),

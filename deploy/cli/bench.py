@@ -72,6 +72,11 @@ def _replay(quick, options):
     return replay_bench.run(quick)
 
 
+def _recalibration(quick, options):
+    from neurohand.deploy.bench import recalibration as recalibration_bench
+    return recalibration_bench.run(quick, jobs=options.jobs)
+
+
 def _footprint(quick, options):
     from neurohand.deploy.bench import footprint as footprint_bench
     return footprint_bench.run(quick)
@@ -90,9 +95,11 @@ TARGETS = {
     "decoding": _decoding,
     "latency": _latency,
     "replay": _replay,
+    "recalibration": _recalibration,
 }
-# Part of 'all' only through another target: libemg is inside 'features'.
-NOT_IN_ALL = ("libemg",)
+# Part of 'all' only through another target: libemg is inside 'features'.  recalibration trains about
+# 180 decoders (about 40 minutes on one core): run on its own (bench recalibration --update).
+NOT_IN_ALL = ("libemg", "recalibration")
 DEFAULT_RESULTS_DIR = "bench"
 DEFAULT_TRAIN_MINUTES = 20.0
 
@@ -100,11 +107,13 @@ DEFAULT_TRAIN_MINUTES = 20.0
 class BenchOptions(object):
     """What targets may need besides ``quick`` (validated values)."""
 
-    def __init__(self, libemg_python=None, ninapro=None, train_minutes=DEFAULT_TRAIN_MINUTES, replay_seconds=None):
+    def __init__(self, libemg_python=None, ninapro=None, train_minutes=DEFAULT_TRAIN_MINUTES, replay_seconds=None,
+                 jobs=1):
         self.libemg_python = libemg_python
         self.ninapro = ninapro
         self.train_minutes = train_minutes
         self.replay_seconds = replay_seconds
+        self.jobs = jobs
 
 
 def register(subparsers):
@@ -119,7 +128,9 @@ def register(subparsers):
                     "./bench/ when the current directory is a source checkout with a bench/ folder, and needs "
                     "--results-dir anywhere else. The files are rewritten after every target. See bench/README.md.",
         epilog="Targets: parser, dsp, features (with LibEMG), backends, decoding, latency, replay (speed of "
-               "replay --fast), footprint, simulate, libemg. 'all' runs every target except libemg (already inside features); the full run takes "
+               "replay --fast), footprint, simulate, libemg, recalibration (decay over simulated days and "
+               "recalibration with 30/60/120 s, docs/training.md). 'all' runs every target except libemg (already "
+               "inside features) and recalibration (about 40 minutes on its own); the full run takes "
                "about 16-21 minutes on 2 cores, 10 of them the real-time replay of the latency target.")
     parser.add_argument("targets", nargs="*", metavar="TARGET",
                         help="what to measure: all (default) or one or more of {}".format(", ".join(TARGETS)))
@@ -148,6 +159,9 @@ def register(subparsers):
                                  DEFAULT_TRAIN_MINUTES))
     parser.add_argument("--replay-seconds", type=float, default=None, metavar="S",
                         help="length of the real-time replay of the latency target (default 600, --quick 20)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="processes for the recalibration target (one patient each, one thread each; default 1: "
+                             "its figures do not depend on it, its wall time does)")
     parser.add_argument("--update", action="store_true",
                         help="measure only the TARGETs given and replace their entries in the existing "
                              "results.json/results.md (in --results-dir, else ./bench/), keeping the other targets "
@@ -194,6 +208,33 @@ def results_directory(requested_dir, is_all, quick, names=(), force=False, updat
     return check_results_directory(DEFAULT_RESULTS_DIR, names, quick, force=force, update=update, inputs=inputs)
 
 
+def kept_results(directory, quick):
+    """Results of the targets 'all' does not run (NOT_IN_ALL) in an earlier full run's results.json, to carry
+    into the new one: {name: entry}, each marked with when it was measured.  Empty where there are none."""
+    from neurohand.deploy.bench.report import JSON_NAME, RESULTS_FORMAT
+    from neurohand.firmware_bridge.shared.checks import load_json_file
+    from neurohand.firmware_bridge.shared.errors import NeurohandError
+
+    path = os.path.join(directory, JSON_NAME)
+    if quick or not os.path.isfile(path):
+        return {}
+    try:
+        document = load_json_file(path, "benchmark results")
+    except NeurohandError:
+        return {}
+    if document.get("format") != RESULTS_FORMAT or document.get("quick") or not isinstance(
+            document.get("targets"), dict):
+        return {}
+    kept = {}
+    for name in NOT_IN_ALL:
+        entry = document["targets"].get(name)
+        if isinstance(entry, dict) and entry.get("status") == "ok":
+            measured = [u.get("started_utc") for u in document.get("updates") or []
+                        if isinstance(u, dict) and name in (u.get("targets") or [])]
+            kept[name] = dict(entry, kept_from=entry.get("kept_from") or (measured or [document.get("started_utc")])[-1])
+    return kept
+
+
 def options_from(args):
     from neurohand.deploy.bench.features import libemg_python_from
     from neurohand.firmware_bridge.shared import checks
@@ -204,7 +245,8 @@ def options_from(args):
     replay_seconds = None
     if args.replay_seconds is not None:
         replay_seconds = checks.check_number("--replay-seconds", args.replay_seconds, minimum=2.0)
-    return BenchOptions(libemg_python_from(args.libemg_python), args.ninapro, train_minutes, replay_seconds)
+    jobs = checks.check_int("--jobs", args.jobs, minimum=1, maximum=64)
+    return BenchOptions(libemg_python_from(args.libemg_python), args.ninapro, train_minutes, replay_seconds, jobs)
 
 
 def run_command(args):
@@ -220,9 +262,15 @@ def run_command(args):
                                       force=args.force, update=True, inputs=inputs)
         document = bench_report.start_update(directory, command, names)
     else:
-        directory = results_directory(args.results_dir, not args.targets or args.targets == ["all"], args.quick,
-                                      names, force=args.force, inputs=inputs)
+        is_all = not args.targets or args.targets == ["all"]
+        kept = kept_results(args.results_dir or DEFAULT_RESULTS_DIR, args.quick) if is_all and not args.force else {}
+        directory = results_directory(args.results_dir, is_all, args.quick, names + sorted(kept), force=args.force,
+                                      inputs=inputs)
         document = bench_report.new_document(command, args.quick, names, bench_report.describe_machine())
+        if directory is not None:
+            for name, entry in sorted(kept.items()):
+                document["targets"][name] = entry
+                document["target_order"].append(name)
     first_error = None
     for name in names:
         print("measuring {} ...".format(name), file=sys.stderr, flush=True)

@@ -101,7 +101,8 @@ def _register_train(subparsers):
                     "checkpoint.pt, model.onnx, metrics.json and report.png into RUN_DIR. Runs under "
                     "torchrun for several processes (DistributedDataParallel).",
         epilog="The defaults depend on the data: 'envelope' (rates below 1 kHz, e.g. NinaPro DB1) or 'raw' "
-               "(nerve/EMG at kHz rates, e.g. the simulator). See docs/training.md for the config file.")
+               "(nerve/EMG at kHz rates, e.g. the simulator). See docs/training.md for the config file. "
+               "A new day: neurohand train day2.nh --init-from RUN --out RUN2 with 30-120 s of the new day.")
     parser.add_argument("recordings", nargs="+", metavar="REC", help="recording file(s) to train on")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="directory for the run's files "
                         "(created; one that holds files needs --resume to continue its run or --force)")
@@ -118,6 +119,11 @@ def _register_train(subparsers):
                         help="stop training after this many minutes (the best model so far is kept)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run from RUN_DIR/checkpoint.pt")
+    parser.add_argument("--init-from", metavar="RUN", default=None,
+                        help="fine-tune the earlier run RUN on these (short) recordings: its model, pipeline "
+                             "settings and label scaling are kept, the feature normalisation is fitted anew, "
+                             "training starts from its best weights with a lower learning rate and a pull toward "
+                             "them (docs/training.md, 'Recalibration with --init-from')")
     parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="torch threads per process (default: 1, fastest for this small RNN on a busy CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
@@ -146,14 +152,18 @@ def _run_train(args):
 
 def _register_evaluate(subparsers):
     parser = subparsers.add_parser(
-        "evaluate", help="score a trained decoder on a recording's test split, against Wiener and Kalman filters",
+        "evaluate", help="score a trained decoder on recordings' test splits, against Wiener and Kalman filters",
         description="Decode a recording's test split causally, step by step, through the same streaming "
                     "feature code and numpy ONNX backend the device runs, and score it (R², Pearson r, RMSE "
                     "per output). Wiener (ridge on lagged features) and Kalman filters are fitted on the same "
-                    "split and features and scored alongside.")
+                    "split and features and scored alongside. With several recordings (sessions), each is "
+                    "scored on its own and a table shows held-in sessions (those the run trained on) and "
+                    "held-out ones, with R² mean and spread per session, as FALCON reports them.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by 'neurohand train'")
-    parser.add_argument("recording", metavar="REC", help="recording to score (split as in training)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("recordings", nargs="+", metavar="REC", help="recording(s) to score (split as in training)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (several recordings: {recordings: [one per REC], sessions: "
+                             "the held-in/held-out summary})")
     parser.add_argument("--block-s", type=float, default=0.05, metavar="SECONDS",
                         help="seconds of signal pushed into the stream at a time (default: 0.05)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the Wiener and Kalman filters")
@@ -165,5 +175,8 @@ def _run_evaluate(args):
     result = evaluate.evaluate_command(args)
     if args.json:
         print(json.dumps(result, sort_keys=True))
+        return
+    if len(args.recordings) > 1:
+        print(evaluate.format_sessions_table(result), file=sys.stdout)
         return
     print(evaluate.format_table(result), file=sys.stdout)
