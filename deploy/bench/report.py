@@ -646,6 +646,12 @@ def _generic_renderer(result):
 
 
 # Explicit registry: target name -> renderer.  A target without one gets the key/value table.
+def _recalibration(result):
+    # The bench renders its own tables (deploy/bench/recalibration.py); imported only when there is one.
+    from neurohand.deploy.bench import recalibration
+    return recalibration.render(result)
+
+
 RENDERERS = {
     "parser": _parser,
     "dsp": _dsp,
@@ -655,6 +661,7 @@ RENDERERS = {
     "latency": _latency,
     "replay": _replay,
     "footprint": _footprint,
+    "recalibration": _recalibration,
 }
 
 

@@ -77,6 +77,11 @@ def _recalibration(quick, options):
     return recalibration_bench.run(quick, jobs=options.jobs)
 
 
+def _collect(quick, options):
+    from neurohand.deploy.bench import collect as collect_bench
+    return collect_bench.run(quick)
+
+
 def _footprint(quick, options):
     from neurohand.deploy.bench import footprint as footprint_bench
     return footprint_bench.run(quick)
@@ -96,10 +101,12 @@ TARGETS = {
     "latency": _latency,
     "replay": _replay,
     "recalibration": _recalibration,
+    "collect": _collect,
 }
 # Part of 'all' only through another target: libemg is inside 'features'.  recalibration trains about
 # 180 decoders (about 40 minutes on one core): run on its own (bench recalibration --update).
-NOT_IN_ALL = ("libemg", "recalibration")
+# collect plays 2 minutes in real time through the virtual chip and glove and trains twice: on its own too.
+NOT_IN_ALL = ("libemg", "recalibration", "collect")
 DEFAULT_RESULTS_DIR = "bench"
 DEFAULT_TRAIN_MINUTES = 20.0
 

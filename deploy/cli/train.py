@@ -22,6 +22,9 @@ def _register_import(subparsers):
                     "'neurohand train'. Choose the source format as the next word.")
     sources = parser.add_subparsers(dest="source", metavar="SOURCE")
     sources.required = True
+    # nwb and xdf (the lab extra) live with the other lab formats in interop.py.
+    from neurohand.deploy.cli import interop
+    interop.register_import_sources(sources)
 
     ninapro = sources.add_parser(
         "ninapro", help="a NinaPro MAT file (emg, glove, restimulus, rerepetition)",

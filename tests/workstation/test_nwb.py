@@ -319,3 +319,12 @@ def test_int16_counts_and_a_glove_in_acquisition_named_with_labels(tmp_path):
         np.testing.assert_array_equal(rec.read_signals(), counts)
         assert rec.label_streams["glove"].names == ["glove"] and rec.label_streams["glove"].rate == 300.0
         assert rec.metadata["label_units"] == {"glove": "a.u."}
+
+
+def test_import_command_offers_nwb_and_xdf(capsys):
+    from neurohand.deploy.cli.main import main
+    for source in ("nwb", "xdf"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["import", source, "--help"])
+        assert exit_info.value.code == 0
+        assert "--out" in capsys.readouterr().out
