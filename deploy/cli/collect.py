@@ -43,6 +43,7 @@ examples:
       --display web              # then browse http://127.0.0.1:8765/ (ssh -L 8765:127.0.0.1:8765 jetson)
   neurohand collect --chip /dev/neurohand-chip --glove serial:/dev/ttyACM0 --out s2.nh --continue s.nh
   neurohand collect --chip /dev/neurohand-chip --glove serial:/dev/ttyACM0 --out r.nh --decode /opt/neurohand/current
+  neurohand collect --chip /dev/neurohand-chip --glove lsl:type=Glove --out l.nh --lsl-outlet collect-p1
 """
 
 
@@ -57,7 +58,8 @@ def register(subparsers):
                         help="serial port of the chip (a device path or pseudo-terminal)")
     parser.add_argument("--glove", required=True, metavar="SPEC",
                         help="the data glove: cyberglove:PORT (CyberGlove II/III), serial:PORT (neurohand glove "
-                             "protocol) or virtual:PORT ('neurohand virtual-glove')")
+                             "protocol), virtual:PORT ('neurohand virtual-glove') or lsl:NAME / lsl:type=TYPE (a "
+                             "glove or hand tracker publishing LSL; needs pylsl)")
     parser.add_argument("--out", required=True, metavar="SESSION.nh",
                         help="recording to write; an existing file needs --force (it is replaced when the recording "
                              "starts, after the calibration). The quality report goes next to it: "
@@ -90,6 +92,10 @@ def register(subparsers):
     parser.add_argument("--no-picture", action="store_true",
                         help="write the quality report as text only, without the PNG (matplotlib's start-up takes "
                              "seconds on a small machine)")
+    parser.add_argument("--lsl-outlet", default=None, metavar="NAME",
+                        help="also publish the calibrated finger positions over Lab Streaming Layer as stream NAME "
+                             "and the cues as string markers on NAME-cues, for LabRecorder (needs pylsl; "
+                             "docs/lab-streams.md)")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing --out and quality report")
     parser.set_defaults(func=run_collect)
@@ -128,6 +134,9 @@ def _collect(args, signals):
                          "source cannot be recorded here".format(args.chip))
     check_port("--chip", args.chip)
     parse_glove_spec(args.glove)
+    if args.lsl_outlet is not None:
+        from neurohand.firmware_bridge.streams.lsl_outlet import check_stream_name
+        check_stream_name("--lsl-outlet", args.lsl_outlet)
     label_rate = checks.check_number("--label-rate", args.label_rate, minimum=1.0, maximum=1000.0)
     port = checks.check_int("--web-port", args.web_port, minimum=0, maximum=65535)
     if args.recalibrate and args.previous is None:
@@ -175,7 +184,7 @@ def _collect(args, signals):
         displays = _displays(args.display, port)
         settings = Settings(args.chip, args.glove, out, protocol, label_rate=label_rate, force=args.force,
                             previous=previous, recalibrate=args.recalibrate, subject=args.subject, decoder=decoder,
-                            displays=displays, calibration=calibration)
+                            displays=displays, calibration=calibration, lsl_outlet=args.lsl_outlet)
         outcome = CollectSession(settings).run(signals)
     finally:
         for display in displays:

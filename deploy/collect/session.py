@@ -67,6 +67,8 @@ FRAME_QUEUE_EVENTS = 4096
 #: Recording's writer chunk size; the loop flushes every tick anyway.
 WRITER_FLUSH_S = 0.1
 COLLECT_VERSION = 1
+#: ``--lsl-outlet NAME``: the cue markers' stream is NAME + this.
+CUES_SUFFIX = "-cues"
 
 
 class CollectError(NeurohandError):
@@ -88,11 +90,13 @@ class Settings(object):
     displays : list of display objects (``show(state)``, ``close()``)
     open_glove : callable(spec) -> GloveSource (the registry's; tests pass a fake)
     clock : callable () -> float, the monotonic clock
+    lsl_outlet : str or None, publish the calibrated finger positions over LSL as this stream and the
+        cues as string markers on ``NAME-cues`` (``--lsl-outlet``; needs pylsl)
     """
 
     def __init__(self, chip, glove, out, protocol, label_rate=DEFAULT_LABEL_RATE, force=False, previous=None,
                  recalibrate=False, subject=None, decoder=None, displays=(), open_glove=None,
-                 clock=time.monotonic, glove_options=None, calibration=None):
+                 clock=time.monotonic, glove_options=None, calibration=None, lsl_outlet=None):
         self.chip = chip
         self.glove = glove
         self.out = out
@@ -108,6 +112,7 @@ class Settings(object):
         self.clock = clock
         self.glove_options = dict(glove_options or {})
         self.calibration = calibration
+        self.lsl_outlet = lsl_outlet
 
 
 def previous_session(path):
@@ -239,6 +244,7 @@ class CollectSession(object):
         self._glove_sink = None          # where placed glove samples go (calibration, then the resampler)
         self._next_tick = None
         self.alignment_log = None        # list of (glove count, sequence, arrival, position) when set (bench)
+        self._lsl = None                 # _LslPublisher with --lsl-outlet
 
     # -- the whole session ------------------------------------------------------
     def run(self, signals=None):
@@ -284,6 +290,8 @@ class CollectSession(object):
         self._monitor = ChannelMonitor(self._chip.n_channels, self._chip.rate, self._chip.scale)
         self._chip_clock = ArrivalClock(self._chip.rate)
         self._glove_clock = ArrivalClock(self._glove_rate)
+        if s.lsl_outlet is not None:
+            self._lsl = _LslPublisher(s.lsl_outlet, self._glove_rate, s.clock).open()
         self._chip.start()
         self._wait_for_first_data(signals)
 
@@ -406,6 +414,8 @@ class CollectSession(object):
             if raw.shape[0] != len(self._glove.sensor_names) or not np.all(np.isfinite(raw)):
                 continue
             self._on_glove(position, raw)
+            if self._lsl is not None and self._calibration is not None:
+                self._lsl.positions(self._live_fingers, sample.arrival)
             if self.alignment_log is not None:
                 self.alignment_log.append((count, sample.sequence, sample.arrival, position))
         return True
@@ -501,11 +511,15 @@ class CollectSession(object):
                 held[step.pose].append(raw)
 
         self._glove_sink = collect
+        shown = None
         try:
             while True:
                 self._tick_devices(s.clock())
                 elapsed = (self.count - start) / self._chip.rate
                 index = plan.index_at(elapsed)
+                if index != shown and index is not None and self._lsl is not None:
+                    self._lsl.cue(plan.steps[index], s.clock())
+                shown = index
                 if index is None:
                     break
                 self._show("calibration", plan, index, elapsed, done=0, total=len(held))
@@ -632,6 +646,8 @@ class CollectSession(object):
                 "glove_wait_s": GLOVE_WAIT_S,
             },
         }
+        if self._lsl is not None:
+            meta["collect"]["lsl_outlet"] = {"positions": s.lsl_outlet, "cues": s.lsl_outlet + CUES_SUFFIX}
         if s.previous:
             meta["collect"]["continued_from"] = os.path.basename(s.previous["path"])
         subject = s.subject if s.subject is not None else (s.previous or {}).get("subject")
@@ -653,6 +669,8 @@ class CollectSession(object):
         if before is not None and before.trial >= 0 and (after is None or after.trial != before.trial):
             self._event("trial_done", before.trial)
             done_here.append(before.trial)
+        if self._lsl is not None:
+            self._lsl.cue(after, self.settings.clock())
         if after is None:
             return
         self._event("cue", sched.cue_code(after))
@@ -787,6 +805,9 @@ class CollectSession(object):
                 thing.close()
             except NeurohandError:
                 pass
+        if self._lsl is not None:
+            counters.update({"lsl_" + k: v for k, v in self._lsl.counters().items()})
+            self._lsl.close()
         if self._decode_parts is not None:
             counters.update({"decode_" + k: v for k, v in self._decode_parts.decode.counters.items()})
         for display in self.settings.displays:
@@ -795,6 +816,50 @@ class CollectSession(object):
             except Exception:
                 pass
         self.outcome.counters = counters
+
+
+class _LslPublisher(object):
+    """``--lsl-outlet``: the calibrated fingers (lsl_outlet's positions stream, stamped with the glove
+    sample's arrival) and the cues (string markers ``KIND:CODE:LABEL``, stamped when shown; ``end`` after
+    the last).  A push only queues the sample in liblsl (sent by its own thread): the loop never waits
+    on a consumer, and a failing push is counted, never raised."""
+
+    def __init__(self, name, glove_rate, clock):
+        from neurohand.firmware_bridge.streams.lsl_outlet import LslOutlets
+        self.outlets = LslOutlets(name, FINGERS, glove_rate)
+        self.clock = clock
+        self.markers = None
+        self._counters = {"cues_pushed": 0, "cue_push_errors": 0}
+
+    def open(self):
+        outlets = self.outlets.open()
+        pylsl = outlets._pylsl
+        info = pylsl.StreamInfo(outlets.name + CUES_SUFFIX, "Markers", 1, pylsl.IRREGULAR_RATE, pylsl.cf_string,
+                                outlets.source_id + ":cues")
+        info.desc().append_child("channels").append_child("channel").append_child_value("label", "cue")
+        self.markers = pylsl.StreamOutlet(info)
+        outlets.bind(self.clock, [1.0], len(FINGERS))
+        return self
+
+    def positions(self, fingers, arrival_s):
+        self.outlets.publish_positions(fingers, arrival_s)
+
+    def cue(self, step, now_s):
+        marker = "end" if step is None else "{}:{}:{}".format(step.kind, sched.cue_code(step), step.label)
+        try:
+            self.markers.push_sample([marker], now_s + self.outlets.offset_s)
+            self._counters["cues_pushed"] += 1
+        except Exception:  # never the session's problem: counted
+            self._counters["cue_push_errors"] += 1
+
+    def counters(self):
+        counters = dict(self.outlets.counters)
+        counters.update(self._counters)
+        return counters
+
+    def close(self):
+        self.outlets.close()
+        self.markers = None
 
 
 def _glove_hint(glove):

@@ -16,15 +16,22 @@ def _open_virtual(port, protocol=None, detect_timeout_s=DETECT_TIMEOUT_S, **opti
     return GLOVE_KINDS[protocol](port, **options)
 
 
+def _open_lsl(query, **options):
+    """A glove that publishes LSL; imported here so that nothing loads pylsl's adapter unless asked."""
+    from neurohand.firmware_bridge.gloves.lsl_glove import LslGloveSource
+    return LslGloveSource(query, **options)
+
+
 #: Source name (the part of a spec before the first ":") -> callable(port, **options)
-#: returning an open GloveSource.  A stream adapter (``lsl:NAME``) plugs in here.
+#: returning an open GloveSource; for ``lsl`` the "port" is the stream query (NAME or type=TYPE).
 GLOVE_KINDS = {
     "cyberglove": CyberGloveSource,    # cyberglove:PORT   CyberGlove II/III serial protocol
+    "lsl": _open_lsl,                  # lsl:NAME, lsl:type=Glove  a glove or hand tracker on LSL
     "serial": SerialGloveSource,       # serial:PORT       neurohand glove protocol (docs/glove-protocol.md)
     "virtual": _open_virtual,          # virtual:PORT[:serial|:cyberglove]  neurohand virtual-glove
 }
 
-_EXAMPLE = "serial:/dev/ttyACM0, cyberglove:/dev/ttyUSB0 or virtual:/tmp/glove"
+_EXAMPLE = "serial:/dev/ttyACM0, cyberglove:/dev/ttyUSB0, virtual:/tmp/glove or lsl:NAME"
 
 
 def parse_glove_spec(spec):
@@ -48,6 +55,10 @@ def parse_glove_spec(spec):
             port, protocol = head, tail
     if not port:
         raise UsageError("glove {!r} needs a port: {}:PORT (e.g. {})".format(spec, kind, _EXAMPLE))
+    if kind == "lsl":
+        from neurohand.firmware_bridge.gloves.lsl_glove import parse_lsl_glove
+        parse_lsl_glove(port)
+        return kind, port, protocol
     check_port("glove port", port)
     return kind, port, protocol
 
@@ -60,7 +71,8 @@ def open_glove(spec, **options):
     spec : str
         ``cyberglove:PORT``, ``serial:PORT``, ``virtual:PORT`` (a pseudo-terminal
         made by ``neurohand virtual-glove``; the protocol is detected) or
-        ``virtual:PORT:serial`` / ``virtual:PORT:cyberglove``.
+        ``virtual:PORT:serial`` / ``virtual:PORT:cyberglove``, or ``lsl:NAME`` /
+        ``lsl:type=TYPE`` (an LSL stream; needs pylsl).
     **options
         Passed to the source (e.g. ``baudrate=``, ``hello_timeout_s=``).
 
