@@ -160,12 +160,14 @@ def baseline_lags(pipeline, recording, scaling, segments, decoders):
     return result
 
 
-def evaluate_run(run_dir, recording_path, block_s=0.05, with_baselines=True):
+def evaluate_run(run_dir, recording_path, block_s=0.05, with_baselines=True, with_tcn=False, threads=1):
     """Score a run on ``recording_path``'s test split; returns a JSON-ready dict.
 
     Keys: mean_r2, r2, mean_pearson_r, pearson_r, mean_rmse, rmse (per output,
-    in 0..1 scaled label units), n_steps, label_names, baselines -> {wiener, kalman}
-    -> the same scores, decode (backend, block size, timing), split, held_in (see :func:`held_in`)."""
+    in 0..1 scaled label units), n_steps, label_names, baselines -> {wiener, kalman, and tcn when
+    ``with_tcn``} -> the same scores, and {lda, lda_td} -> movement-class scores (accuracy,
+    balanced_accuracy, confusion, per-trial accuracy; train/classes.py) where the recording has
+    movement events, decode (backend, block size, timing), split, held_in (see :func:`held_in`)."""
     config, onnx_path = load_run(run_dir)
     block_s = checks.check_number("--block-s", block_s, minimum=0.0, exclusive_minimum=True)
     pipeline, recording, (method, segments), sequences = prepare(config, recording_path)
@@ -197,20 +199,37 @@ def evaluate_run(run_dir, recording_path, block_s=0.05, with_baselines=True):
         "units": "labels scaled to 0..1 as in training (config.json labels.scaling); R2 and r are unaffected",
     })
     if with_baselines:
+        from neurohand.train import classes
         pairs = {name: [(s.features, s.labels) for s in sequences[name]] for name in splits.SPLIT_NAMES}
         fitted = {}
+        settings = dict(config["settings"].get("baselines") or {})
+        names = tuple(baselines.BASELINES)
+        if with_tcn:
+            # The TCN trains for minutes on the run's own budget and recipe: only when asked for.
+            from neurohand.train import tcn
+            names = baselines.ALL_BASELINES
+            settings["tcn"] = dict(tcn.settings_from_run(config["settings"], config.get("seed", 0),
+                                                         dataset.steps_per_second(pipeline), threads),
+                                   **settings.get("tcn", {}))
         result["baselines"] = baselines.fit_and_score(pairs["train"], pairs["validation"], pairs["test"],
-                                                      config["settings"].get("baselines"), decoders=fitted)
+                                                      settings, decoders=fitted, names=names)
         for name, lag in baseline_lags(pipeline, recording, scaling, extended, fitted).items():
             result["baselines"][name]["lag_ms"] = lag
+        # Movement classes from the recording's movement events (rest counts), on the same windows.
+        result["baselines"].update(classes.lda_baselines(recording, (method, segments), sequences,
+                                                         config["settings"]["pipeline"],
+                                                         dataset.steps_per_second(pipeline)))
     return metrics.json_ready(result)
 
 
 def evaluate_command(args):
     """One recording: :func:`evaluate_run`'s dict (as before); several: :func:`evaluate_sessions`'s."""
     recordings = list(args.recordings)
+    if getattr(args, "tcn", False) and len(recordings) > 1:
+        raise UsageError("--tcn trains a baseline for minutes per recording: give one recording with it")
     if len(recordings) == 1:
-        return evaluate_run(args.run_dir, recordings[0], block_s=args.block_s, with_baselines=not args.no_baselines)
+        return evaluate_run(args.run_dir, recordings[0], block_s=args.block_s, with_baselines=not args.no_baselines,
+                            with_tcn=getattr(args, "tcn", False))
     return evaluate_sessions(args.run_dir, recordings, block_s=args.block_s, with_baselines=not args.no_baselines)
 
 
@@ -310,7 +329,8 @@ def format_table(result):
 
     lines = ["{:<10} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>7}".format(
         "decoder", "mean R2", "mean r", "RMSE", "onset ms", "p90 ms", "release", "xcorr")]
-    rows = [("rnn", result)] + sorted((result.get("baselines") or {}).items())
+    rows = [("rnn", result)] + sorted((name, scores) for name, scores in (result.get("baselines") or {}).items()
+                                      if "mean_r2" in scores)
     for name, scores in rows:
         lag = scores.get("lag_ms")
         lines.append("{:<10} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>7}".format(
@@ -321,6 +341,12 @@ def format_table(result):
         "{} {}".format(name, fmt(value).strip()) for name, value in zip(result["label_names"], result["r2"])))
     lines.append("{} test steps decoded causally with the numpy backend, {:.1f} us per step".format(
         result["n_steps"], result["decode"]["us_per_step"]))
+    for name, scores in sorted((result.get("baselines") or {}).items()):
+        if "balanced_accuracy" in scores:
+            lines.append("movement classes, {} ({} classes): accuracy {:.3f}, balanced accuracy {:.3f}, "
+                         "{} movement trials right {}".format(
+                             name, len(scores["classes"]), scores["accuracy"], scores["balanced_accuracy"],
+                             scores["trials"], fmt(scores["trial_accuracy"]).strip()))
     lag = result.get("lag_ms")
     if lag is not None:
         lines.append("lag (rnn, ms, + = late, at {:g} of each movement): {} onsets ({} missed, {} not measured), "

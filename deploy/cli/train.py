@@ -159,7 +159,9 @@ def _register_evaluate(subparsers):
         description="Decode a recording's test split causally, step by step, through the same streaming "
                     "feature code and numpy ONNX backend the device runs, and score it (R², Pearson r, RMSE "
                     "per output). Wiener (ridge on lagged features) and Kalman filters are fitted on the same "
-                    "split and features and scored alongside. With several recordings (sessions), each is "
+                    "split and features and scored alongside, and where the recording has movement events "
+                    "a linear discriminant (LDA) classifies movements on the same windows (accuracy, balanced "
+                    "accuracy, per-trial accuracy). With several recordings (sessions), each is "
                     "scored on its own and a table shows held-in sessions (those the run trained on) and "
                     "held-out ones, with R² mean and spread per session, as FALCON reports them.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by 'neurohand train'")
@@ -169,7 +171,11 @@ def _register_evaluate(subparsers):
                              "the held-in/held-out summary})")
     parser.add_argument("--block-s", type=float, default=0.05, metavar="SECONDS",
                         help="seconds of signal pushed into the stream at a time (default: 0.05)")
-    parser.add_argument("--no-baselines", action="store_true", help="skip the Wiener and Kalman filters")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="skip the baselines (Wiener and Kalman filters, movement-class LDA)")
+    parser.add_argument("--tcn", action="store_true",
+                        help="also train a temporal convolutional network baseline on the run's budget and recipe "
+                             "(takes minutes; one recording only)")
     parser.set_defaults(func=_run_evaluate)
 
 

@@ -72,3 +72,26 @@ def test_evaluate_refuses_a_recording_of_another_shape(run, tmp_path, capsys):
     assert cli.main(["evaluate", run_dir, str(other)]) == 2
     err = capsys.readouterr().err
     assert "5 channels" in err and err.count("\n") == 1
+
+
+def test_evaluate_classifies_movements_with_the_lda_baseline(run, tmp_path, capsys):
+    run_dir, _ = run
+    recording = str(make_recording(tmp_path / "moves.nhr", seconds=60.0, seed=5, movements=True))
+    assert cli.main(["evaluate", run_dir, recording, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    classes = result["baselines"]["lda"]
+    n = len(classes["classes"])
+    assert n >= 2 and np.array(classes["confusion"]).shape == (n, n)
+    assert 0.0 <= classes["balanced_accuracy"] <= 1.0 and 0.0 <= classes["accuracy"] <= 1.0
+    assert sum(map(sum, classes["confusion"])) == classes["n_steps"] == result["n_steps"]
+    assert cli.main(["evaluate", run_dir, recording]) == 0
+    assert "movement classes, lda (" in capsys.readouterr().out
+    # A recording without movement events has no classes to score.
+    assert cli.main(["evaluate", run_dir, run[1], "--json"]) == 0
+    assert "lda" not in json.loads(capsys.readouterr().out)["baselines"]
+
+
+def test_tcn_is_one_recording_at_a_time(run, capsys):
+    run_dir, recording = run
+    assert cli.main(["evaluate", run_dir, recording, recording, "--tcn"]) == 2
+    assert "--tcn" in capsys.readouterr().err

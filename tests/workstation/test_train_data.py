@@ -22,7 +22,7 @@ TINY_CONFIG = {
 
 
 def make_recording(path, seconds=120.0, rate=100.0, n_channels=4, n_outputs=3, repetitions=True, seed=0,
-                   label_rate=None, label_stream="fingers"):
+                   label_rate=None, label_stream="fingers", movements=False):
     """An envelope-like recording whose signals are a linear mix of smooth finger positions (0..1).
 
     With ``repetitions``: 10 repetitions, each movement 2 s then 1 s rest, as NinaPro lays them out."""
@@ -48,6 +48,10 @@ def make_recording(path, seconds=120.0, rate=100.0, n_channels=4, n_outputs=3, r
             for k in range(min(10, n // period)):
                 w.add_event(k * period, "repetition", k + 1)
                 w.add_event(k * period + int(2 * rate), "repetition", 0)
+                if movements:       # with ``movements``: movement 1 in the first second, 2 in the next
+                    w.add_event(k * period, "movement", 1)
+                    w.add_event(k * period + int(rate), "movement", 2)
+                    w.add_event(k * period + int(2 * rate), "movement", 0)
     return path
 
 
