@@ -51,6 +51,7 @@ from neurohand.decoder import lag as lag_metric
 from neurohand.firmware_bridge.shared.checks import check_number, check_option
 from neurohand.firmware_bridge.shared.errors import ConfigError, NeurohandError, RecordingError, UsageError
 from neurohand.firmware_bridge.virtual.chip import VirtualChip
+from neurohand.firmware_bridge.virtual.hand import ReceivedCommand
 
 #: Signal (seconds) left out of scoring at the start: the filters settle and the
 #: runtime holds the hand open until ``recovery_windows`` good windows.
@@ -595,7 +596,8 @@ class ProcessDevices(object):
     def __init__(self, recording, start_sample, faults, disconnect_after_s, chip_path):
         self._faults = faults
         self._chip = _DeviceProcess("virtual chip", "chip",
-                                    (recording.path, start_sample, faults, disconnect_after_s, chip_path))
+                                    (recording.path, start_sample, _faults_message(faults), disconnect_after_s,
+                                     chip_path))
         self._hand = _DeviceProcess("virtual hand", "hand", ())
         self.hand_port = None
         self.received = self.hand_counters = self.chip_summary = self.stream_started_s = self.chip_failure = None
@@ -619,14 +621,17 @@ class ProcessDevices(object):
         if chip is None:
             self.chip_failure = RuntimeError(self._chip.problem)
         else:
-            self.chip_summary, self.chip_failure = chip[1], chip[2]
+            self.chip_summary = chip[1]
+            self.chip_failure = None if chip[2] is None else _exception_from(chip[2])
             self.stream_started_s = self.chip_summary.get("stream_started_at")
             if self._faults is not None and "faults" in self.chip_summary:
                 self._faults.counters.update(self.chip_summary["faults"])
         if hand is None:
             self.hand_failure = self._hand.problem
         else:
-            self.received, self.hand_counters = hand[1], hand[2]
+            self.received = [ReceivedCommand(t_monotonic, t_wall, seq, tuple(positions), tuple(raw))
+                             for t_monotonic, t_wall, seq, positions, raw in hand[1]]
+            self.hand_counters = hand[2]
 
 
 #: What a device process runs: argv[1] is the replay's sys.path (JSON), so that it imports what the replay imports.
@@ -665,7 +670,7 @@ class _DeviceProcess(object):
             raise RuntimeError("the {} process ended (exit status {}) without a word".format(
                 self.what, self._exit_status())) from None
         if message[0] == "failed":
-            raise message[1]
+            raise _exception_from(message[1])
         return message
 
     def expect(self, kind, timeout_s):
@@ -708,18 +713,20 @@ class _DeviceProcess(object):
 
 
 class _Channel(object):
-    """Pickled tuples, each after its length (4 bytes, big-endian), over two pipe descriptors.
+    """JSON messages (lists), each after its length (4 bytes, big-endian), over two pipe descriptors.
 
-    Both ends are this module, in processes of the same interpreter, started by the replay.
+    JSON, not pickle: nothing in neurohand unpickles (tests/device/test_security.py), not even from its
+    own child.  What crosses is plain data: paths, numbers, counters, received commands, and an
+    exception as its type's name and text (:func:`_exception_message`, :func:`_exception_from`).
     """
 
     def __init__(self, read_fd, write_fd):
         self._read_fd, self._write_fd = read_fd, write_fd
 
     def send(self, *message):
-        import pickle
+        import json
         import struct
-        body = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        body = json.dumps(list(message)).encode("utf-8")
         data = memoryview(struct.pack("!I", len(body)) + body)
         while len(data):
             data = data[os.write(self._write_fd, data):]
@@ -729,11 +736,11 @@ class _Channel(object):
         return bool(select.select([self._read_fd], [], [], timeout_s)[0])
 
     def recv(self):
-        """The next message; EOFError once the other end is gone."""
-        import pickle
+        """The next message (a list); EOFError once the other end is gone."""
+        import json
         import struct
         (size,) = struct.unpack("!I", self._read_exactly(4))
-        return pickle.loads(self._read_exactly(size))
+        return json.loads(self._read_exactly(size).decode("utf-8"))
 
     def _read_exactly(self, size):
         data = bytearray()
@@ -745,14 +752,38 @@ class _Channel(object):
         return bytes(data)
 
 
-def _portable(exc):
-    """``exc`` if it survives the pipe (pickling), else a RuntimeError with its type and text."""
-    import pickle
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:
-        return RuntimeError("{}: {}".format(type(exc).__name__, exc))
+def _exception_message(exc):
+    """An exception as plain data for the pipe: [its type's name, its text]."""
+    return [type(exc).__name__, str(exc)]
+
+
+def _exception_from(message):
+    """The exception a device process reported: neurohand's own error types by name (so a one-line
+    error stays one), anything else as a RuntimeError naming the type."""
+    from neurohand.firmware_bridge.shared import errors
+    name, text = message
+    kind = getattr(errors, name, None)
+    if isinstance(kind, type) and issubclass(kind, Exception):
+        return kind(text)
+    return RuntimeError("{}: {}".format(name, text))
+
+
+def _faults_message(faults):
+    """A FaultInjector's settings as plain data (it is rebuilt, unused, in the chip's process)."""
+    if faults is None:
+        return None
+    return {"drop_rate": faults.drop_rate, "corrupt_rate": faults.corrupt_rate,
+            "garbage_probability": faults.garbage_probability, "garbage_max_bytes": faults.garbage_max_bytes,
+            "seed": faults.seed, "sync": [bytes(s).hex() for s in faults.sync], "header_size": faults.header_size}
+
+
+def _faults_from(message):
+    if message is None:
+        return None
+    from neurohand.firmware_bridge.virtual.chip import FaultInjector
+    settings = dict(message)
+    settings["sync"] = tuple(bytes.fromhex(s) for s in settings["sync"])
+    return FaultInjector(**settings)
 
 
 def _tell(channel, *message):
@@ -779,12 +810,13 @@ def _stop_when_told(channel):
 
 def _chip_process(channel, recording_path, start_sample, faults, disconnect_after_s, link_path):
     """The virtual chip's process: ready, serve until told to stop, done."""
+    faults = _faults_from(faults)
     from neurohand.firmware_bridge.recording.file_format import open_recording
     from neurohand.firmware_bridge.virtual.chip import RecordingSource
     try:
         recording = open_recording(recording_path)
     except Exception as exc:
-        _tell(channel, "failed", _portable(exc))
+        _tell(channel, "failed", _exception_message(exc))
         return
     with recording:
         try:
@@ -792,7 +824,7 @@ def _chip_process(channel, recording_path, start_sample, faults, disconnect_afte
                                faults=faults, disconnect_after_s=disconnect_after_s, link_path=link_path)
             chip.open()
         except Exception as exc:
-            _tell(channel, "failed", _portable(exc))
+            _tell(channel, "failed", _exception_message(exc))
             return
         _tell(channel, "ready", chip.slave_path)
         stop = _stop_when_told(channel)
@@ -800,7 +832,7 @@ def _chip_process(channel, recording_path, start_sample, faults, disconnect_afte
         try:
             chip.serve(stop)
         except Exception as exc:        # see ThreadDevices._serve
-            failure = _portable(exc)
+            failure = _exception_message(exc)
         stop.wait()         # as in a thread, the terminal stays until the replay is over
         chip.close()
     _tell(channel, "done", chip.summary(), failure)
@@ -812,7 +844,7 @@ def _hand_process(channel):
     try:
         hand = VirtualHand("neurohand").start()
     except Exception as exc:
-        _tell(channel, "failed", _portable(exc))
+        _tell(channel, "failed", _exception_message(exc))
         return
     _tell(channel, "ready", hand.slave_path)
     try:

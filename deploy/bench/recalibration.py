@@ -219,9 +219,11 @@ def run(quick, patients=None, sessions=None, jobs=1, progress=True):
     cpu_started = _cpu_seconds()
     work = [(patient, settings, progress) for patient in range(settings["patients"])]
     if jobs > 1 and len(work) > 1:
-        import multiprocessing
-        with multiprocessing.get_context("spawn").Pool(min(jobs, len(work))) as pool:
-            measured = pool.map(_patient_job, work)
+        # Fresh interpreters fed and read as JSON (nothing in neurohand pickles, not even its own
+        # workers: tests/device/test_security.py); threads only wait for them.
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(min(jobs, len(work))) as pool:
+            measured = list(pool.map(_patient_job_in_process, work))
     else:
         measured = [_patient_job(item) for item in work]
     rows = [row for rows_p, _ in measured for row in rows_p]
@@ -248,6 +250,20 @@ def _cpu_seconds():
     import resource
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+_JOB_CODE = ("import json, sys; from neurohand.deploy.bench.recalibration import _patient_job; "
+             "print(json.dumps(_patient_job(json.loads(sys.argv[1]))))")
+
+
+def _patient_job_in_process(item):
+    """:func:`_patient_job` in a fresh interpreter of this Python; its last line of output is the result."""
+    import subprocess
+    completed = subprocess.run([sys.executable, "-c", _JOB_CODE, json.dumps(list(item))],
+                               stdout=subprocess.PIPE, universal_newlines=True)
+    if completed.returncode != 0:
+        raise RuntimeError("measuring patient {} failed (exit status {})".format(item[0], completed.returncode))
+    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def _patient_job(item):

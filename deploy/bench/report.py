@@ -648,6 +648,8 @@ def _generic_renderer(result):
 # Explicit registry: target name -> renderer.  A target without one gets the key/value table.
 def _recalibration(result):
     # The bench renders its own tables (deploy/bench/recalibration.py); imported only when there is one.
+    if "settings" not in result:        # not the bench's own document (e.g. an older or partial one)
+        return _generic_renderer(result)
     from neurohand.deploy.bench import recalibration
     return recalibration.render(result)
 

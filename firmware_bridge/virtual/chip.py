@@ -194,6 +194,7 @@ class FaultInjector:
         if not self.sync or not all(isinstance(s, bytes) and s for s in self.sync):
             raise UsageError("sync must be a non-empty byte string or a tuple of them, got {!r}".format(sync))
         self.header_size = check_int("header size", header_size, minimum=0)
+        self.seed = seed        # kept so a replay can rebuild the same injector in a device process
         self._random = random.Random(seed)
         self.counters = new_counters(FAULT_COUNTERS)
         self._pending_missing = 0       # frames lost since the last intact one

@@ -178,10 +178,22 @@ def test_the_unpickling_scan_finds_what_it_looks_for(source, found):
     assert bool(unsafe_loading(source)) is found
 
 
+# The one module of the device path allowed a socket, and why: collect's --display web serves its page on
+# 127.0.0.1 only (reached through an SSH tunnel; issue 15), and is imported only when that display is asked
+# for.  `neurohand run` never loads it (the running-service check below owns no socket).
+NETWORK_ALLOWED = {os.path.join("deploy", "collect", "display_web.py"): "127.0.0.1 only"}
+
+
 def test_no_network_module_on_the_device_path():
     problems = []
     for path in python_files(DEVICE_FOLDERS):
-        problems += network_imports(read(path), os.path.relpath(path, ROOT))
+        where = os.path.relpath(path, ROOT)
+        if where in NETWORK_ALLOWED:
+            # Allowed a socket, but bound to loopback alone.
+            source = read(path)
+            assert 'LOOPBACK = "127.0.0.1"' in source and "0.0.0.0" not in source, where
+            continue
+        problems += network_imports(read(path), where)
     assert problems == []
     assert network_imports("import socket") and network_imports("from http.server import HTTPServer")
     assert network_imports("import asyncio") and not network_imports("import json")
