@@ -39,6 +39,13 @@ The cross-correlation lag is the shift of the decoded trajectory against the
 truth (mean removed per output, summed over outputs and pieces) with the
 highest correlation, within +-:data:`MAX_XCORR_MS`, refined between grid steps
 by a parabola through the peak.
+
+The hold jitter (:func:`hold_jitter`) is what a faster decoder or a lighter
+filter pays for its lag: the RMS of the decoded trajectory's second difference
+at steps of :data:`JITTER_STEP_MS` while the true trajectory is still (within
+:data:`STILL_FRACTION` of its range for :data:`STILL_HALF_WIDTH_MS` either side),
+in the outputs' units (0..1 = full range), from :data:`JITTER_SETTLE_MS` after a
+piece's first decoded value on.
 """
 import numpy as np
 
@@ -59,6 +66,18 @@ MAX_XCORR_MS = 1000.0
 FLAT = 1e-9
 #: Event kind that delimits movements.
 MOVEMENT_EVENT = "movement"
+#: Spacing of the samples whose second difference is the hold jitter, milliseconds: the default stride,
+#: so a decoder with that stride is judged command by command, and one with a shorter stride on the
+#: same footing.
+JITTER_STEP_MS = 20.0
+#: The truth is still at a time where, from this long before it to this long after it, it stays within a
+#: band of STILL_FRACTION of the output's range over the scored span: long enough that a decoder late by
+#: a few hundred milliseconds has settled too, so what is measured is noise, not a late movement.
+STILL_HALF_WIDTH_MS = 260.0
+STILL_FRACTION = 0.02
+#: The decoded trajectory's first second in a piece is not a hold: the decoder (and a filter after it)
+#: start from rest there, which ``evaluate`` does at every test segment and a device once.
+JITTER_SETTLE_MS = 1000.0
 
 
 def movements_from_events(events, first_sample, samples_per_step):
@@ -281,6 +300,75 @@ def _peak(cross):
     return float(best)
 
 
+def _block_extremes(values, block, blocks):
+    """Per output, the largest and smallest of each run of ``block`` rows, shape (blocks, k) each."""
+    shaped = values[:blocks * block].reshape(blocks, block, values.shape[1])
+    return shaped.max(axis=1), shaped.min(axis=1)
+
+
+def jitter_terms(truth, decoded, step, half_width, tolerance, settle=0):
+    """Squared second differences of ``decoded`` where ``truth`` is still, summed, and their count.
+
+    truth, decoded : (n, k) on one grid; step : grid steps between the samples of the second
+    difference; half_width : grid steps either side of the middle sample over which the truth must
+    stay within ``tolerance`` (k,) (rounded to whole multiples of ``step``, at least two, so the
+    window holds the three samples); the middle samples are multiples of ``step``.  A sample counts
+    per output where the three decoded values are finite and the first of them lies at least
+    ``settle`` grid steps after the first row decoded.  Returns (sum of squares, count)."""
+    n, k = truth.shape
+    blocks = n // step
+    reach = max(2, int(round(half_width / float(step))))        # blocks either side of a middle sample
+    if blocks < 2 * reach + 1:
+        return 0.0, 0
+    high, low = _block_extremes(truth, step, blocks)
+    # Middle sample b * step; its window is blocks b - reach .. b + reach - 1, i.e. the grid rows
+    # [(b - reach) step, (b + reach) step), which hold b * step - step and b * step + step.
+    middles = np.arange(reach, blocks - reach + 1)
+    first = _first(np.any(np.isfinite(decoded), axis=1))
+    if first is None:
+        return 0.0, 0
+    middles = middles[middles * step - step >= first + settle]
+    top = np.full((middles.size, k), -np.inf)
+    bottom = np.full((middles.size, k), np.inf)
+    for offset in range(-reach, reach):
+        np.maximum(top, high[middles + offset], out=top)
+        np.minimum(bottom, low[middles + offset], out=bottom)
+    still = (top - bottom) <= tolerance
+    rows = middles * step
+    second = decoded[rows - step] - 2.0 * decoded[rows] + decoded[rows + step]
+    counted = still & np.isfinite(second)
+    return float(np.sum(second[counted] ** 2)), int(np.count_nonzero(counted))
+
+
+def hold_jitter(pieces, step_ms=GRID_MS, jitter_step_ms=JITTER_STEP_MS, half_width_ms=STILL_HALF_WIDTH_MS,
+                still_fraction=STILL_FRACTION):
+    """RMS second difference of the decoded trajectories while the truth is still: (jitter, count).
+
+    pieces : list of (truth (n, k), decoded (n, k), ...) on grids of ``step_ms``.  The
+    decoded trajectory is sampled every ``jitter_step_ms``; a sample counts for an output
+    where the truth of that output stays within ``still_fraction`` of its range over all
+    pieces (at least :data:`FLAT`) from ``half_width_ms`` before to ``half_width_ms`` after
+    it, and not within :data:`JITTER_SETTLE_MS` of the piece's first decoded value.  jitter
+    is in the outputs' units (a second difference of values ``jitter_step_ms`` apart, not
+    divided by its square), None where no sample counts."""
+    truths = [np.asarray(p[0], dtype=np.float64) for p in pieces if len(p[0])]
+    if not truths:
+        return None, 0
+    both = np.concatenate(truths)
+    tolerance = np.maximum(still_fraction * (both.max(axis=0) - both.min(axis=0)), FLAT)
+    step = max(1, int(round(jitter_step_ms / step_ms)))
+    half_width = max(1, int(round(half_width_ms / step_ms)))
+    settle = int(round(JITTER_SETTLE_MS / step_ms))
+    total, count = 0.0, 0
+    for piece in pieces:
+        squares, counted = jitter_terms(np.asarray(piece[0], dtype=np.float64),
+                                        np.asarray(piece[1], dtype=np.float64), step, half_width, tolerance,
+                                        settle)
+        total += squares
+        count += counted
+    return (float(np.sqrt(total / count)) if count else None), count
+
+
 def lag_summary(pieces, step_ms=GRID_MS, thresholds=THRESHOLDS, headline=HEADLINE_THRESHOLD,
                 max_xcorr_ms=MAX_XCORR_MS):
     """The ``lag_ms`` document of decoded trajectories against the truth.
@@ -289,7 +377,8 @@ def lag_summary(pieces, step_ms=GRID_MS, thresholds=THRESHOLDS, headline=HEADLIN
     decoded nan where no command is in force yet; movements as from
     :func:`movements_from_events`.  Returns a JSON-ready dict: onset_p50, onset_p90,
     release_p50, release_p90 (headline threshold), xcorr, xcorr_peak, counts,
-    ``thresholds`` (the same per threshold), and ``reason`` (None, or why a figure is null).
+    ``thresholds`` (the same per threshold), ``jitter`` and ``jitter_points``
+    (:func:`hold_jitter`; not a lag, but its price), and ``reason`` (None, or why a figure is null).
     """
     pieces = [(np.asarray(t, dtype=np.float64), np.asarray(d, dtype=np.float64), list(m)) for t, d, m in pieces]
     if headline not in thresholds:
@@ -342,9 +431,12 @@ def lag_summary(pieces, step_ms=GRID_MS, thresholds=THRESHOLDS, headline=HEADLIN
         reasons.append("no onset or release measured at {:g} of any movement's excursion ({} missed, "
                        "{} not measured)".format(headline, head["onsets_missed"] + head["releases_missed"],
                                                  head["onsets_not_measured"] + head["releases_not_measured"]))
+    jitter, jitter_points = hold_jitter(pieces, step_ms)
     result = dict(head)
     result.update({"xcorr": xcorr, "xcorr_peak": xcorr_peak, "threshold": headline, "movements": events,
                    "thresholds": by_threshold, "grid_ms": step_ms,
+                   "jitter": None if jitter is None else round(jitter, 6), "jitter_points": jitter_points,
+                   "jitter_step_ms": JITTER_STEP_MS,
                    "reason": "; ".join(reasons) if reasons else None})
     return result
 
@@ -367,8 +459,11 @@ def format_lag(lag):
 
     if lag is None:
         return "lag            n/a"
-    text = "lag            onset p50 {} p90 {}  release p50 {}  xcorr {}  ({} onsets, {} missed{})".format(
-        ms(lag["onset_p50"]), ms(lag["onset_p90"]), ms(lag["release_p50"]), ms(lag["xcorr"]), lag["onsets"],
+    jitter = lag.get("jitter")
+    text = ("lag            onset p50 {} p90 {}  release p50 {}  xcorr {}  hold jitter {}  "
+            "({} onsets, {} missed{})").format(
+        ms(lag["onset_p50"]), ms(lag["onset_p90"]), ms(lag["release_p50"]), ms(lag["xcorr"]),
+        "n/a" if jitter is None else "{:.2f}e-3".format(1000.0 * jitter), lag["onsets"],
         lag["onsets_missed"], ", {} not measured".format(lag["onsets_not_measured"])
         if lag["onsets_not_measured"] else "")
     if lag.get("reason"):

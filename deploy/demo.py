@@ -388,10 +388,17 @@ def _evaluate_stage(progress, paths, settings):
     progress.start(6, "evaluate", "scoring the run on the training recording's test split{}".format(
         ", with Wiener and Kalman baselines" if settings["baselines"] else ""))
     evaluation = evaluate.evaluate_run(paths[RUN_DIR], paths[TRAIN_RECORDING], with_baselines=settings["baselines"])
-    progress.done("rnn {:.3f}{}".format(evaluation["mean_r2"], "".join(
-        ", {} {:.3f}".format(name, scores["mean_r2"]) for name, scores in sorted(
-            (evaluation.get("baselines") or {}).items()))))
+    progress.done("rnn {:.3f}{}{}".format(evaluation["mean_r2"], "".join(
+        ", {} {:.3f}".format(name, scores["mean_r2"]) for name, scores in sorted(_regression(evaluation).items())),
+        "".join("; movement classes ({}) balanced accuracy {:.3f}".format(name, scores["balanced_accuracy"])
+                for name, scores in sorted((evaluation.get("baselines") or {}).items())
+                if name == "lda" and "balanced_accuracy" in scores)))
     return evaluation
+
+
+def _regression(evaluation):
+    """The baselines that decode positions (evaluate also scores movement classifiers, which have no R²)."""
+    return {name: scores for name, scores in (evaluation.get("baselines") or {}).items() if "mean_r2" in scores}
 
 
 def _replay_stage(progress, out, paths, settings):
@@ -454,7 +461,7 @@ def _summarize(out, settings, progress, collected, training, selftest, evaluatio
                              "mean_r": evaluation.get("mean_pearson_r")},
                      "baselines": {name: {"mean_r2": scores["mean_r2"], "r2": scores["r2"],
                                           "mean_r": scores.get("mean_pearson_r")}
-                                   for name, scores in (evaluation.get("baselines") or {}).items()}},
+                                   for name, scores in _regression(evaluation).items()}},
         "selftest": {key: selftest[key] for key in ("passed", "backend", "max_abs_error", "tolerance")},
         "hand_delay_ms": {"p50": _ms(scored_delays, 50), "p99": _ms(scored_delays, 99),
                           "max": _ms(scored_delays, 100),

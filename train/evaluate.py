@@ -354,4 +354,7 @@ def format_table(result):
                          lag["threshold"], lag["onsets"], lag["onsets_missed"], lag["onsets_not_measured"],
                          lag["releases"], lag["releases_missed"],
                          "; " + lag["reason"] if lag.get("reason") else ""))
+        if lag.get("jitter") is not None:
+            lines.append("hold jitter (rnn): {:.2f} thousandths of the range (RMS second difference while the true "
+                         "trajectory is still; docs/latency.md)".format(1000.0 * lag["jitter"]))
     return "\n".join(lines)

@@ -77,6 +77,11 @@ def _recalibration(quick, options):
     return recalibration_bench.run(quick, jobs=options.jobs)
 
 
+def _lag(quick, options):
+    from neurohand.deploy.bench import lag as lag_bench
+    return lag_bench.run(quick, options)
+
+
 def _collect(quick, options):
     from neurohand.deploy.bench import collect as collect_bench
     return collect_bench.run(quick)
@@ -102,11 +107,13 @@ TARGETS = {
     "replay": _replay,
     "recalibration": _recalibration,
     "collect": _collect,
+    "lag": _lag,
 }
 # Part of 'all' only through another target: libemg is inside 'features'.  recalibration trains about
 # 180 decoders (about 40 minutes on one core): run on its own (bench recalibration --update).
 # collect plays 2 minutes in real time through the virtual chip and glove and trains twice: on its own too.
-NOT_IN_ALL = ("libemg", "recalibration", "collect")
+# lag trains several decoders on NinaPro to compare the levers that cut the lag (docs/latency.md): on its own too.
+NOT_IN_ALL = ("libemg", "recalibration", "collect", "lag")
 DEFAULT_RESULTS_DIR = "bench"
 DEFAULT_TRAIN_MINUTES = 20.0
 

@@ -10,8 +10,12 @@ known, and a list of the wrong length is refused there.
 JSON example (every key optional)::
 
     {"safe_posture": "open", "data_timeout_ms": 100, "writer_period_ms": 20,
-     "recovery_windows": 5, "smoothing_tau_ms": [0, 30, 30, 30, 30],
+     "recovery_windows": 5, "smoothing": "exponential", "smoothing_tau_ms": [0, 30, 30, 30, 30],
      "max_slew_per_s": 10, "calibration": {"lo": [0.05, 0, 0, 0, 0], "hi": 0.9}}
+
+The settings of the smoothing not chosen (``smoothing_tau_ms`` for
+``"one_euro"``, ``one_euro_*`` for ``"exponential"``) must keep their defaults:
+set, they would do nothing, which is a mistake to say rather than to ignore.
 """
 import numbers
 
@@ -20,6 +24,12 @@ from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 
 #: Allowed safe postures: "open" = every finger at 0, "hold" = last good command.
 SAFE_POSTURES = ("open", "hold")
+#: Smoothing between calibration and slew limit (postprocess.py): a fixed time constant, or the
+#: 1-euro filter, whose cut-off rises with the speed of the input (less lag for the same hold jitter).
+SMOOTHING_KINDS = ("exponential", "one_euro")
+#: Settings that belong to one smoothing kind only.
+SMOOTHING_SETTINGS = {"exponential": ("smoothing_tau_ms",),
+                      "one_euro": ("one_euro_min_cutoff_hz", "one_euro_beta", "one_euro_d_cutoff_hz")}
 
 #: Default values, with their units in the names.
 DEFAULTS = {
@@ -35,8 +45,17 @@ DEFAULTS = {
     "writer_period_ms": 20.0,
     # Consecutive good windows needed to leave the safe posture.
     "recovery_windows": 5,
+    # "exponential" or "one_euro" (SMOOTHING_KINDS).  The 1-euro filter at 4 Hz, beta 30 kept holds
+    # calmer for 0-10 ms of cross-correlation lag on NinaPro DB1 S2E1 and the simulator (docs/latency.md,
+    # "Cutting the lag"); it becomes the default once the whole suite and the demo have run with it.
+    "smoothing": "exponential",
     # Exponential smoothing time constant per finger; 0 = off.
     "smoothing_tau_ms": 0.0,
+    # 1-euro filter per finger: cut-off while the input is still, its rise per unit of input speed
+    # (Hz per full range per second), and the cut-off of the speed estimate (docs/runtime.md).
+    "one_euro_min_cutoff_hz": 4.0,
+    "one_euro_beta": 30.0,
+    "one_euro_d_cutoff_hz": 1.0,
     # Largest change of a finger position per second (full range = 1); None = off.
     "max_slew_per_s": 10.0,
     # Per-patient range: decoder output lo -> hand 0, hi -> hand 1 (per finger).
@@ -61,6 +80,12 @@ RANGES = {
     "writer_period_ms": (1.0, 500.0),
     "recovery_windows": (1, 1000),
     "smoothing_tau_ms": (0.0, 10000.0),
+    # 0.016 Hz is a time constant of 10 s, the exponential's longest; above ~8 Hz at a 20 ms stride the
+    # filter passes everything, and 1000 Hz does at any stride down to 0.2 ms.
+    "one_euro_min_cutoff_hz": (0.016, 1000.0),
+    # 1000 Hz per unit of speed: the cut-off passes everything at a speed of a thousandth of the range/s.
+    "one_euro_beta": (0.0, 1000.0),
+    "one_euro_d_cutoff_hz": (0.016, 1000.0),
     "max_slew_per_s": (0.01, 1000.0),
     "calibration": (-1e6, 1e6),
     "frame_queue_events": (16, 65536),
@@ -103,7 +128,11 @@ class RuntimeConfig(object):
             raise UsageError("writer_period_ms ({:g}) must not exceed data_timeout_ms ({:g})".format(
                 self.writer_period_ms, self.data_timeout_ms))
         self.recovery_windows = _integer("recovery_windows", values["recovery_windows"])
+        self.smoothing = checks.check_option("smoothing", values["smoothing"], SMOOTHING_KINDS)
         self.smoothing_tau_ms = _scalar_or_list("smoothing_tau_ms", values["smoothing_tau_ms"])
+        for name in SMOOTHING_SETTINGS["one_euro"]:
+            setattr(self, name, _scalar_or_list(name, values[name]))
+        _check_smoothing_settings(self)
         slew = values["max_slew_per_s"]
         self.max_slew_per_s = None if slew is None else _scalar_or_list("max_slew_per_s", slew)
         self.calibration = _check_calibration(values["calibration"])
@@ -145,7 +174,7 @@ class RuntimeConfig(object):
         hi = self.per_finger("calibration_hi", n_outputs)
         for index, (low, high) in enumerate(zip(lo, hi)):
             _check_span(index, low, high)
-        for name in ("smoothing_tau_ms", "max_slew_per_s"):
+        for name in ("smoothing_tau_ms", "max_slew_per_s") + SMOOTHING_SETTINGS["one_euro"]:
             self.per_finger(name, n_outputs)
 
     def __repr__(self):
@@ -169,6 +198,21 @@ def load_runtime_config(path=None, overrides=None):
         if path is None:
             raise
         raise ConfigError("runtime config {!r}: {}".format(path, exc)) from exc
+
+
+def _check_smoothing_settings(config):
+    """Refuse a setting of the smoothing kind not chosen that differs from its default (it would do nothing)."""
+    for kind, names in sorted(SMOOTHING_SETTINGS.items()):
+        if kind == config.smoothing:
+            continue
+        for name in names:
+            value = getattr(config, name)
+            if any(v != DEFAULTS[name] for v in (value if isinstance(value, list) else [value])):
+                raise UsageError("{} applies to smoothing '{}', but smoothing is '{}'{}: set \"smoothing\": "
+                                 "\"{}\" to use it, or leave {} out".format(
+                                     name, kind, config.smoothing,
+                                     " (the default)" if config.smoothing == DEFAULTS["smoothing"] else "",
+                                     kind, name))
 
 
 def _check_span(index, low, high):

@@ -3,7 +3,8 @@
 Standard library only (deploy/cli/main.py builds its parser without numpy), so a
 command module can call :func:`add_runtime_arguments` from ``register``.
 """
-from neurohand.deploy.runtime.config import DEFAULTS, SAFE_POSTURES, describe_range, load_runtime_config
+from neurohand.deploy.runtime.config import (DEFAULTS, SAFE_POSTURES, SMOOTHING_KINDS, describe_range,
+                                             load_runtime_config)
 
 
 def add_runtime_arguments(parser):
@@ -19,9 +20,15 @@ def add_runtime_arguments(parser):
                        help="no trustworthy decoded command for this long (chip data missing, windows dropped "
                             "for gaps, decoding too slow) -> safe posture; {} (default: {:g})".format(
                                 describe_range("data_timeout_ms"), DEFAULTS["data_timeout_ms"]))
+    group.add_argument("--smoothing", choices=SMOOTHING_KINDS,
+                       help="smoothing of each finger's command: 'exponential' (a fixed time constant, "
+                            "--smoothing-ms) or 'one_euro' (the 1-euro filter: smooths holds, follows movements "
+                            "with less lag; its settings in --runtime-config, docs/runtime.md) "
+                            "(default: {})".format(DEFAULTS["smoothing"]))
     group.add_argument("--smoothing-ms", type=float, metavar="MS",
-                       help="exponential smoothing time constant for every finger, 0 = off; {} "
-                            "(default: {:g})".format(describe_range("smoothing_tau_ms"), DEFAULTS["smoothing_tau_ms"]))
+                       help="exponential smoothing time constant for every finger, 0 = off (selects exponential "
+                            "smoothing unless --smoothing says otherwise); {} (default: {:g})".format(
+                                describe_range("smoothing_tau_ms"), DEFAULTS["smoothing_tau_ms"]))
     group.add_argument("--max-slew", type=float, metavar="PER_S",
                        help="largest change of a finger position per second, full range = 1; {} "
                             "(default: {:g})".format(describe_range("max_slew_per_s"), DEFAULTS["max_slew_per_s"]))
@@ -47,11 +54,13 @@ def config_from_args(args):
     """The RuntimeConfig of parsed ``args``: the --runtime-config file, then the flags given."""
     overrides = {}
     for flag, key in (("safe_posture", "safe_posture"), ("data_timeout_ms", "data_timeout_ms"),
-                      ("smoothing_ms", "smoothing_tau_ms"), ("max_slew", "max_slew_per_s"),
-                      ("status_interval", "status_interval_s")):
+                      ("smoothing", "smoothing"), ("smoothing_ms", "smoothing_tau_ms"),
+                      ("max_slew", "max_slew_per_s"), ("status_interval", "status_interval_s")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = value
+    if "smoothing_tau_ms" in overrides and "smoothing" not in overrides:
+        overrides["smoothing"] = "exponential"      # the flag says what it is
     if getattr(args, "quiet", False):
         overrides["status_interval_s"] = 0.0
     return load_runtime_config(getattr(args, "runtime_config", None), overrides)

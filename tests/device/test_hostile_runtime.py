@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from neurohand.deploy.cli import main as cli
-from neurohand.deploy.runtime.config import DEFAULTS, RANGES, RuntimeConfig
+from neurohand.deploy.runtime.config import DEFAULTS, RANGES, SMOOTHING_SETTINGS, RuntimeConfig
 from neurohand.firmware_bridge.recording.file_format import RecordingWriter
 from neurohand.firmware_bridge.shared.errors import UsageError
 
@@ -25,6 +25,9 @@ OUT_OF_RANGE = {
     "frame_queue_events": [0, 15, 10 ** 9],
     "record_backlog_ms": [0, 1e-3, 1e12],
     "status_interval_s": [-1, 1e-6, 1e9],
+    "one_euro_min_cutoff_hz": [0, 0.01, 1e4, -1, [1, 0]],
+    "one_euro_beta": [-1, 1e4, [1, -1]],
+    "one_euro_d_cutoff_hz": [0, 0.01, 1e4],
 }
 #: Values of no numeric setting: not finite, wrong types, huge integers, booleans.
 HOSTILE = [float("nan"), float("inf"), float("-inf"), "10", True, False, HUGE_INT, -HUGE_INT, [], {}, [[1]]]
@@ -47,6 +50,9 @@ def cases():
         yield "calibration", {"hi": value}
     yield "calibration", {"lo": 0.5, "hi": 0.5 + 1e-9}
     yield "calibration", [0, 1]
+    yield "smoothing", "euro"
+    yield "smoothing", None
+    yield "smoothing", 0
     yield "safe_posture", "closed"
     yield "safe_posture", None
     yield "safe_posture", 0
@@ -62,13 +68,16 @@ def case_id(case):
 
 
 def test_every_setting_is_covered_and_has_a_range():
-    assert set(NUMERIC) | {"calibration", "safe_posture"} == set(DEFAULTS)
-    assert set(RANGES) == set(DEFAULTS) - {"safe_posture"}
+    assert set(NUMERIC) | {"calibration", "safe_posture", "smoothing"} == set(DEFAULTS)
+    assert set(RANGES) == set(DEFAULTS) - {"safe_posture", "smoothing"}
     RuntimeConfig(**{name: DEFAULTS[name] for name in DEFAULTS})                    # the defaults fit
     for name in NUMERIC:
         low, high = RANGES[name]
         for value in (low, high):
             settings = {name: value}
+            for kind, names in SMOOTHING_SETTINGS.items():
+                if name in names:
+                    settings["smoothing"] = kind       # a setting of the other kind would be refused
             if name == "data_timeout_ms":
                 settings["writer_period_ms"] = min(value, DEFAULTS["writer_period_ms"])
             if name == "writer_period_ms":

@@ -142,6 +142,45 @@ def test_a_short_piece_and_no_decoded_command_are_not_measured():
     assert short["xcorr"] is None and short["movements"] == 0
 
 
+def test_hold_jitter_of_white_noise_is_its_second_difference():
+    """Independent noise of SD s has a second difference of SD sqrt(6) s; measured only where the truth
+    is still, and nothing of a clean (late) copy's movements counts as jitter."""
+    truth, movements = trajectories()
+    clean = summary(truth, delayed(truth, 5), movements)
+    assert clean["jitter"] == 0.0 and clean["jitter_points"] > 0
+    noisy = summary(truth, delayed(truth, 5, noise=0.02), movements)
+    assert noisy["jitter_points"] == clean["jitter_points"]
+    assert abs(noisy["jitter"] - np.sqrt(6.0) * 0.02) < 0.1 * np.sqrt(6.0) * 0.02, noisy["jitter"]
+    # Noise while the truth moves (and for 100 ms after) is the lag's and R²'s business, not jitter.
+    moving = np.abs(np.diff(truth, axis=0, prepend=truth[:1])) > 0
+    near_moving = np.zeros_like(moving)
+    for shift in range(-10, 11):
+        near_moving |= np.roll(moving, shift, axis=0)
+    rng = np.random.RandomState(3)
+    decoded = delayed(truth, 5) + np.where(near_moving, rng.normal(scale=0.2, size=truth.shape), 0.0)
+    assert summary(truth, decoded, movements)["jitter"] == 0.0
+
+
+def test_hold_jitter_needs_the_truth_still_for_the_whole_half_width():
+    truth, movements = trajectories(n_movements=2, outputs=1)
+    # Up 0.03 every 100 ms: 0.16 in any 520 ms, over 2 % of its range (3.5): never still.
+    drift = truth + 0.03 * np.arange(len(truth))[:, None] / 10.0
+    rng = np.random.RandomState(4)
+    decoded = drift + rng.normal(scale=0.02, size=drift.shape)
+    result = summary(drift, decoded, movements)
+    assert result["jitter"] is None and result["jitter_points"] == 0
+    # The first second of decoding is the decoder starting from rest, not a hold.
+    start = delayed(truth, 5)
+    start[5:40] += 0.5 * (np.arange(35) % 2)[:, None]
+    assert summary(truth, start, movements)["jitter"] == 0.0
+    nothing = summary(truth, np.full_like(truth, np.nan), movements)
+    assert nothing["jitter"] is None and nothing["jitter_points"] == 0
+    # A half-width of 2 steps counts more of the holds than one of 26.
+    wide, narrow = (lag.hold_jitter([(truth, delayed(truth, 0, 0.01), movements)], STEP_MS, half_width_ms=h)[1]
+                    for h in (260.0, 40.0))
+    assert 0 < wide < narrow
+
+
 def test_movement_events_become_grid_spans():
     events = [(100, "movement", 0), (300, "repetition", 1), (300, "movement", 4), (500, "movement", 0),
               (700, "movement", 2), (800, "movement", 3), (950, "movement", 5)]
@@ -180,11 +219,35 @@ def test_fast_replay_json_holds_the_lag(data, capsys):
     assert cli.main(["replay", bundle, recording, "--fast", "--json", "--backend", "numpy", "--quiet"]) == 0
     result = json.loads(capsys.readouterr().out)
     lag_ms = result["lag_ms"]
-    for key in HEADLINE + ("onsets", "onsets_missed", "releases_missed", "movements", "reason", "thresholds"):
+    for key in HEADLINE + ("onsets", "onsets_missed", "releases_missed", "movements", "reason", "thresholds",
+                           "jitter", "jitter_points"):
         assert key in lag_ms, key
+    assert lag_ms["jitter_points"] > 0 and lag_ms["jitter"] >= 0
     assert lag_ms["movements"] >= 1 and lag_ms["reason"] is None
     # A window of 0.1 s and a stride of 0.02 s cannot make a decoder earlier than its window's middle
     # lags the glove's own 40-140 ms behind the nerve; only a bound that cannot move with tuning here.
     assert -500 < lag_ms["xcorr"] < 1000 and lag_ms["onsets"] >= 1
     assert cli.main(["replay", bundle, recording, "--fast", "--backend", "numpy", "--quiet"]) == 0
     assert "onset p50" in capsys.readouterr().out
+
+
+def test_the_lag_bench_scores_post_processing_as_evaluate_scores_the_decoder(data):
+    """deploy/bench/lag.py (workstation): its raw variant is ``evaluate``'s decoder, and a heavy filter
+    shows what it costs (a later cross-correlation) and what it buys (less hold jitter)."""
+    pytest.importorskip("neurohand.train.evaluate")
+    from test_run_replay import RUN_DIR
+    from neurohand.deploy.bench import lag as lag_bench
+    from neurohand.train import evaluate
+
+    _, recording = data
+    variants = {"raw": None, "today": {"smoothing_tau_ms": 0.0, "max_slew_per_s": 10.0},
+                "heavy": {"smoothing": "one_euro", "one_euro_min_cutoff_hz": 0.3, "one_euro_beta": 0.0}}
+    result = lag_bench.measure(RUN_DIR, recording, variants, split="test")
+    scores = evaluate.evaluate_run(RUN_DIR, recording, with_baselines=False)
+    raw, heavy = result["variants"]["raw"], result["variants"]["heavy"]
+    assert raw["mean_r2"] == pytest.approx(scores["mean_r2"], abs=1e-9)
+    assert raw["xcorr"] == scores["lag_ms"]["xcorr"] and raw["jitter"] == scores["lag_ms"]["jitter"]
+    assert heavy["settings"]["smoothing"] == "one_euro" and result["variants"]["raw"]["settings"] is None
+    assert 0 < heavy["jitter"] < raw["jitter"] / 3
+    assert heavy["xcorr"] > raw["xcorr"] + 50
+    json.dumps(result)

@@ -94,7 +94,7 @@ def test_output_is_a_fresh_array_in_range():
 
 
 def test_from_config_uses_milliseconds_and_per_finger_lists():
-    config = RuntimeConfig(smoothing_tau_ms=[0, 100], max_slew_per_s=None,
+    config = RuntimeConfig(smoothing="exponential", smoothing_tau_ms=[0, 100], max_slew_per_s=None,
                            calibration={"lo": [0.0, 0.0], "hi": 0.5})
     post = PostProcessor.from_config(config, 2)
     out = post.process(np.array([0.25, 0.5]), 0.02)
@@ -132,7 +132,7 @@ def test_bad_settings_are_refused_with_their_name(settings, match):
 
 
 def test_per_finger_lists_must_match_the_outputs():
-    config = RuntimeConfig(smoothing_tau_ms=[10, 20, 30])
+    config = RuntimeConfig(smoothing="exponential", smoothing_tau_ms=[10, 20, 30])
     with pytest.raises(UsageError, match="3 values but the decoder has 5 outputs"):
         config.check_outputs(5)
     with pytest.raises(UsageError, match="range must not be empty"):
