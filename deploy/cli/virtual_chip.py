@@ -78,10 +78,6 @@ def check_start_at(value, name="--start-at"):
 
 
 def run_virtual_chip(args):
-    import json
-    import signal
-    import sys
-    import threading
 
     from neurohand.firmware_bridge.shared import checks
     from neurohand.firmware_bridge.shared.errors import RecordingError, UsageError
@@ -131,18 +127,28 @@ def run_virtual_chip(args):
                        autostart=args.autostart, faults=faults if faults.active else None,
                        disconnect_after_s=disconnect_after, reconnect_pause_s=pause, link_path=args.port,
                        on_port=announce, firmware=firmware, start_at=start_at)
+    return serve_until_stopped(chip, faults)
+
+
+def serve_until_stopped(device, faults):
+    """Open a virtual device (chip or glove), serve until SIGTERM or Ctrl-C, close it, and print its
+    summary with the injected faults' counters as one JSON line on stderr; exit status 0."""
+    import json
+    import signal
+    import sys
+    import threading
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
-        chip.open()
+        device.open()
         try:
-            chip.serve(stop)
+            device.serve(stop)
         except KeyboardInterrupt:
-            pass      # Ctrl-C is how a looping chip is normally stopped
+            pass      # Ctrl-C is how a looping device is normally stopped
     finally:
-        chip.close()
+        device.close()
         signal.signal(signal.SIGTERM, previous)
-        summary = chip.summary()
+        summary = device.summary()
         summary["faults"] = dict(faults.counters)
         print(json.dumps(summary, sort_keys=True), file=sys.stderr, flush=True)
     return 0

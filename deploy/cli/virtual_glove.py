@@ -55,10 +55,6 @@ def register(subparsers):
 
 
 def run_virtual_glove(args):
-    import json
-    import signal
-    import sys
-    import threading
 
     from neurohand.firmware_bridge.shared import checks
     from neurohand.firmware_bridge.shared.errors import RecordingError, UsageError
@@ -107,18 +103,5 @@ def run_virtual_glove(args):
                          faults=faults if faults.active else None, disconnect_after_s=optional["disconnect_after"],
                          reconnect_pause_s=pause, stall_after_s=optional["stall_after"],
                          stall_for_s=optional["stall_for"], link_path=args.port, on_port=announce)
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    try:
-        glove.open()
-        try:
-            glove.serve(stop)
-        except KeyboardInterrupt:
-            pass      # Ctrl-C is how a looping glove is normally stopped
-    finally:
-        glove.close()
-        signal.signal(signal.SIGTERM, previous)
-        summary = glove.summary()
-        summary["faults"] = dict(faults.counters)
-        print(json.dumps(summary, sort_keys=True), file=sys.stderr, flush=True)
-    return 0
+    from neurohand.deploy.cli.virtual_chip import serve_until_stopped
+    return serve_until_stopped(glove, faults)
