@@ -401,6 +401,10 @@ class RnnWeights(object):
     layers : list of (W (G*H, inputs), R (G*H, H), Wb (G*H,), Rb (G*H,)) per layer
     head : (weight (n_outputs, H), bias (n_outputs,))
     metadata : dict of the file's metadata_props
+    class_names : tuple of str, the movement classes of a class head ("rest" first), () without one
+    n_positions : int, the positions among the outputs: outputs[:n_positions] are finger positions,
+        outputs[n_positions:] the class scores, in class_names order (sigmoid of each class's logit,
+        so their argmax is the softmax's)
     """
 
     def __init__(self, cell, n_features, n_outputs, hidden_size, projection, layers, head, metadata):
@@ -413,6 +417,8 @@ class RnnWeights(object):
         self.layers = layers
         self.head = head
         self.metadata = metadata
+        self.class_names = class_names_of(metadata, n_outputs)
+        self.n_positions = n_outputs - len(self.class_names)
 
     @property
     def state_names(self):
@@ -500,6 +506,32 @@ def _check_gemm(model, weight_name):
         raise ConfigError("Gemm with {!r} has attributes {}, expected transB=1 only".format(
             weight_name, node.attributes))
     return nodes[0]
+
+
+def class_names_of(metadata, n_outputs):
+    """The class head's class names from the model config in ``metadata`` (() when it has none).
+
+    The head shares the output layer with the positions: the config's ``class_names`` (train/model.py)
+    say how many of the ``n_outputs`` outputs, from the end, are class scores; at least one output
+    must remain a position."""
+    text = metadata.get(CONFIG_METADATA_KEY)
+    if text is None:
+        return ()
+    try:
+        config = parse_json(text)
+    except ValueError:
+        return ()     # _check_model_config names this; a weights object built by hand has no config
+    names = config.get("class_names") if isinstance(config, dict) else None
+    if not names:
+        return ()
+    if (not isinstance(names, list) or not all(isinstance(n, str) and n for n in names)
+            or len(set(names)) != len(names)):
+        raise ConfigError("metadata {!r}: class_names must be a list of distinct non-empty names, "
+                          "but got {!r}".format(CONFIG_METADATA_KEY, names))
+    if len(names) < 2 or len(names) >= n_outputs:
+        raise ConfigError("metadata {!r}: {} class names for {} outputs (need at least 2 classes and "
+                          "1 position)".format(CONFIG_METADATA_KEY, len(names), n_outputs))
+    return tuple(names)
 
 
 def _check_model_config(metadata):

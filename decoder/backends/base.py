@@ -29,6 +29,7 @@ class Backend(object):
     ----------
     name : str, registry name
     n_features, n_outputs, num_layers, hidden_size : int
+    n_positions : int, class_names : tuple of str (the class head; n_outputs = n_positions + len(class_names))
     cell : "gru" or "lstm"
     selected_by : str, how create_backend chose this backend (e.g. what ``auto`` skipped)
     """
@@ -41,6 +42,9 @@ class Backend(object):
         self.cell = weights.cell
         self.n_features = weights.n_features
         self.n_outputs = weights.n_outputs
+        # outputs[:n_positions] are finger positions, the rest class scores (onnx_weights.RnnWeights)
+        self.n_positions = weights.n_positions
+        self.class_names = weights.class_names
         self.num_layers = weights.num_layers
         self.hidden_size = weights.hidden_size
         self.selected_by = "requested"
