@@ -95,6 +95,12 @@ class Bundle(object):
         return io_spec["n_features"], io_spec["n_outputs"]
 
     @property
+    def class_names(self):
+        """The movement classes of the model's class head as the manifest records them (() without one)."""
+        io_spec = self.manifest.get("io")
+        return tuple(io_spec.get("class_names") or ()) if isinstance(io_spec, dict) else ()
+
+    @property
     def label_names(self):
         """The names of the outputs (config.json labels.names), or None in a bundle without them."""
         labels = self.config.get("labels")
@@ -196,10 +202,15 @@ def check_backend_io(bundle, backend):
     if n_outputs is not None and int(backend.n_outputs) != n_outputs:
         raise BundleError("bundle {!r}: the {} backend's model gives {} outputs, the bundle says {}".format(
             bundle.path, backend.name, backend.n_outputs, n_outputs))
-    if labels is not None and int(backend.n_outputs) != len(labels):
-        raise BundleError("bundle {!r}: the model gives {} outputs but the bundle has {} labels ({}); "
+    class_names = tuple(getattr(backend, "class_names", ()) or ())
+    if n_outputs is not None and class_names != bundle.class_names:
+        raise BundleError("bundle {!r}: the {} backend's model has the movement classes {}, the bundle says {}".format(
+            bundle.path, backend.name, list(class_names) or "none", list(bundle.class_names) or "none"))
+    n_positions = int(backend.n_outputs) - len(class_names)
+    if labels is not None and n_positions != len(labels):
+        raise BundleError("bundle {!r}: the model gives {} finger positions but the bundle has {} labels ({}); "
                           "it was not trained for these labels".format(
-                              bundle.path, backend.n_outputs, len(labels), ", ".join(labels)))
+                              bundle.path, n_positions, len(labels), ", ".join(labels)))
 
 
 def _read_npz(path, names, optional=()):
@@ -339,6 +350,11 @@ def _check_io_spec(path, manifest, config, what="bundle"):
                                     and _positive_int(io_spec.get("n_outputs"))):
         raise BundleError("bundle manifest {!r}: io must be an object with positive integers n_features and "
                           "n_outputs, but got {!r}".format(os.path.join(path, MANIFEST), io_spec))
+    classes = io_spec.get("class_names", []) if io_spec is not None else []
+    if not (isinstance(classes, list) and all(isinstance(c, str) and c for c in classes)
+            and len(set(classes)) == len(classes) and (not classes or 2 <= len(classes) < io_spec["n_outputs"])):
+        raise BundleError("bundle manifest {!r}: io class_names must be a list of at least 2 distinct names, fewer "
+                          "than the outputs, but got {!r}".format(os.path.join(path, MANIFEST), classes))
     if io_spec is not None and "io" in config and config["io"] != io_spec:
         raise BundleError("{} {!r}: config.json's io {!r} differs from the manifest's {!r}".format(
             what, path, config["io"], io_spec))
@@ -350,10 +366,13 @@ def _check_io_spec(path, manifest, config, what="bundle"):
             isinstance(names, list) and names and all(isinstance(name, str) for name in names))):
         raise BundleError("{} {!r}: config.json labels must be an object whose names is a list of "
                           "strings, but got {!r}".format(what, path, labels))
-    if names is not None and io_spec is not None and len(names) != io_spec["n_outputs"]:
-        raise BundleError("{} {!r}: the model gives {} outputs but there are {} labels ({}); it was "
-                          "not trained for these labels".format(what, path, io_spec["n_outputs"], len(names),
-                                                                 ", ".join(names)))
+    # The labels name the finger positions: the outputs before the class scores.
+    n_positions = None if io_spec is None else io_spec["n_outputs"] - len(classes)
+    if names is not None and io_spec is not None and len(names) != n_positions:
+        raise BundleError("{} {!r}: the model gives {} {} but there are {} labels ({}); it was "
+                          "not trained for these labels".format(
+                              what, path, n_positions, "finger positions" if classes else "outputs", len(names),
+                              ", ".join(names)))
 
 
 def _versions():
@@ -386,6 +405,10 @@ def make_golden_vectors(onnx_path, sequences=GOLDEN_SEQUENCES, steps=GOLDEN_STEP
             finals.append(np.stack([np.asarray(a, dtype=np.float32) for a in backend.state_arrays(state)]))
         states = np.stack(finals)
         io_spec = {"n_features": int(backend.n_features), "n_outputs": int(backend.n_outputs)}
+        if backend.class_names:
+            # The outputs after the positions are class scores (onnx_weights.RnnWeights); kept out of
+            # the spec without a head, so such bundles read as they always did.
+            io_spec["class_names"] = list(backend.class_names)
     finally:
         backend.close()
     return features, outputs, states, io_spec

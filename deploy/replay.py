@@ -38,6 +38,17 @@ output whose truth is constant), the same definition as ``evaluate``.
 The intent-to-command lag (``lag_ms``, decoder/lag.py, docs/latency.md) is
 measured over the same span, from the end of the warm-up: every command held
 until the next, as the hand holds it, against the label stream on a 1 ms grid.
+
+Movement classes.  When the bundle's model has a class head and the recording
+has ``movement`` events, the class decided with each command (the runtime's
+ClassDecider, runtime/classes.py) is scored against the movement in force at
+the command's sample, with the measures ``neurohand evaluate`` uses
+(decoder/classes.py): per-step accuracy, balanced accuracy, the confusion
+matrix and the per-trial accuracy after the decision delay (``classes`` in the
+summary).  The steps are the commands from the end of the warm-up (fast: every
+decoded window; realtime: the scored commands, so keep-alives do not count
+twice).  A step that decided no class (the safe posture, low confidence)
+counts as rest; a true class the head does not have is left out and counted.
 """
 import os
 import shutil
@@ -47,6 +58,7 @@ import time
 
 import numpy as np
 
+from neurohand.decoder import classes as class_measures
 from neurohand.decoder import lag as lag_metric
 from neurohand.firmware_bridge.shared.checks import check_number, check_option
 from neurohand.firmware_bridge.shared.errors import ConfigError, NeurohandError, RecordingError, UsageError
@@ -306,11 +318,12 @@ def replay_fast(decoder, recording, replay_range, config, record_path=None, stat
 
     truth = _prepare(decoder, recording)
     jobs = default_jobs() if jobs is None else jobs
-    samples, positions = [], []
+    samples, positions, decided = [], [], []
 
     def on_command(command):
         samples.append(command.sample)
         positions.append(command.positions.copy())
+        decided.append(command.decided)
 
     pipeline = decoder.pipeline
     stride = pipeline.stride_samples
@@ -338,11 +351,11 @@ def replay_fast(decoder, recording, replay_range, config, record_path=None, stat
     else:
         document = run(recording_items(recording, block, start, stop))
     wall_s = time.perf_counter() - started
-    positions = np.asarray(positions, dtype=np.float64).reshape(-1, decoder.backend.n_outputs)
+    positions = np.asarray(positions, dtype=np.float64).reshape(-1, len(truth.names))
     extra = {"speed_x": document.get("speed_x"), "block_samples": block, "jobs": jobs,
              "feature_worker_dsp_s": None if worker_dsp_s is None else round(worker_dsp_s, 3)}
     return _outcome("fast", decoder, recording, replay_range, truth, np.asarray(samples, dtype=np.float64),
-                    positions, wire_positions(positions), document, wall_s, extra)
+                    positions, wire_positions(positions), document, wall_s, extra, decided)
 
 
 def replay_realtime(decoder, recording, replay_range, config, faults=None, disconnect_after_s=None,
@@ -382,10 +395,12 @@ def replay_realtime(decoder, recording, replay_range, config, faults=None, disco
         decoder.close()
         raise
     started = time.perf_counter()
+    sent_classes = [] if getattr(decoder, "class_names", ()) else None
     try:
         document = run_on_chip(decoder, chip_path, "neurohand:" + rig.hand_port, config,
                                record_path=record_path, stats_path=stats_path, duration_s=replay_range.seconds,
                                quiet=quiet, install_signals=install_signals, outlets=outlets,
+                               sent_classes=sent_classes,
                                metadata={"replay_of": recording.path, "replay_start_sample": replay_range.start})
         wall_s = time.perf_counter() - started
         rig.wait_for_hand(document["commands_sent"], HAND_DRAIN_S)
@@ -406,16 +421,58 @@ def replay_realtime(decoder, recording, replay_range, config, faults=None, disco
     received = everything[:-1]
     samples = np.array([(c.t_monotonic - rig.stream_started_s) * replay_range.rate for c in received],
                        dtype=np.float64)
-    positions = np.array([c.positions for c in received], dtype=np.float64).reshape(-1, decoder.backend.n_outputs)
-    wire = np.array([c.raw for c in received], dtype=np.int64).reshape(-1, decoder.backend.n_outputs)
+    n_positions = len(truth.names)
+    positions = np.array([c.positions for c in received], dtype=np.float64).reshape(-1, n_positions)
+    wire = np.array([c.raw for c in received], dtype=np.int64).reshape(-1, n_positions)
+    # The hand received the commands in the order the writer sent them, each with its class.
+    decided = None if sent_classes is None else (sent_classes + [None] * len(received))[:len(received)]
     # chip: what the chip sent, and the faults it injected (if any).
     extra = {"devices": devices, "hand": rig.hand_counters, "hand_received": len(everything),
              "commands_sent": document["commands_sent"], "chip": rig.chip_summary}
     return _outcome("realtime", decoder, recording, replay_range, truth, samples, positions, wire, document, wall_s,
-                    extra)
+                    extra, decided)
 
 
-def _outcome(mode, decoder, recording, replay_range, truth, samples, positions, wire, document, wall_s, extra):
+def score_class_head(class_names, events, end_samples, decided, steps_per_s, delay_s=class_measures.DEFAULT_DELAY_S):
+    """The class head's decisions scored against the ``movement`` events (module docstring), JSON-ready.
+
+    class_names : the head's classes ("rest" first; a movement event's value k is the class named as
+        decoder/classes.class_names names it: "rest" for 0, "m<k>" otherwise)
+    end_samples : int array (n_steps,), the sample (recording axis) after each step's window
+    decided : sequence (n_steps,) of class index or None
+    Returns None where the events hold no movement (nothing to score against)."""
+    if not class_measures.has_movement(events):
+        return None
+    names = list(class_names)
+    ids = class_measures.step_classes(events, end_samples)
+    index_of = {name: i for i, name in enumerate(names)}
+    truth = np.array([index_of.get(name, -1) for name in class_measures.class_names(ids)], dtype=np.int64)
+    got = np.array([0 if d is None else int(d) for d in decided], dtype=np.int64)
+    known = truth >= 0
+    # Runs of steps whose true class the head has: a trial never spans a step left out.
+    runs = [(a, b) for a, b, inside in class_measures.trials(known.astype(np.int64)) if inside]
+    scores = class_measures.score_classes([truth[a:b] for a, b in runs] or [truth[:0]],
+                                          [got[a:b] for a, b in runs] or [got[:0]], steps_per_s,
+                                          classes=range(len(names)), delay_s=delay_s)
+    scores["class_names"] = names
+    scores["steps_no_class"] = int(sum(1 for d, k in zip(decided, known) if d is None and k))
+    scores["steps_unknown_class"] = int(np.count_nonzero(~known))
+    return _json_ready(scores)
+
+
+def _json_ready(value):
+    """``value`` with every non-finite float as None (strict JSON)."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, float):
+        return _finite_or_none(value)
+    return value
+
+
+def _outcome(mode, decoder, recording, replay_range, truth, samples, positions, wire, document, wall_s, extra,
+             decided=None):
     rate = replay_range.rate
     if mode == "fast" and len(samples) == 0:
         # Nothing to score is not a score: say why no window became a command.
@@ -463,6 +520,16 @@ def _outcome(mode, decoder, recording, replay_range, truth, samples, positions, 
         "wall_s": round(wall_s, 3),
     }
     summary.update(extra)
+    class_names = getattr(decoder, "class_names", ())
+    if class_names and decided is not None and len(samples):
+        # fast: every decoded window from the warm-up on; realtime: the scored commands (no keep-alives).
+        steps = (samples >= score_from) if mode == "fast" else scored
+        steps_per_s = rate / decoder.pipeline.stride_samples
+        ends = replay_range.start + np.round(samples[steps]).astype(np.int64)
+        classes = score_class_head(class_names, recording.events, ends,
+                                   [d for d, keep in zip(decided, steps) if keep], steps_per_s)
+        if classes is not None:
+            summary["classes"] = classes
     return ReplayOutcome(summary, samples, positions, expected, scored, document)
 
 
@@ -493,6 +560,13 @@ def format_summary(summary):
         summary["skips"], summary["safety_events"],
         " ({})".format(", ".join("{} {}".format(k, v) for k, v in sorted(summary["safety_by_kind"].items())))
         if summary["safety_by_kind"] else ""))
+    classes = summary.get("classes")
+    if classes is not None:
+        lines.append("classes        accuracy {}  balanced {}  per trial {} ({} movement trials, decided {:g} s "
+                     "after onset)".format(number(classes["accuracy"], "{:.3f}"),
+                                           number(classes["balanced_accuracy"], "{:.3f}"),
+                                           number(classes["trial_accuracy"], "{:.3f}"), classes["trials"],
+                                           classes["delay_s"]))
     if summary["mode"] == "fast" and summary.get("speed_x") is not None:
         lines.append("speed          {:g} x real time ({})".format(
             summary["speed_x"], "features in a second process" if summary.get("jobs", 1) >= 2 else "one process"))

@@ -126,8 +126,12 @@ def run_selftest(bundle, backend, fp16=False):
     check_golden_vectors(bundle, features, expected)
     tolerance = TOLERANCE_FP16 if fp16 else TOLERANCE_FP32
 
+    # The golden outputs cover the whole output vector, class scores included; the error of the class
+    # scores alone is reported as well (a class head that drifts changes the decided class, not a finger).
+    n_positions = int(getattr(backend, "n_positions", backend.n_outputs))
+
     def steps():
-        worst = worst_state = 0.0
+        worst = worst_state = worst_classes = 0.0
         step_seconds = []
         for sequence in range(features.shape[0]):
             state = backend.initial_state()
@@ -136,6 +140,9 @@ def run_selftest(bundle, backend, fp16=False):
                 outputs, state = backend.step(features[sequence, step], state)
                 step_seconds.append(time.perf_counter() - started)
                 worst = _worse(worst, outputs, expected[sequence, step])
+                if n_positions < backend.n_outputs:
+                    worst_classes = _worse(worst_classes, np.asarray(outputs).reshape(-1)[n_positions:],
+                                           expected[sequence, step, n_positions:])
             if expected_states is not None:
                 # The recurrent state too: a reduced-precision engine can drift there before the outputs show it.
                 got = np.stack([np.asarray(a, dtype=np.float64) for a in backend.state_arrays(state)])
@@ -143,10 +150,11 @@ def run_selftest(bundle, backend, fp16=False):
                     raise BundleError("backend {} keeps a state of shape {}, the golden states have {}".format(
                         backend.name, got.shape, expected_states[sequence].shape))
                 worst_state = _worse(worst_state, got, expected_states[sequence])
-        return worst, worst_state, step_seconds
+        return worst, worst_state, worst_classes, step_seconds
 
-    worst_output, worst_state, step_seconds = on_own_thread(steps, "neurohand-selftest")
+    worst_output, worst_state, worst_classes, step_seconds = on_own_thread(steps, "neurohand-selftest")
     worst = max(worst_output, worst_state)
+    class_names = list(getattr(backend, "class_names", ()) or ())
     return {
         "format": RECORD_FORMAT,
         "format_version": RECORD_FORMAT_VERSION,
@@ -157,6 +165,9 @@ def run_selftest(bundle, backend, fp16=False):
         "max_abs_error_outputs": _finite_or_none(worst_output),
         "max_abs_error_state": _finite_or_none(worst_state) if expected_states is not None else None,
         "states_checked": expected_states is not None,
+        # Included in max_abs_error_outputs; null without a class head.
+        "max_abs_error_classes": _finite_or_none(worst_classes) if class_names else None,
+        "class_names": class_names,
         "tolerance": tolerance,
         "steps": int(features.shape[0] * features.shape[1]),
         "step_us": {"p50": _percentile_us(step_seconds, 50), "p99": _percentile_us(step_seconds, 99),

@@ -21,7 +21,8 @@ class Decoder(object):
 
     Attributes: bundle (deploy.bundle.Bundle), pipeline (FeaturePipeline with
     normalisation), backend (``n_features``, ``n_outputs``, ``step``, ``close``),
-    channel_names (list of str), label_names (list of str, one per output).
+    channel_names (list of str), label_names (list of str, one per finger position),
+    class_names (tuple of str, the movement classes of a class head, () without one).
     """
 
     def __init__(self, bundle, pipeline, backend):
@@ -34,9 +35,11 @@ class Decoder(object):
         self.channel_names = [str(name) for name in names]
         labels = bundle.config.get("labels") or {}
         label_names = labels.get("names") if isinstance(labels, dict) else None
-        if not isinstance(label_names, list) or len(label_names) != backend.n_outputs:
-            label_names = ["out{}".format(i) for i in range(backend.n_outputs)]
+        n_positions = positions_of(backend)
+        if not isinstance(label_names, list) or len(label_names) != n_positions:
+            label_names = ["out{}".format(i) for i in range(n_positions)]
         self.label_names = [str(name) for name in label_names]
+        self.class_names = tuple(getattr(backend, "class_names", ()) or ())
 
     def metadata(self):
         """What a recording of this run should say about the decoder."""
@@ -73,7 +76,7 @@ def load_decoder(bundle_path, backend_name="auto"):
 
 def run_on_chip(decoder, chip_url, hand_spec, config, record_path=None, stats_path=None, duration_s=None,
                 quiet=False, install_signals=True, metadata=None, baudrate=None, announce=None, signals=None,
-                outlets=None):
+                outlets=None, sent_classes=None):
     """Decode the chip at ``chip_url`` into the hand ``hand_spec`` until stopped; return the stats document.
 
     Reads the chip's configuration first (scale, channels, rate) and refuses a
@@ -89,6 +92,8 @@ def run_on_chip(decoder, chip_url, hand_spec, config, record_path=None, stats_pa
     recording closed complete).
     ``outlets`` (opened LslOutlets or None): where the run also publishes
     (``--lsl-outlet``); the caller opened them and closes them.
+    ``sent_classes`` (a list or None): filled with the movement class told with
+    each command the hand was sent (``build_runtime``).
     """
     from neurohand.deploy.runtime import run_realtime
     from neurohand.firmware_bridge.chip.protocol import BAUDRATE
@@ -106,7 +111,7 @@ def run_on_chip(decoder, chip_url, hand_spec, config, record_path=None, stats_pa
         session.check(pipeline.n_channels, pipeline.signal_rate)
         if signals is not None:
             signals.raise_if_stopped()
-        hand = create_hand(hand_spec, n_outputs=decoder.backend.n_outputs)
+        hand = create_hand(hand_spec, n_outputs=positions_of(decoder.backend), class_names=decoder.class_names)
     except BaseException:
         if session is not None:
             session.close()
@@ -126,6 +131,22 @@ def run_on_chip(decoder, chip_url, hand_spec, config, record_path=None, stats_pa
         return run_realtime(pipeline, decoder.backend, hand, lambda receiver: session.start_streaming(receiver, check),
                             scale, decoder.channel_names, config, record_path=record_path, stats_path=stats_path,
                             duration_s=duration_s, quiet=quiet, metadata=info, install_signals=install_signals,
-                            signals=signals, outlets=outlets)
+                            signals=signals, outlets=outlets, sent_classes=sent_classes)
     finally:
         session.close()   # already closed by the run, unless it failed before streaming
+
+
+def positions_of(backend):
+    """The finger positions among ``backend``'s outputs (all of them without a class head)."""
+    return int(getattr(backend, "n_positions", backend.n_outputs))
+
+
+def check_hand_classes(decoder, hand_spec):
+    """Refuse, before any port opens, a ``keys:MAP`` whose class bindings the bundle's model cannot
+    serve (ConfigError, one line); other hands take no classes."""
+    from neurohand.firmware_bridge.hands import parse_hand_spec
+    from neurohand.firmware_bridge.hands.keyboard import load_mapping
+
+    name, target = parse_hand_spec(hand_spec)
+    if name == "keys":
+        load_mapping(target, positions_of(decoder.backend), decoder.class_names)

@@ -49,9 +49,13 @@ class TorchBackend(Backend):
     def from_model(cls, model):
         """Wrap a trained RNNDecoder (its config gives the shapes)."""
         config = model.config
+        # The output layer's width and the class names as the exported file will say them (a class head's
+        # scores follow the positions), so n_positions and class_names read as the other backends'.
+        class_names = list(getattr(config, "class_names", ()) or ())
+        metadata = {onnx_weights.CONFIG_METADATA_KEY: json.dumps({"class_names": class_names})} if class_names else {}
         shapes = onnx_weights.RnnWeights(
-            config.cell, config.n_features, config.n_outputs, config.hidden_size, None,
-            [None] * config.num_layers, None, {})
+            config.cell, config.n_features, config.n_outputs + len(class_names), config.hidden_size, None,
+            [None] * config.num_layers, None, metadata)
         return cls(shapes, model)
 
     @classmethod

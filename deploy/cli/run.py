@@ -88,6 +88,10 @@ def _add_replay_parser(subparsers):
                         help="inference backend (default auto: TensorRT, then ONNX Runtime, then numpy)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (mean_r2, r2, latency_us, frames, safety_events, skips, ...)")
+    parser.add_argument("--confusion-png", metavar="FILE",
+                        help="with a bundle whose model has a movement-class head and a recording with movement "
+                             "events: draw the confusion matrix of the decided classes to FILE (needs matplotlib, "
+                             "i.e. a workstation)")
     parser.add_argument("--jobs", type=int, default=None, metavar="N",
                         help="--fast only: 2 = a second process reads the recording and computes the features "
                              "one block ahead while this one decodes (the same numbers, about 1.2-1.4x faster "
@@ -188,7 +192,7 @@ def backend_for_run(bundle_path, requested, skip_selftest_check=False):
 def _run_command(args, signals):
     from neurohand.deploy.runtime.options import config_from_args
     from neurohand.deploy.selftest import require_passed_selftest
-    from neurohand.deploy.session import load_decoder, run_on_chip
+    from neurohand.deploy.session import check_hand_classes, load_decoder, run_on_chip
     from neurohand.firmware_bridge.chip.session import check_chip_spec, source_kind
     from neurohand.firmware_bridge.shared.checks import check_number
     from neurohand.firmware_bridge.shared.errors import UsageError
@@ -220,6 +224,8 @@ def _run_command(args, signals):
                   .format(decoder.backend.name), file=sys.stderr)
         else:
             require_passed_selftest(decoder.bundle, decoder.backend.name)
+        config.check_classes(decoder.class_names)
+        check_hand_classes(decoder, args.hand)
         outlets = _open_outlets(args, decoder)
     except BaseException:
         decoder.close()
@@ -249,6 +255,12 @@ def _run_command(args, signals):
                                         _us(latency.get("p50")), _us(latency.get("p99")),
                                         document["safety_events"]["count"], document["frames"]["missing"]),
               file=sys.stderr)
+        classes = document.get("classes")
+        if classes is not None:
+            print("neurohand run: commands per decided movement class: {}".format(", ".join(
+                "{} {}".format(name, count) for name, count in sorted(classes["counts"].items(),
+                                                                     key=lambda item: -item[1]))),
+                  file=sys.stderr)
     return 0
 
 
@@ -331,6 +343,14 @@ def _replay(args):
     config = config_from_args(args)
     checks.check_file_exists("RECORDING", args.recording)
     _check_outputs(args, [args.bundle, args.recording])
+    if args.confusion_png is not None:
+        from neurohand.firmware_bridge.shared.outputs import check_output_path
+        check_output_path("--confusion-png", args.confusion_png, inputs=[args.bundle, args.recording],
+                          force=args.force)
+        import importlib.util
+        if importlib.util.find_spec("matplotlib") is None:     # a workstation library: said before the replay
+            raise UsageError("--confusion-png needs matplotlib, which this system does not have (the "
+                             "numbers are in --json: classes.confusion)")
     with open_recording(args.recording) as recording:
         replay_range = replay.ReplayRange(recording, args.start, args.seconds, args.mode)
         if faults is not None:
@@ -352,11 +372,28 @@ def _replay(args):
                                                  devices=args.devices or "process", outlets=outlets)
             finally:
                 _close_outlets(outlets)
+    if args.confusion_png is not None:
+        _write_confusion_png(args.confusion_png, outcome.summary)
     if args.json:
         print(json.dumps(outcome.summary, sort_keys=True, allow_nan=False))
     else:
         print(replay.format_summary(outcome.summary))
     return 0
+
+
+def _write_confusion_png(path, summary):
+    """The confusion matrix of ``summary["classes"]`` as a PNG (UsageError where there is none)."""
+    from neurohand.firmware_bridge.shared.errors import UsageError
+    from neurohand.train.classes import plot_confusion
+
+    classes = summary.get("classes")
+    if classes is None:
+        raise UsageError("--confusion-png: nothing to draw: the bundle's model has no movement-class head, or the "
+                         "recording has no movement events")
+    plot_confusion(path, classes["confusion"], classes["class_names"],
+                   title="replay {}: balanced accuracy {}".format(
+                       summary["mode"], "n/a" if classes["balanced_accuracy"] is None
+                       else "{:.3f}".format(classes["balanced_accuracy"])))
 
 
 def _fault_options(args):

@@ -317,11 +317,11 @@ class CollectSession(object):
         decoder, chip = self.settings.decoder, self._chip
         pipeline = decoder.pipeline
         check_chip_config(chip.url, chip.session.chip_config, pipeline.n_channels, pipeline.signal_rate)
-        n_outputs = int(decoder.backend.n_outputs)
-        if n_outputs < len(FINGERS):
-            raise ConfigError("--decode: the bundle's model has {} outputs; the glove labels {} fingers".format(
-                n_outputs, len(FINGERS)))
-        hand = NullHand(n_outputs).open()
+        n_positions = int(decoder.backend.n_positions)     # a class head's scores are not fingers
+        if n_positions < len(FINGERS):
+            raise ConfigError("--decode: the bundle's model has {} positions; the glove labels {} fingers".format(
+                n_positions, len(FINGERS)))
+        hand = NullHand(n_positions).open()
         self._decode_parts = build_runtime(pipeline, decoder.backend, hand, RuntimeConfig(),
                                            [chip.scale] * chip.n_channels, self.settings.clock)
 

@@ -30,7 +30,7 @@ import time
 
 def run_realtime(pipeline, backend, hand, open_chip, scale_uv, channel_names, config=None,
                  record_path=None, stats_path=None, duration_s=None, quiet=False, metadata=None,
-                 install_signals=True, clock=time.perf_counter, signals=None, outlets=None):
+                 install_signals=True, clock=time.perf_counter, signals=None, outlets=None, sent_classes=None):
     """Run the decode loop on live links until SIGINT/SIGTERM or ``duration_s``.
 
     Parameters
@@ -56,6 +56,8 @@ def run_realtime(pipeline, backend, hand, open_chip, scale_uv, channel_names, co
         stop they noted during start-up ends the run at once, cleanly
     outlets : opened LslOutlets or None, also publish there (``--lsl-outlet``,
         see ``build_runtime``); the caller closes them
+    sent_classes : list or None, filled with the movement class told with each command sent
+        (``build_runtime``; replay --realtime scores a class head with it)
 
     Returns the stats document (dict).  The hand, the backend and the
     recording are closed on return, whatever happened.
@@ -73,7 +75,7 @@ def run_realtime(pipeline, backend, hand, open_chip, scale_uv, channel_names, co
             backlog = int(config.record_backlog_ms / 1000.0 * pipeline.signal_rate)
             recorder = ThreadedRecorder(sink, max(backlog, 1))
         parts = build_runtime(pipeline, backend, hand, config, scale_uv, clock, catch_up="newest",
-                              recorder=recorder, outlets=outlets)
+                              recorder=recorder, outlets=outlets, sent_classes=sent_classes)
     except BaseException:
         _close_quietly(recorder, hand, backend)
         raise
@@ -110,7 +112,7 @@ def run_fast_replay(pipeline, backend, items, scale_uv, channel_names=None, conf
     config = RuntimeConfig() if config is None else config
     if hand is None:
         from neurohand.firmware_bridge.hands import create_hand
-        hand = create_hand("none", n_outputs=backend.n_outputs)
+        hand = create_hand("none", n_outputs=getattr(backend, "n_positions", backend.n_outputs))
     recorder = None
     try:
         if record_path is not None:
@@ -136,7 +138,7 @@ def _open_recording(path, pipeline, backend, scale_uv, channel_names, config, me
     info = dict(metadata or {})
     info.setdefault("runtime_config", config.to_dict())
     return open_run_recording(path, pipeline.signal_rate, channel_names, scale_uv, pipeline.stride_samples,
-                              list(finger_names(backend.n_outputs)), metadata=info)
+                              list(finger_names(getattr(backend, "n_positions", backend.n_outputs))), metadata=info)
 
 
 def _close_quietly(*things):

@@ -10,6 +10,7 @@ run`` and ``replay --realtime`` pass them down through ``run_on_chip`` and
 ``run_realtime``.
 """
 
+from neurohand.deploy.runtime.classes import ClassDecider
 from neurohand.deploy.runtime.decode import DecodeStage
 from neurohand.deploy.runtime.postprocess import PostProcessor
 from neurohand.deploy.runtime.safety import SafetySupervisor
@@ -31,12 +32,14 @@ class RuntimeParts(object):
     writer : HandWriterStage (commands -> hand)
     recorder : RecordingSink / ThreadedRecorder or None
     writer_period_s : float, longest the writer waits between two steps
-    n_outputs : int;  sample_rate : float (Hz);  stride_samples : int
+    n_outputs : int, the hand's positions (the model's outputs less its class scores)
+    sample_rate : float (Hz);  stride_samples : int
     outlets : LslOutlets (bound to this run) or None
+    class_names : tuple of str, the model's movement classes (() without a class head)
     """
 
     def __init__(self, pipeline, backend, hand, config, stats, supervisor, postprocessor, decode, writer,
-                 recorder, writer_period_s, n_outputs, sample_rate, stride_samples, outlets=None):
+                 recorder, writer_period_s, n_outputs, sample_rate, stride_samples, outlets=None, class_names=()):
         self.pipeline = pipeline
         self.backend = backend
         self.hand = hand
@@ -52,17 +55,20 @@ class RuntimeParts(object):
         self.sample_rate = sample_rate
         self.stride_samples = stride_samples
         self.outlets = outlets
+        self.class_names = tuple(class_names)
 
 
 def build_runtime(pipeline, backend, hand, config, scale_uv, clock, timer=None, catch_up="newest",
-                  recorder=None, measure_latency=True, stream=None, outlets=None):
+                  recorder=None, measure_latency=True, stream=None, outlets=None, sent_classes=None):
     """Check that the pieces fit and build the stage objects.
 
     Parameters
     ----------
     pipeline : FeaturePipeline (with normalisation)
-    backend : decoder backend (``n_features``, ``n_outputs``, ``initial_state``, ``step``)
-    hand : hand driver (``n_outputs``, ``send``, optional ``keepalive_period_s``, ``close``)
+    backend : decoder backend (``n_features``, ``n_outputs``, ``initial_state``, ``step``; optional
+        ``n_positions`` and ``class_names`` of a class head, onnx_weights.RnnWeights)
+    hand : hand driver (``n_outputs`` = the model's positions, ``send``, optional ``keepalive_period_s``,
+        ``set_class``, ``close``)
     config : RuntimeConfig
     scale_uv : sequence of float, µV per count, one per channel
     clock : callable, time of events (perf_counter, or a VirtualClock in fast replay)
@@ -74,17 +80,26 @@ def build_runtime(pipeline, backend, hand, config, scale_uv, clock, timer=None, 
     outlets : opened LslOutlets or None (nothing published), opened and closed by the caller;
         bound here to ``clock`` and the scales; each publish is timed in the
         ``publish`` (writer thread) and ``publish_signals`` (decode thread) stages
+    sent_classes : list or None, given to the HandWriterStage (the class told with every command sent)
 
     Raises ConfigError when the model, the pipeline, the hand, the scales
     and the settings do not fit together (refuse to start on nonsense).
     """
-    n_outputs = int(backend.n_outputs)
+    n_model_outputs = int(backend.n_outputs)
+    # Everything that handles the hand's positions takes n_outputs = the positions only; the class
+    # scores after them go to the ClassDecider.
+    n_outputs = int(getattr(backend, "n_positions", n_model_outputs))
+    class_names = tuple(getattr(backend, "class_names", ()) or ())
+    if n_outputs + len(class_names) != n_model_outputs or n_outputs < 1:
+        raise ConfigError("the model gives {} outputs, which are not {} positions and {} class scores".format(
+            n_model_outputs, n_outputs, len(class_names)))
     if int(backend.n_features) != int(pipeline.n_features):
         raise ConfigError("the model takes {} features but the feature pipeline makes {}".format(
             backend.n_features, pipeline.n_features))
     hand_outputs = getattr(hand, "n_outputs", n_outputs)
     if int(hand_outputs) != n_outputs:
-        raise ConfigError("the model has {} outputs but the hand driver takes {}".format(n_outputs, hand_outputs))
+        raise ConfigError("the model has {} finger positions but the hand driver takes {}".format(
+            n_outputs, hand_outputs))
     scale = [float(s) for s in scale_uv]
     if len(scale) != pipeline.n_channels or not all(s > 0 and s != float("inf") for s in scale):
         raise ConfigError("scale_uv needs {} finite positive values (one per channel), got {!r}".format(
@@ -104,13 +119,16 @@ def build_runtime(pipeline, backend, hand, config, scale_uv, clock, timer=None, 
         raise ConfigError("data_timeout_ms {:g} is shorter than two decoding strides of the bundle's "
                           "pipeline ({:g} ms each); raise it".format(config.data_timeout_ms, stride_ms))
     config.check_outputs(n_outputs)
+    config.check_classes(class_names)
+    decider = ClassDecider(class_names, config.class_vote_windows, config.class_min_confidence) \
+        if class_names else None
     timer = clock if timer is None else timer
     stats = RuntimeStats()
     supervisor = SafetySupervisor.from_config(config, n_outputs, clock())
     postprocessor = PostProcessor.from_config(config, n_outputs)
     decode = DecodeStage(pipeline.stream() if stream is None else stream, backend, postprocessor, supervisor, stats, scale, rate,
-                         pipeline.stride_samples, pipeline.n_features, n_outputs, clock, timer=timer,
-                         catch_up=catch_up, recorder=recorder)
+                         pipeline.stride_samples, pipeline.n_features, n_model_outputs, clock, timer=timer,
+                         catch_up=catch_up, recorder=recorder, n_positions=n_outputs, decider=decider)
     publish = None
     if outlets is not None:
         outlets.bind(clock, scale, n_outputs)
@@ -119,7 +137,7 @@ def build_runtime(pipeline, backend, hand, config, scale_uv, clock, timer=None, 
         if outlets.signals:
             stats.stages["publish_signals"] = Distribution()
     writer = HandWriterStage(hand, supervisor, stats, timer, n_outputs, measure_latency=measure_latency,
-                             publish=publish)
+                             publish=publish, class_names=class_names, sent_classes=sent_classes)
     if recorder is not None:
         supervisor.listeners.append(recorder.on_safety_event)
     period = config.writer_period_ms / 1000.0
@@ -130,7 +148,8 @@ def build_runtime(pipeline, backend, hand, config, scale_uv, clock, timer=None, 
     return RuntimeParts(pipeline=pipeline, backend=backend, hand=hand, config=config, stats=stats,
                         supervisor=supervisor, postprocessor=postprocessor, decode=decode, writer=writer,
                         recorder=recorder, writer_period_s=period, n_outputs=n_outputs,
-                        sample_rate=rate, stride_samples=pipeline.stride_samples, outlets=outlets)
+                        sample_rate=rate, stride_samples=pipeline.stride_samples, outlets=outlets,
+                        class_names=class_names)
 
 
 def run_document(parts, frames, writer_counters, extra, duration_s):
@@ -145,6 +164,9 @@ def run_document(parts, frames, writer_counters, extra, duration_s):
             "recording": recorder.summary() if hasattr(recorder, "summary") else None}
     if parts.outlets is not None:
         more["lsl_outlet"] = parts.outlets.summary()
+    classes = parts.writer.class_summary()
+    if classes is not None:
+        more["classes"] = dict(classes, names=list(parts.class_names))
     more.update(extra)
     return build_stats_document(parts.stats, frames, parts.decode.counters, writer_counters,
                                 parts.supervisor.summary(), more)

@@ -45,10 +45,10 @@ DEFAULTS = {
     "writer_period_ms": 20.0,
     # Consecutive good windows needed to leave the safe posture.
     "recovery_windows": 5,
-    # "exponential" or "one_euro" (SMOOTHING_KINDS).  The 1-euro filter at 4 Hz, beta 30 kept holds
+    # "exponential" or "one_euro" (SMOOTHING_KINDS).  The 1-euro filter at 4 Hz, beta 30 keeps holds
     # calmer for 0-10 ms of cross-correlation lag on NinaPro DB1 S2E1 and the simulator (docs/latency.md,
-    # "Cutting the lag"); it becomes the default once the whole suite and the demo have run with it.
-    "smoothing": "exponential",
+    # "Cutting the lag"); exponential smoothing at tau 0 (what this was before) passes positions through.
+    "smoothing": "one_euro",
     # Exponential smoothing time constant per finger; 0 = off.
     "smoothing_tau_ms": 0.0,
     # 1-euro filter per finger: cut-off while the input is still, its rise per unit of input speed
@@ -67,7 +67,15 @@ DEFAULTS = {
     "record_backlog_ms": 100.0,
     # Status line on stderr every this many seconds; 0 = never.
     "status_interval_s": 5.0,
+    # A bundle with a movement-class head (runtime/classes.py): the decided class is the most frequent
+    # of the last this many windows' classes (1 = each window's own), and a window whose top class has
+    # a softmax probability below class_min_confidence decides no class (0 = off).
+    "class_vote_windows": 1,
+    "class_min_confidence": 0.0,
 }
+
+#: Settings of the movement-class head: a bundle without one refuses them when they differ from DEFAULTS.
+CLASS_SETTINGS = ("class_vote_windows", "class_min_confidence")
 
 
 #: Accepted range of every numeric setting, (minimum, maximum), inclusive;
@@ -91,6 +99,9 @@ RANGES = {
     "frame_queue_events": (16, 65536),
     "record_backlog_ms": (20.0, 10000.0),
     "status_interval_s": (0.0, 86400.0),
+    # 100 windows are 2 s at a 20 ms stride: a vote longer than that answers later than the user waits.
+    "class_vote_windows": (1, 100),
+    "class_min_confidence": (0.0, 1.0),
 }
 #: Narrowest calibration range |hi - lo|: a narrower one multiplies the
 #: decoder's noise by more than a million.
@@ -145,6 +156,8 @@ class RuntimeConfig(object):
         if 0.0 < self.status_interval_s < MIN_STATUS_INTERVAL_S:
             raise UsageError("status_interval_s must be 0 (off) or at least {:g}, but got {!r}".format(
                 MIN_STATUS_INTERVAL_S, self.status_interval_s))
+        self.class_vote_windows = _integer("class_vote_windows", values["class_vote_windows"])
+        self.class_min_confidence = _number("class_min_confidence", values["class_min_confidence"])
 
     def to_dict(self):
         """Plain-JSON form; ``RuntimeConfig(**cfg.to_dict())`` rebuilds it."""
@@ -176,6 +189,16 @@ class RuntimeConfig(object):
             _check_span(index, low, high)
         for name in ("smoothing_tau_ms", "max_slew_per_s") + SMOOTHING_SETTINGS["one_euro"]:
             self.per_finger(name, n_outputs)
+
+    def check_classes(self, class_names):
+        """Refuse class settings changed from their defaults for a model without a class head (they would do
+        nothing, which is a mistake to say rather than to ignore)."""
+        if class_names:
+            return
+        for name in CLASS_SETTINGS:
+            if getattr(self, name) != DEFAULTS[name]:
+                raise UsageError("{} applies to a model with a movement-class head, and this bundle's model has "
+                                 "none: leave {} out".format(name, name))
 
     def __repr__(self):
         return "RuntimeConfig({})".format(", ".join(

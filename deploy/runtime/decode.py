@@ -17,6 +17,12 @@ skipped: when decoding falls behind it jumps to the newest data instead of
 adding latency.  With ``catch_up="all"`` (fast replay) every window is
 decoded.  Each decoded window is checked (finite outputs), post-processed and
 emitted as a :data:`DecodedCommand`.
+
+A model with a movement-class head gives ``n_positions`` finger positions and
+then one score per class (onnx_weights.RnnWeights): the positions are
+post-processed, the scores go to the :class:`~.classes.ClassDecider`, whose
+decision rides on the command (``decided``).  While the supervisor is not
+``ok`` the decider starts afresh and no class is decided.
 """
 import collections
 
@@ -26,15 +32,19 @@ from neurohand.firmware_bridge.chip.parser import SampleFrame, SampleGap
 
 CATCH_UP_MODES = ("newest", "all")
 
-DecodedCommand = collections.namedtuple("DecodedCommand", "sample arrival_s decoded_s positions outputs")
+DecodedCommand = collections.namedtuple("DecodedCommand", "sample arrival_s decoded_s positions outputs decided")
+# Commands built without a class (a model without a class head, tests) decide none.
+DecodedCommand.__new__.__defaults__ = (None,)
 DecodedCommand.__doc__ = """One window's command for the hand.
 
 sample : int, index (since the run started) one past the window's last sample
 arrival_s : float, monotonic time the bytes completing that sample arrived (fast
     replay: on the replay's timeline, for each window of a block)
 decoded_s : float, monotonic time the command was ready
-positions : ndarray (n_outputs,), float64, post-processed hand positions in 0..1
-outputs : ndarray (n_outputs,), float32/64, the backend's raw outputs
+positions : ndarray (n_positions,), float64, post-processed hand positions in 0..1
+outputs : ndarray (n_outputs,), float32/64, the backend's raw outputs (positions, then class scores)
+decided : int or None, index of the decided movement class (runtime/classes.py); None without a
+    class head, while the supervisor is not ok, or below the confidence
 """
 
 
@@ -60,6 +70,7 @@ class DecodeStage(object):
     stride_samples : int
         Samples between windows (the post-processing step for the first window).
     n_features, n_outputs : int
+        ``n_outputs`` is the backend's whole output vector.
     clock : callable () -> float seconds
         Time of events (safety decisions): time.perf_counter in real time, a
         virtual clock in fast replay.
@@ -70,11 +81,15 @@ class DecodeStage(object):
     recorder : object or None
         ``on_frame(samples_int16)``, ``on_gap(first_sample, n_missing)``,
         ``on_window(sample, outputs, command)``; must not block.
+    n_positions : int or None
+        Finger positions among the outputs (the first ones); None = all of them.
+    decider : ClassDecider or None
+        Decides the class from ``outputs[n_positions:]`` (a model with a class head).
     """
 
     def __init__(self, stream, backend, postprocessor, supervisor, stats, scale_uv, sample_rate,
                  stride_samples, n_features, n_outputs, clock, timer=None, catch_up="newest",
-                 recorder=None):
+                 recorder=None, n_positions=None, decider=None):
         if catch_up not in CATCH_UP_MODES:
             raise ValueError("catch_up must be one of {}, got {!r}".format(CATCH_UP_MODES, catch_up))
         self._stream = stream
@@ -89,6 +104,12 @@ class DecodeStage(object):
         self.sample_rate = float(sample_rate)
         self._stride_s = int(stride_samples) / self.sample_rate
         self.n_outputs = int(n_outputs)
+        self.n_positions = self.n_outputs if n_positions is None else int(n_positions)
+        self._decider = decider
+        self._recorded_class = None     # the last class written as a "class" event
+        if decider is not None and decider.n_classes != self.n_outputs - self.n_positions:
+            raise ValueError("{} classes, but {} outputs after the {} positions".format(
+                decider.n_classes, self.n_outputs - self.n_positions, self.n_positions))
         self._clock = clock
         self._timer = clock if timer is None else timer
         self._decode_all = catch_up == "all"
@@ -212,7 +233,15 @@ class DecodeStage(object):
         # Time since the previous decoded window: a multiple of the stride after
         # skipped windows or a gap, so smoothing and slew stay in real seconds.
         dt_s = (end - last) / self.sample_rate if last is not None and end > last else self._stride_s
-        positions = self._post.process(outputs, dt_s)
+        n_positions = self.n_positions
+        positions = self._post.process(outputs[:n_positions] if n_positions < self.n_outputs else outputs, dt_s)
+        decided = None
+        decider = self._decider
+        if decider is not None:
+            if ok:
+                decided = decider.decide(outputs[n_positions:])
+            else:
+                decider.reset()
         if not ok:
             # Not sending yet: keep the post-processing state at the posture the
             # hand holds, so the first command after recovery moves away from it
@@ -223,9 +252,13 @@ class DecodeStage(object):
         self._post_timer.add(decoded - inferred)
         self.counters["windows_decoded"] += 1
         command = DecodedCommand(end, self._pending_arrival, now if self._decode_all else self._clock(), positions,
-                                 outputs.copy())
+                                 outputs.copy(), decided)
         if self._recorder is not None:
-            self._recorder.on_window(end, command.outputs, positions if ok else supervisor.safe_posture())
+            self._recorder.on_window(end, command.outputs[:n_positions], positions if ok else supervisor.safe_posture())
+            if decider is not None and decided != self._recorded_class:
+                # The decided class, when it changes (-1: none), at the sample its window ends.
+                self._recorder.on_event(end, "class", -1 if decided is None else decided)
+                self._recorded_class = decided
         emit(command)
 
     def _fault(self, kind, reason):
@@ -234,6 +267,8 @@ class DecodeStage(object):
         else:
             self.counters["non_finite_outputs"] += 1
         self._supervisor.on_fault(kind, self._clock(), reason)
+        if self._decider is not None:
+            self._decider.reset()
         # The recurrent state may hold the NaN or the half-updated values that
         # caused this; decoding restarts from a clean state.
         self._state = self._backend.initial_state()

@@ -313,9 +313,11 @@ class RealtimeRunner(object):
 
     def status_line(self, now):
         parts = self.parts
+        classes = parts.writer.class_summary()
         return format_status_line(now - self._started_s, parts.stats, self.frames_summary(),
                                   parts.decode.counters, parts.writer.counters, parts.supervisor.state,
-                                  recording_error=self.recording_error())
+                                  recording_error=self.recording_error(),
+                                  decided_class=None if classes is None else classes["current"])
 
     def stats_document(self, problems=()):
         parts = self.parts

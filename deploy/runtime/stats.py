@@ -127,8 +127,9 @@ def build_stats_document(stats, frames, decoder_counters, writer_counters, safet
 
 
 def format_status_line(elapsed_s, stats, frames, decoder_counters, writer_counters, safety_state,
-                       recording_error=None):
-    """One short human line for stderr (recent latency, counts, safety state, a stopped recording)."""
+                       recording_error=None, decided_class=None):
+    """One short human line for stderr (recent latency, counts, safety state, the movement class the hand was
+    last told where the model has a class head (``decided_class``, a name), a stopped recording)."""
     recent = stats.latency.recent_summary()
     inference = stats.stages["inference"].recent_summary()
     return ("[{:7.1f} s] {} | latency p50 {} p99 {} µs | inference p50 {} µs | frames {} missing {} "
@@ -137,6 +138,7 @@ def format_status_line(elapsed_s, stats, frames, decoder_counters, writer_counte
         frames.get("received", 0), frames.get("missing", 0), frames.get("corrupt", 0),
         decoder_counters["windows_decoded"], decoder_counters["windows_skipped"],
         writer_counters["commands_sent"]) + (
+        "" if decided_class is None else " | class {}".format(decided_class)) + (
         "" if recording_error is None else " | RECORDING STOPPED: {}".format(recording_error))
 
 

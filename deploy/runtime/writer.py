@@ -14,6 +14,13 @@ Per call::
     not may_send              -> send the safe posture
     last line: every position finite and in 0..1, or the safe posture is sent instead
 
+Movement classes (a model with a class head): the hand is told the class
+decided with the positions it is sent, through the driver's optional
+``set_class(index or None)``, called right before ``send``: a new command's
+``decided``, the last one again for a keep-alive, and None (no class) with the
+safe posture, so no key bound to a class stays pressed while the hand is held.
+Drivers without ``set_class`` never hear of classes.
+
 The check right before ``hand.send`` is the one that guarantees a NaN or an
 out-of-range value never reaches the hand, whatever happened upstream.
 
@@ -66,10 +73,18 @@ class HandWriterStage(object):
     publish : callable(positions, arrival_s) or None
         Told what the hand was sent for each new command, after the write;
         timed into the ``publish`` stage of ``stats``.
+    class_names : sequence of str
+        The model's movement classes (empty without a class head): ``class_counts`` counts the new
+        commands sent per decided class, and ``current_class`` is the class the hand was last told.
+    sent_classes : list or None
+        Where given, the class told with every command the hand was sent (keep-alives and safe
+        postures included, in order; None = no class): ``replay --realtime`` pairs them with the
+        commands its virtual hand received.
     """
 
     def __init__(self, hand, supervisor, stats, timer, n_outputs, measure_latency=True,
-                 reopen_initial_s=REOPEN_INITIAL_S, reopen_max_s=REOPEN_MAX_S, publish=None):
+                 reopen_initial_s=REOPEN_INITIAL_S, reopen_max_s=REOPEN_MAX_S, publish=None, class_names=(),
+                 sent_classes=None):
         self._hand = hand
         self._supervisor = supervisor
         self._write_timer = stats.stages["write"]
@@ -87,6 +102,14 @@ class HandWriterStage(object):
         self._reopened = False          # reopened; the outage ends when a write succeeds
         self._reopen_at = 0.0
         self.last_telemetry = None
+        self.class_names = tuple(class_names)
+        self._set_class = getattr(hand, "set_class", None) if self.class_names else None
+        self._last_class = None
+        self.current_class = None
+        self._sent_classes = sent_classes
+        # Index -1 counts the new commands sent with no class (below the confidence, or decided before
+        # the supervisor was ok and taken once it was).
+        self.class_counts = {index: 0 for index in range(-1, len(self.class_names))}
         self.counters = {"commands_sent": 0, "new_commands_sent": 0, "keepalives_sent": 0,
                          "safe_posture_sent": 0, "invalid_blocked": 0, "hand_errors": 0,
                          "commands_superseded": 0, "hand_reconnects": 0, "hand_reopen_failures": 0}
@@ -117,6 +140,7 @@ class HandWriterStage(object):
             # The hand heard nothing during the outage: the safe posture comes first.
             return self.send_safe_posture(now_s)
         fresh = False
+        decided = None
         if not may_send:
             positions = supervisor.safe_posture()
             kind = "safe_posture_sent"
@@ -124,9 +148,11 @@ class HandWriterStage(object):
             positions = command.positions
             kind = "new_commands_sent"
             fresh = True
+            decided = command.decided
         elif self._last_sent is not None:
             positions = self._last_sent
             kind = "keepalives_sent"
+            decided = self._last_class
         else:
             positions = supervisor.safe_posture()
             kind = "safe_posture_sent"
@@ -140,7 +166,8 @@ class HandWriterStage(object):
                 positions = self._open
             kind = "safe_posture_sent"
             fresh = False
-        sent = self._send(positions, kind, command if fresh else None, now_s)
+            decided = None
+        sent = self._send(positions, kind, command if fresh else None, now_s, decided)
         if self._publish is not None and command is not None and sent is not None:
             start = self._clock()
             self._publish(sent, command.arrival_s)
@@ -153,7 +180,17 @@ class HandWriterStage(object):
         positions = self._supervisor.safe_posture()
         if not self._is_valid(positions):
             positions = self._open
-        return self._send(positions, "safe_posture_sent", None, now_s)
+        return self._send(positions, "safe_posture_sent", None, now_s, None)
+
+    def class_summary(self):
+        """JSON-ready class counts: ``{"current": name, "counts": {name: new commands sent}}`` ("none": no
+        class); None without a class head."""
+        if not self.class_names:
+            return None
+        names = self.class_names
+        return {"current": "none" if self.current_class is None else names[self.current_class],
+                "counts": {("none" if index < 0 else names[index]): count
+                           for index, count in sorted(self.class_counts.items())}}
 
     def _is_valid(self, positions):
         values = np.asarray(positions, dtype=np.float64)
@@ -180,12 +217,14 @@ class HandWriterStage(object):
         self._reopened = True
         return True
 
-    def _send(self, positions, kind, command, now_s):
+    def _send(self, positions, kind, command, now_s, decided):
         if self._port_down:
             self.counters["hand_errors"] += 1
             return None
         start = self._clock()
         try:
+            if self._set_class is not None:
+                self._set_class(decided)
             self._hand.send(positions)
         except Exception as exc:  # link down or driver refusal: keep trying, never die
             self.counters["hand_errors"] += 1
@@ -210,6 +249,12 @@ class HandWriterStage(object):
                                               "hand port reopened; safe posture until recovery")
         self._write_timer.add(sent - start)
         self._last_sent = positions
+        self._last_class = decided
+        self.current_class = decided
+        if self._sent_classes is not None:
+            self._sent_classes.append(decided)
+        if command is not None and self.class_names:
+            self.class_counts[-1 if decided is None else decided] += 1
         self.counters["commands_sent"] += 1
         self.counters[kind] += 1
         if command is not None:

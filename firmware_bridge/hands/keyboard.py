@@ -5,7 +5,11 @@ A mapping file (JSON, format in docs/hand-protocol.md, "Keyboard mapping")
 lists bindings.  Each binding has a set of fingers that must all be flexed,
 thresholds with hysteresis (press when every finger reaches ``on``, release
 when any drops below ``off``), optional ``unless`` fingers that must stay
-below ``on``, and the key to hold.  Key events go to a *sink*:
+below ``on``, and the key to hold.  With a bundle whose model has a
+movement-class head, a binding may instead name a ``class`` (its name, or its
+index in the model's class list, "rest" being 0): its key is held while the
+runtime decides that class and released otherwise, and always while the hand
+is held in its safe posture (the runtime then decides no class).  Key events go to a *sink*:
 :class:`UinputKeySink` (Linux uinput through python-evdev, imported only
 when used) or :class:`RecordingKeySink` (records events; tests, dry runs).
 """
@@ -20,7 +24,9 @@ MAPPING_FORMAT = "neurohand-keys"
 MAPPING_VERSION = 1
 ALL_FINGERS = "all"
 _KEY_NAME = re.compile(r"^(KEY|BTN)_[A-Z0-9_]+$")
-_BINDING_FIELDS = {"name", "fingers", "unless", "on", "off", "key"}
+_BINDING_FIELDS = {"name", "fingers", "unless", "on", "off", "key", "class"}
+#: The fields of a class binding; thresholds mean nothing there.
+_CLASS_BINDING_FIELDS = {"name", "class", "key"}
 
 
 class Binding(object):
@@ -49,14 +55,33 @@ class Binding(object):
         return False
 
 
+class ClassBinding(object):
+    """One key held while the runtime decides one movement class."""
+
+    def __init__(self, name, class_index, class_name, key):
+        self.name = name
+        self.class_index = int(class_index)
+        self.class_name = class_name
+        self.key = key
+        self.pressed = False
+
+    def update_class(self, decided):
+        """Advance the state for the decided class index (None: no class); return True if it changed."""
+        pressed = decided == self.class_index
+        changed = pressed != self.pressed
+        self.pressed = pressed
+        return changed
+
+
 def _fail(source, message):
     raise ConfigError("keyboard mapping {}: {}".format(source, message))
 
 
-def parse_mapping(document, n_outputs, source="<mapping>"):
-    """Validate a mapping document (already parsed JSON) into a list of Binding.
+def parse_mapping(document, n_outputs, source="<mapping>", class_names=()):
+    """Validate a mapping document (already parsed JSON) into a list of Binding and ClassBinding.
 
-    Raises ConfigError naming ``source`` and the binding at fault.
+    ``class_names``: the movement classes of the bundle's model (empty: it has no class head, and a
+    class binding is refused).  Raises ConfigError naming ``source`` and the binding at fault.
     """
     names = finger_names(n_outputs)
     if not isinstance(document, dict):
@@ -78,6 +103,9 @@ def parse_mapping(document, n_outputs, source="<mapping>"):
         if unknown:
             _fail(source, "{}: unknown field(s) {}; allowed are {}".format(
                 where, ", ".join(unknown), ", ".join(sorted(_BINDING_FIELDS))))
+        if "class" in raw:
+            bindings.append(_class_binding(raw, source, where, class_names))
+            continue
 
         def indices(field, required):
             value = raw.get(field, [] if not required else None)
@@ -104,16 +132,43 @@ def parse_mapping(document, n_outputs, source="<mapping>"):
         if not off < on:
             _fail(source, "{}: 'off' ({}) must be below 'on' ({}) for hysteresis".format(where, off, on))
         key = raw.get("key")
-        if not isinstance(key, str) or not _KEY_NAME.match(key):
-            _fail(source, "{}: 'key' must be a Linux key name such as \"KEY_W\", got {!r}".format(where, key))
+        _check_key(source, where, key)
         bindings.append(Binding(raw.get("name", key), fingers, unless, float(on), float(off), key))
     return bindings
 
 
-def load_mapping(path, n_outputs):
-    """Read and validate the mapping file at ``path``; returns a list of Binding."""
+def _check_key(source, where, key):
+    if not isinstance(key, str) or not _KEY_NAME.match(key):
+        _fail(source, "{}: 'key' must be a Linux key name such as \"KEY_W\", got {!r}".format(where, key))
+
+
+def _class_binding(raw, source, where, class_names):
+    extra = sorted(set(raw) - _CLASS_BINDING_FIELDS)
+    if extra:
+        _fail(source, "{}: a class binding takes only {}, not {}".format(
+            where, ", ".join(sorted(_CLASS_BINDING_FIELDS)), ", ".join(extra)))
+    value = raw["class"]
+    if not class_names:
+        _fail(source, "{}: binds movement class {!r}, but the bundle's model has no class head".format(where, value))
+    index = None
+    if isinstance(value, str) and value in class_names:
+        index = class_names.index(value)
+    elif isinstance(value, str) and value.isdigit():
+        index = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        index = value
+    if index is None or not 0 <= index < len(class_names):
+        _fail(source, "{}: unknown movement class {!r}; the bundle's classes are {} (a name, or its index 0 to "
+                      "{})".format(where, value, ", ".join(class_names), len(class_names) - 1))
+    key = raw.get("key")
+    _check_key(source, where, key)
+    return ClassBinding(raw.get("name", key), index, class_names[index], key)
+
+
+def load_mapping(path, n_outputs, class_names=()):
+    """Read and validate the mapping file at ``path``; returns a list of Binding and ClassBinding."""
     document = load_json_file(path, "keyboard mapping", require_object=False)
-    return parse_mapping(document, n_outputs, repr(path))
+    return parse_mapping(document, n_outputs, repr(path), tuple(class_names))
 
 
 class RecordingKeySink(object):
@@ -181,22 +236,33 @@ class KeyboardHand(HandDriver):
     that hand over (thumb -> fist) never hold both keys at once.  Keys still
     held are released on ``close``.  Counters add ``presses`` and ``releases``.
 
+    Class bindings follow the class given by :meth:`set_class`, which the
+    runtime's writer calls right before each ``send``; it takes effect with
+    that ``send``, so a class change and a finger change hand over in one step.
+
     Parameters
     ----------
     mapping_path : str
         Mapping file.
     n_outputs : int
         Decoder outputs (finger names as in base.DECODER_FINGERS).
+    class_names : sequence of str
+        The model's movement classes (empty without a class head).
     sink : object or None
         Where key events go (``press(key)``, ``release(key)``, ``close()``);
         None: a :class:`UinputKeySink`, created by ``open``.
     """
 
-    def __init__(self, mapping_path, n_outputs=5, sink=None):
+    #: create_hand passes the model's class names to this driver.
+    takes_classes = True
+
+    def __init__(self, mapping_path, n_outputs=5, sink=None, class_names=()):
         super(KeyboardHand, self).__init__(n_outputs)
         self.mapping_path = mapping_path
-        self.bindings = load_mapping(mapping_path, n_outputs)
+        self.class_names = tuple(class_names)
+        self.bindings = load_mapping(mapping_path, n_outputs, self.class_names)
         self.sink = sink
+        self._class = None
         self.counters.update({"presses": 0, "releases": 0})
 
     def open(self):
@@ -209,12 +275,22 @@ class KeyboardHand(HandDriver):
         """Keys currently held, as a sorted tuple."""
         return tuple(sorted({b.key for b in self.bindings if b.pressed}))
 
+    def set_class(self, index):
+        """The movement class decided now (index into ``class_names``, or None); applied by the next ``send``."""
+        if index is not None and not 0 <= index < len(self.class_names):
+            raise HandError("movement class index {!r} is outside the model's {} classes".format(
+                index, len(self.class_names)))
+        self._class = index
+
     def _write_positions(self, positions):
         if self.sink is None:
             raise HandError("keyboard output for {!r} is not open".format(self.mapping_path))
         before = set(self.pressed)
         for binding in self.bindings:
-            binding.update(positions)
+            if isinstance(binding, ClassBinding):
+                binding.update_class(self._class)
+            else:
+                binding.update(positions)
         after = set(self.pressed)
         # Two bindings may share a key: the key is held while any of them is pressed.
         for key in sorted(before - after):
@@ -232,5 +308,6 @@ class KeyboardHand(HandDriver):
             self.counters["releases"] += 1
         for binding in self.bindings:
             binding.pressed = False
+        self._class = None
         self.sink.close()
         self.sink = None

@@ -38,7 +38,7 @@ def parse_hand_spec(spec):
     return name, target
 
 
-def create_hand(spec, n_outputs=5, **options):
+def create_hand(spec, n_outputs=5, class_names=(), **options):
     """Create and open the driver for ``spec``.
 
     Parameters
@@ -46,7 +46,10 @@ def create_hand(spec, n_outputs=5, **options):
     spec : str
         ``psyonic:PORT``, ``neurohand:PORT``, ``keys:MAPPING.json`` or ``none``.
     n_outputs : int
-        Decoder outputs the driver will be sent (5, or 6 with thumb rotation).
+        Decoder outputs the driver will be sent (5, or 6 with thumb rotation): the finger positions.
+    class_names : sequence of str
+        The model's movement classes (empty without a class head); passed to drivers that bind
+        them (``takes_classes``: ``keys``), the others never hear of classes.
     **options
         Passed to the driver class (e.g. ``thumb_rotator=0.3`` for psyonic,
         ``sink=`` for keys).
@@ -58,5 +61,7 @@ def create_hand(spec, n_outputs=5, **options):
     """
     name, target = parse_hand_spec(spec)
     cls = HAND_DRIVERS[name]
+    if getattr(cls, "takes_classes", False):
+        options["class_names"] = tuple(class_names)
     driver = cls(n_outputs=n_outputs, **options) if target is None else cls(target, n_outputs=n_outputs, **options)
     return driver.open()

@@ -971,7 +971,7 @@ def test_hand_frame_decoders_refuse_wrong_lengths(frame):
 # --- runtime config -------------------------------------------------------------------------
 
 RUNTIME_EXAMPLE = {"safe_posture": "open", "data_timeout_ms": 100, "writer_period_ms": 20, "recovery_windows": 5,
-                   "smoothing_tau_ms": [0, 30, 30, 30, 30], "max_slew_per_s": 10,
+                   "smoothing": "exponential", "smoothing_tau_ms": [0, 30, 30, 30, 30], "max_slew_per_s": 10,
                    "calibration": {"lo": [0.05, 0, 0, 0, 0], "hi": 0.9}}
 
 

@@ -28,6 +28,8 @@ OUT_OF_RANGE = {
     "one_euro_min_cutoff_hz": [0, 0.01, 1e4, -1, [1, 0]],
     "one_euro_beta": [-1, 1e4, [1, -1]],
     "one_euro_d_cutoff_hz": [0, 0.01, 1e4],
+    "class_vote_windows": [0, -1, 101, 10 ** 18],
+    "class_min_confidence": [-0.1, 1.5],
 }
 #: Values of no numeric setting: not finite, wrong types, huge integers, booleans.
 HOSTILE = [float("nan"), float("inf"), float("-inf"), "10", True, False, HUGE_INT, -HUGE_INT, [], {}, [[1]]]
@@ -40,7 +42,7 @@ def cases():
         for value in OUT_OF_RANGE[name]:
             yield name, value
         for value in HOSTILE:
-            if name in ("recovery_windows", "frame_queue_events") and value is False:
+            if name in ("recovery_windows", "frame_queue_events", "class_vote_windows") and value is False:
                 continue     # both refused below as booleans anyway; keep ids unique
             yield name, value
         if name not in NULLABLE:
