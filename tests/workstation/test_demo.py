@@ -153,7 +153,8 @@ def test_fast_replay_scores_what_evaluate_decodes(demo):
     with open_recording(held_out) as recording:
         outcome = replay.replay_fast(load_decoder(os.path.join(out, "bundle"), "numpy"), recording,
                                      replay.ReplayRange(recording, 0.0, seconds, "fast"),
-                                     RuntimeConfig(max_slew_per_s=None, status_interval_s=0))
+                                     RuntimeConfig(max_slew_per_s=None, smoothing="exponential",
+                                                   status_interval_s=0))
     assert np.array_equal(outcome.samples, ends)                  # every window, the same ends
     assert np.allclose(outcome.positions, np.clip(outputs, 0.0, 1.0), atol=1e-6)
     scaling = dataset.LabelScaling.from_config(config["labels"]["scaling"])
