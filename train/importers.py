@@ -8,7 +8,10 @@ Two sources, in an explicit registry (``IMPORTERS``):
   stream "glove" at the same rate, and every change of movement or repetition
   an event.
 - ``csv``: any table with a header row; signal and label columns are picked
-  by glob patterns (``fnmatch``) over the header names.
+  by glob patterns (``fnmatch``) over the header names, and integer columns
+  become events at every change of value (``--events gesture=movement
+  --events rep=repetition`` gives a discrete-label data set the ``movement``
+  and ``repetition`` events NinaPro's importer writes).
 
 Both check ``OUT`` before reading anything (not an input, replaced only with
 ``force``: firmware_bridge/shared/outputs.py), write to ``OUT.partial`` and
@@ -307,6 +310,14 @@ def select_columns(header, patterns, what):
     return sorted(selected)
 
 
+# Event kinds the rest of neurohand reads (train/dataset.py's class head, train/splits.py's repetition
+# split): kind -> what their values are.  Both count up from 0, which means rest / no repetition.
+KNOWN_EVENT_KINDS = {
+    "movement": "movement classes 0 = rest, 1, 2, ...",
+    "repetition": "repetition numbers 0 = none, 1, 2, ...",
+}
+
+
 def parse_event_spec(spec):
     """'COLUMN' or 'COLUMN=KIND' -> (column, kind); the kind defaults to the column name."""
     column, _, kind = spec.partition("=")
@@ -337,15 +348,13 @@ def read_csv_table(path, signal_patterns, label_patterns, event_specs=(), delimi
             if both:
                 raise UsageError("column(s) {} are matched by both --signals and --labels".format(
                     ", ".join(header[i] for i in both)))
-            event_columns = []
-            for spec in event_specs:
-                column, kind = parse_event_spec(spec)
-                if column not in header:
-                    raise UsageError("--events column {!r} is not in the header; the columns are {}".format(
-                        column, ", ".join(header)))
-                event_columns.append((header.index(column), kind))
+            event_columns = _event_columns(header, event_specs, signal_columns)
             wanted = signal_columns + label_columns + [i for i, _ in event_columns]
-            rows = []
+            # Class columns often hold names ("fist"); say what an event column needs instead.
+            event_hint = {i: "; --events columns hold integer codes{}".format(
+                " ({})".format(KNOWN_EVENT_KINDS[kind]) if kind in KNOWN_EVENT_KINDS else "")
+                for i, kind in event_columns}
+            rows, line_numbers = [], []
             for line_number, row in enumerate(reader, start=2):
                 if not row or all(not cell.strip() for cell in row):
                     continue
@@ -358,13 +367,14 @@ def read_csv_table(path, signal_patterns, label_patterns, event_specs=(), delimi
                     try:
                         value = float(cell)
                     except ValueError:
-                        raise UsageError("{!r} line {}, column {!r}: {!r} is not a number".format(
-                            path, line_number, header[i], cell)) from None
+                        raise UsageError("{!r} line {}, column {!r}: {!r} is not a number{}".format(
+                            path, line_number, header[i], cell, event_hint.get(i, ""))) from None
                     if value != value or value in (float("inf"), float("-inf")):
                         raise UsageError("{!r} line {}, column {!r}: {!r} is not a finite number".format(
                             path, line_number, header[i], cell))
                     values.append(value)
                 rows.append(values)
+                line_numbers.append(line_number)
     except UnicodeDecodeError as exc:
         raise UsageError("{!r} is not a UTF-8 text file: {}".format(path, exc)) from exc
     except csv.Error as exc:
@@ -375,16 +385,54 @@ def read_csv_table(path, signal_patterns, label_patterns, event_specs=(), delimi
     n_signals, n_labels = len(signal_columns), len(label_columns)
     events = []
     for offset, (column, kind) in enumerate(event_columns):
-        values = table[:, n_signals + n_labels + offset]
-        if not np.all((values == np.round(values)) & (np.abs(values) <= MAX_EVENT_VALUE)):
-            raise UsageError("--events column {!r} must hold whole numbers up to 2**53".format(header[column]))
-        events.extend(change_events(values.astype(np.int64), kind))
+        values = _event_values(path, header[column], kind, table[:, n_signals + n_labels + offset], line_numbers)
+        events.extend(change_events(values, kind))
     events.sort(key=lambda e: e[0])
     return {
         "signal_names": [header[i] for i in signal_columns], "signals": table[:, :n_signals],
         "label_names": [header[i] for i in label_columns], "labels": table[:, n_signals:n_signals + n_labels],
-        "events": events,
+        "events": events, "event_columns": [(header[column], kind) for column, kind in event_columns],
     }
+
+
+def _event_columns(header, event_specs, signal_columns):
+    """``[(column index, kind)]`` of the ``--events`` specs, refusing unknown columns and ambiguous kinds."""
+    event_columns = []
+    for spec in event_specs:
+        column, kind = parse_event_spec(spec)
+        if column not in header:
+            raise UsageError("--events column {!r} is not in the header; the columns are {}".format(
+                column, ", ".join(header)))
+        index = header.index(column)
+        earlier = [header[i] for i, k in event_columns if k == kind]
+        if earlier:
+            # Two columns' changes interleaved in one kind would make a value sequence neither column has.
+            raise UsageError("--events: kind {!r} is given by column {!r} and again by {!r}; one column per "
+                             "kind".format(kind, earlier[0], column))
+        if kind in KNOWN_EVENT_KINDS and index in signal_columns:
+            # The class or repetition number as a decoder input would leak the answer into the features.
+            raise UsageError("--events column {!r} ({}) is also matched by --signals; narrow the --signals "
+                             "patterns so the model does not see its own labels".format(column, kind))
+        event_columns.append((index, kind))
+    return event_columns
+
+
+def _event_values(path, column, kind, values, line_numbers):
+    """An event column as int64, refusing (with the line) what is not a whole number, or negative for a
+    movement or repetition column (classes and repetitions count up from 0)."""
+    meaning = KNOWN_EVENT_KINDS.get(kind)
+    whole = (values == np.round(values)) & (np.abs(values) <= MAX_EVENT_VALUE)
+    if not whole.all():
+        first = int(np.flatnonzero(~whole)[0])
+        raise UsageError("{!r} line {}: --events column {!r} must hold whole numbers up to 2**53, but has {!r}{}"
+                         .format(path, line_numbers[first], column, values[first].item(),
+                                 "; {} events are {}".format(kind, meaning) if meaning else ""))
+    values = values.astype(np.int64)
+    if meaning and (values < 0).any():
+        first = int(np.flatnonzero(values < 0)[0])
+        raise UsageError("{!r} line {}: --events column {!r} has {}, but {} events are {}; none is negative"
+                         .format(path, line_numbers[first], column, int(values[first]), kind, meaning))
+    return values
 
 
 def import_csv(path, out_path, rate, signal_patterns, label_patterns, event_specs=(), label_stream="labels",
@@ -407,6 +455,10 @@ def import_csv(path, out_path, rate, signal_patterns, label_patterns, event_spec
     table = read_csv_table(path, signal_patterns, label_patterns, event_specs, delimiter)
     metadata = {"source": "csv", "source_file": _display_name(path),
                 "signal_columns": table["signal_names"], "label_columns": table["label_names"]}
+    if table["event_columns"]:
+        metadata["events"] = {kind: "column {!r}{}".format(column, ": " + KNOWN_EVENT_KINDS[kind]
+                                                          if kind in KNOWN_EVENT_KINDS else "")
+                              for column, kind in table["event_columns"]}
     if signal_kind is not None:
         metadata["signal_kind"] = signal_kind
     signals = table["signals"] * scale_uv
@@ -421,9 +473,14 @@ def import_csv(path, out_path, rate, signal_patterns, label_patterns, event_spec
                                                      FLOAT32_MAX))
     _write_recording(out_path, rate, table["signal_names"], signals, label_stream,
                      table["label_names"], table["labels"], table["events"], metadata)
-    return {"out": os.fspath(out_path), "n_samples": int(table["signals"].shape[0]),
-            "n_channels": len(table["signal_names"]), "signal_rate": rate,
-            "n_labels": len(table["label_names"]), "n_events": len(table["events"])}
+    summary = {"out": os.fspath(out_path), "n_samples": int(table["signals"].shape[0]),
+               "n_channels": len(table["signal_names"]), "signal_rate": rate,
+               "n_labels": len(table["label_names"]), "n_events": len(table["events"])}
+    # As import_ninapro counts them: the distinct non-zero values (rest and "no repetition" left out).
+    for kind, key in (("movement", "n_movements"), ("repetition", "n_repetitions")):
+        if any(k == kind for _, k in table["event_columns"]):
+            summary[key] = len({value for _, k, value in table["events"] if k == kind} - {0})
+    return summary
 
 
 # Explicit registry: source name -> import function.

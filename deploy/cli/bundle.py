@@ -56,8 +56,28 @@ def register(subparsers):
 def _bundle(args):
     from neurohand.deploy.bundle import make_bundle
     manifest = make_bundle(args.run_dir, args.out, force=args.force)
-    print("bundle written to {} ({} inputs -> {} outputs; files: {})".format(
-        args.out, manifest["io"]["n_features"], manifest["io"]["n_outputs"], ", ".join(sorted(manifest["files"]))))
+    for line in describe_bundle(args.out, manifest):
+        print(line)
+
+
+def describe_bundle(path, manifest):
+    """Lines saying what the bundle at ``path`` holds: its inputs and outputs, and with a class head
+    how the outputs divide into finger positions and class scores, and the classes in output order
+    (the names and indices a ``keys:MAP`` class binding takes)."""
+    io_spec = manifest["io"]
+    classes = list(io_spec.get("class_names") or ())
+    outputs = "{} outputs".format(io_spec["n_outputs"])
+    if classes:
+        n_positions = io_spec["n_outputs"] - len(classes)
+        outputs += ": {} finger position{}, then {} class scores".format(
+            n_positions, "" if n_positions == 1 else "s", len(classes))
+    lines = ["bundle written to {} ({} inputs -> {}; files: {})".format(
+        path, io_spec["n_features"], outputs, ", ".join(sorted(manifest["files"])))]
+    if classes:
+        # The names come from the training recordings' metadata: shown as text only where printable.
+        lines.append("classes (in output order, index 0 first): " + ", ".join(
+            name if name.isprintable() else ascii(name) for name in classes))
+    return lines
 
 
 def _build_engine(args):

@@ -156,3 +156,94 @@ def test_cli_import_csv_and_errors(tmp_path):
     (tmp_path / "v73.mat").write_bytes(b"MATLAB 7.3 MAT-file".ljust(512, b" ") + b"\x89HDF")
     v73 = run_cli("import", "ninapro", tmp_path / "v73.mat", "--out", tmp_path / "x.nhr")
     assert v73.returncode == 2 and "h5py" in v73.stderr and v73.stderr.count("\n") == 1
+
+
+# --- discrete labels: a class column and a repetition column --------------------------------------
+
+def gesture_table(n_repetitions=8, move=5, rest=3):
+    """Rows of a discrete-label data set: each repetition holds gesture 1 then gesture 2, each followed by
+    rest (class 0, repetition 0 as in NinaPro's rerepetition).  Returns (csv text, classes, repetitions)."""
+    classes, repetitions = [], []
+    for repetition in range(1, n_repetitions + 1):
+        for gesture in (1, 2):
+            classes += [gesture] * move + [0] * rest
+            repetitions += [repetition] * move + [0] * rest
+    lines = ["emg_1,emg_2,finger,gesture,rep"]
+    lines += ["{},{},{},{},{}".format(0.1 * i, -0.2 * i, 0.5 * (c > 0), c, r)
+              for i, (c, r) in enumerate(zip(classes, repetitions))]
+    return "\n".join(lines) + "\n", classes, repetitions
+
+
+def test_csv_class_and_repetition_columns_become_events_at_each_change(tmp_path):
+    from neurohand.decoder.classes import movement_at
+    from neurohand.train import splits
+
+    text, classes, repetitions = gesture_table()
+    (tmp_path / "g.csv").write_text(text)
+    summary = importers.import_csv(tmp_path / "g.csv", tmp_path / "g.nhr", 100, ["emg_*"], ["finger"],
+                                   ["gesture=movement", "rep=repetition"])
+    assert (summary["n_movements"], summary["n_repetitions"]) == (2, 8)
+    with open_recording(tmp_path / "g.nhr") as rec:
+        events = list(rec.events)
+        assert rec.channel_names == ["emg_1", "emg_2"] and "gesture" in rec.metadata["events"]["movement"]
+    for kind, column in (("movement", classes), ("repetition", repetitions)):
+        # One event at the first row and at every row whose value differs from the row before, no other.
+        expected = [(i, value) for i, value in enumerate(column) if i == 0 or value != column[i - 1]]
+        assert [(e.sample, e.value) for e in events if e.kind == kind] == expected
+    np.testing.assert_array_equal(movement_at(events, np.arange(len(classes))), classes)
+    method, segments = splits.plan_split(len(classes), events, splits.check_split_settings({}), 1, "g.nhr")
+    assert method == "repetition"
+    split_of = {}
+    for segment in segments:
+        for i in range(segment.start, segment.stop):
+            if repetitions[i]:
+                split_of.setdefault(repetitions[i], set()).add(segment.split)
+    # NinaPro's standard split: test repetitions 2, 5, 7, validation 4, the others train.
+    assert split_of == {r: {"test" if r in (2, 5, 7) else "validation" if r == 4 else "train"} for r in range(1, 9)}
+
+
+@pytest.mark.parametrize("edit, events, message", [
+    ((3, "gesture", "1.5"), ["gesture=movement"],
+     "line 5: --events column 'gesture' must hold whole numbers up to 2\\*\\*53, but has 1.5; movement events "
+     "are movement classes 0 = rest"),
+    ((6, "gesture", "-1"), ["gesture=movement"], "line 8: --events column 'gesture' has -1, but movement events are"),
+    ((2, "rep", "-3"), ["gesture=movement", "rep=repetition"], "line 4: --events column 'rep' has -3, but "
+                                                               "repetition events are repetition numbers"),
+    ((4, "gesture", "fist"), ["gesture=movement"], "line 6, column 'gesture': 'fist' is not a number; --events "
+                                                   "columns hold integer codes"),
+    (None, ["class=movement"], "--events column 'class' is not in the header"),
+    (None, ["gesture=movement", "rep=movement"], "kind 'movement' is given by column 'gesture' and again by 'rep'"),
+])
+def test_csv_class_column_errors_are_one_line(tmp_path, edit, events, message):
+    text, _, _ = gesture_table(n_repetitions=2)
+    rows = [line.split(",") for line in text.splitlines()]
+    if edit is not None:
+        row, column, value = edit
+        rows[row + 1][rows[0].index(column)] = value
+    (tmp_path / "g.csv").write_text("\n".join(",".join(r) for r in rows) + "\n")
+    with pytest.raises(UsageError, match=message) as caught:
+        importers.import_csv(tmp_path / "g.csv", tmp_path / "g.nhr", 100, ["emg_*"], ["finger"], events)
+    assert "\n" not in str(caught.value)
+    assert not os.path.exists(tmp_path / "g.nhr")
+
+
+def test_a_class_column_among_the_signals_is_refused(tmp_path):
+    text, _, _ = gesture_table(n_repetitions=2)
+    (tmp_path / "g.csv").write_text(text)
+    with pytest.raises(UsageError, match="'gesture' \\(movement\\) is also matched by --signals"):
+        importers.import_csv(tmp_path / "g.csv", tmp_path / "g.nhr", 100, ["emg_*", "gesture"], ["finger"],
+                             ["gesture=movement"])
+
+
+def test_cli_imports_a_class_column_and_refuses_a_negative_class_in_one_line(tmp_path):
+    text, _, _ = gesture_table(n_repetitions=2)
+    (tmp_path / "g.csv").write_text(text)
+    common = ["--rate", "100", "--signals", "emg_*", "--labels", "finger", "--events", "gesture=movement",
+              "--events", "rep=repetition"]
+    ok = run_cli("import", "csv", tmp_path / "g.csv", "--out", tmp_path / "g.nhr", *common)
+    assert ok.returncode == 0, ok.stderr
+    assert "n_movements: 2" in ok.stdout and "n_repetitions: 2" in ok.stdout
+    (tmp_path / "bad.csv").write_text(text.replace(",1,1\n", ",-1,1\n", 1))
+    bad = run_cli("import", "csv", tmp_path / "bad.csv", "--out", tmp_path / "bad.nhr", *common)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert "line 2: --events column 'gesture' has -1" in bad.stderr
