@@ -27,12 +27,11 @@ Counters are exact (tests check them against injected faults):
 * ``replies`` / ``commands``: ACK/NAK and command frames accepted.
 """
 import collections
-import zlib
 
 import numpy as np
 
 from neurohand.firmware_bridge.chip import protocol as cp
-from neurohand.firmware_bridge.shared.counters import new_counters
+from neurohand.firmware_bridge.shared.framer import Framer
 
 SampleGap = collections.namedtuple("SampleGap", "first_missing_sequence missing_frames missing_samples")
 SampleGap.__doc__ = """Frames the chip sent that never arrived intact.
@@ -83,105 +82,27 @@ PARSER_COUNTERS = ("frames_good", "crc_errors", "bad_headers", "malformed", "res
                    "frames_missing", "gaps", "sequence_restarts", "stream_starts", "replies", "commands")
 
 
-# Smallest and largest body each frame type may declare; anything else is a false sync.
-_BODY_LIMITS = {
-    cp.FRAME_DATA: (cp.DATA_HEADER_SIZE + 2, cp.MAX_DATA_BODY),
-    cp.FRAME_COMMAND: (cp.COMMAND_HEADER.size, cp.MAX_CONTROL_BODY),
-    cp.FRAME_ACK: (cp.REPLY_HEADER.size, cp.MAX_CONTROL_BODY),
-    cp.FRAME_NAK: (cp.REPLY_HEADER.size, cp.MAX_CONTROL_BODY),
-}
-_SYNC = cp.SYNC
-_SYNC_LEN = len(cp.SYNC)
-_HEADER_SIZE = cp.HEADER_SIZE
-_CRC_SIZE = cp.CRC_SIZE
-
-
-class ChipParser:
+class ChipParser(Framer):
     """Turn a byte stream into frames; see the module docstring.
 
     Channel count and samples per frame are read from each frame's header, so
     one parser follows a reconfiguration.  Memory is bounded: at most one
-    partial frame (< 32.7 kB) plus the last chunk fed is held.
+    partial frame (< 32.7 kB) plus the last chunk fed is held.  Sync search,
+    header limits, CRC check and the framing counters are the shared framer's
+    (firmware_bridge/shared/framer.py).
     """
 
     def __init__(self):
-        self.counters = new_counters(PARSER_COUNTERS)
-        self._buffer = bytearray()
+        # Smallest and largest body each frame type may declare; anything else is a false sync.
+        Framer.__init__(self, PARSER_COUNTERS, sync=cp.SYNC, version=cp.PROTOCOL_VERSION,
+                        header=cp.HEADER, crc=cp.CRC, frame_types={
+                            cp.FRAME_DATA: (cp.DATA_HEADER_SIZE + 2, cp.MAX_DATA_BODY, ChipParser._data_frame),
+                            cp.FRAME_COMMAND: (cp.COMMAND_HEADER.size, cp.MAX_CONTROL_BODY,
+                                               ChipParser._command_frame),
+                            cp.FRAME_ACK: (cp.REPLY_HEADER.size, cp.MAX_CONTROL_BODY, ChipParser._ack_frame),
+                            cp.FRAME_NAK: (cp.REPLY_HEADER.size, cp.MAX_CONTROL_BODY, ChipParser._nak_frame),
+                        })
         self._expected_sequence = None      # None until the first data frame
-        self._lost = False                  # discarding since the last accepted frame
-
-    def feed(self, data):
-        """Add bytes; return the list of events they complete, in stream order."""
-        buf = self._buffer
-        buf += data
-        events = []
-        counters = self.counters
-        n = len(buf)
-        pos = 0
-        header_unpack = cp.HEADER.unpack_from
-        crc_unpack = cp.CRC.unpack_from
-        crc32 = zlib.crc32
-        while n - pos >= _HEADER_SIZE:
-            sync, version, frame_type, body_len = header_unpack(buf, pos)
-            if sync != _SYNC:
-                found = buf.find(_SYNC, pos + 1)
-                if found < 0:
-                    keep = _sync_prefix_length(buf)
-                    self._discard(n - keep - pos)
-                    pos = n - keep
-                    break
-                self._discard(found - pos)
-                pos = found
-                continue
-            limits = _BODY_LIMITS.get(frame_type)
-            if version != cp.PROTOCOL_VERSION or limits is None or not limits[0] <= body_len <= limits[1]:
-                counters["bad_headers"] += 1
-                self._discard(1)
-                pos += 1
-                continue
-            crc_at = pos + _HEADER_SIZE + body_len
-            end = crc_at + _CRC_SIZE
-            if end > n:
-                break
-            if crc32(buf[pos + _SYNC_LEN:crc_at]) != crc_unpack(buf, crc_at)[0]:
-                counters["crc_errors"] += 1
-                self._discard(1)
-                pos += 1
-                continue
-            if frame_type == cp.FRAME_DATA:
-                ok = self._data_frame(buf, pos + _HEADER_SIZE, body_len, events)
-            else:
-                ok = self._control_frame(frame_type, buf[pos + _HEADER_SIZE:crc_at], events)
-            if not ok:
-                counters["malformed"] += 1
-                self._discard(1)
-                pos += 1
-                continue
-            self._lost = False
-            pos = end
-        self._buffer = buf[pos:] if pos else buf
-        return events
-
-    def flush(self):
-        """End of stream or link lost: count the buffered partial bytes as discarded.
-
-        The sequence expectation is kept, so frames lost while a link was down are
-        reported as a SampleGap when data resumes.
-        """
-        self._discard(len(self._buffer))
-        self._buffer = bytearray()
-
-    @property
-    def buffered_bytes(self):
-        return len(self._buffer)
-
-    def _discard(self, count):
-        if count <= 0:
-            return
-        self.counters["bytes_discarded"] += count
-        if not self._lost:
-            self._lost = True
-            self.counters["resyncs"] += 1
 
     def _data_frame(self, buf, at, body_len, events):
         sequence, device_time_us, n_channels, spf, flags, _reserved = cp.DATA_HEADER.unpack_from(buf, at)
@@ -209,25 +130,23 @@ class ChipParser:
         events.append(SampleFrame(sequence, device_time_us, samples, stream_start))
         return True
 
-    def _control_frame(self, frame_type, body, events):
-        if frame_type == cp.FRAME_COMMAND:
-            command, token = cp.COMMAND_HEADER.unpack_from(body, 0)
-            events.append(ChipCommand(command, token, bytes(body[cp.COMMAND_HEADER.size:])))
-            self.counters["commands"] += 1
-            return True
-        command, token, status = cp.REPLY_HEADER.unpack_from(body, 0)
-        is_ack = frame_type == cp.FRAME_ACK
+    def _command_frame(self, buf, at, body_len, events):
+        command, token = cp.COMMAND_HEADER.unpack_from(buf, at)
+        events.append(ChipCommand(command, token, bytes(buf[at + cp.COMMAND_HEADER.size:at + body_len])))
+        self.counters["commands"] += 1
+        return True
+
+    def _ack_frame(self, buf, at, body_len, events):
+        return self._reply(True, buf, at, body_len, events)
+
+    def _nak_frame(self, buf, at, body_len, events):
+        return self._reply(False, buf, at, body_len, events)
+
+    def _reply(self, is_ack, buf, at, body_len, events):
+        command, token, status = cp.REPLY_HEADER.unpack_from(buf, at)
         if is_ack != (status == cp.STATUS_OK):
             return False
         events.append(ChipReply("ack" if is_ack else "nak", command, token, status,
-                                bytes(body[cp.REPLY_HEADER.size:])))
+                                bytes(buf[at + cp.REPLY_HEADER.size:at + body_len])))
         self.counters["replies"] += 1
         return True
-
-
-def _sync_prefix_length(buf):
-    """Length of the longest tail of ``buf`` that could be the start of a sync word."""
-    for length in range(min(_SYNC_LEN - 1, len(buf)), 0, -1):
-        if buf.endswith(_SYNC[:length]):
-            return length
-    return 0
