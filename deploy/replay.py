@@ -433,11 +433,14 @@ def replay_realtime(decoder, recording, replay_range, config, faults=None, disco
                     extra, decided)
 
 
-def score_class_head(class_names, events, end_samples, decided, steps_per_s, delay_s=class_measures.DEFAULT_DELAY_S):
+def score_class_head(class_names, events, end_samples, decided, steps_per_s, delay_s=class_measures.DEFAULT_DELAY_S,
+                     values=None):
     """The class head's decisions scored against the ``movement`` events (module docstring), JSON-ready.
 
-    class_names : the head's classes ("rest" first; a movement event's value k is the class named as
-        decoder/classes.class_names names it: "rest" for 0, "m<k>" otherwise)
+    class_names : the head's classes ("rest" first)
+    values : the movement event value of each class, in head order (the run's config.json "classes"
+        "values", which training wrote); None: a movement event's value k is the class named "rest" for 0,
+        else "k" or "m<k>" (decoder/classes.class_names)
     end_samples : int array (n_steps,), the sample (recording axis) after each step's window
     decided : sequence (n_steps,) of class index or None
     Returns None where the events hold no movement (nothing to score against)."""
@@ -445,8 +448,13 @@ def score_class_head(class_names, events, end_samples, decided, steps_per_s, del
         return None
     names = list(class_names)
     ids = class_measures.step_classes(events, end_samples)
-    index_of = {name: i for i, name in enumerate(names)}
-    truth = np.array([index_of.get(name, -1) for name in class_measures.class_names(ids)], dtype=np.int64)
+    if values is not None and len(values) == len(names):
+        index_of = {int(value): i for i, value in enumerate(values)}
+        truth = np.array([index_of.get(int(k), -1) for k in ids], dtype=np.int64)
+    else:
+        index_of = {name: i for i, name in enumerate(names)}
+        truth = np.array([index_of.get(name, index_of.get(str(int(k)), -1))
+                          for k, name in zip(ids, class_measures.class_names(ids))], dtype=np.int64)
     got = np.array([0 if d is None else int(d) for d in decided], dtype=np.int64)
     known = truth >= 0
     # Runs of steps whose true class the head has: a trial never spans a step left out.
@@ -526,8 +534,10 @@ def _outcome(mode, decoder, recording, replay_range, truth, samples, positions, 
         steps = (samples >= score_from) if mode == "fast" else scored
         steps_per_s = rate / decoder.pipeline.stride_samples
         ends = replay_range.start + np.round(samples[steps]).astype(np.int64)
+        head = (getattr(decoder.bundle, "config", None) or {}).get("classes")
         classes = score_class_head(class_names, recording.events, ends,
-                                   [d for d, keep in zip(decided, steps) if keep], steps_per_s)
+                                   [d for d, keep in zip(decided, steps) if keep], steps_per_s,
+                                   values=head.get("values") if isinstance(head, dict) else None)
         if classes is not None:
             summary["classes"] = classes
     return ReplayOutcome(summary, samples, positions, expected, scored, document)

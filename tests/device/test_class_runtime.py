@@ -381,6 +381,21 @@ def test_fast_replay_reports_the_class_measures(bench, capsys, which, decided_in
     assert "classes        accuracy {:.3f}".format(classes["accuracy"]) in capsys.readouterr().out
 
 
+def test_movement_values_map_to_the_head_through_the_values_training_saved():
+    # A head trained on movements 0, 3 and 5 names them from the recording's metadata; the values say
+    # which output each event value is, whatever the names.
+    events = [(0, "movement", 0), (100, "movement", 3), (200, "movement", 5), (300, "movement", 0)]
+    ends = np.arange(5, 400, 10)
+    truth = [0 if e <= 100 or e > 300 else (1 if e <= 200 else 2) for e in ends]   # causal: value at end - 1
+    names = ["rest", "flex", "grip"]
+    scores = replay_module.score_class_head(names, events, ends, truth, 100.0, values=[0, 3, 5])
+    assert scores["accuracy"] == 1.0 and scores["steps_unknown_class"] == 0
+    shifted = replay_module.score_class_head(names, events, ends, truth, 100.0, values=[0, 5, 3])
+    assert shifted["accuracy"] < 0.9
+    unnamed = replay_module.score_class_head(names, events, ends, truth, 100.0)
+    assert unnamed["steps_unknown_class"] == 20                     # "flex" and "grip" are not "3" and "5"
+
+
 def test_a_recording_without_movement_events_has_no_class_scores():
     assert replay_module.score_class_head(CLASSES, [(0, "repetition", 1)], np.array([10]), [1], 50.0) is None
 
