@@ -38,9 +38,12 @@ from neurohand.firmware_bridge.shared.checks import check_int, check_real_array
 from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 
 # Chunk length of the block formulation: cost per sample grows with L (the H
-# product) while Python overhead per chunk shrinks; 64 measured best for
-# 200-sample blocks x 16 channels (see ``neurohand bench dsp``).
-DEFAULT_CHUNK_SAMPLES = 64
+# product) while Python overhead per chunk shrinks.  With whole chunks run
+# together (``_BlockEngine.run``), 50 measured best for 200-sample blocks x 16
+# channels (four whole chunks; 20 µs against 25 µs at 64, which leaves a
+# remainder, with numpy 2.4, and 47 against 55 µs with the device's numpy 1.19;
+# 2026-12-07, docs/latency.md).
+DEFAULT_CHUNK_SAMPLES = 50
 # Same bound as design: a pole this close to the unit circle is refused.
 MAX_POLE_RADIUS = 1.0 - 1e-7
 
@@ -153,30 +156,71 @@ class _BlockEngine(object):
         self.length = length
         self._scratch = None
 
+    # Whole chunks filtered together (see run): at most this many at a time, so the
+    # batch's temporaries stay small on a long offline pass.
+    GROUP_CHUNKS = 32
+
     def _scratch_for(self, n_channels):
         # The products' temporaries, allocated once per channel count: the same products into
         # kept arrays instead of fresh ones each chunk (a few microseconds per 20 ms block).
         if self._scratch is None or self._scratch[0].shape[1] != n_channels:
-            self._scratch = (np.empty((self.length, n_channels)), np.empty((len(self.a_pow[0]), n_channels)),
-                             np.empty((len(self.a_pow[0]), n_channels)))
+            n_states = len(self.a_pow[0])
+            group = self.GROUP_CHUNKS
+            self._scratch = (np.empty((self.length, n_channels)), np.empty((n_states, n_channels)),
+                             np.empty((n_states, n_channels)), np.empty((group, n_states, n_channels)),
+                             np.empty((group + 1, n_states, n_channels)), np.empty((group, self.length, n_channels)))
         return self._scratch
 
     def run(self, x, state, out):
-        """Filter ``x`` (n, C) into ``out`` (n, C); ``state`` (M, C) is updated in place."""
+        """Filter ``x`` (n, C) into ``out`` (n, C); ``state`` (M, C) is updated in place.
+
+        Whole chunks go through the products together, as stacks (one call
+        each): only the state at each chunk's start is carried from chunk to
+        chunk, two small products a chunk.  Each chunk's arithmetic is the
+        same as one at a time: y = H x + G s, s' = F x + A s, the same sums
+        in the same order, so the output does not depend on how chunks are
+        grouped (tests/device/test_dsp.py).
+        """
         length = self.length
-        from_state, state_from_input, state_from_state = self._scratch_for(state.shape[1])
-        start = 0
+        scratch = self._scratch_for(state.shape[1])
         n_total = len(x)
-        while start < n_total:
-            r = min(length, n_total - start)
-            chunk = x[start:start + r]
-            target = out[start:start + r]
-            np.matmul(self.h[:r, :r], chunk, out=target)
-            target += np.matmul(self.g[:r], state, out=from_state[:r])
-            np.matmul(self.k_rev[:, length - r:], chunk, out=state_from_input)
-            np.matmul(self.a_pow[r], state, out=state_from_state)
-            np.add(state_from_input, state_from_state, out=state)
-            start += r
+        start = 0
+        while n_total - start >= length:
+            count = min((n_total - start) // length, self.GROUP_CHUNKS)
+            stop = start + count * length
+            self._run_whole_chunks(x[start:stop], state, out[start:stop], count, scratch)
+            start = stop
+        if start < n_total:
+            self._run_chunk(x[start:], state, out[start:], scratch)
+
+    def _run_whole_chunks(self, x, state, out, count, scratch):
+        length = self.length
+        n_channels = state.shape[1]
+        _, _, _, from_input, states, from_state = scratch
+        chunks = x.reshape(count, length, n_channels)
+        np.matmul(self.h, chunks, out=out.reshape(count, length, n_channels))
+        from_input = from_input[:count]
+        np.matmul(self.k_rev, chunks, out=from_input)
+        states[0] = state
+        step = self.a_pow[length]
+        for index in range(count):
+            following = states[index + 1]
+            np.matmul(step, states[index], out=following)
+            np.add(from_input[index], following, out=following)
+        from_state = from_state[:count]
+        np.matmul(self.g, states[:count], out=from_state)
+        out.reshape(count, length, n_channels)[...] += from_state
+        state[...] = states[count]
+
+    def _run_chunk(self, chunk, state, out, scratch):
+        length = self.length
+        r = len(chunk)
+        from_state, state_from_input, state_from_state = scratch[:3]
+        np.matmul(self.h[:r, :r], chunk, out=out)
+        out += np.matmul(self.g[:r], state, out=from_state[:r])
+        np.matmul(self.k_rev[:, length - r:], chunk, out=state_from_input)
+        np.matmul(self.a_pow[r], state, out=state_from_state)
+        np.add(state_from_input, state_from_state, out=state)
 
 
 class FilterChain(object):

@@ -31,6 +31,7 @@ it from rest would feed the high-pass the electrode's offset as a step, a far
 larger transient than the splice.
 """
 import copy
+import math
 import numbers
 
 import numpy as np
@@ -303,7 +304,7 @@ class FeaturePipeline(object):
         gaps : optional list of (index, n_missing): ``n_missing`` samples were
             lost just before row ``index`` of ``signals`` (rows are received
             samples only); what a recording of the chip's SampleGap events gives
-        batch_windows : windows computed per batch (memory); None: 512 when
+        batch_windows : windows computed per batch (memory); None: 128 when
             the windows are whole strides (block sums), else 64
 
         Returns
@@ -370,8 +371,10 @@ class FeaturePipeline(object):
         features = np.empty((len(selected), self.n_features), dtype=self.dtype)
         workspace = Workspace()
         if batch_windows is None:
-            # Block sums are small; a batch of whole windows is n_channels x W values each.
-            batch_windows = 512 if self._features.aligned else 64
+            # Block sums keep a few scratch copies of the batch's samples, so 128 windows, not more
+            # (a 60 s, 16-channel, 10 kHz transform peaked at 262 MB with 128, 315 MB with 256, and
+            # was no faster; 2026-12-07); a batch of whole windows is n_channels x W values each: 64.
+            batch_windows = 128 if self._features.aligned else 64
         # Batches of consecutive windows: a contiguous run stays a strided view (no copy) and
         # shares its blocks; a gap starts a new batch.
         breaks = np.flatnonzero(np.diff(selected) != 1) + 1
@@ -392,7 +395,8 @@ class FeaturePipeline(object):
             # Window i starts at block i (its start, i * stride, is a block boundary).
             first, stop = batch[0], batch[-1] + computer.blocks_per_window
             width = computer.block_samples
-            inner, closed = computer.block_sums(full[:, first * width:2 + stop * width], stop - first)
+            inner, closed = computer.block_sums(full[:, first * width:2 + stop * width], stop - first,
+                                                workspace=workspace)
             computer.compute_from_blocks(inner, closed, batch - first, chunk, target, workspace)
         else:
             computer.compute(chunk, out=target, workspace=workspace)
@@ -429,6 +433,9 @@ class FeaturePipeline(object):
         return FeatureStream(self, normalised)
 
     def _check_block(self, block, name):
+        if (block.__class__ is np.ndarray and block.ndim == 2 and block.shape[1] == self.n_channels
+                and block.dtype.kind in "fiu"):
+            return block        # the usual case, in four attribute reads (each issubdtype costs a microsecond)
         if not isinstance(block, np.ndarray) or block.ndim != 2 or block.shape[1] != self.n_channels:
             shape = getattr(block, "shape", type(block).__name__)
             raise UsageError("{} must be an ndarray of shape (n_samples, {}), but got {}".format(
@@ -545,7 +552,8 @@ class FeatureStream(object):
         """
         self._pipeline._check_block(block, "block")
         # One reduction, no temporary: a NaN would poison the carried filter state for good.
-        if not np.isfinite(np.sum(block)):
+        # (np.add.reduce and math.isfinite: np.sum and np.isfinite's wrappers cost more than the sum.)
+        if not math.isfinite(np.add.reduce(block, axis=None)):
             raise UsageError("block contains NaN or infinite values; report lost samples with push_gap()")
         filtered = self._chain.process(block)
         self._reserve(self._ring.max_windows(len(block)))

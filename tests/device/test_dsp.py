@@ -86,6 +86,19 @@ def test_chain_any_block_split_and_chunk_length_equals_one_pass(sizes, chunk):
     assert np.max(np.abs(chain.state - final_state)) < TOLERANCE
 
 
+def test_whole_chunks_run_together_give_the_bits_of_one_chunk_at_a_time():
+    # The engine filters whole chunks as stacks, up to GROUP_CHUNKS at a time (decoder/dsp.py):
+    # 150 chunks in one pass (five groups, the last one short) must give exactly the numbers
+    # of 150 calls of one chunk each, and end in exactly the same state.
+    x = np.random.RandomState(9).normal(0.0, 30.0, (600, 3))
+    together = FilterChain(SOS, 3, chunk_samples=4)
+    one_pass = together.process(x).copy()
+    alone = FilterChain(SOS, 3, chunk_samples=4)
+    np.testing.assert_array_equal(stream(alone, x, [4]), one_pass)
+    np.testing.assert_array_equal(alone.state, together.state)
+    assert np.max(np.abs(one_pass - sosfilt_reference(SOS, x, np.zeros((len(SOS), 2, 3)))[0])) < TOLERANCE
+
+
 @settings(max_examples=40, deadline=None)
 @given(sizes=st.lists(st.integers(min_value=1, max_value=700), min_size=1, max_size=8))
 def test_chain_equals_scipy_sosfilt_across_splits(sizes):

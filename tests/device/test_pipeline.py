@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from neurohand.decoder.dsp import FilterChain
+from neurohand.decoder.dsp import DEFAULT_CHUNK_SAMPLES, FilterChain
 from neurohand.decoder.pipeline import FeaturePipeline, _resolve_settings
 from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 
@@ -102,9 +102,10 @@ def test_stream_equals_offline_default_pipeline():
     np.testing.assert_array_equal(ends, offline_ends)
     assert ends.tolist() == [1000, 1200, 1400, 1600, 1800, 2000, 2200, 2400, 2600, 2800, 3000]
     assert_close(streamed, pipeline.normalise(offline), "float64")
-    # Blocks of whole filter chunks (DEFAULT_CHUNK_SAMPLES = 64): the stream filters in the same
+    # Blocks of whole filter chunks (DEFAULT_CHUNK_SAMPLES): the stream filters in the same
     # chunks as the offline pass, and every later stage adds the same numbers in the same order.
-    streamed, _ = run_stream(pipeline.stream(), signals, [64, 128, 192])
+    chunk = DEFAULT_CHUNK_SAMPLES
+    streamed, _ = run_stream(pipeline.stream(), signals, [chunk, 2 * chunk, 3 * chunk])
     np.testing.assert_array_equal(streamed, pipeline.normalise(offline))
 
 
@@ -113,7 +114,7 @@ def test_stream_equals_offline_default_pipeline():
 def test_stream_is_bit_identical_to_offline_in_whole_filter_chunks(variant, dtype):
     pipeline = fitted(small(dtype, variant))
     expected = pipeline.normalise(pipeline.transform(SIGNALS)[0])
-    for sizes in ([700], [64], [128, 64]):
+    for sizes in ([700], [DEFAULT_CHUNK_SAMPLES], [2 * DEFAULT_CHUNK_SAMPLES, DEFAULT_CHUNK_SAMPLES]):
         streamed, _ = run_stream(pipeline.stream(), SIGNALS, sizes)
         np.testing.assert_array_equal(streamed, expected)
 
