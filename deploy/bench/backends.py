@@ -2,7 +2,7 @@
 
     {"rnn_step": {"numpy": {"p50_us": ..., "p99_us": ..., ...}, "onnxruntime": {...}, ...},
      "decode_step": {"numpy": {...}, "onnxruntime": {...}},
-     "model": {...}, "skipped": {"tensorrt": "why"}}
+     "model": {...}, "skipped": {"tensorrt": "why"}, "blas_environment": {"OPENBLAS_CORETYPE": ..., ...}}
 
 ``decode_step`` is the whole per-stride step of the runtime: one 20 ms block
 (200 samples x 16 channels of simulated nerve signal) through the filter
@@ -155,6 +155,16 @@ def _export_default_model(directory, n_features):
     return path, config
 
 
+def blas_environment():
+    """The OpenBLAS settings from the environment that change the numpy backend's matrix products.
+
+    numpy 1.19's bundled OpenBLAS takes a generic x86 kernel (``Prescott``) on CPUs newer than it
+    knows, which makes a 384 x 128 float32 product 3-4 times slower than ``OPENBLAS_CORETYPE=Haswell``
+    on the same machine (docs/backends.md); the Jetson's unit sets ``OPENBLAS_CORETYPE=ARMV8``.
+    """
+    return {name: os.environ.get(name) for name in ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS")}
+
+
 def run(quick):
     """The ``neurohand bench backends`` target."""
     steps, repeats = (200, 2) if quick else (2000, 7)
@@ -179,6 +189,7 @@ def run(quick):
     model = config.to_dict()
     model["n_features_source"] = source
     return {"rnn_step": results, "decode_step": decode, "skipped": skipped, "model": model, "quick": bool(quick),
+            "blas_environment": blas_environment(),
             "decode_step_is": "one {}-sample block of {} channels: filter chain, window features, "
                               "normalisation and the RNN step".format(pipeline.stride_samples, N_CHANNELS),
             "target": "decode_step p99_us <= 1000 with numpy and onnxruntime"}

@@ -150,3 +150,98 @@ def test_auto_reports_what_it_skipped_and_never_picks_torch(monkeypatch):
 def test_fp16_is_refused_for_backends_other_than_tensorrt():
     with pytest.raises(UsageError, match="fp16"):
         create_backend("numpy", golden("gru")[0], fp16=True)
+
+
+def _random_weights(cell, projection, n_outputs, seed, scale=1.5):
+    """Hand-built RnnWeights, large enough that some gates saturate (|pre-activation| >> 1)."""
+    rng = np.random.RandomState(seed)
+    n_features, hidden, gates = 7, 6, 3 if cell == "gru" else 4
+
+    def draw(*shape):
+        return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+    proj = (draw(5, n_features), draw(5)) if projection else None
+    inputs = 5 if projection else n_features
+    layers = [(draw(gates * hidden, inputs if k == 0 else hidden), draw(gates * hidden, hidden),
+               draw(gates * hidden), draw(gates * hidden)) for k in range(2)]
+    return onnx_weights.RnnWeights(cell, n_features, n_outputs, hidden, proj, layers,
+                                   (draw(n_outputs, hidden), draw(n_outputs)), {})
+
+
+def _reference_step(weights, x, h, c):
+    """The ONNX GRU/LSTM equations written out plainly in float64 (docstring of numpy_backend)
+    -> (outputs, h, c, the largest |gate pre-activation|)."""
+    def sigmoid(v):
+        return 1.0 / (1.0 + np.exp(-v))
+
+    x = np.asarray(x, dtype=np.float64)
+    if weights.projection is not None:
+        x = np.maximum(np.dot(weights.projection[0], x) + weights.projection[1], 0.0)
+    h_out, c_out = np.empty_like(h), np.empty_like(h)
+    n, largest = weights.hidden_size, 0.0
+    for layer, (w, r, wb, rb) in enumerate(weights.layers):
+        gx, gh = np.dot(w, x) + wb, np.dot(r, h[layer]) + rb
+        largest = max(largest, float(np.max(np.abs(gx + gh))))
+        if weights.cell == "gru":
+            z, reset = sigmoid(gx[:n] + gh[:n]), sigmoid(gx[n:2 * n] + gh[n:2 * n])
+            candidate = np.tanh(gx[2 * n:] + reset * gh[2 * n:])
+            h_out[layer] = (1.0 - z) * candidate + z * h[layer]
+        else:
+            g = gx + gh
+            i, o, f, cell = sigmoid(g[:n]), sigmoid(g[n:2 * n]), sigmoid(g[2 * n:3 * n]), np.tanh(g[3 * n:])
+            c_out[layer] = f * c[layer] + i * cell
+            h_out[layer] = o * np.tanh(c_out[layer])
+        x = h_out[layer]
+    return sigmoid(np.dot(weights.head[0], x) + weights.head[1]), h_out, c_out, largest
+
+
+@pytest.mark.parametrize("cell,projection,n_outputs", [("gru", True, 27), ("gru", False, 5),
+                                                       ("lstm", True, 5), ("lstm", False, 9)])
+def test_rearranged_arithmetic_matches_the_plain_equations(cell, projection, n_outputs):
+    # The backend folds the sigmoids' halving and the biases into copies of the weights; compare it,
+    # saturated gates included, with the equations computed as written, in float64.
+    from neurohand.decoder.backends.numpy_backend import NumpyBackend
+    weights = _random_weights(cell, projection, n_outputs, seed=n_outputs)
+    originals = [np.array(a) for layer in weights.layers for a in layer] + [np.array(a) for a in weights.head]
+    backend = NumpyBackend(weights)
+    features = np.random.RandomState(1).standard_normal((40, weights.n_features)).astype(np.float32)
+    features[10:15] *= 20.0
+    state = backend.initial_state()
+    h = np.zeros((2, weights.hidden_size))
+    c = np.zeros_like(h)
+    largest = 0.0
+    for row in features:
+        positions, state = backend.step(row, state)
+        expected, h, c, pre_activation = _reference_step(weights, row, h, c)
+        assert np.max(np.abs(positions - expected)) <= TOLERANCE
+        largest = max(largest, pre_activation)
+    arrays = backend.state_arrays(state)
+    assert np.max(np.abs(arrays[0][:, 0] - h)) <= TOLERANCE
+    if cell == "lstm":
+        assert np.max(np.abs(arrays[1][:, 0] - c)) <= TOLERANCE
+    assert largest > 20.0 and np.std(h) > 0.1     # saturated gates were exercised; the state moves
+    # The backend works on copies: the weights object (shared with the fake TensorRT engine) is untouched.
+    assert all(np.array_equal(a, b) for a, b in zip(
+        originals, [a for layer in weights.layers for a in layer] + list(weights.head)))
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_earlier_outputs_and_states_are_never_overwritten(cell):
+    # Callers keep what step returned (the self-test, these tests) and may step twice from one state.
+    path, reference = golden(cell)
+    backend = create_backend("numpy", path)
+    rows = reference["features"][:6]
+    kept, copies, state = [], [], backend.initial_state()
+    for row in rows:
+        positions, state = backend.step(row, state)
+        kept.append((positions, state))
+        copies.append((positions.copy(), [a.copy() for a in backend.state_arrays(state)]))
+    for (positions, state), (positions_copy, state_copy) in zip(kept, copies):
+        assert np.array_equal(positions, positions_copy)
+        assert all(np.array_equal(a, b) for a, b in zip(backend.state_arrays(state), state_copy))
+    branch_a, _ = backend.step(rows[0], kept[2][1])
+    branch_b, _ = backend.step(rows[0], kept[2][1])
+    assert np.array_equal(branch_a, branch_b) and not np.array_equal(branch_a, kept[3][0])
+    copy = backend.state_arrays(state)
+    copy[0][...] = 5.0
+    assert not np.any(backend.state_arrays(state)[0] == 5.0)
