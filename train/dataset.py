@@ -334,3 +334,117 @@ def guard_samples(pipeline):
 def steps_per_second(pipeline):
     return pipeline.signal_rate / float(pipeline.stride_samples)
 
+
+
+# --- movement classes ---------------------------------------------------------------
+
+#: Events whose values are the movement classes (train/classes.py; NinaPro's restimulus).
+CLASS_EVENT_KIND = "movement"
+#: Longest class name kept from a recording's metadata (the device prints it on a status line).
+MAX_CLASS_NAME = 16
+#: Class target of a step that counts in no class loss (padding, or a value the head does not know).
+NO_CLASS = -1
+
+
+class ClassHead(object):
+    """The movement classes a run's class head decides among, and how event values map to them.
+
+    values : int event values, rest (0) first then ascending; the head's output ``k`` is ``values[k]``
+    names : short distinct names, "rest" first (ModelConfig.class_names)
+    weights : per-class loss weights (1/frequency in training, mean 1 over the training steps) or None"""
+
+    def __init__(self, values, names, weights=None):
+        self.values = [int(v) for v in values]
+        self.names = list(names)
+        self.weights = None if weights is None else [float(w) for w in weights]
+
+    @classmethod
+    def from_sequences(cls, recordings, sequences, balance=True):
+        """The classes of the training steps (rest always among them), or None with fewer than 2."""
+        from neurohand.train.classes import REST
+
+        # A recording without movement events says nothing of its steps' classes (all would read rest).
+        truth = [step_values(recordings[s.recording], s.ends) for s in sequences
+                 if has_class_events(recordings[s.recording])]
+        found = np.unique(np.concatenate(truth)) if truth else np.zeros(0, dtype=np.int64)
+        values = [REST] + sorted(int(v) for v in found if v != REST)
+        if len(values) < 2:
+            return None
+        head = cls(values, class_names_for(values, recordings[0].metadata))
+        if balance:
+            counts = np.bincount(np.concatenate([head.indices(t) for t in truth]), minlength=len(values))
+            counts = counts.astype(np.float64)
+            # Rest's many steps would otherwise pull every doubtful step to rest; the mean weight over the
+            # training steps stays 1, so class_weight keeps its meaning.
+            weights = np.where(counts > 0, 1.0 / np.maximum(counts, 1.0), 0.0)
+            weights *= counts.sum() / float(np.sum(weights * counts))
+            head.weights = weights.tolist()
+        return head
+
+    def indices(self, values):
+        """Head output index of each event value, NO_CLASS for a value the head does not know."""
+        values = np.asarray(values, dtype=np.int64)
+        table = np.asarray(self.values, dtype=np.int64)
+        order = np.argsort(table)
+        position = np.clip(np.searchsorted(table, values, sorter=order), 0, len(table) - 1)
+        index = order[position]
+        return np.where(table[index] == values, index, NO_CLASS).astype(np.int64)
+
+    def targets(self, recording, ends):
+        """Class target (head index) of each step of a sequence: the movement in force at its window's
+        last sample (train/classes.py), unshifted whatever ``target_lead_s`` is (see docs/training.md);
+        NO_CLASS throughout for a recording without movement events (they would all read rest)."""
+        if not has_class_events(recording):
+            return np.full(len(ends), NO_CLASS, dtype=np.int64)
+        return self.indices(step_values(recording, ends))
+
+    def to_config(self):
+        """config.json "classes": what evaluate needs to score the head (value -> output index)."""
+        return {"event_kind": CLASS_EVENT_KIND, "values": list(self.values), "names": list(self.names),
+                "weights": self.weights}
+
+    @classmethod
+    def from_config(cls, config, where="config.json classes"):
+        if (not isinstance(config, dict) or not isinstance(config.get("values"), list)
+                or not isinstance(config.get("names"), list) or len(config["values"]) != len(config["names"])
+                or len(config["values"]) < 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in config["values"])
+                or len(set(config["values"])) != len(config["values"])):
+            raise ConfigError("{} must hold as many distinct integer 'values' as 'names' (at least 2), but got "
+                              "{!r}".format(where, config))
+        return cls(config["values"], config["names"], config.get("weights"))
+
+
+def has_class_events(recording):
+    """Whether the recording has any movement event (else its steps have no known class)."""
+    return any(_event_kind(e) == CLASS_EVENT_KIND for e in recording.events)
+
+
+def _event_kind(event):
+    return event.kind if hasattr(event, "kind") else event[1]
+
+
+def step_values(recording, ends):
+    """Movement event value in force at each step (train/classes.py's causal rule), int64."""
+    from neurohand.train.classes import step_classes
+
+    return step_classes(recording.events, ends, CLASS_EVENT_KIND)
+
+
+def class_names_for(values, metadata):
+    """Names of movement ``values``: "rest" for 0; else the recording's metadata "movement_names"
+    (a list indexed by value, or a mapping value -> name) where it gives a short, distinct one; else the
+    value itself ("1" .. "12" for NinaPro E1)."""
+    given = (metadata or {}).get("movement_names")
+    names = []
+    for value in values:
+        name = "rest" if value == 0 else None
+        if name is None and isinstance(given, dict):
+            name = given.get(str(value), given.get(value))
+        elif name is None and isinstance(given, list) and 0 <= value < len(given):
+            name = given[value]
+        name = " ".join(name.split())[:MAX_CLASS_NAME].strip() if isinstance(name, str) else ""
+        names.append(name or str(value))
+    if len(set(names)) != len(names):
+        return ["rest" if v == 0 else str(v) for v in values]
+    return names

@@ -91,15 +91,26 @@ def prepare(config, recording_path):
     return pipeline, recording, plan, sequences
 
 
-def stream_decode(pipeline, onnx_path, recording, segments, block_samples):
+def stream_decode_outputs(pipeline, onnx_path, recording, segments, block_samples):
+    """:func:`stream_decode` with the whole output: a class head's scores after the positions."""
+    return _stream_decode(pipeline, onnx_path, recording, segments, block_samples, True)
+
+
+def stream_decode(pipeline, onnx_path, recording, segments, block_samples, class_scores=False):
     """Decode ``segments`` causally as the device does: stream features, step the numpy backend.
 
     Each segment starts a fresh stream (filter at rest) and a zero RNN state,
     as in training.  Returns a list per segment with at least one window of
-    (outputs (n_windows, n_outputs) float64, ends (n_windows,) absolute sample indices)."""
+    (outputs (n_windows, n_positions) float64, ends (n_windows,) absolute sample indices);
+    ``class_scores``: the outputs hold a class head's scores after the positions (the whole output)."""
+    return _stream_decode(pipeline, onnx_path, recording, segments, block_samples, class_scores)
+
+
+def _stream_decode(pipeline, onnx_path, recording, segments, block_samples, class_scores):
     from neurohand.decoder.backends import create_backend
 
     backend = create_backend("numpy", onnx_path)
+    width = backend.n_outputs if class_scores else backend.n_positions
     decoded = []
     try:
         for segment in segments:
@@ -111,7 +122,7 @@ def stream_decode(pipeline, onnx_path, recording, segments, block_samples):
                 features, block_ends = stream.push(block)
                 for row in features:
                     positions, state = backend.step(row.astype(np.float32), state)
-                    outputs.append(np.array(positions, dtype=np.float64))
+                    outputs.append(np.array(positions, dtype=np.float64)[:width])
                 ends.extend(int(e) + segment.start for e in block_ends)
             if outputs:
                 decoded.append((np.array(outputs), np.array(ends, dtype=np.int64)))
@@ -164,7 +175,8 @@ def evaluate_run(run_dir, recording_path, block_s=0.05, with_baselines=True, wit
     """Score a run on ``recording_path``'s test split; returns a JSON-ready dict.
 
     Keys: mean_r2, r2, mean_pearson_r, pearson_r, mean_rmse, rmse (per output,
-    in 0..1 scaled label units), n_steps, label_names, baselines -> {wiener, kalman, and tcn when
+    in 0..1 scaled label units), n_steps, label_names, classes (a run with a class head:
+    :func:`score_class_head`), baselines -> {wiener, kalman, and tcn when
     ``with_tcn``} -> the same scores, and {lda, lda_td} -> movement-class scores (accuracy,
     balanced_accuracy, confusion, per-trial accuracy; train/classes.py) where the recording has
     movement events, decode (backend, block size, timing), split, held_in (see :func:`held_in`)."""
@@ -174,19 +186,27 @@ def evaluate_run(run_dir, recording_path, block_s=0.05, with_baselines=True, wit
     block_samples = max(1, int(round(block_s * pipeline.signal_rate)))
     test_segments = [s for s in segments if s.split == "test"]
     started = time.perf_counter()
-    decoded = stream_decode(pipeline, onnx_path, recording, test_segments, block_samples)
+    class_head = class_head_of(config)
+    if class_head is None:
+        decoded = stream_decode(pipeline, onnx_path, recording, test_segments, block_samples)
+    else:
+        decoded = stream_decode_outputs(pipeline, onnx_path, recording, test_segments, block_samples)
     seconds = time.perf_counter() - started
     test = sequences["test"]
     if len(decoded) != len(test) or any(not np.array_equal(e, s.ends) for (_, e), s in zip(decoded, test)):
         # The stream and the offline transform must cut identical windows; anything else is a bug.
         raise RuntimeError("streaming windows differ from the offline windows of the same segments")
+    n_positions = len(config["labels"]["names"])
     truth = np.concatenate([s.labels for s in test]).astype(np.float64)
-    prediction = np.concatenate([o for o, _ in decoded])
+    prediction = np.concatenate([o[:, :n_positions] for o, _ in decoded])
     result = metrics.score(truth, prediction)
     scaling = dataset.LabelScaling.from_config(config["labels"]["scaling"])
     extended = lag_segments(recording, test_segments)
     result["lag_ms"] = lag_of(recording, scaling, extended,
                               stream_decode(pipeline, onnx_path, recording, extended, block_samples))
+    if class_head is not None:
+        result["classes"] = score_class_head(class_head, recording, decoded, n_positions,
+                                             dataset.steps_per_second(pipeline))
     n_steps = len(prediction)
     result.update({
         "run_dir": os.path.abspath(run_dir), "recording": os.path.abspath(recording_path),
@@ -222,14 +242,82 @@ def evaluate_run(run_dir, recording_path, block_s=0.05, with_baselines=True, wit
     return metrics.json_ready(result)
 
 
+def class_head_of(config):
+    """The run's dataset.ClassHead (config.json "classes"), None for a run without one (or from before)."""
+    classes = config.get("classes")
+    if not classes:
+        return None
+    head = dataset.ClassHead.from_config(classes)
+    if list(config.get("model", {}).get("class_names") or []) != head.names:
+        raise ConfigError("config.json: classes names {} differ from the model's class_names {}".format(
+            head.names, config.get("model", {}).get("class_names")))
+    return head
+
+
+def score_class_head(head, recording, decoded, n_positions, steps_per_s, delay_s=None):
+    """The class head's measures on the decoded test segments (train/classes.py score_classes).
+
+    decoded : [(outputs (n_steps, n_positions + n_classes), ends)] per segment, as stream_decode gives
+    them; the decided class is the argmax of the class scores, the true one the movement in force at the
+    window's last sample.  Steps of a movement the head does not know stay in the measures (as a true class
+    it can never decide).  Adds "recall_by_class" (name -> recall) and "class_names" in the head's names."""
+    from neurohand.train import classes
+
+    values = np.asarray(head.values, dtype=np.int64)
+    truth = [dataset.step_values(recording, ends) for _, ends in decoded]
+    decided = [values[np.argmax(outputs[:, n_positions:], axis=1)] for outputs, _ in decoded]
+    unknown = sorted(set(np.concatenate(truth).tolist()) - set(head.values)) if truth else []
+    order = list(head.values) + unknown
+    result = classes.score_classes(truth, decided, steps_per_s, np.asarray(order, dtype=np.int64),
+                                   classes.DEFAULT_DELAY_S if delay_s is None else delay_s)
+    result["class_names"] = list(head.names) + classes.class_names(unknown)
+    result["recall_by_class"] = dict(zip(result["class_names"], result["recall"]))
+    result["unknown_classes"] = unknown
+    return result
+
+
+def write_confusion_png(result, path, title=""):
+    """The class head's confusion matrix as a PNG at ``path`` (train/classes.py plot_confusion);
+    returns the path, or None where matplotlib is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    from neurohand.train import classes
+
+    scores = result["classes"]
+    classes.plot_confusion(path, scores["confusion"], scores["class_names"], title=title or (
+        "class head, test: accuracy {:.3f}, balanced accuracy {:.3f}".format(
+            scores["accuracy"], scores["balanced_accuracy"])))
+    return path
+
+
 def evaluate_command(args):
     """One recording: :func:`evaluate_run`'s dict (as before); several: :func:`evaluate_sessions`'s."""
     recordings = list(args.recordings)
     if getattr(args, "tcn", False) and len(recordings) > 1:
         raise UsageError("--tcn trains a baseline for minutes per recording: give one recording with it")
+    confusion_png = getattr(args, "confusion_png", None)
+    if confusion_png is not None:
+        if len(recordings) > 1:
+            raise UsageError("--confusion-png plots one recording's test split: give one recording with it")
+        from neurohand.firmware_bridge.shared.outputs import check_output_path
+        config, onnx_path = load_run(args.run_dir)
+        if class_head_of(config) is None:
+            raise UsageError("--confusion-png: the run {!r} has no class head (training class_head)".format(
+                args.run_dir))
+        # Replacing an earlier plot is this option's job; an input (the run's files, the recording) never.
+        inputs = [os.path.join(args.run_dir, name) for name in os.listdir(args.run_dir)] + recordings
+        confusion_png = check_output_path("--confusion-png", confusion_png, inputs=inputs, force=True)
     if len(recordings) == 1:
-        return evaluate_run(args.run_dir, recordings[0], block_s=args.block_s, with_baselines=not args.no_baselines,
-                            with_tcn=getattr(args, "tcn", False))
+        result = evaluate_run(args.run_dir, recordings[0], block_s=args.block_s,
+                              with_baselines=not args.no_baselines, with_tcn=getattr(args, "tcn", False))
+        if confusion_png is not None:
+            written = write_confusion_png(result, confusion_png)
+            result["confusion_png"] = written
+            if written is None:
+                result["confusion_png_reason"] = "matplotlib is not installed"
+        return result
     return evaluate_sessions(args.run_dir, recordings, block_s=args.block_s, with_baselines=not args.no_baselines)
 
 
@@ -341,7 +429,9 @@ def format_table(result):
         "{} {}".format(name, fmt(value).strip()) for name, value in zip(result["label_names"], result["r2"])))
     lines.append("{} test steps decoded causally with the numpy backend, {:.1f} us per step".format(
         result["n_steps"], result["decode"]["us_per_step"]))
-    for name, scores in sorted((result.get("baselines") or {}).items()):
+    class_rows = ([("rnn", result["classes"])] if result.get("classes") else []) + sorted(
+        (name, scores) for name, scores in (result.get("baselines") or {}).items() if "balanced_accuracy" in scores)
+    for name, scores in class_rows:
         if "balanced_accuracy" in scores:
             lines.append("movement classes, {} ({} classes): accuracy {:.3f}, balanced accuracy {:.3f}, "
                          "{} movement trials right {}".format(

@@ -8,7 +8,9 @@ parser reads opset 13 at most)::
     c_in (LSTM only)          ─┘                                                       ├─> h_out (layers, 1, hidden)
                                                                                         └─> c_out (LSTM only)
 
-The runtime feeds ``h_out`` back as ``h_in`` on the next step.  The legacy
+With a class head (``ModelConfig.class_names``) "positions" is n_outputs + n_classes wide: the
+positions, then one score per class; the parity checks compare the whole output, so they cover the
+class scores.  The runtime feeds ``h_out`` back as ``h_in`` on the next step.  The legacy
 TorchScript exporter names weights after internal values ("onnx::GRU_177"),
 so after exporting, the initializers are renamed to the fixed names in
 :mod:`neurohand.decoder.onnx_weights` (``rnn.0.W``, ``head.weight``, ...) and
@@ -259,7 +261,7 @@ def export_onnx(model, config, path, check_steps=200, tolerance=DEFAULT_TOLERANC
     errors, digest = _write_checked(model, path, write, tolerance, check_steps, "exported graph differs from torch")
     inputs, outputs = io_names(config.cell)
     state_shape = [config.num_layers, 1, config.hidden_size]
-    shapes = {names.INPUT_FEATURES: [1, config.n_features], names.OUTPUT_POSITIONS: [1, config.n_outputs]}
+    shapes = {names.INPUT_FEATURES: [1, config.n_features], names.OUTPUT_POSITIONS: [1, config.output_width]}
     for name in inputs[1:] + outputs[1:]:
         shapes[name] = state_shape
     return {
@@ -333,7 +335,7 @@ def _normalize(path, config):
 def _set_output_shapes(graph, config):
     """Give every graph output its static shape (the exporter may leave them open)."""
     state = [config.num_layers, 1, config.hidden_size]
-    expected = {names.OUTPUT_POSITIONS: [1, config.n_outputs], names.OUTPUT_H: state, names.OUTPUT_C: state}
+    expected = {names.OUTPUT_POSITIONS: [1, config.output_width], names.OUTPUT_H: state, names.OUTPUT_C: state}
     for output in graph.output:
         dims = output.type.tensor_type.shape.dim
         del dims[:]

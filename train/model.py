@@ -5,8 +5,10 @@ Architecture, in order::
     features (n_features,)            one feature vector per decoder step
       -> [Linear(n_features, P) -> ReLU]   optional input projection (P = input_projection)
       -> GRU or LSTM, num_layers x hidden_size, unidirectional
-      -> Linear(hidden_size, n_outputs) -> sigmoid
+      -> Linear(hidden_size, n_outputs + n_classes) -> sigmoid
     positions (n_outputs,)            finger positions, 0 = open .. 1 = closed
+    class scores (n_classes,)         with a class head (``class_names``): sigmoid of each
+                                      movement class's logit, in class_names order
 
 It is trained on sequences (``model(x, state)``) and run one step at a time
 (``model.step(features, state)``); both share the same weights and give the
@@ -45,13 +47,19 @@ class ModelConfig(object):
     dropout : float
         Dropout between recurrent layers and after the projection, training
         only (0 <= dropout < 1).
+    class_names : list of str
+        Movement classes of a class head ("rest" first), [] for none.  The
+        output layer then has ``n_outputs + len(class_names)`` units: the
+        positions first, then one score per class (sigmoid of its logit; the
+        largest is the decided class, as the softmax's would be).  Trained with
+        softmax cross-entropy on the logits (train/trainer.py).
     """
 
     FIELDS = ("n_features", "n_outputs", "cell", "hidden_size", "num_layers",
-              "input_projection", "dropout")
+              "input_projection", "dropout", "class_names")
 
     def __init__(self, n_features, n_outputs=5, cell="gru", hidden_size=128, num_layers=2,
-                 input_projection=None, dropout=0.0):
+                 input_projection=None, dropout=0.0, class_names=()):
         self.n_features = check_int("n_features", n_features, minimum=1)
         self.n_outputs = check_int("n_outputs", n_outputs, minimum=1)
         self.cell = check_option("cell", cell, CELLS)
@@ -63,6 +71,16 @@ class ModelConfig(object):
         self.dropout = check_number("dropout", dropout, minimum=0.0)
         if self.dropout >= 1.0:
             raise UsageError("dropout must be below 1, but got {!r}".format(dropout))
+        self.class_names = check_class_names(class_names)
+
+    @property
+    def n_classes(self):
+        return len(self.class_names)
+
+    @property
+    def output_width(self):
+        """Units of the output layer (and of the exported "positions" output): positions, then class scores."""
+        return self.n_outputs + self.n_classes
 
     def to_dict(self):
         """Plain dict of the fields (JSON-serialisable)."""
@@ -70,7 +88,9 @@ class ModelConfig(object):
 
     @classmethod
     def from_dict(cls, values):
-        """Inverse of :meth:`to_dict`; unknown or missing keys raise ConfigError."""
+        """Inverse of :meth:`to_dict`; unknown or missing keys raise ConfigError.
+
+        ``class_names`` may be missing (runs and bundles from before the class head)."""
         if not isinstance(values, dict):
             raise ConfigError("model config must be a mapping, but got {!r}".format(type(values).__name__))
         unknown = sorted(set(values) - set(cls.FIELDS))
@@ -87,6 +107,18 @@ class ModelConfig(object):
     def __repr__(self):
         return "ModelConfig({})".format(", ".join(
             "{}={!r}".format(name, getattr(self, name)) for name in self.FIELDS))
+
+
+def check_class_names(names):
+    """A class head's names as a list: none, or at least 2 distinct non-empty strings (UsageError)."""
+    if names is None or isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
+        raise UsageError("class_names must be a list of names, but got {!r}".format(names))
+    names = list(names)
+    if names and (len(names) < 2 or not all(isinstance(n, str) and n.strip() == n and n for n in names)
+                  or len(set(names)) != len(names)):
+        raise UsageError("class_names must be at least 2 distinct non-empty names without surrounding spaces, "
+                         "but got {!r}".format(names))
+    return names
 
 
 class RNNDecoder(nn.Module):
@@ -111,7 +143,7 @@ class RNNDecoder(nn.Module):
         self.rnn = rnn_class(rnn_input, config.hidden_size, num_layers=config.num_layers,
                              batch_first=True,
                              dropout=config.dropout if config.num_layers > 1 else 0.0)
-        self.head = nn.Linear(config.hidden_size, config.n_outputs)
+        self.head = nn.Linear(config.hidden_size, config.output_width)
 
     def initial_state(self, batch_size=1):
         """Zero state for ``batch_size`` sequences, on the model's device."""
@@ -122,17 +154,19 @@ class RNNDecoder(nn.Module):
             return (h, torch.zeros_like(h))
         return h
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, logits=False):
         """Run a batch of sequences.
 
         Parameters
         ----------
         x : Tensor, shape (batch, time, n_features), float32
         state : None (zeros), Tensor (GRU) or tuple (h, c) (LSTM)
+        logits : return the output layer before the sigmoid (the class head's cross-entropy
+            needs the logits; a keyword so that DistributedDataParallel passes it through)
 
         Returns
         -------
-        outputs : Tensor, shape (batch, time, n_outputs), in 0..1
+        outputs : Tensor, shape (batch, time, output_width), in 0..1 (positions, then class scores)
         state : the state after the last time step, same form as ``state``
         """
         if x.dim() != 3 or x.shape[-1] != self.config.n_features:
@@ -143,7 +177,8 @@ class RNNDecoder(nn.Module):
         if self.projection is not None:
             x = self.projection_dropout(torch.relu(self.projection(x)))
         hidden, state = self.rnn(x, state)
-        return torch.sigmoid(self.head(hidden)), state
+        output = self.head(hidden)
+        return (output if logits else torch.sigmoid(output)), state
 
     def step(self, features, state):
         """One decoder step.
@@ -155,7 +190,7 @@ class RNNDecoder(nn.Module):
 
         Returns
         -------
-        outputs : Tensor, shape (batch, n_outputs), in 0..1
+        outputs : Tensor, shape (batch, output_width), in 0..1
         state : the new state
         """
         if features.dim() != 2 or features.shape[-1] != self.config.n_features:

@@ -8,6 +8,12 @@ Steps of :func:`train_run`::
          early stopping on the validation split, checkpoint every epoch
       -> RUN_DIR/config.json, checkpoint.pt, model.onnx, metrics.json, report.png
 
+Class head (training ``class_head``): where the recordings have ``movement`` events,
+the model's output layer also scores the movement classes (train/model.py), trained
+with a class-weighted softmax cross-entropy next to the positions' MSE
+(``class_weight``); the class targets follow train/classes.py's causal rule and are
+not led by ``target_lead_s``; early stopping still watches validation mean R².
+
 TBPTT: every training segment is cut into pieces of about ``sequence_s``
 seconds (random offsets each epoch); a batch of pieces runs through the model
 ``tbptt_steps`` steps at a time with an optimiser step after each chunk, the
@@ -76,8 +82,16 @@ TRAINING_DEFAULTS = {
     "label_smoothing_s": 0.0,  # centred moving average of training targets, seconds (0 = off)
     "input_noise": 0.0,        # std of Gaussian noise added to training features (normalised units)
     "target_lead_s": 0.0,      # train on labels this far ahead (the nerve leads the finger); scoring is unshifted
+    "class_head": "auto",      # movement-class head: "auto" (on with movement events of 2+ classes), true, false
+    "class_weight": 0.02,      # weight of the class cross-entropy next to the position MSE (0.1 cost R², docs)
+    "class_balance": True,     # weigh each class's steps by 1/frequency (rest is about half of NinaPro's steps)
     "max_minutes": None,       # training time budget (None = no limit)
 }
+
+CLASS_HEAD_CHOICES = ("auto", True, False)
+# The class head's settings, left out of a run's settings digest while it has no head (so a run without
+# one keeps the digest, and can be resumed, as before the head existed).
+CLASS_SETTINGS = ("class_head", "class_weight", "class_balance")
 
 # Training settings that only a fine-tuning run (--init-from) has.
 FINETUNE_SETTINGS = {
@@ -107,7 +121,9 @@ MODE_DEFAULTS = {
                      "log": True, "log_epsilon": 1e-3},
         "model": {"cell": "gru", "hidden_size": 128, "num_layers": 2, "input_projection": 64, "dropout": 0.2},
         # Validation (repetition 4) ran ahead of test by ~0.1 R²; noise and dropout narrow the gap.
-        "training": {"input_noise": 0.2},
+        # Targets 0.15 s ahead cancel most of the window's delay: NinaPro's median onset lag +90/+70 ms
+        # -> +20/0 ms at test R² 0.714/0.734 (was 0.722/0.722), two seeds (docs/latency.md).
+        "training": {"input_noise": 0.2, "target_lead_s": 0.15},
     },
     "raw": {
         "pipeline": {"mode": "raw"},
@@ -167,8 +183,9 @@ def resolve_settings(user, mode, finetune=False):
     settings["pipeline"] = pipeline
     model = copy.deepcopy(defaults["model"])
     for key in user.get("model", {}):
+        # class_names come from the data (training "class_head"), never from the user.
         checks.check_option("model setting", key, [k for k in ModelConfig.FIELDS
-                                                   if k not in ("n_features", "n_outputs")])
+                                                   if k not in ("n_features", "n_outputs", "class_names")])
     model.update(user.get("model", {}))
     settings["model"] = model
     training = dict(TRAINING_DEFAULTS)
@@ -221,6 +238,12 @@ def check_training(training):
     if t["max_minutes"] is not None:
         t["max_minutes"] = checks.check_number("max_minutes", t["max_minutes"], minimum=0.0,
                                                exclusive_minimum=True)
+    if t["class_head"] not in CLASS_HEAD_CHOICES or not isinstance(t["class_head"], (str, bool)):
+        raise UsageError('training class_head must be "auto", true or false, but got {!r}'.format(t["class_head"]))
+    t["class_weight"] = checks.check_number("training class_weight", t["class_weight"], minimum=0.0,
+                                            exclusive_minimum=True, maximum=100.0)
+    if not isinstance(t["class_balance"], bool):
+        raise UsageError("training class_balance must be true or false, but got {!r}".format(t["class_balance"]))
     if "l2sp" in t:
         t["l2sp"] = checks.check_number("training l2sp", t["l2sp"], minimum=0.0)
         t["freeze_recurrent_epochs"] = checks.check_int("training freeze_recurrent_epochs",
@@ -285,15 +308,21 @@ def describe_windows(choice):
     return line
 
 
-def settings_digest(settings, recordings, seed, init=None):
+def settings_digest(settings, recordings, seed, init=None, class_head=None):
     """Identifies what a checkpoint was trained on; --resume refuses anything else.
 
     The epoch limit and time budget are left out: resuming may extend them.
     init : the InitFrom of a fine-tuning run (its weights' digest counts; a run without one
-    keeps the digest it had before --init-from existed)."""
+    keeps the digest it had before --init-from existed)
+    class_head : the run's ClassHead, or None (then its settings are left out, see CLASS_SETTINGS)."""
     relevant = copy.deepcopy(settings)
     relevant["training"].pop("epochs", None)
     relevant["training"].pop("max_minutes", None)
+    if class_head is None:
+        for key in CLASS_SETTINGS:
+            relevant["training"].pop(key, None)
+    else:
+        relevant["classes"] = class_head.to_config()
     document = {"settings": relevant, "seed": seed,
                 "recordings": [(os.path.basename(r.path), r.n_samples) for r in recordings]}
     if init is not None:
@@ -420,25 +449,42 @@ def plan_epoch(lengths, settings, steps_per_s, seed, epoch, world_size):
     return batches
 
 
-def collate(sequences, batch, n_steps, targets):
-    """Padded tensors for one batch: x (B, n_steps, F), y (B, n_steps, K), mask (B, n_steps)."""
+def collate(sequences, batch, n_steps, targets, class_targets=None):
+    """Padded tensors for one batch: x (B, n_steps, F), y (B, n_steps, K), mask (B, n_steps);
+    with ``class_targets`` (per sequence, head index per step) also c (B, n_steps) int64, NO_CLASS where
+    padded."""
     n_features = sequences[0].features.shape[1]
     n_outputs = sequences[0].labels.shape[1]
     x = np.zeros((len(batch), n_steps, n_features), dtype=np.float32)
     y = np.zeros((len(batch), n_steps, n_outputs), dtype=np.float32)
     mask = np.zeros((len(batch), n_steps), dtype=np.float32)
+    c = np.full((len(batch), n_steps), dataset.NO_CLASS, dtype=np.int64)
     for row, (index, start, stop) in enumerate(batch):
         n = stop - start
         x[row, :n] = sequences[index].features[start:stop]
         y[row, :n] = targets[index][start:stop]
         mask[row, :n] = 1.0
-    return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(mask)
+        if class_targets is not None:
+            c[row, :n] = class_targets[index][start:stop]
+    tensors = (torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(mask))
+    return tensors + (torch.from_numpy(c),) if class_targets is not None else tensors
 
 
 def masked_mse(outputs, targets, mask):
     """Mean squared error over the real (unpadded) steps; 0 (with a graph) where there are none."""
     squared = ((outputs - targets) ** 2).mean(dim=2) * mask
     return squared.sum() / mask.sum().clamp(min=1.0)
+
+
+def masked_cross_entropy(logits, classes, weights=None):
+    """Softmax cross-entropy over the steps with a class (``classes`` != NO_CLASS), each step weighted by
+    its class's weight; the sum over steps divided by their number (not by the weights' sum, so a chunk of
+    rare classes counts more, as the weights intend); 0 (with a graph) where no step has a class."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    target = classes.reshape(-1)
+    losses = torch.nn.functional.cross_entropy(flat, target, weight=weights, ignore_index=dataset.NO_CLASS,
+                                               reduction="none")
+    return losses.sum() / (target != dataset.NO_CLASS).sum().clamp(min=1)
 
 
 def detach_state(state):
@@ -463,14 +509,35 @@ def decode_offline(model, sequences, device):
     return outputs
 
 
-def score_sequences(model, sequences, device):
-    """metrics.score of the model on ``sequences`` (scaled label units) plus its MSE loss."""
-    predictions = decode_offline(model, sequences, device)
+def score_sequences(model, sequences, device, class_targets=None):
+    """metrics.score of the model's positions on ``sequences`` (scaled label units) plus their MSE loss;
+    with a class head and ``class_targets`` (head index per step, per sequence) also "classes":
+    accuracy and balanced accuracy of the decided class (argmax of the scores) per step.
+
+    Returns (scores, the positions decoded per sequence)."""
+    outputs = decode_offline(model, sequences, device)
+    n_positions = model.config.n_outputs
+    predictions = [o[:, :n_positions] for o in outputs]
     truth = np.concatenate([s.labels for s in sequences]).astype(np.float64)
     prediction = np.concatenate(predictions)
     result = metrics.score(truth, prediction)
     result["loss"] = float(np.mean((truth - prediction) ** 2))
+    if model.config.n_classes and class_targets is not None:
+        result["classes"] = score_class_steps(np.concatenate(class_targets),
+                                              np.concatenate([o[:, n_positions:] for o in outputs]))
     return result, predictions
+
+
+def score_class_steps(truth, scores):
+    """Per-step accuracy and balanced accuracy of class ``scores`` (n_steps, n_classes) against head
+    indices ``truth`` (steps of unknown classes left out), as train/classes.py measures them."""
+    from neurohand.train import classes
+
+    known = truth != dataset.NO_CLASS
+    n_classes = scores.shape[1]
+    confusion = classes.confusion_matrix(truth[known], np.argmax(scores[known], axis=1), np.arange(n_classes))
+    return {"accuracy": classes.accuracy(confusion), "balanced_accuracy": classes.balanced_accuracy(confusion),
+            "n_steps": int(known.sum())}
 
 
 # --- checkpoint ---------------------------------------------------------------------
@@ -638,8 +705,10 @@ class Prepared(object):
     """Everything derived from the recordings before training (same in every process)."""
 
     def __init__(self, settings, recordings, plans, pipeline, sequences, label_scaling, targets, windows,
-                 init=None):
+                 init=None, class_head=None, class_targets=None):
         self.init = init            # InitFrom of a fine-tuning run, else None
+        self.class_head = class_head          # dataset.ClassHead of a run with a class head, else None
+        self.class_targets = class_targets    # {split: [int64 (n_steps,) head index per step]} with a head
         self.windows = windows      # fit_windows' choice, for the log and metrics.json
         self.settings = settings
         self.recordings = recordings
@@ -682,7 +751,39 @@ def prepare(recording_paths, user_config, init=None):
     lead = int(round(settings["training"]["target_lead_s"] * dataset.steps_per_second(pipeline)))
     targets = [dataset.lead_labels(dataset.smooth_labels(s.labels, width), lead).astype(np.float32)
                if width > 1 or lead > 0 else s.labels for s in sequences["train"]]
-    return Prepared(settings, recordings, plans, pipeline, sequences, label_scaling, targets, windows, init)
+    class_head = choose_class_head(settings["training"], recordings, sequences["train"], init)
+    class_targets = None
+    if class_head is not None:
+        class_targets = {name: [class_head.targets(recordings[s.recording], s.ends) for s in group]
+                         for name, group in sequences.items()}
+    return Prepared(settings, recordings, plans, pipeline, sequences, label_scaling, targets, windows, init,
+                    class_head, class_targets)
+
+
+def choose_class_head(training, recordings, train_sequences, init=None):
+    """The run's dataset.ClassHead from the training setting ``class_head``, or None.
+
+    "auto": a head where the training steps hold movement events of at least 2 classes (rest counts);
+    true: the same, refusing data without them; false: none.  A fine-tuning run keeps the earlier run's
+    head (its weights have the head's width) and its value -> class mapping."""
+    setting = training["class_head"]
+    if init is not None:
+        earlier = init.config.get("classes")
+        if setting is True and not earlier:
+            raise UsageError("training class_head is true, but --init-from {!r} has no class head; the new run keeps "
+                             "that run's model".format(init.run_dir))
+        if setting is False and earlier:
+            raise UsageError("training class_head is false, but --init-from {!r} has a class head; the new run keeps "
+                             "that run's model".format(init.run_dir))
+        return dataset.ClassHead.from_config(earlier) if earlier else None
+    if setting is False:
+        return None
+    head = dataset.ClassHead.from_sequences(recordings, train_sequences, balance=training["class_balance"])
+    if head is None and setting is True:
+        raise UsageError("training class_head is true, but the training split holds no {!r} events of 2 or more "
+                         "classes (rest counts as one); give recordings with movement events or set class_head "
+                         "to \"auto\" or false".format(dataset.CLASS_EVENT_KIND))
+    return head
 
 
 def _rescale_labels(sequences, fitted, kept):
@@ -775,7 +876,7 @@ def train_run(recording_paths, run_dir, user_config=None, seed=0, device="auto",
                     prepared.settings["training"]["freeze_recurrent_epochs"]), file=sys.stderr)
         if context.is_main:
             os.makedirs(run_dir, exist_ok=True)
-        digest = settings_digest(prepared.settings, prepared.recordings, seed, init)
+        digest = settings_digest(prepared.settings, prepared.recordings, seed, init, prepared.class_head)
         result = _train(prepared, run_dir, seed, context, checkpoint, digest, progress)
         summary = None
         if context.is_main:
@@ -789,7 +890,9 @@ def train_run(recording_paths, run_dir, user_config=None, seed=0, device="auto",
 def _build(prepared, seed, context):
     n_features = prepared.pipeline.n_features
     n_outputs = prepared.sequences["train"][0].labels.shape[1]
-    model_config = ModelConfig(n_features=n_features, n_outputs=n_outputs, **prepared.settings["model"])
+    class_names = [] if prepared.class_head is None else prepared.class_head.names
+    model_config = ModelConfig(n_features=n_features, n_outputs=n_outputs, class_names=class_names,
+                               **prepared.settings["model"])
     torch.manual_seed(seed)
     model = build_model(model_config).to(context.device)
     return model_config, model
@@ -834,9 +937,11 @@ class TrainingState(object):
     FIELDS = ("epoch", "best_score", "best_epoch", "bad_epochs", "lr_bad_epochs", "lr", "elapsed_s", "stopped",
               "history")
     HISTORY = ("epoch", "train_loss", "validation_loss", "validation_r2", "lr", "seconds", "batches")
+    # Kept only by a run with a class head (train_loss stays the position MSE, comparable across runs).
+    CLASS_HISTORY = ("train_class_loss", "validation_accuracy", "validation_balanced_accuracy")
     STOPPED = ("", "patience", "time budget", "epochs")
 
-    def __init__(self, learning_rate):
+    def __init__(self, learning_rate, classes=False):
         self.epoch = 0
         self.best_score = -math.inf
         self.best_epoch = 0
@@ -845,7 +950,7 @@ class TrainingState(object):
         self.lr = learning_rate
         self.elapsed_s = 0.0
         self.stopped = ""
-        self.history = {name: [] for name in self.HISTORY}
+        self.history = {name: [] for name in self.HISTORY + (self.CLASS_HISTORY if classes else ())}
 
     def to_dict(self):
         """The checkpoint's "state" entry (a plain dict of FIELDS, a copy)."""
@@ -869,12 +974,13 @@ class TrainingState(object):
                               "stopped {!r})".format(source, values["epoch"], values["lr"], values["elapsed_s"],
                                                      values["stopped"]))
         history = values["history"]
-        if (sorted(history) != sorted(self.HISTORY) or not all(isinstance(history[k], list) for k in self.HISTORY)
-                or len({len(history[k]) for k in self.HISTORY}) != 1
+        expected = sorted(self.history)
+        if (sorted(history) != expected or not all(isinstance(history[k], list) for k in expected)
+                or len({len(history[k]) for k in expected}) != 1
                 or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                           for k in self.HISTORY for x in history[k])):
+                           for k in expected for x in history[k])):
             raise ConfigError("checkpoint {!r}: training history must hold equally long lists of numbers {}".format(
-                source, ", ".join(self.HISTORY)))
+                source, ", ".join(expected)))
         for name in self.FIELDS:
             setattr(self, name, copy.deepcopy(values[name]))
 
@@ -882,7 +988,13 @@ class TrainingState(object):
         """Append the finished epoch (self.epoch) to the history."""
         history = self.history
         history["epoch"].append(self.epoch)
-        history["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
+        history["train_loss"].append(float(np.mean([p for p, _ in losses])) if losses else float("nan"))
+        if "train_class_loss" in history:
+            class_losses = [c for _, c in losses if c is not None]
+            history["train_class_loss"].append(float(np.mean(class_losses)) if class_losses else float("nan"))
+            scores = validation.get("classes") or {}
+            history["validation_accuracy"].append(scores.get("accuracy", float("nan")))
+            history["validation_balanced_accuracy"].append(scores.get("balanced_accuracy", float("nan")))
         history["validation_loss"].append(validation["loss"])
         history["validation_r2"].append(validation["mean_r2"])
         history["lr"].append(self.lr)
@@ -939,7 +1051,11 @@ class _Training(object):
         self.train_model = self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.settings["learning_rate"],
                                            weight_decay=self.settings["weight_decay"])
-        self.state = TrainingState(self.settings["learning_rate"])
+        self.state = TrainingState(self.settings["learning_rate"], classes=prepared.class_head is not None)
+        self.class_weights = None
+        if prepared.class_head is not None and prepared.class_head.weights is not None:
+            self.class_weights = torch.tensor(prepared.class_head.weights, dtype=torch.float32,
+                                              device=context.device)
         self.best_model = _cpu_state(self.model.state_dict())
         self.lengths = [len(s.features) for s in prepared.sequences["train"]]
         self.steps_per_s = dataset.steps_per_second(prepared.pipeline)
@@ -999,7 +1115,9 @@ class _Training(object):
         state = self.state
         epoch = state.epoch + 1
         losses, n_batches, out_of_time = self.train_epoch(epoch, clock, progress)
-        validation, _ = score_sequences(self.model, self.prepared.sequences["validation"], self.context.device)
+        class_targets = (self.prepared.class_targets or {}).get("validation")
+        validation, _ = score_sequences(self.model, self.prepared.sequences["validation"], self.context.device,
+                                        class_targets)
         state.epoch = epoch
         state.elapsed_s = clock.elapsed_s()
         state.record_epoch(losses, validation, n_batches)
@@ -1012,7 +1130,8 @@ class _Training(object):
     def train_epoch(self, epoch, clock, progress):
         """TBPTT over this process's share of the epoch's batches.
 
-        Returns (chunk losses, number of batches in the share, whether the time budget ran out)."""
+        Returns (chunk losses, number of batches in the share, whether the time budget ran out); a chunk's
+        loss is (position MSE, class cross-entropy or None)."""
         context, settings = self.context, self.settings
         for group in self.optimizer.param_groups:
             group["lr"] = self.state.lr
@@ -1035,10 +1154,18 @@ class _Training(object):
 
     def train_batch(self, batch, n_steps):
         """One batch, ``tbptt_steps`` at a time: an optimiser step per chunk, the recurrent state carried
-        on detached.  Returns the losses of the chunks that hold real (unpadded) steps."""
+        on detached.  Returns the losses (position MSE, class cross-entropy or None) of the chunks that hold
+        real (unpadded) steps.
+
+        With a class head the objective is MSE(sigmoid(position logits), targets) + class_weight x
+        cross-entropy(class logits, class targets)."""
         settings, device = self.settings, self.context.device
-        x, y, mask = (t.to(device) for t in collate(self.prepared.sequences["train"], batch, n_steps,
-                                                    self.prepared.targets))
+        class_targets = None if self.prepared.class_head is None else self.prepared.class_targets["train"]
+        tensors = [t.to(device) for t in collate(self.prepared.sequences["train"], batch, n_steps,
+                                                 self.prepared.targets, class_targets)]
+        x, y, mask = tensors[:3]
+        c = tensors[3] if class_targets is not None else None
+        n_positions = self.model_config.n_outputs
         if settings["input_noise"] > 0:
             # Drawn on the CPU from the epoch-seeded generator: the same on any device.
             x = x + (settings["input_noise"] * torch.randn(x.shape)).to(device)
@@ -1049,9 +1176,17 @@ class _Training(object):
             if self.state.epoch < settings.get("freeze_recurrent_epochs", 0) else []
         for start in range(0, n_steps, settings["tbptt_steps"]):
             stop = start + settings["tbptt_steps"]
-            outputs, hidden = self.train_model(x[:, start:stop], hidden)
-            loss = masked_mse(outputs, y[:, start:stop], mask[:, start:stop])
-            objective = loss + l2sp * self.distance_to_anchor() if l2sp > 0 else loss
+            if c is None:
+                outputs, hidden = self.train_model(x[:, start:stop], hidden)
+                loss = masked_mse(outputs, y[:, start:stop], mask[:, start:stop])
+                objective, class_loss = loss, None
+            else:
+                logits, hidden = self.train_model(x[:, start:stop], hidden, logits=True)
+                loss = masked_mse(torch.sigmoid(logits[..., :n_positions]), y[:, start:stop], mask[:, start:stop])
+                class_loss = masked_cross_entropy(logits[..., n_positions:], c[:, start:stop], self.class_weights)
+                objective = loss + settings["class_weight"] * class_loss
+            if l2sp > 0:
+                objective = objective + l2sp * self.distance_to_anchor()
             self.optimizer.zero_grad(set_to_none=True)
             objective.backward()
             for parameter in frozen:
@@ -1061,7 +1196,7 @@ class _Training(object):
             self.optimizer.step()
             hidden = detach_state(hidden)
             if float(mask[:, start:stop].sum()) > 0:
-                losses.append(float(loss.detach()))
+                losses.append((float(loss.detach()), None if class_loss is None else float(class_loss.detach())))
         return losses
 
 
@@ -1095,9 +1230,13 @@ def _group_steps(batches, world_size):
 
 
 def _print_epoch(state, validation):
-    print("epoch {}: train loss {:.4f}, validation R2 {:.3f} (best {:.3f} at epoch {}), {:.0f} s".format(
+    classes = ""
+    if "classes" in validation:
+        classes = ", class loss {:.3f}, validation balanced accuracy {:.3f}".format(
+            state.history["train_class_loss"][-1], validation["classes"]["balanced_accuracy"])
+    print("epoch {}: train loss {:.4f}, validation R2 {:.3f} (best {:.3f} at epoch {}){}, {:.0f} s".format(
         state.epoch, state.history["train_loss"][-1], validation["mean_r2"], state.best_score,
-        state.best_epoch, state.elapsed_s), file=sys.stderr)
+        state.best_epoch, classes, state.elapsed_s), file=sys.stderr)
 
 
 def _agree(context, flag):
@@ -1168,6 +1307,8 @@ def _write_outputs(prepared, run_dir, seed, context, result, light=False):
         # Which sessions the run has seen (held-in for neurohand evaluate), whatever their paths become.
         "recordings_sha256": [_sha256_of(r.path) for r in prepared.recordings],
         "channel_names": first.channel_names,
+        # The class head's value -> output mapping (dataset.ClassHead), None without a head.
+        "classes": None if prepared.class_head is None else prepared.class_head.to_config(),
         "seed": seed,
         "init_from": None if prepared.init is None else prepared.init.record,
     }
@@ -1181,12 +1322,14 @@ def _write_outputs(prepared, run_dir, seed, context, result, light=False):
                           reference_onnx=onnx_path)
     scores, predictions = {}, {}
     for name in splits.SPLIT_NAMES:
-        scores[name], predictions[name] = score_sequences(model, prepared.sequences[name], torch.device("cpu"))
+        scores[name], predictions[name] = score_sequences(model, prepared.sequences[name], torch.device("cpu"),
+                                                          (prepared.class_targets or {}).get(name))
     history = state.history
     summary = {
         "run_dir": os.path.abspath(run_dir),
         "scores": scores,
         "label_names": list(first.labels.names),
+        "class_names": list(model_config.class_names),
         "history": history,
         "epochs_run": state.epoch, "best_epoch": state.best_epoch, "stopped": state.stopped,
         "train_seconds": state.elapsed_s,

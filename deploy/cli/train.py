@@ -146,7 +146,11 @@ def _run_train(args):
         print("features: {}".format(summary["features"]["summary"]))
         for split in ("train", "validation", "test"):
             if split in summary["scores"]:
-                print("{} mean R2: {:.3f}".format(split, summary["scores"][split]["mean_r2"]))
+                scores = summary["scores"][split]
+                classes = scores.get("classes")
+                print("{} mean R2: {:.3f}{}".format(split, scores["mean_r2"], "" if not classes else
+                                                    ", class balanced accuracy {:.3f} (accuracy {:.3f})".format(
+                                                        classes["balanced_accuracy"], classes["accuracy"])))
         print("epochs: {} (best {}), {:.1f} s".format(summary["epochs_run"], summary["best_epoch"],
                                                      summary["train_seconds"]))
 
@@ -161,7 +165,8 @@ def _register_evaluate(subparsers):
                     "per output). Wiener (ridge on lagged features) and Kalman filters are fitted on the same "
                     "split and features and scored alongside, and where the recording has movement events "
                     "a linear discriminant (LDA) classifies movements on the same windows (accuracy, balanced "
-                    "accuracy, per-trial accuracy). With several recordings (sessions), each is "
+                    "accuracy, per-trial accuracy), next to the run's own class head where it has one. "
+                    "With several recordings (sessions), each is "
                     "scored on its own and a table shows held-in sessions (those the run trained on) and "
                     "held-out ones, with R² mean and spread per session, as FALCON reports them.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by 'neurohand train'")
@@ -176,6 +181,10 @@ def _register_evaluate(subparsers):
     parser.add_argument("--tcn", action="store_true",
                         help="also train a temporal convolutional network baseline on the run's budget and recipe "
                              "(takes minutes; one recording only)")
+    parser.add_argument("--confusion-png", metavar="PATH", default=None,
+                        help="a run with a class head: write its test confusion matrix (rows true, columns decided, "
+                             "shares of each true class) as a PNG at PATH, replacing an earlier plot there but never "
+                             "an input (one recording; needs matplotlib)")
     parser.set_defaults(func=_run_evaluate)
 
 

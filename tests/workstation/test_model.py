@@ -12,7 +12,8 @@ def test_config_round_trips_and_validates():
                          input_projection=32, dropout=0.1)
     assert ModelConfig.from_dict(config.to_dict()) == config
     assert ModelConfig(10).to_dict() == {"n_features": 10, "n_outputs": 5, "cell": "gru", "hidden_size": 128,
-                                         "num_layers": 2, "input_projection": None, "dropout": 0.0}
+                                         "num_layers": 2, "input_projection": None, "dropout": 0.0,
+                                         "class_names": []}
     with pytest.raises(UsageError, match="did you mean 'lstm'"):
         ModelConfig(10, cell="lsmt")
     with pytest.raises(UsageError, match="hidden_size"):
