@@ -10,7 +10,8 @@ Stages (each prints one progress line)::
     selftest   the chosen backend against the golden vectors
     evaluate   the run on the training recording's test split, with the Wiener and Kalman baselines
     replay     the held-out part in real time: virtual chip -> 'neurohand run' loop -> virtual hand
-    report     summary table, summary.json, decoded.png, latency.png, training-report.png
+    report     summary table, summary.json, decoded.png, latency.png, training-report.png, and
+               confusion.png where the decoder has a movement-class head
 
 The held-out recording is the continuation of the training session (same
 simulated nerve and electrodes, later in time), not another seed: a new seed
@@ -39,6 +40,7 @@ SUMMARY_JSON = "summary.json"
 DECODED_PNG = "decoded.png"
 LATENCY_PNG = "latency.png"
 TRAINING_REPORT_PNG = "training-report.png"
+CONFUSION_PNG = "confusion.png"
 REPLAY_STATS_JSON = "replay-stats.json"
 COLLECTED_RECORDING = "collected.nh"        # the name collect.rig.collect_simulated writes
 COLLECTED_QUALITY = "collected.quality.txt"
@@ -226,7 +228,7 @@ def run_demo(out, settings, stream=sys.stderr):
         evaluation = _evaluate_stage(progress, paths, settings)
         replayed = _replay_stage(progress, out, paths, settings)
 
-        _write_plots(out, replayed)
+        _write_plots(out, replayed, evaluation)
         summary = _summarize(out, settings, progress, collected, training, selftest, evaluation, replayed)
         _write_summary(out, summary)
     return summary
@@ -358,8 +360,11 @@ def _bundle_stage(progress, paths):
     from neurohand.deploy.bundle import make_bundle
     progress.start(4, "bundle", "bundling the run")
     manifest = make_bundle(paths[RUN_DIR], paths[BUNDLE_DIR])
-    progress.done("{} features -> {} outputs, golden vectors made".format(manifest["io"]["n_features"],
-                                                                          manifest["io"]["n_outputs"]))
+    classes = manifest["io"].get("class_names") or []
+    progress.done("{} features -> {} outputs{}, golden vectors made".format(
+        manifest["io"]["n_features"], manifest["io"]["n_outputs"],
+        " ({} finger positions, then {} movement-class scores)".format(
+            manifest["io"]["n_outputs"] - len(classes), len(classes)) if classes else ""))
 
 
 def _selftest_stage(progress, paths, settings):
@@ -388,12 +393,23 @@ def _evaluate_stage(progress, paths, settings):
     progress.start(6, "evaluate", "scoring the run on the training recording's test split{}".format(
         ", with Wiener and Kalman baselines" if settings["baselines"] else ""))
     evaluation = evaluate.evaluate_run(paths[RUN_DIR], paths[TRAIN_RECORDING], with_baselines=settings["baselines"])
+    classes = _class_figures(evaluation)
     progress.done("rnn {:.3f}{}{}".format(evaluation["mean_r2"], "".join(
         ", {} {:.3f}".format(name, scores["mean_r2"]) for name, scores in sorted(_regression(evaluation).items())),
-        "".join("; movement classes ({}) balanced accuracy {:.3f}".format(name, scores["balanced_accuracy"])
-                for name, scores in sorted((evaluation.get("baselines") or {}).items())
-                if name == "lda" and "balanced_accuracy" in scores)))
+        "" if not classes else "; movement classes, balanced accuracy: {}".format(", ".join(
+            "{} {}".format(name, _fmt(value, "{:.3f}")) for name, value in classes.items()))))
     return evaluation
+
+
+def _class_figures(evaluation):
+    """Balanced accuracy of the RNN's class head ("rnn") and of the LDA baseline, where evaluate scored them."""
+    figures = {}
+    if evaluation.get("classes"):
+        figures["rnn"] = evaluation["classes"].get("balanced_accuracy")
+    lda = (evaluation.get("baselines") or {}).get("lda") or {}
+    if "balanced_accuracy" in lda:
+        figures["lda"] = lda["balanced_accuracy"]
+    return figures
 
 
 def _regression(evaluation):
@@ -435,8 +451,13 @@ def _replay_stage(progress, out, paths, settings):
             "rate": replay_range.rate}
 
 
-def _write_plots(out, replayed):
-    """decoded.png and latency.png of the real-time replay."""
+def _write_plots(out, replayed, evaluation=None):
+    """decoded.png and latency.png of the real-time replay; confusion.png of a class head's test split."""
+    if evaluation is not None and evaluation.get("classes"):
+        from neurohand.train.evaluate import write_confusion_png
+        write_confusion_png(evaluation, os.path.join(out, CONFUSION_PNG),
+                            title="class head on the training recording's test split: balanced accuracy {:.3f}".format(
+                                evaluation["classes"]["balanced_accuracy"]))
     outcome = replayed["outcome"]
     result = outcome.summary
     plot_decoded(os.path.join(out, DECODED_PNG), outcome, replayed["true_labels"], replayed["label_rate"],
@@ -461,7 +482,8 @@ def _summarize(out, settings, progress, collected, training, selftest, evaluatio
                              "mean_r": evaluation.get("mean_pearson_r")},
                      "baselines": {name: {"mean_r2": scores["mean_r2"], "r2": scores["r2"],
                                           "mean_r": scores.get("mean_pearson_r")}
-                                   for name, scores in _regression(evaluation).items()}},
+                                   for name, scores in _regression(evaluation).items()},
+                     "classes_balanced_accuracy": _class_figures(evaluation)},
         "selftest": {key: selftest[key] for key in ("passed", "backend", "max_abs_error", "tolerance")},
         "hand_delay_ms": {"p50": _ms(scored_delays, 50), "p99": _ms(scored_delays, 99),
                           "max": _ms(scored_delays, 100),
@@ -529,12 +551,30 @@ def format_demo_table(summary):
     lines.append("frames         received {}  missing {}  corrupt {}".format(
         frames["received"], frames["missing"], frames["corrupt"]))
     lines.append("safety events  {}   skipped windows {}".format(replay_result["safety_events"], replay_result["skips"]))
+    class_line = format_class_line(replay_result.get("classes"),
+                                   summary["evaluate"].get("classes_balanced_accuracy") or {})
+    if class_line:
+        lines.append("classes        " + class_line)
     lines.append("collect        " + format_collect_line(summary["collect"]))
     training = summary["training"]
     lines.append("training       {} epochs in {:.1f} s (best epoch {}, stopped by {})".format(
         training["epochs_run"], training["train_seconds"], training["best_epoch"], training["stopped"] or "epochs"))
     lines.append("demo           {:.0f} s in all; report in {}".format(summary["total_seconds"], summary["out"]))
     return "\n".join(lines)
+
+
+def format_class_line(replayed, tested):
+    """Movement classes: the class head on what the hand was told in the replay, and on the test split
+    next to the LDA baseline (balanced accuracy: each class's recall weighs the same, rest included)."""
+    parts = []
+    if replayed:
+        parts.append("replay balanced accuracy {} (accuracy {}, {} of trials after {:g} s)".format(
+            _fmt(replayed.get("balanced_accuracy"), "{:.3f}"), _fmt(replayed.get("accuracy"), "{:.3f}"),
+            _fmt(replayed.get("trial_accuracy"), "{:.0%}"), replayed.get("delay_s", 0.3)))
+    if tested:
+        parts.append("test split balanced accuracy " + ", ".join(
+            "{} {}".format(name, _fmt(value, "{:.3f}")) for name, value in sorted(tested.items())))
+    return "; ".join(parts)
 
 
 # --- plots --------------------------------------------------------------------------

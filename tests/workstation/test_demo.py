@@ -68,6 +68,24 @@ def test_demo_summary_holds_every_stage(demo):
     assert "finger" in result.stdout and "latency" in result.stdout and "safety events" in result.stdout
 
 
+def test_demo_reports_the_class_head_next_to_lda(demo):
+    """The simulator's movements train a class head (class_head "auto"); the demo scores it in the replay and
+    on the test split, beside the LDA, and draws its confusion matrix."""
+    out, result = demo
+    with open(os.path.join(out, "summary.json")) as handle:
+        summary = json.load(handle)
+    classes = summary["replay"]["classes"]
+    assert classes["class_names"][0] == "rest" and len(classes["confusion"]) >= len(classes["class_names"])
+    assert sum(map(sum, classes["confusion"])) > 0 and 0.0 <= classes["balanced_accuracy"] <= 1.0
+    tested = summary["evaluate"]["classes_balanced_accuracy"]
+    assert set(tested) == {"rnn", "lda"}
+    with open(os.path.join(out, "confusion.png"), "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    line = [text for text in result.stdout.splitlines() if text.startswith("classes ")]
+    assert line and "replay balanced accuracy {:.3f}".format(classes["balanced_accuracy"]) in line[0]
+    assert "lda {:.3f}".format(tested["lda"]) in line[0]
+
+
 def test_demo_collect_stage_records_what_train_reads(demo):
     """The collect stage: 7.5 s through virtual chip and glove, nothing lost, the file as train reads it."""
     from neurohand.train import dataset
