@@ -1,30 +1,8 @@
-"""Movement classes: labels per decoder step, the usual accuracy measures, and an LDA baseline (numpy).
+"""Movement classes on the workstation: the LDA baseline, Hudgins' features and the confusion plot (numpy).
 
-**Classes.**  A recording's ``movement`` events (NinaPro: ``restimulus``, 0 =
-rest, 1..12 the movements of exercise 1; train/importers.py) give the
-movement in force at every sample.  A decoder step's class is the movement in
-force at its window's last sample, the causal rule of the labels
-(train/dataset.py): for a window ending before sample ``e``, the value at
-sample ``e - 1``.  Rest (0) is a class like the others.
-
-**Per-step measures** (Atzori et al., Sci Data 1, 140053, 2014, score NinaPro
-classifiers per window): accuracy, balanced accuracy (the mean over the true
-classes of each class's recall, so rest, about half of the steps, weighs as
-much as one movement), per-class recall and precision, and the confusion
-matrix (rows: true class, columns: decided class, counts of steps).
-
-**Per-trial measure** ("the decided class of a movement").  A *trial* is a
-maximal run of steps of one true class within one segment.  The decision for
-it is the majority vote (Englehart & Hudgins, IEEE Trans Biomed Eng 50(7),
-848-854, 2003) over the decided classes of its steps from ``delay_s`` after
-its onset to its end (or to ``delay_s + vote_s``); a tie goes to the lowest
-class id, so to rest where rest is among the tied.  The delay, 0.3 s by
-default, is the controller delay Englehart and Hudgins keep within: a decision
-the user waits for no longer than that, and which leaves out the onset where
-the muscles are still changing state.  A trial shorter than the delay cannot
-be decided and is counted apart (``trials_undecided``).  ``trial_accuracy``
-is over the movement trials (rest excluded), ``rest_trial_accuracy`` over the
-rest trials.
+The class of each decoder step and the accuracy measures (per step and per
+movement trial) live in decoder/classes.py, which the device's replay uses
+too; they are re-exported here, so evaluate and replay score alike.
 
 **LDA baseline.**  Linear discriminant analysis with one covariance shared by
 all classes, shrunk toward a multiple of the identity (Ledoit-Wolf form

@@ -29,6 +29,7 @@ from neurohand.firmware_bridge.link import LinkProtocol, SerialLink
 from neurohand.firmware_bridge.shared.checks import check_number
 from neurohand.firmware_bridge.shared.counters import new_counters
 from neurohand.firmware_bridge.shared.errors import LinkError, ProtocolError
+from neurohand.firmware_bridge.shared.framer import Resyncing
 
 # --- wire constants (docs/glove-protocol.md, "CyberGlove") --------------------
 BAUDRATE = 115200
@@ -92,7 +93,7 @@ error (str or None: the glove's error code, see ERROR_CODES)."""
 RECORD_COUNTERS = ("frames", "crc_errors", "resyncs", "framing_errors", "bytes_discarded", "glove_errors")
 
 
-class CyberGloveParser(object):
+class CyberGloveParser(Resyncing):
     """Records out of a byte stream, in any chunking.
 
     A record is ``G``, ``n_sensors`` non-zero bytes, the status byte if
@@ -171,17 +172,6 @@ class CyberGloveParser(object):
             at += 2
         return -1
 
-    def flush(self):
-        self._discard(len(self._buffer))
-        self._buffer = bytearray()
-
-    def _discard(self, count):
-        if count <= 0:
-            return
-        self.counters["bytes_discarded"] += count
-        if not self._lost_sync:
-            self._lost_sync = True
-            self.counters["resyncs"] += 1
 
 
 class _Receiver(LinkProtocol):

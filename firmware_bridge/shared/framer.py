@@ -33,7 +33,35 @@ from neurohand.firmware_bridge.shared.counters import new_counters
 FRAMER_COUNTERS = ("crc_errors", "bad_headers", "malformed", "resyncs", "bytes_discarded")
 
 
-class Framer(object):
+class Resyncing(object):
+    """What every byte-stream parser here shares, framed or not (gloves/cyberglove.py has no sync word or
+    CRC): the bytes held for an incomplete frame in ``_buffer``, and discarded bytes counted in
+    ``bytes_discarded``, with one ``resyncs`` per run of them until a frame is accepted (``_lost_sync``)."""
+
+    def flush(self):
+        """End of stream or link lost: count the buffered partial bytes as discarded.
+
+        A parser's own state (e.g. its sequence expectation) is kept, so frames
+        lost while a link was down are still counted when data resumes.
+        """
+        self._discard(len(self._buffer))
+        self._buffer = bytearray()
+
+    @property
+    def buffered_bytes(self):
+        """Bytes held for a frame not yet complete."""
+        return len(self._buffer)
+
+    def _discard(self, count):
+        if count <= 0:
+            return
+        self.counters["bytes_discarded"] += count
+        if not self._lost_sync:
+            self._lost_sync = True
+            self.counters["resyncs"] += 1
+
+
+class Framer(Resyncing):
     """Base of a streaming frame parser; see the module docstring.
 
     counter_names: the parser's counters, ``FRAMER_COUNTERS`` among them.
@@ -121,27 +149,6 @@ class Framer(object):
         self._buffer = buf[pos:] if pos else buf
         return events
 
-    def flush(self):
-        """End of stream or link lost: count the buffered partial bytes as discarded.
-
-        A parser's own state (e.g. its sequence expectation) is kept, so frames
-        lost while a link was down are still counted when data resumes.
-        """
-        self._discard(len(self._buffer))
-        self._buffer = bytearray()
-
-    @property
-    def buffered_bytes(self):
-        """Bytes held for a frame not yet complete."""
-        return len(self._buffer)
-
-    def _discard(self, count):
-        if count <= 0:
-            return
-        self.counters["bytes_discarded"] += count
-        if not self._lost_sync:
-            self._lost_sync = True
-            self.counters["resyncs"] += 1
 
 
 def sync_prefix_length(buf, sync):
