@@ -17,7 +17,11 @@ the two parts of the bundle that a closed-form fit can change safely:
    bundle's label scaling (0..1), at each window's end, as training and
    ``replay`` align them.
 
-The recurrent layers are left as they are.  The first ``seconds`` of the
+The recurrent layers are left as they are.  With a movement-class head
+(onnx_weights.RnnWeights.class_names: the output layer's rows past
+``n_positions`` are class scores) only the position rows are re-fitted; the
+class rows are written back exactly as they were (the session's labels are
+positions; there is nothing to fit them to).  The first ``seconds`` of the
 session are used; their last :data:`HELD_OUT_FRACTION` is held out to choose
 lambda (``ridge="auto"``) and to report R² before (the old bundle unchanged)
 and after; the bundle written is then fitted on all of them with that lambda.
@@ -33,6 +37,9 @@ import time
 
 import numpy as np
 
+# recording_patient lives below train/ and deploy/ (training runs record the patient with it); it stays
+# importable from here, where it was first written.
+from neurohand.firmware_bridge.recording.patient import recording_patient
 from neurohand.firmware_bridge.shared.checks import check_number
 from neurohand.firmware_bridge.shared.errors import BundleError, UsageError
 
@@ -69,26 +76,6 @@ class Progress(object):
         if self.enabled:
             print("recalibrate: [{:5.1f} s] {}".format(time.perf_counter() - self.started, message),
                   file=sys.stderr, flush=True)
-
-
-def recording_patient(metadata):
-    """The patient a recording is of, as its metadata says, or None where it does not say.
-
-    ``patient`` (written by ``simulate --session N`` for N > 0), else
-    ``subject`` (``neurohand collect --subject``); for a simulated session 0,
-    the simulator's seed (``--patient K`` is ``--seed K``).
-    """
-    if not isinstance(metadata, dict):
-        return None
-    for key in ("patient", "subject"):
-        if metadata.get(key) is not None:
-            return metadata[key]
-    simulator = metadata.get("simulator")
-    if metadata.get("source") == "synthetic" and isinstance(simulator, dict):
-        config = simulator.get("config")
-        if isinstance(config, dict) and config.get("seed") is not None:
-            return config["seed"]
-    return None
 
 
 def _check_ridge(ridge):
@@ -254,6 +241,20 @@ def fit_head(hidden, targets, head_weight, head_bias, lam, refit=None, passes=FI
     return theta[:, :-1], theta[:, -1]
 
 
+def fit_position_rows(hidden, targets, head_weight, head_bias, n_positions, lam, refit=None):
+    """The whole output layer with its first ``n_positions`` rows re-fitted by :func:`fit_head`.
+
+    targets : (n, n_positions) positions in 0..1.  Rows from ``n_positions`` on
+    (a class head's scores) are the old values exactly: float32 -> float64 ->
+    float32 gives back the same bits, so the file keeps them as they were.
+    Returns (weight (n_outputs, H), bias (n_outputs,)) float64.
+    """
+    weight, bias = np.array(head_weight, dtype=np.float64), np.array(head_bias, dtype=np.float64)
+    weight[:n_positions], bias[:n_positions] = fit_head(hidden, targets, head_weight[:n_positions],
+                                                        head_bias[:n_positions], lam, refit)
+    return weight, bias
+
+
 def predict(hidden, weight, bias):
     """Positions sigmoid(W h + b), float64 (n, n_outputs)."""
     return _sigmoid(hidden.dot(weight.T) + bias)
@@ -354,14 +355,30 @@ def _model_files(bundle, weight, bias, old_weight, old_bias):
 
 # --- checks of the session ----------------------------------------------------------
 
-def _check_patient(bundle, recording):
+def check_patient(bundle, recording):
+    """The patient check: a dict {session, bundle, checked, note}; UsageError naming both when they differ.
+
+    The session's patient is :func:`recording_patient`'s; the bundle's is its
+    config.json ``patient`` (written by ``neurohand train`` from its recordings,
+    or by an earlier recalibration).  Where either does not say, nothing can be
+    checked: the recalibration goes on as before, and ``note`` says so.
+    """
     recorded = recording_patient(recording.metadata)
     trained = bundle.config.get("patient")
     if recorded is not None and trained is not None and str(recorded) != str(trained):
         raise UsageError("{} is a session of patient {}, but bundle {!r} was made for patient {}; recalibrate "
                          "only with a session of the same patient".format(
                              recording.path, recorded, bundle.path, trained))
-    return recorded if recorded is not None else trained
+    checked = recorded is not None and trained is not None
+    if checked:
+        note = "session and bundle are of patient {}".format(trained)
+    elif trained is None:
+        note = ("the bundle does not name its patient (made before training runs recorded it, or trained on "
+                "several patients' sessions): another patient's session cannot be detected")
+    else:
+        note = ("the session does not name its patient (collect --subject names it): another patient's session "
+                "cannot be detected")
+    return {"session": recorded, "bundle": trained, "checked": checked, "note": note}
 
 
 def moving(labels, minimum=MIN_LABEL_RANGE):
@@ -465,8 +482,7 @@ def recalibrate(bundle_path, recording_path, out_path, seconds=None, ridge="auto
         check_bundle_output(out_path, ("bundle", bundle_path), inputs=(recording_path,), force=force)
         with open_recording(recording_path) as recording:
             check_fits(decoder, recording)
-            patient = _check_patient(bundle, recording)
-            session_patient = recording_patient(recording.metadata)
+            patient_check = check_patient(bundle, recording)
             truth = LabelTruth(recording, bundle.config.get("labels"), recording.path)
             stop = _used_samples(recording, seconds)
             weights = onnx_weights.load_rnn_weights(bundle.model_path)
@@ -487,26 +503,34 @@ def recalibrate(bundle_path, recording_path, out_path, seconds=None, ridge="auto
 
     old_mean, old_std = pipeline.normalisation
     head_weight, head_bias = weights.head
+    say(patient_check["note"])
+    # With a class head, outputs[:n_positions] are the positions and the rest class scores: only the
+    # position rows are re-fitted (the session's labels are positions); the class rows stay as they are.
+    n_positions = weights.n_positions
+    position_weight, position_bias = head_weight[:n_positions], head_bias[:n_positions]
     say("{} decoder steps; the old bundle on the held-out tail".format(len(raw)))
     _, before = hidden_states(weights, normalised(pipeline.dtype, raw, old_mean, old_std))
+    before = before[:, :n_positions]
     r2_before, mean_before = held_out_r2(labels[held], before[held], scored)
 
     say("normalisation, states and output layer fitted on 0-{:.0f} s".format(split / rate))
     mean, std = fit_normalisation(raw[ends <= split])
     states, _ = hidden_states(weights, normalised(pipeline.dtype, raw, mean, std))
     lam, r2_after, table = choose_lambda(states[fit], targets[fit], states[held], labels[held],
-                                         head_weight, head_bias, ridge, refit, scored, judged)
+                                         position_weight, position_bias, ridge, refit, scored, judged)
     mean_after = float(np.mean(r2_after[scored])) if np.any(scored) else float("nan")
 
     say("lambda {:.3g}: held-out R2 {:.3f} -> {:.3f}; final fit on all {:.0f} s".format(
         lam, mean_before, mean_after, stop / rate))
     mean, std = fit_normalisation(raw)
     states, _ = hidden_states(weights, normalised(pipeline.dtype, raw, mean, std))
-    weight, bias = fit_head(states[settled], targets[settled], head_weight, head_bias, lam, refit)
+    weight, bias = fit_position_rows(states[settled], targets[settled], head_weight, head_bias, n_positions, lam,
+                                     refit)
     fitted = predict(states, weight, bias)
 
     config = copy.deepcopy(bundle.config)
     config["pipeline"]["normalisation"] = {"mean": mean.tolist(), "std": std.tolist()}
+    patient = patient_check["session"] if patient_check["session"] is not None else patient_check["bundle"]
     if patient is not None:
         config["patient"] = patient
     summary = {
@@ -516,18 +540,20 @@ def recalibrate(bundle_path, recording_path, out_path, seconds=None, ridge="auto
         "kept_outputs": [name for name, flag in zip(names, refit) if not flag],
         "seconds_used": stop / rate, "held_out_s": (stop - split) / rate, "steps": int(len(raw)),
         "ridge": "auto" if ridge == "auto" else "given", "lambdas": table, "target_lead_steps": lead,
+        "kept_class_rows": list(weights.class_names), "patient": patient_check,
     }
     config["recalibration"] = {
         "from_bundle": {"path": os.path.abspath(bundle_path), "digest": bundle.digest},
         "session": {"path": os.path.abspath(recording_path), "sha256": _sha256_file(recording_path),
-                    "patient": session_patient},
+                    "patient": patient_check["session"]},
         "refitted": ["pipeline.normalisation", onnx_weights.HEAD_WEIGHT, onnx_weights.HEAD_BIAS],
+        "patient_check": {key: patient_check[key] for key in ("session", "bundle", "checked")},
         "previous": bundle.config.get("recalibration"),
         "unix_time": time.time(),
     }
     config["recalibration"].update((key, summary[key]) for key in (
         "lambda", "ridge", "r2_before_outputs", "r2_after_outputs", "kept_outputs", "seconds_used", "held_out_s",
-        "steps", "target_lead_steps"))
+        "steps", "target_lead_steps", "kept_class_rows"))
     config["recalibration"].update(r2_before=_floats([mean_before])[0], r2_after=_floats([mean_after])[0],
                                    lambdas=[[lam_, _floats([r2])[0]] for lam_, r2 in table])
 

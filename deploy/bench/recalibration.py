@@ -36,6 +36,13 @@ margin >= 0.1.
 
 ``run(quick)`` is the bench target; ``--quick`` does one patient, sessions 0-1,
 short recordings and one epoch per run, to check the set-up (figures not meaningful).
+``--jobs N`` measures N patients side by side, each in a fresh interpreter read
+back as JSON: the figures are those of ``--jobs 1`` (tests/workstation/
+test_recalibration_bench.py checks it), only the time differs.  Run as
+``python -m neurohand.deploy.bench.recalibration`` it also takes ``--seconds``
+(e.g. 60 alone: the headline figures at about 40 % of the cost) and
+``--finetune JSON``: training settings for the init-from runs only, to measure
+another fine-tuning recipe against the same from-scratch runs (these never change).
 """
 import json
 import os
@@ -69,11 +76,11 @@ TARGETS = {"init_from_60s": 0.9, "on_device_60s": 0.8, "margin_over_scratch_60s"
 
 # --- data ---------------------------------------------------------------------------
 
-def simulate(path, patient, session, seconds):
+def simulate(path, patient, session, seconds, channels=CHANNELS, rate_hz=RATE_HZ):
     """Session ``session`` of patient ``patient``, as ``neurohand simulate --patient --session`` writes it."""
     from neurohand.firmware_bridge.virtual.simulator import SimulatorConfig, write_recording
 
-    config = SimulatorConfig(seconds, n_channels=CHANNELS, rate=RATE_HZ, seed=patient, session=session,
+    config = SimulatorConfig(seconds, n_channels=channels, rate=rate_hz, seed=patient, session=session,
                              difficulty=DIFFICULTY)
     write_recording(path, config)
     return path
@@ -145,12 +152,14 @@ def score(decoder_dir, held_out):
     scaling = dataset.LabelScaling.from_config(config["labels"]["scaling"])
     truth = scaling.apply(np.asarray(rec.labels.data, dtype=np.float64)[rows])
     backend = create_backend("numpy", os.path.join(decoder_dir, "model.onnx"))
+    # A decoder with a movement-class head gives its class scores after the positions: only positions are scored.
+    n_positions = getattr(backend, "n_positions", backend.n_outputs)
     try:
         state = backend.initial_state()
         outputs = []
         for row in features:
             out, state = backend.step(row, state)
-            outputs.append(np.array(out, dtype=np.float64))
+            outputs.append(np.array(out[:n_positions], dtype=np.float64))
     finally:
         backend.close()
     result = metrics.score(truth, np.array(outputs))
@@ -187,10 +196,29 @@ def _settings(quick):
         return {"patients": QUICK["patients"], "sessions": QUICK["sessions"], "session_s": QUICK["session_s"],
                 "full_s": QUICK["full_s"], "held_out_s": QUICK["held_out_s"], "seconds": list(QUICK["seconds"]),
                 "scratch_training": dict(SCRATCH_TRAINING, epochs=epochs),
-                "finetune_training": dict(FINETUNE_TRAINING, epochs=epochs)}
+                "finetune_training": dict(FINETUNE_TRAINING, epochs=epochs), "channels": CHANNELS,
+                "rate_hz": RATE_HZ}
     return {"patients": PATIENTS, "sessions": SESSIONS, "session_s": SESSION_S, "full_s": FULL_S,
             "held_out_s": HELD_OUT_S, "seconds": list(SECONDS), "scratch_training": dict(SCRATCH_TRAINING),
-            "finetune_training": dict(FINETUNE_TRAINING)}
+            "finetune_training": dict(FINETUNE_TRAINING), "channels": CHANNELS, "rate_hz": RATE_HZ}
+
+
+def _check_finetune(finetune):
+    """The fine-tuning overrides of ``--finetune`` (a JSON object of training settings), checked early."""
+    from neurohand.firmware_bridge.shared.errors import UsageError
+    if isinstance(finetune, str):
+        try:
+            finetune = json.loads(finetune)
+        except ValueError as exc:
+            raise UsageError("--finetune must be a JSON object of training settings: {}".format(exc)) from None
+    if not isinstance(finetune, dict):
+        raise UsageError("--finetune must be a JSON object of training settings, but got {!r}".format(finetune))
+    from neurohand.train.trainer import FINETUNE_SETTINGS, TRAINING_DEFAULTS
+    unknown = sorted(set(finetune) - set(TRAINING_DEFAULTS) - set(FINETUNE_SETTINGS))
+    if unknown:
+        raise UsageError("--finetune: unknown training settings {} (known: {})".format(
+            ", ".join(unknown), ", ".join(sorted(set(TRAINING_DEFAULTS) | set(FINETUNE_SETTINGS)))))
+    return finetune
 
 
 def _say(text):
@@ -203,17 +231,23 @@ def _timed(function, *args, **kwargs):
     return value, time.perf_counter() - started
 
 
-def run(quick, patients=None, sessions=None, jobs=1, progress=True):
+def run(quick, patients=None, sessions=None, jobs=1, progress=True, finetune=None, overrides=None):
     """The benchmark (see the module's docstring); a JSON-able dict.
 
     patients, sessions : override the counts (the defaults: 5 and 6, or QUICK's)
     jobs : patients measured side by side in this many processes (each one thread; the figures do not
-    depend on it, the wall time does)"""
+    depend on it, the wall time does)
+    finetune : training settings merged over the fine-tuning runs' (FINETUNE_TRAINING, over the trainer's
+    FINETUNE_DEFAULTS) to measure other fine-tuning choices; the from-scratch runs are never changed
+    overrides : settings replaced as a whole (tests: tiny sessions, fewer channels)"""
     settings = _settings(quick)
     if patients is not None:
         settings["patients"] = patients
     if sessions is not None:
         settings["sessions"] = sessions
+    if finetune:
+        settings["finetune_training"].update(_check_finetune(finetune))
+    settings.update(overrides or {})
     _, unavailable = recalibrate_available()
     started = time.perf_counter()
     cpu_started = _cpu_seconds()
@@ -283,7 +317,8 @@ def _patient(folder, patient, settings, recalibrate, progress):
 
     base = os.path.join(folder, "p{}".format(patient))
     os.makedirs(base)
-    session0 = simulate(os.path.join(base, "s0.nh"), patient, 0, settings["session_s"])
+    session0 = simulate(os.path.join(base, "s0.nh"), patient, 0, settings["session_s"], settings["channels"],
+                        settings["rate_hz"])
     full0 = crop(session0, os.path.join(base, "s0_full.nh"), settings["full_s"])
     day1_dir = os.path.join(base, "day1")
     summary, train_s = _timed(train, [full0], day1_dir, settings["scratch_training"])
@@ -304,7 +339,8 @@ def _day(base, patient, session, settings, day1_dir, bundle_dir, recalibrate, pr
     """Every decoder of one later day, scored on its held-out block."""
     folder = os.path.join(base, "s{}".format(session))
     os.makedirs(folder)
-    path = simulate(os.path.join(folder, "session.nh"), patient, session, settings["session_s"])
+    path = simulate(os.path.join(folder, "session.nh"), patient, session, settings["session_s"], settings["channels"],
+                    settings["rate_hz"])
     held = HeldOut(path, settings["held_out_s"])
     row = {"patient": patient, "session": session, "unchanged": score(day1_dir, held)}
     full = crop(path, os.path.join(folder, "full.nh"), settings["full_s"])
@@ -407,8 +443,7 @@ def summarise(rows, day1_rows, settings, on_device_unavailable=None):
         "mean_r2": mean_r2, "mean_r": mean_r,
         "decay": {"day1": day1, "later_days": decay},
         "rows": rows, "day1_rows": day1_rows,
-        "settings": dict(settings, difficulty=DIFFICULTY, channels=CHANNELS, rate_hz=RATE_HZ, split=SPLIT,
-                         finetune_defaults=_finetune_defaults()),
+        "settings": _described(settings),
         "about": "R2 and r: mean over the 5 fingers on each later day's last held_out_s seconds (never trained on), "
                  "then the mean over patients and days; fraction_of_full: that mean over the same mean of 'full' "
                  "(from scratch on the first full_s seconds of the day); margin: init_from minus scratch on the "
@@ -418,6 +453,13 @@ def summarise(rows, day1_rows, settings, on_device_unavailable=None):
         result["on_device"] = None
         result["on_device_reason"] = on_device_unavailable
     return result
+
+
+def _described(settings):
+    described = {"channels": CHANNELS, "rate_hz": RATE_HZ}     # rows measured before these were settings
+    described.update(settings)
+    described.update(difficulty=DIFFICULTY, split=SPLIT, finetune_defaults=_finetune_defaults())
+    return described
 
 
 def _finetune_defaults():
@@ -478,8 +520,27 @@ def main(argv=None):
     parser.add_argument("--patients", type=int, default=None)
     parser.add_argument("--sessions", type=int, default=None)
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--seconds", default=None, metavar="N[,N...]",
+                        help="the seconds of each new day to recalibrate with (default 30,60,120; the headline "
+                             "figures need 60)")
+    parser.add_argument("--finetune", default=None, metavar="JSON",
+                        help="training settings for the fine-tuning (init-from) runs only, e.g. "
+                             "'{\"learning_rate\": 3e-3}'; the from-scratch runs keep theirs")
     args = parser.parse_args(argv)
-    json.dump(run(args.quick, args.patients, args.sessions, args.jobs), sys.stdout, indent=1, sort_keys=True)
+    overrides = {}
+    if args.seconds is not None:
+        try:
+            overrides["seconds"] = [int(part) for part in args.seconds.split(",")]
+        except ValueError:
+            parser.error("--seconds must be whole seconds separated by commas, e.g. 60 or 30,60")
+        if any(n < 20 for n in overrides["seconds"]):
+            parser.error("--seconds: at least 20 (what recalibrate needs)")
+    from neurohand.firmware_bridge.shared.errors import UsageError
+    try:
+        result = run(args.quick, args.patients, args.sessions, args.jobs, finetune=args.finetune, overrides=overrides)
+    except UsageError as exc:
+        parser.error(str(exc))
+    json.dump(result, sys.stdout, indent=1, sort_keys=True)
     sys.stdout.write("\n")
     return 0
 

@@ -44,6 +44,11 @@ def _recalibrate(args):
           "held-out mean R2 {} -> {} (old bundle unchanged: {})".format(
               result["out"], result["elapsed_s"], result["seconds_used"], result["held_out_s"], result["lambda"],
               _number(result["r2_before"]), _number(result["r2_after"]), args.bundle))
+    if result.get("kept_class_rows"):
+        print("class-score rows of the output layer kept exactly as they were (only positions are re-fitted): "
+              "{}".format(", ".join(result["kept_class_rows"])))
+    if not result["patient"]["checked"]:
+        print("patient not checked: {}".format(result["patient"]["note"]))
     if result["kept_outputs"]:
         print("outputs kept as they were (their labels do not move in the session): {}".format(
             ", ".join(result["kept_outputs"])))

@@ -17,6 +17,7 @@ from neurohand.deploy.bundle import load_bundle, make_bundle
 from neurohand.deploy.cli import main as cli
 from neurohand.deploy.demo import write_session_parts
 from neurohand.firmware_bridge.recording.file_format import RecordingWriter, open_recording
+from neurohand.firmware_bridge.recording.patient import recording_patient, recordings_patient
 from neurohand.firmware_bridge.shared.errors import BundleError, ConfigError
 from neurohand.firmware_bridge.virtual.simulator import SimulatorConfig
 
@@ -33,8 +34,9 @@ def fixture_session():
         return json.load(handle)["fixture"]["session"]
 
 
-def rewrite(source, path, gain=1.0, labels=None, dtype="int16", poison_at_s=None):
-    """Copy recording ``source`` to ``path``: signals times ``gain``, labels replaced by ``labels(data)``."""
+def rewrite(source, path, gain=1.0, labels=None, dtype="int16", poison_at_s=None, names=None):
+    """Copy recording ``source`` to ``path``: signals times ``gain``, labels replaced by ``labels(data)``
+    (columns ``names``, default the source's)."""
     with open_recording(source) as rec:
         stream = rec.label_streams["fingers"]
         signals = rec.read_signals(microvolts=dtype == "float32")
@@ -44,7 +46,8 @@ def rewrite(source, path, gain=1.0, labels=None, dtype="int16", poison_at_s=None
         scale = list(rec.scale_uv * gain) if dtype == "int16" else None
         with RecordingWriter(path, rec.signal_rate, rec.channel_names, dtype=dtype, scale_uv=scale,
                              metadata=rec.metadata,
-                             label_streams={"fingers": {"rate": stream.rate, "names": stream.names}}) as writer:
+                             label_streams={"fingers": {"rate": stream.rate,
+                                                        "names": stream.names if names is None else names}}) as writer:
             writer.append_signals(signals)
             writer.append_labels("fingers", stream.data if labels is None else labels(stream.data))
     return str(path)
@@ -105,6 +108,11 @@ def test_recalibration_recovers_a_known_change_and_leaves_the_old_bundle(world, 
     assert note["from_bundle"]["digest"] == old.digest and note["lambda"] == result["lambda"]
     assert note["session"]["path"] == os.path.abspath(world["changed"]) and note["previous"] is None
     assert new.config["patient"] == fixture_session()["seed"]
+    # The fixture run does not name its patient (runs before the trainer recorded it): not checked, and said.
+    assert result["patient"]["session"] == fixture_session()["seed"] and result["patient"]["bundle"] is None
+    assert result["patient"]["checked"] is False and "cannot be detected" in result["patient"]["note"]
+    assert note["patient_check"] == {"session": fixture_session()["seed"], "bundle": None, "checked": False}
+    assert result["kept_class_rows"] == []
     # The log-amplitude features moved by log(4): what a fourfold gain does to them.
     names = old.config["pipeline"]["feature_names"]
     shift = np.subtract(new.config["pipeline"]["normalisation"]["mean"], old.config["pipeline"]["normalisation"]["mean"])
@@ -204,11 +212,17 @@ def test_bad_session_is_refused_in_one_line(bad_inputs, case, tmp_path, capsys):
     assert not out.exists() and leftovers(tmp_path) == [] and tree(bundle) == before
 
 
-def test_same_patient_passes_the_patient_check(bad_inputs, capsys, tmp_path):
+def test_same_patient_passes_the_patient_check(bad_inputs, world, capsys, tmp_path):
     bundle, _, _, _ = bad_inputs["other patient"]
     same = _simulated(tmp_path, "same.nh")
     code, _, err = run_cli(capsys, bundle, same, "--out", tmp_path / "new")
     assert code == 2 and "of patient" not in err and "at least 20 s" in err, err
+    # Both name patient K: checked, and the new bundle keeps the patient for the next recalibration.
+    code, text, err = run_cli(capsys, bundle, world["session"], "--out", tmp_path / "ok", "--seconds", "20",
+                              "--json")
+    assert code == 0, err
+    assert json.loads(text)["patient"]["checked"] is True
+    assert load_bundle(str(tmp_path / "ok")).config["patient"] == fixture_session()["seed"]
 
 
 def test_out_may_not_be_the_old_bundle_or_in_it(world, tmp_path, capsys):
@@ -299,3 +313,101 @@ def test_plain_graph_is_rewritten_with_the_same_layer(tmp_path):
             positions, ort_states[index] = session.run(["positions", "h_out"],
                                                        {"features": features[None], "h_in": ort_states[index]})
             assert np.abs(positions[0] - expected).max() < 1e-5
+
+
+# --- a class head -------------------------------------------------------------------
+
+CLASS_NAMES = ["rest", "grip"]
+
+
+def with_model_config(data, change):
+    """The ONNX bytes ``data`` with its model-config metadata entry replaced by ``change(config)``.
+
+    ModelProto.metadata_props (field 14) holds StringStringEntryProto key (1) / value (2) entries; every other
+    byte is kept, so the graph's head (5 rows) is unchanged and only how its rows are read changes."""
+    out = bytearray()
+    for number, _, start, value_start, end in onnx_edit._field_spans(data, "ModelProto"):
+        if number == 14:
+            entry = data[value_start:end]
+            fields = {n: bytes(entry[v:e]) for n, _, _, v, e in onnx_edit._field_spans(entry, "entry")}
+            if fields.get(1, b"").decode() == onnx_weights.CONFIG_METADATA_KEY:
+                config = change(json.loads(fields[2].decode()))
+                entry = onnx_edit._length_delimited(1, fields[1]) + onnx_edit._length_delimited(
+                    2, json.dumps(config).encode())
+                out += onnx_edit._length_delimited(14, entry)
+                continue
+        out += data[start:end]
+    return bytes(out)
+
+
+def class_head_graph(data):
+    """``data`` (an ONNX decoder with 5 outputs) read as 3 positions and the class scores of CLASS_NAMES."""
+    return with_model_config(data, lambda config: dict(config, n_outputs=3, class_names=CLASS_NAMES))
+
+
+def test_fit_keeps_the_class_rows_of_a_class_head_graph_exactly(tmp_path):
+    """Built as test_plain_graph_is_rewritten_with_the_same_layer builds its bundle: the golden graph, a
+    config.json without labels; here its model config names two classes."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.onnx").write_bytes(class_head_graph(_golden("golden_gru.onnx")))
+    (run / "config.json").write_text(json.dumps({"pipeline": {"mode": "test"}}))
+    make_bundle(str(run), str(tmp_path / "bundle"))
+    bundle = load_bundle(str(tmp_path / "bundle"))
+    weights = onnx_weights.load_rnn_weights(bundle.model_path)
+    assert weights.class_names == tuple(CLASS_NAMES) and weights.n_positions == 3
+    old_weight, old_bias = weights.head
+    rng = np.random.RandomState(2)
+    hidden = np.tanh(rng.standard_normal((2000, weights.hidden_size)))
+    truth_weight, truth_bias = rng.standard_normal((3, weights.hidden_size)), rng.standard_normal(3)
+    targets = recal.predict(hidden, truth_weight, truth_bias)
+    weight, bias = recal.fit_position_rows(hidden, targets, old_weight, old_bias, 3, 1e-9)
+    assert np.abs(weight[:3] - truth_weight).max() < 0.05 and np.abs(bias[:3] - truth_bias).max() < 0.05
+    files = recal._model_files(bundle, weight, bias, old_weight, old_bias)
+    new_weight, new_bias = onnx_weights.load_rnn_weights(files["model.onnx"]).head
+    assert np.array_equal(new_weight[3:], old_weight[3:]) and np.array_equal(new_bias[3:], old_bias[3:])
+    assert np.array_equal(new_weight[:3], weight[:3].astype(np.float32))
+
+
+def test_a_class_head_bundle_recalibrates_its_positions_only(world, tmp_path, capsys):
+    run = tmp_path / "class-run"
+    shutil.copytree(RUN_DIR, str(run))
+    with open(str(run / "model.onnx"), "rb") as handle:
+        (run / "model.onnx").write_bytes(class_head_graph(handle.read()))
+    with open(str(run / "config.json")) as handle:
+        config = json.load(handle)
+    positions = config["labels"]["names"][:3]
+    config["labels"]["names"] = positions
+    config["model"].update(n_outputs=3, class_names=CLASS_NAMES)    # train/model.py: n_outputs counts positions
+    (run / "config.json").write_text(json.dumps(config))
+    bundle = str(tmp_path / "class-bundle")
+    make_bundle(str(run), bundle)
+    session = rewrite(world["changed"], tmp_path / "changed3.nh", labels=lambda y: y[:, :3], names=positions)
+    weights = onnx_weights.load_rnn_weights(load_bundle(bundle).model_path)
+    out = tmp_path / "day2"
+    code, text, err = run_cli(capsys, bundle, session, "--out", out, "--seconds", "24")
+    assert code == 0, err
+    assert "kept exactly as they were" in text and "rest, grip" in text, text
+    assert "patient not checked" in text, text       # this bundle does not name its patient
+    new = load_bundle(str(out))
+    assert new.class_names == tuple(CLASS_NAMES)
+    old_weight, old_bias = weights.head
+    new_weight, new_bias = onnx_weights.load_rnn_weights(new.model_path).head
+    # The class rows are the old values; the position rows were re-fitted (gains x4, movements x0.5).
+    assert np.array_equal(new_weight[3:], old_weight[3:]) and np.array_equal(new_bias[3:], old_bias[3:])
+    assert not np.array_equal(new_weight[:3], old_weight[:3]) and not np.array_equal(new_bias[:3], old_bias[:3])
+    note = new.config["recalibration"]
+    assert note["kept_class_rows"] == CLASS_NAMES and len(note["r2_after_outputs"]) == 3
+    assert note["r2_after"] > note["r2_before"] + 1.0
+
+
+def test_the_patient_function_lives_in_the_recording_package():
+    assert recal.recording_patient is recording_patient          # still importable where it was
+    assert recording_patient({"patient": 3, "subject": "x"}) == 3
+    assert recording_patient({"subject": "ann"}) == "ann"
+    assert recording_patient({"source": "synthetic", "simulator": {"config": {"seed": 5}}}) == 5
+    assert recording_patient({"source": "collect"}) is None and recording_patient(None) is None
+    # A run's patient: the one all its recordings name, else unknown (never a guess).
+    assert recordings_patient([{"patient": 2}, {"source": "synthetic", "simulator": {"config": {"seed": 2}}}]) == 2
+    assert recordings_patient([{"patient": 2}, {"patient": 3}]) is None
+    assert recordings_patient([{"patient": 2}, {}]) is None and recordings_patient([]) is None

@@ -2,7 +2,9 @@
 CLI that keeps its results when 'all' (which does not run it) rewrites results.json.
 
 The benchmark itself (--quick: 1 patient, 2 sessions, 5 trainings) takes longer than the suite's budget;
-these tests check every piece it is built of."""
+these tests check every piece it is built of, and run it once at its smallest (2 patients, 2 channels at 1 kHz,
+30-s sessions, one epoch) with --jobs 1 and --jobs 2: the fresh interpreters of --jobs must give the same
+figures (15-50 s with the load on the machine, most of it the workers importing torch)."""
 import json
 import os
 
@@ -123,3 +125,54 @@ def test_cli_registers_it_outside_all_and_all_keeps_its_results(tmp_path, monkey
     kept = document["targets"]["recalibration"]
     assert kept["result"] == {"margin_over_scratch_60s": 0.2} and kept["kept_from"] == earlier["started_utc"]
     assert document["target_order"] == ["parser", "recalibration"]
+
+
+# The benchmark at the smallest sizes it takes (2 channels at 1 kHz, 30-s sessions, one epoch): figures mean
+# nothing.  Most of this test's time is the fresh interpreters importing torch, which no size changes.
+TINY = {"session_s": 30.0, "full_s": 22.0, "held_out_s": 6.0, "seconds": [20], "channels": 2, "rate_hz": 1000.0,
+        "scratch_training": {"epochs": 1, "patience": 5}, "finetune_training": {"epochs": 1}}
+TIMINGS = ("train_s", "recalibrate_s", "wall_s", "cpu_s", "jobs", "elapsed_s")
+
+
+def figures(value):
+    """``value`` without its timings (which differ between any two runs)."""
+    if isinstance(value, dict):
+        return {key: figures(item) for key, item in value.items() if key not in TIMINGS}
+    if isinstance(value, list):
+        return [figures(item) for item in value]
+    return value
+
+
+def test_jobs_in_fresh_interpreters_give_the_figures_of_one_process():
+    one = rb.run(True, patients=2, sessions=2, jobs=1, progress=False, overrides=TINY)
+    two = rb.run(True, patients=2, sessions=2, jobs=2, progress=False, overrides=TINY)
+    assert one["jobs"] == 1 and two["jobs"] == 2
+    assert [(r["patient"], r["session"]) for r in two["rows"]] == [(0, 1), (1, 1)]
+    assert all(r["on_device_20s"]["mean_r2"] is not None for r in two["rows"]), two["rows"]
+    assert figures(two) == figures(one)
+    json.dumps(two, allow_nan=False)
+
+
+def test_finetune_overrides_reach_the_fine_tuning_runs_only():
+    settings = rb._settings(True)
+    result = rb.summarise([], [], dict(settings, finetune_training=dict(settings["finetune_training"],
+                                                                         learning_rate=3e-3)))
+    assert result["settings"]["finetune_training"]["learning_rate"] == 3e-3
+    assert rb._check_finetune('{"learning_rate": 3e-3, "freeze_recurrent_epochs": 2}') == {
+        "learning_rate": 3e-3, "freeze_recurrent_epochs": 2}
+    from neurohand.firmware_bridge.shared.errors import UsageError
+    for bad, words in (("[1]", "JSON object"), ("{nope", "JSON object"), ('{"learning_rat": 1}', "learning_rat")):
+        with pytest.raises(UsageError, match=words):
+            rb._check_finetune(bad)
+    # run() merges them into the fine-tuning settings only (checked before anything is measured).
+    with pytest.raises(UsageError, match="learning_rat"):
+        rb.run(True, progress=False, finetune={"learning_rat": 1})
+
+
+@pytest.mark.parametrize("args", [["--seconds", "10"], ["--seconds", "60,x"], ["--finetune", "[1]"],
+                                  ["--finetune", '{"learning_rat": 1}']])
+def test_module_options_refuse_bad_values_in_one_line(args, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        rb.main(["--quick", "--patients", "0"] + args)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "Traceback" not in err and err.strip().splitlines()[-1].count("error:") == 1
