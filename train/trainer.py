@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from neurohand.decoder.pipeline import ENVELOPE_DEFAULTS, RAW_DEFAULTS, FeaturePipeline
+from neurohand.firmware_bridge.recording.patient import recordings_patient
 from neurohand.firmware_bridge.shared import atomic, checks
 from neurohand.firmware_bridge.shared.atomic import atomic_path
 from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
@@ -701,6 +702,13 @@ def load_init_from(run_dir):
     return InitFrom(run_dir, config, document["best_model"], record)
 
 
+def _run_patient(prepared):
+    patient = recordings_patient([r.metadata for r in prepared.recordings])
+    if patient is None and prepared.init is not None:
+        patient = (getattr(prepared.init, "config", None) or {}).get("patient")
+    return patient
+
+
 class Prepared(object):
     """Everything derived from the recordings before training (same in every process)."""
 
@@ -1307,6 +1315,10 @@ def _write_outputs(prepared, run_dir, seed, context, result, light=False):
         # Which sessions the run has seen (held-in for neurohand evaluate), whatever their paths become.
         "recordings_sha256": [_sha256_of(r.path) for r in prepared.recordings],
         "channel_names": first.channel_names,
+        # The one patient all the recordings are of (None where any does not say or two differ); a
+        # fine-tuned run keeps its earlier run's where its new session does not say.  neurohand recalibrate
+        # refuses another patient's session with it (docs/recalibration.md).
+        "patient": _run_patient(prepared),
         # The class head's value -> output mapping (dataset.ClassHead), None without a head.
         "classes": None if prepared.class_head is None else prepared.class_head.to_config(),
         "seed": seed,

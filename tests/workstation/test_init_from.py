@@ -150,3 +150,21 @@ def test_fine_tuning_settings_need_init_from(old):
     _, _, recording, _ = old
     with pytest.raises(UsageError, match="fine-tuning only"):
         trainer.resolve_settings({"training": {"l2sp": 0.1}}, "envelope")
+
+
+def test_runs_record_the_patient_their_recordings_are_of(old, tmp_path):
+    base, old_run, _, _ = old
+    assert config_of(old_run)["patient"] is None                      # its recording does not say
+    day1 = str(make_recording(tmp_path / "p7-day1.nhr", seconds=40.0, seed=3, metadata={"patient": "P7"}))
+    other = str(make_recording(tmp_path / "p8.nhr", seconds=40.0, seed=4, metadata={"patient": "P8"}))
+    run = str(tmp_path / "p7")
+    trainer.train_run([day1], run, dict(TINY_CONFIG, training={"epochs": 1}), seed=1, progress=False, light=True)
+    assert config_of(run)["patient"] == "P7"
+    mixed = str(tmp_path / "mixed")
+    trainer.train_run([day1, other], mixed, dict(TINY_CONFIG, training={"epochs": 1}), seed=1, progress=False,
+                      light=True)
+    assert config_of(mixed)["patient"] is None                        # no one patient's decoder
+    # A short new session that does not say keeps the patient of the run it was fine-tuned from.
+    silent = str(make_recording(tmp_path / "day2.nhr", seconds=30.0, seed=5, repetitions=False))
+    tuned, _ = finetune(tmp_path, "tuned", run, silent, {"epochs": 1})
+    assert config_of(tuned)["patient"] == "P7"

@@ -22,7 +22,7 @@ TINY_CONFIG = {
 
 
 def make_recording(path, seconds=120.0, rate=100.0, n_channels=4, n_outputs=3, repetitions=True, seed=0,
-                   label_rate=None, label_stream="fingers", movements=False):
+                   label_rate=None, label_stream="fingers", movements=False, metadata=None):
     """An envelope-like recording whose signals are a linear mix of smooth finger positions (0..1).
 
     With ``repetitions``: 10 repetitions, each movement 2 s then 1 s rest, as NinaPro lays them out."""
@@ -38,7 +38,7 @@ def make_recording(path, seconds=120.0, rate=100.0, n_channels=4, n_outputs=3, r
     mixing = rng.uniform(0.2, 1.0, (n_outputs, n_channels))
     signals = (at_signal @ mixing + 0.05 * rng.random((n, n_channels)) + 0.05).astype(np.float32)
     with RecordingWriter(str(path), rate, ["ch{}".format(i) for i in range(n_channels)], dtype="float32",
-                         metadata={"signal_kind": "envelope"},
+                         metadata=dict({"signal_kind": "envelope"}, **(metadata or {})),
                          label_streams={label_stream: {"rate": label_rate,
                                                        "names": ["f{}".format(k) for k in range(n_outputs)]}}) as w:
         w.append_signals(signals)
