@@ -8,7 +8,8 @@ Stages (each prints one progress line)::
     train      'neurohand train' defaults for raw data on the first part, within a time budget
     bundle     the run as a verified bundle (golden vectors)
     selftest   the chosen backend against the golden vectors
-    evaluate   the run on the training recording's test split, with the Wiener and Kalman baselines
+    evaluate   the run on the training recording's test split, with the Wiener and Kalman baselines and
+               the movement-class LDA
     replay     the held-out part in real time: virtual chip -> 'neurohand run' loop -> virtual hand
     report     summary table, summary.json, decoded.png, latency.png, training-report.png, and
                confusion.png where the decoder has a movement-class head
@@ -391,7 +392,7 @@ def _evaluate_stage(progress, paths, settings):
     """Stage 6: the run (and the baselines) on the training recording's test split; return evaluate_run's result."""
     from neurohand.train import evaluate
     progress.start(6, "evaluate", "scoring the run on the training recording's test split{}".format(
-        ", with Wiener and Kalman baselines" if settings["baselines"] else ""))
+        ", with Wiener and Kalman baselines and the LDA" if settings["baselines"] else ""))
     evaluation = evaluate.evaluate_run(paths[RUN_DIR], paths[TRAIN_RECORDING], with_baselines=settings["baselines"])
     classes = _class_figures(evaluation)
     progress.done("rnn {:.3f}{}{}".format(evaluation["mean_r2"], "".join(

@@ -13,7 +13,8 @@ def register(subparsers):
         description="Make a self-contained bundle directory from a training run: model.onnx, config.json "
                     "(DSP, features, normalisation, I/O spec), golden test vectors computed with the numpy "
                     "backend, and manifest.json with the SHA-256 of every file and the versions that "
-                    "produced it. Every later load verifies the manifest.")
+                    "produced it. Every later load verifies the manifest. A model with a movement-class head "
+                    "keeps it: the manifest's I/O spec names the classes, and the summary line lists them.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="output directory of 'neurohand train'")
     parser.add_argument("--out", required=True, metavar="BUNDLE",
                         help="bundle directory to create (new or empty; not the run directory nor inside it)")
@@ -40,7 +41,8 @@ def register(subparsers):
     parser = subparsers.add_parser(
         "selftest", help="check a backend against the bundle's golden vectors on this device",
         description="Run the bundle's golden feature sequences through a backend, compare with the "
-                    "reference outputs (max abs error at most 1e-4 in FP32, 1e-2 in FP16), print per-step "
+                    "reference outputs, finger positions and any class scores alike (max abs error at most 1e-4 "
+                    "in FP32, 1e-2 in FP16), print per-step "
                     "latency, and record the result for this device. 'neurohand run' refuses a bundle "
                     "that has not passed here. Exit status 1 on failure.")
     parser.add_argument("bundle", metavar="BUNDLE", help="bundle directory")

@@ -42,7 +42,8 @@ def _add_run_parser(subparsers):
                              "brainflow:cyton:/dev/ttyUSB0, brainflow:playback:FILE)")
     parser.add_argument("--hand", required=True, metavar="SPEC",
                         help="hand to drive: psyonic:PORT (PSYONIC Ability Hand), neurohand:PORT (neurohand "
-                             "protocol), keys:MAPFILE (key presses) or none (decode only)")
+                             "protocol), keys:MAPFILE (key presses bound to finger thresholds or to the movement classes of "
+                             "a class head: docs/hand-protocol.md) or none (decode only)")
     parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                         help="inference backend (default auto: TensorRT, then ONNX Runtime, then numpy); it must "
                              "have passed 'neurohand selftest' here")
@@ -87,8 +88,9 @@ def _add_replay_parser(subparsers):
     parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                         help="inference backend (default auto: TensorRT, then ONNX Runtime, then numpy)")
     parser.add_argument("--json", action="store_true",
-                        help="print one JSON object (mean_r2, r2, latency_us, frames, safety_events, skips, ...)")
-    parser.add_argument("--confusion-png", metavar="FILE",
+                        help="print one JSON object (mean_r2, r2, lag_ms, latency_us, frames, safety_events, skips, "
+                             "and classes where the bundle has a class head and the recording movement events)")
+    parser.add_argument("--confusion-png", metavar="PATH",
                         help="with a bundle whose model has a movement-class head and a recording with movement "
                              "events: draw the confusion matrix of the decided classes to FILE (needs matplotlib, "
                              "i.e. a workstation)")
@@ -154,7 +156,7 @@ def _add_demo_parser(subparsers):
                         help="inference backend for the self-test and the replay (default numpy, the reference "
                              "that runs everywhere; auto = TensorRT, then ONNX Runtime, then numpy)")
     parser.add_argument("--no-baselines", action="store_true",
-                        help="skip the Wiener and Kalman filter baselines of 'neurohand evaluate'")
+                        help="skip the baselines of 'neurohand evaluate' (Wiener and Kalman filters, movement-class LDA)")
     # Smaller settings for tests and slow machines; not part of the documented interface.
     parser.add_argument("--train-seconds", type=float, default=150.0, help=argparse.SUPPRESS)
     parser.add_argument("--heldout-seconds", type=float, default=40.0, help=argparse.SUPPRESS)

@@ -56,7 +56,8 @@ def _register_import(subparsers):
                        help="glob pattern of the label columns; repeat for more patterns")
     table.add_argument("--events", action="append", default=[], metavar="COLUMN[=KIND]",
                        help="integer column whose changes become events of KIND (default: the column name; "
-                            "use 'repetition' to enable the repetition split); repeatable")
+                            "'repetition' enables the repetition split, 'movement' gives movement classes, 0 = rest, "
+                            "which train's class head learns); repeatable")
     table.add_argument("--label-stream", default="labels", metavar="NAME",
                        help="name of the label stream (default: labels; 'fingers' for 0..1 finger positions)")
     table.add_argument("--scale-uv", type=float, default=1.0, metavar="FACTOR",
@@ -101,10 +102,13 @@ def _register_train(subparsers):
                     "leakage (by repetition where it has repetition events, NinaPro's standard test "
                     "repetitions 2, 5, 7; otherwise by time blocks), trains with truncated back-propagation "
                     "through time and early stopping on the validation split, and writes config.json, "
-                    "checkpoint.pt, model.onnx, metrics.json and report.png into RUN_DIR. Runs under "
+                    "checkpoint.pt, model.onnx, metrics.json and report.png into RUN_DIR. Where the recordings "
+                    "have movement events, the decoder also learns their classes (a class head after the "
+                    "positions; training setting class_head). Runs under "
                     "torchrun for several processes (DistributedDataParallel).",
         epilog="The defaults depend on the data: 'envelope' (rates below 1 kHz, e.g. NinaPro DB1) or 'raw' "
-               "(nerve/EMG at kHz rates, e.g. the simulator). See docs/training.md for the config file. "
+               "(nerve/EMG at kHz rates, e.g. the simulator); envelope targets lead the signal by 0.15 s "
+               "(target_lead_s), which cancels most of the window's delay. See docs/training.md for the config file. "
                "A new day: neurohand train day2.nh --init-from RUN --out RUN2 with 30-120 s of the new day.")
     parser.add_argument("recordings", nargs="+", metavar="REC", help="recording file(s) to train on")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="directory for the run's files "
@@ -172,8 +176,9 @@ def _register_evaluate(subparsers):
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by 'neurohand train'")
     parser.add_argument("recordings", nargs="+", metavar="REC", help="recording(s) to score (split as in training)")
     parser.add_argument("--json", action="store_true",
-                        help="print one JSON object (several recordings: {recordings: [one per REC], sessions: "
-                             "the held-in/held-out summary})")
+                        help="print one JSON object (mean_r2, r2, lag_ms, baselines, and classes for a run with a class "
+                             "head; several recordings: {recordings: [one per REC], sessions: the held-in/held-out "
+                             "summary})")
     parser.add_argument("--block-s", type=float, default=0.05, metavar="SECONDS",
                         help="seconds of signal pushed into the stream at a time (default: 0.05)")
     parser.add_argument("--no-baselines", action="store_true",

@@ -12,7 +12,8 @@ def add_runtime_arguments(parser):
     group = parser.add_argument_group("runtime settings (override --runtime-config)")
     group.add_argument("--runtime-config", metavar="FILE",
                        help="JSON file of runtime settings (safe posture, timeouts, smoothing, slew limit, "
-                            "per-patient calibration ranges); see docs/runtime.md for each setting's range")
+                            "per-patient calibration ranges, the class head's class_vote_windows and "
+                            "class_min_confidence); see docs/runtime.md for each setting's range")
     group.add_argument("--safe-posture", choices=SAFE_POSTURES,
                        help="what the hand does when decoding cannot be trusted: 'open' = all fingers open, "
                             "'hold' = keep the last good command (default: {})".format(DEFAULTS["safe_posture"]))
