@@ -6,8 +6,16 @@ compare against scipy skip where it is absent).  tests/workstation/ holds the
 rest and runs under the workstation Python only.
 """
 import os
+import signal
 
 import pytest
+
+# A suite started in the background (`make test &`, a CI step run with `&`) inherits SIGINT ignored, and
+# so would every child process that a test stops with SIGINT as Ctrl-C does: Python installs its
+# KeyboardInterrupt handler only where SIGINT is not ignored.  A handler here is reset to the default in
+# each child at exec, so the children see Ctrl-C as a user's terminal sends it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SHARED_DATA = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
