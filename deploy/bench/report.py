@@ -490,6 +490,23 @@ def _decoding(result):
                           training.get("epochs_run"), training.get("best_epoch"), training.get("stopped"),
                           training.get("train_seconds") or 0, training.get("wall_seconds") or 0,
                           training.get("budget", "—")), ""]
+        classes = entry.get("classes") or {}
+        if classes:
+            # The RNN's class head first, then the LDA on Hudgins' set (lda_td) and on the RNN's features.
+            names = sorted(classes, key=lambda decoder: (decoder != "rnn", decoder != "lda_td", decoder))
+            described = {"rnn": "rnn (class head)", "lda_td": "LDA, Hudgins' time-domain set",
+                         "lda": "LDA, the RNN's features"}
+            lines += ["Movement classes (rest counts as a class; trials decided by majority vote from "
+                      "{:g} s after onset):".format(classes[names[0]].get("delay_s") or 0.3), ""]
+            lines += _table(["classifier", "balanced accuracy", "accuracy", "movement trials right"],
+                            [(described.get(c, c), _num(classes[c].get("balanced_accuracy"), 3),
+                              _num(classes[c].get("accuracy"), 3), _num(classes[c].get("trial_accuracy"), 3))
+                             for c in names])
+            lines.append("")
+            if "rnn" in classes and "lda_td" in classes:
+                headline.append(("balanced accuracy of movement classes, {}: RNN class head vs LDA".format(name),
+                                 _num(classes["rnn"].get("balanced_accuracy"), 3),
+                                 _num(classes["lda_td"].get("balanced_accuracy"), 3), "—"))
         scores = entry["scores"]
         rnn = scores.get("rnn", {}).get("mean_r2")
         for baseline in ("wiener", "kalman"):

@@ -67,7 +67,14 @@ def document():
         "ninapro_db1_s2_e1": {"what": "NinaPro", "test_steps": 100, "test_seconds": 300.0,
                               "scores": {"kalman": scores(0.1), "rnn": scores(0.6), "wiener": scores(0.45)},
                               "training": {"epochs_run": 20, "best_epoch": 14, "stopped": "patience",
-                                           "train_seconds": 61.5, "wall_seconds": 70.0, "budget": "20 min"}},
+                                           "train_seconds": 61.5, "wall_seconds": 70.0, "budget": "20 min"},
+                              "classes": {
+                                  "lda": {"accuracy": 0.8, "balanced_accuracy": 0.575, "trial_accuracy": 0.889,
+                                          "delay_s": 0.3},
+                                  "lda_td": {"accuracy": 0.84, "balanced_accuracy": 0.638, "trial_accuracy": 0.917,
+                                             "delay_s": 0.3},
+                                  "rnn": {"accuracy": 0.87, "balanced_accuracy": 0.888, "trial_accuracy": 0.944,
+                                          "delay_s": 0.3}}},
         "simulator_150s_seed1": {"skipped": "no simulator today"}}}}
     doc["targets"]["latency"] = {"status": "ok", "seconds": 1.0, "result": {
         "available": False, "reason": "'neurohand replay' does not exist in this build yet"}}
@@ -108,11 +115,18 @@ def test_render_sections_machine_failures_and_pending(document):
     assert "**Failed** after 4 s: RuntimeError: child died" in section(markdown, "footprint")
     assert "Pending" in section(markdown, "backends")
     decoding = section(markdown, "decoding")
-    rows = [line for line in decoding.splitlines() if line.startswith("| rnn") or line.startswith("| wiener")
-            or line.startswith("| kalman")]
+    rows = [line for line in decoding.splitlines() if line.startswith(("| rnn |", "| wiener |", "| kalman |"))]
     assert [row.split(" | ")[0] for row in rows] == ["| rnn", "| wiener", "| kalman"]   # ours first
     assert "Not measured: no simulator today" in decoding
     assert "budget 20 min" in decoding
+    # Movement classes: the class head first, each classifier with its three measures.
+    class_rows = [line for line in decoding.splitlines() if line.startswith(("| rnn (class head)", "| LDA"))]
+    assert class_rows == ["| rnn (class head) | 0.888 | 0.870 | 0.944 |",
+                          "| LDA, Hudgins' time-domain set | 0.638 | 0.840 | 0.917 |",
+                          "| LDA, the RNN's features | 0.575 | 0.800 | 0.889 |"]
+    assert "majority vote from 0.3 s after onset" in decoding
+    assert ("| decoding | balanced accuracy of movement classes, ninapro_db1_s2_e1: RNN class head vs LDA | "
+            "0.888 | 0.638 |") in section(markdown, "Side by side")
     features = section(markdown, "features")
     assert "| SSC | 3936 | 3 | 1 | 0 |" in features
     latency = section(markdown, "latency")
