@@ -14,7 +14,6 @@ truncated or missing file is refused with a ``BundleError`` naming it.  Nothing
 here unpickles: ``golden.npz`` is read member by member as plain numeric .npy
 data, its sizes checked before anything is allocated.
 """
-import hashlib
 import io
 import json
 import os
@@ -30,6 +29,7 @@ import numpy as np
 
 from neurohand.deploy.version import __version__
 from neurohand.firmware_bridge.shared.checks import load_json_file
+from neurohand.firmware_bridge.shared.digest import sha256_of
 from neurohand.firmware_bridge.shared.errors import BundleError, UsageError
 from neurohand.firmware_bridge.shared.outputs import check_output_path
 
@@ -64,14 +64,6 @@ MAX_GOLDEN_MEMBER_BYTES = 64 << 20
 # an "encrypted" flag bit ...).
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, KeyError, ValueError, OSError, EOFError,
                NotImplementedError, RuntimeError, struct.error, zlib.error)
-
-
-def sha256_of(path, chunk_bytes=1 << 20):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_bytes), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class Bundle(object):

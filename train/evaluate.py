@@ -29,7 +29,6 @@ recording file that config.json keeps (by path for runs made before it kept
 them); **held-out** sessions are the others.  Per session: R² mean and its
 spread over the outputs; per group: the mean over sessions and their spread.
 """
-import hashlib
 import json
 import os
 import time
@@ -38,6 +37,7 @@ import numpy as np
 
 from neurohand.decoder import lag as lag_metric
 from neurohand.firmware_bridge.shared import checks
+from neurohand.firmware_bridge.shared.digest import sha256_of
 from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 from neurohand.train import baselines, dataset, metrics, splits
 
@@ -321,14 +321,6 @@ def evaluate_command(args):
     return evaluate_sessions(args.run_dir, recordings, block_s=args.block_s, with_baselines=not args.no_baselines)
 
 
-def _sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def held_in(config, recording_path):
     """Whether the run (or the run it was fine-tuned from) trained on ``recording_path``.
 
@@ -336,7 +328,7 @@ def held_in(config, recording_path):
     digests = list(config.get("recordings_sha256") or []) + list(
         (config.get("init_from") or {}).get("recordings_sha256") or [])
     if config.get("recordings_sha256") is not None:
-        return _sha256_of(recording_path) in digests
+        return sha256_of(recording_path) in digests
     return os.path.realpath(recording_path) in [os.path.realpath(p) for p in config.get("recordings") or []]
 
 

@@ -51,6 +51,7 @@ from neurohand.decoder.pipeline import ENVELOPE_DEFAULTS, RAW_DEFAULTS, FeatureP
 from neurohand.firmware_bridge.recording.patient import recordings_patient
 from neurohand.firmware_bridge.shared import atomic, checks
 from neurohand.firmware_bridge.shared.atomic import atomic_path
+from neurohand.firmware_bridge.shared.digest import sha256_of
 from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 from neurohand.firmware_bridge.shared.outputs import check_output_path
 from neurohand.train import dataset, metrics, splits
@@ -669,14 +670,6 @@ class InitFrom(object):
         return dataset.LabelScaling.from_config(self.config["labels"]["scaling"])
 
 
-def _sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_init_from(run_dir):
     """The earlier run of ``--init-from RUN_DIR``: its config.json and the best weights of its checkpoint.pt."""
     run_dir = os.path.abspath(checks.check_dir_exists("--init-from", run_dir))
@@ -694,8 +687,8 @@ def load_init_from(run_dir):
     document = load_checkpoint(paths["checkpoint"])
     if document["model_config"] != config["model"]:
         raise ConfigError("--init-from {!r}: checkpoint.pt and config.json describe different models".format(run_dir))
-    record = {"run_dir": run_dir, "config_sha256": _sha256_of(paths["config"]),
-              "checkpoint_sha256": _sha256_of(paths["checkpoint"]),
+    record = {"run_dir": run_dir, "config_sha256": sha256_of(paths["config"]),
+              "checkpoint_sha256": sha256_of(paths["checkpoint"]),
               # The earlier run's sessions (and those it was initialised from) count as seen by the new one.
               "recordings_sha256": list(config.get("recordings_sha256") or [])
               + list((config.get("init_from") or {}).get("recordings_sha256") or [])}
@@ -1313,7 +1306,7 @@ def _write_outputs(prepared, run_dir, seed, context, result, light=False):
         "settings": prepared.settings,
         "recordings": [os.path.abspath(r.path) for r in prepared.recordings],
         # Which sessions the run has seen (held-in for neurohand evaluate), whatever their paths become.
-        "recordings_sha256": [_sha256_of(r.path) for r in prepared.recordings],
+        "recordings_sha256": [sha256_of(r.path) for r in prepared.recordings],
         "channel_names": first.channel_names,
         # The one patient all the recordings are of (None where any does not say or two differ); a
         # fine-tuned run keeps its earlier run's where its new session does not say.  neurohand recalibrate

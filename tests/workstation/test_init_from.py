@@ -11,6 +11,7 @@ pytest.importorskip("onnxruntime")
 
 from neurohand.deploy.cli import main as cli  # noqa: E402
 from neurohand.decoder.pipeline import FeaturePipeline  # noqa: E402
+from neurohand.firmware_bridge.shared.digest import sha256_of  # noqa: E402
 from neurohand.firmware_bridge.shared.errors import UsageError  # noqa: E402
 from neurohand.train import trainer  # noqa: E402
 from test_train_data import TINY_CONFIG, make_recording  # noqa: E402
@@ -40,7 +41,7 @@ def config_of(run_dir):
 
 
 def sha256(path):
-    return trainer._sha256_of(path)
+    return sha256_of(path)
 
 
 def finetune(base, name, old_run, new, training, **kwargs):
