@@ -136,11 +136,7 @@ class LslGloveSource(GloveSource):
         if thread is not None and thread is not threading.current_thread():
             thread.join(JOIN_TIMEOUT_S)
         inlet, self._inlet = self._inlet, None
-        if inlet is not None:
-            try:
-                inlet.close_stream()
-            except Exception:  # already broken; it is being dropped
-                pass
+        lsl_inlet.close_inlet(inlet)
 
 
 def _visible(pylsl):

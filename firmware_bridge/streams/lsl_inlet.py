@@ -278,15 +278,20 @@ class LslSource(SignalSource):
 
     def _drop_inlet(self):
         inlet, self._inlet = self._inlet, None
-        if inlet is not None:
-            try:
-                inlet.close_stream()
-            except Exception:  # already broken; it is being dropped
-                pass
+        close_inlet(inlet)
 
     def _release(self):
         self._finder = None
         self._drop_inlet()
+
+
+def close_inlet(inlet):
+    """Close a pylsl inlet being dropped (None: nothing); one that is already broken raises nothing."""
+    if inlet is not None:
+        try:
+            inlet.close_stream()
+        except Exception:  # already broken; it is being dropped
+            pass
 
 
 def _unique(infos):
