@@ -234,7 +234,7 @@ class DecodeStage(object):
         # skipped windows or a gap, so smoothing and slew stay in real seconds.
         dt_s = (end - last) / self.sample_rate if last is not None and end > last else self._stride_s
         n_positions = self.n_positions
-        positions = self._post.process(outputs[:n_positions] if n_positions < self.n_outputs else outputs, dt_s)
+        positions = self._post.process(outputs[:n_positions], dt_s)
         decided = None
         decider = self._decider
         if decider is not None:

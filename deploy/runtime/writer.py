@@ -42,6 +42,7 @@ commands follow only after the recovery rule is met again
 """
 import numpy as np
 
+from neurohand.deploy.runtime.classes import class_name
 from neurohand.firmware_bridge.shared.backoff import Backoff
 from neurohand.firmware_bridge.shared.errors import LinkError
 
@@ -104,8 +105,7 @@ class HandWriterStage(object):
         self.last_telemetry = None
         self.class_names = tuple(class_names)
         self._set_class = getattr(hand, "set_class", None) if self.class_names else None
-        self._last_class = None
-        self.current_class = None
+        self.current_class = None       # the class told with the last command sent (a keep-alive repeats it)
         self._sent_classes = sent_classes
         # Index -1 counts the new commands sent with no class (below the confidence, or decided before
         # the supervisor was ok and taken once it was).
@@ -152,7 +152,7 @@ class HandWriterStage(object):
         elif self._last_sent is not None:
             positions = self._last_sent
             kind = "keepalives_sent"
-            decided = self._last_class
+            decided = self.current_class
         else:
             positions = supervisor.safe_posture()
             kind = "safe_posture_sent"
@@ -188,8 +188,8 @@ class HandWriterStage(object):
         if not self.class_names:
             return None
         names = self.class_names
-        return {"current": "none" if self.current_class is None else names[self.current_class],
-                "counts": {("none" if index < 0 else names[index]): count
+        return {"current": class_name(names, self.current_class),
+                "counts": {class_name(names, None if index < 0 else index): count
                            for index, count in sorted(self.class_counts.items())}}
 
     def _is_valid(self, positions):
@@ -249,7 +249,6 @@ class HandWriterStage(object):
                                               "hand port reopened; safe posture until recovery")
         self._write_timer.add(sent - start)
         self._last_sent = positions
-        self._last_class = decided
         self.current_class = decided
         if self._sent_classes is not None:
             self._sent_classes.append(decided)
