@@ -336,7 +336,7 @@ def selftested_backend(bundle):
     """The backend ``neurohand run --backend auto`` may use for ``bundle`` (a loaded Bundle): its name.
 
     The first backend in the auto order of decoder/backend_registry.py
-    (TensorRT, ONNX Runtime, numpy) that can run on this machine and passed
+    (TensorRT, numpy, ONNX Runtime) that can run on this machine and passed
     the self-test on this device for this bundle content (and, for TensorRT,
     this engine).  Raises BundleError (one line) naming what to do when none did.
     """

@@ -47,7 +47,7 @@ def register(subparsers):
                     "that has not passed here. Exit status 1 on failure.")
     parser.add_argument("bundle", metavar="BUNDLE", help="bundle directory")
     parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
-                        help="inference backend (default auto: TensorRT, then ONNX Runtime, then numpy)")
+                        help="inference backend (default auto: TensorRT, then numpy, then ONNX Runtime)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.set_defaults(func=_selftest)
 

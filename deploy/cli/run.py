@@ -45,7 +45,7 @@ def _add_run_parser(subparsers):
                              "protocol), keys:MAPFILE (key presses bound to finger thresholds or to the movement classes of "
                              "a class head: docs/hand-protocol.md) or none (decode only)")
     parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
-                        help="inference backend (default auto: TensorRT, then ONNX Runtime, then numpy); it must "
+                        help="inference backend (default auto: TensorRT, then numpy, then ONNX Runtime); it must "
                              "have passed 'neurohand selftest' here")
     parser.add_argument("--duration", type=float, default=None, metavar="S",
                         help="stop after this many seconds, at most 1e6 (bench use; default: run until stopped)")
@@ -86,7 +86,7 @@ def _add_replay_parser(subparsers):
     parser.add_argument("--start", type=float, default=0.0, metavar="S",
                         help="start this many seconds into the recording (default 0)")
     parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
-                        help="inference backend (default auto: TensorRT, then ONNX Runtime, then numpy)")
+                        help="inference backend (default auto: TensorRT, then numpy, then ONNX Runtime)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (mean_r2, r2, lag_ms, latency_us, frames, safety_events, skips, "
                              "and classes where the bundle has a class head and the recording movement events)")
@@ -154,7 +154,7 @@ def _add_demo_parser(subparsers):
                         help="training time budget in minutes (default 2)")
     parser.add_argument("--backend", default="numpy", choices=BACKEND_CHOICES,
                         help="inference backend for the self-test and the replay (default numpy, the reference "
-                             "that runs everywhere; auto = TensorRT, then ONNX Runtime, then numpy)")
+                             "that runs everywhere; auto = TensorRT, then numpy, then ONNX Runtime)")
     parser.add_argument("--no-baselines", action="store_true",
                         help="skip the baselines of 'neurohand evaluate' (Wiener and Kalman filters, movement-class LDA)")
     # Smaller settings for tests and slow machines; not part of the documented interface.
