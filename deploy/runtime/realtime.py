@@ -8,6 +8,11 @@
                                      ThreadedRecorder (own thread, bounded backlog)
     main thread: signal handlers, status line, safety-event lines, shutdown.
 
+Garbage collection (:mod:`.garbage`): automatic collection is off while the
+threads run; the writer thread runs the collections that are due right after
+it wrote a new command, so a collector's pause never lands inside a decode
+step or a hand write (timed as the ``gc`` stage).
+
 Queues (:mod:`.queues`): the frame queue is bounded (``frame_queue_events``; a
 full queue drops the frame, counts it and tells the decoder the samples are
 missing); the command queue is one slot holding only the newest command.
@@ -20,10 +25,11 @@ import time
 import traceback
 
 from neurohand.deploy.runtime.assemble import run_document, write_stats_json
+from neurohand.deploy.runtime.garbage import IdleCollector
 from neurohand.deploy.runtime.queues import BatchQueue, LatestSlot
 from neurohand.deploy.runtime.recorder import ThreadedRecorder
 from neurohand.deploy.runtime.signals import StopSignals
-from neurohand.deploy.runtime.stats import format_status_line
+from neurohand.deploy.runtime.stats import Distribution, format_status_line
 from neurohand.firmware_bridge.chip.parser import ChipParser
 from neurohand.firmware_bridge.chip.receiver import ChipReceiver
 from neurohand.firmware_bridge.shared.outputs import describe_os_error
@@ -83,12 +89,15 @@ class RealtimeRunner(object):
         self._threads = []
         self._events_printed = 0
         parts.supervisor.listeners.append(self._on_safety_event)
+        parts.stats.stages["gc"] = Distribution()
+        self.collector = IdleCollector(parts.stats.stages["gc"], clock)
 
     # -- life cycle
 
     def start(self):
         """Start the recorder, writer and decoder threads, then open the chip link."""
         self._started_s = self._clock()
+        self.collector.start()
         recorder = self.parts.recorder
         if isinstance(recorder, ThreadedRecorder):
             recorder.start()
@@ -148,6 +157,7 @@ class RealtimeRunner(object):
                 ("hand", parts.hand.close),
                 ("recording", parts.recorder.close if parts.recorder is not None else None),
                 ("backend", getattr(parts.backend, "close", None)),
+                ("garbage collector", self.collector.stop),
             )
             for name, step in steps:
                 if step is None:
@@ -214,6 +224,7 @@ class RealtimeRunner(object):
         step = self.parts.writer.step
         get = self.commands.get
         stopping = self._writer_stop.is_set
+        collect_if_due = self.collector.collect_if_due
         next_due = clock()
         while not stopping():
             command = get(next_due - clock())
@@ -224,6 +235,8 @@ class RealtimeRunner(object):
                 continue  # woken early for nothing new: wait for the rest of the period
             step(command, now)
             next_due = now + period
+            if command is not None:
+                collect_if_due()
 
     def _stop_writer(self):
         self._writer_stop.set()
