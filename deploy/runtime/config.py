@@ -27,6 +27,8 @@ SAFE_POSTURES = ("open", "hold")
 #: Smoothing between calibration and slew limit (postprocess.py): a fixed time constant, or the
 #: 1-euro filter, whose cut-off rises with the speed of the input (less lag for the same hold jitter).
 SMOOTHING_KINDS = ("exponential", "one_euro")
+#: Where a window is decoded (``decode_in``): in the reader thread, or in a decode thread of its own.
+DECODE_IN = ("reader", "thread")
 #: Settings that belong to one smoothing kind only.
 SMOOTHING_SETTINGS = {"exponential": ("smoothing_tau_ms",),
                       "one_euro": ("one_euro_min_cutoff_hz", "one_euro_beta", "one_euro_d_cutoff_hz")}
@@ -60,7 +62,11 @@ DEFAULTS = {
     "max_slew_per_s": 10.0,
     # Per-patient range: decoder output lo -> hand 0, hi -> hand 1 (per finger).
     "calibration": {"lo": 0.0, "hi": 1.0},
-    # Reader -> decoder queue bound (parser events); beyond it frames are
+    # Where a window is decoded: "reader" (the chip link's reader thread parses, decodes and writes the
+    # hand command itself: no hand-over between threads on the way) or "thread" (a decode thread between
+    # the reader and the writer, queues in between; what it was before issue 18: docs/latency.md).
+    "decode_in": "reader",
+    # Reader -> decoder queue bound (parser events, decode_in "thread"); beyond it frames are
     # dropped, counted and treated as missing samples.
     "frame_queue_events": 2048,
     # At most this much raw data waits in memory for the recording thread.
@@ -150,6 +156,7 @@ class RuntimeConfig(object):
         lo, hi = self.calibration["lo"], self.calibration["hi"]
         if not isinstance(lo, list) and not isinstance(hi, list):
             _check_span(0, lo, hi)   # refused now; per-finger lists once the outputs are known
+        self.decode_in = checks.check_option("decode_in", values["decode_in"], DECODE_IN)
         self.frame_queue_events = _integer("frame_queue_events", values["frame_queue_events"])
         self.record_backlog_ms = _number("record_backlog_ms", values["record_backlog_ms"])
         self.status_interval_s = _number("status_interval_s", values["status_interval_s"])

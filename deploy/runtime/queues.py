@@ -1,9 +1,11 @@
-"""The two hand-overs between the real-time threads, neither of which ever blocks without a timeout.
+"""The hand-overs between the real-time threads, none of which ever blocks without a timeout.
 
 :class:`BatchQueue`: chip link reader -> decode thread, bounded (a full queue
 refuses the event; the receiver counts it and reports a gap).
 :class:`LatestSlot`: decode thread -> writer thread, one slot holding only the
 newest command (an unsent older one is superseded and counted).
+:class:`ChunkBatch`: no hand-over at all (``decode_in`` "reader"): the events
+of one chunk, which the reader thread decodes itself right after parsing it.
 """
 import collections
 import threading
@@ -54,6 +56,28 @@ class BatchQueue(object):
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+
+class ChunkBatch(object):
+    """The frame sink when the reader thread decodes: collects one chunk's events, never refuses one.
+
+    Bounded by what one read returns (the port's buffer); ``high_water`` is the
+    most events a chunk held (a backlog read at once after a stall).
+    """
+
+    def __init__(self):
+        self.items = []
+        self.high_water = 0
+
+    def put(self, item):
+        items = self.items
+        items.append(item)
+        if len(items) > self.high_water:
+            self.high_water = len(items)
+        return True
+
+    def close(self):
+        pass
 
 
 class LatestSlot(object):

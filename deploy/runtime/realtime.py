@@ -1,22 +1,38 @@
-"""Threads, queues and the shutdown path around the pure stages (``neurohand run``, ``replay --realtime``)::
+"""Threads, queues and the shutdown path around the pure stages (``neurohand run``, ``replay --realtime``).
+
+Where a window is decoded is the setting ``decode_in``.  ``"reader"`` (the default)::
+
+    chip link reader thread                                       writer thread
+    bytes -> ChipReceiver: stamp arrival (perf_counter),          keep-alive / watchdog every period,
+      ChipParser.feed, ChunkBatch.put((event, t)),                and the safe posture at once on a
+      then on_chunk: DecodeStage.process(chunk)                   fault (LatestSlot.nudge)
+        -> HandWriterStage.step(command, now): hand.send
+    ThreadedRecorder (own thread, bounded backlog)
+    main thread: signal handlers, status line, safety-event lines, shutdown.
+
+The command is written by the thread that read its last byte: no hand-over
+between threads on the way, each of which costs a wake-up (measured in
+docs/latency.md).  A backlog (the reader was held up) arrives as one chunk,
+of which only the newest window is decoded (catch_up "newest").  The writer
+lock keeps the reader's writes and the writer thread's apart.
+
+``"thread"`` (the design before issue 18)::
 
     chip link reader thread          decode thread                 writer thread
     bytes -> ChipReceiver            BatchQueue.take_all()         LatestSlot.get(timeout)
       stamp arrival (perf_counter)   DecodeStage.process(batch)    HandWriterStage.step(cmd|None, now)
       ChipParser.feed                  -> emit(command) ---------->  hand.send (new command at once,
       BatchQueue.put((event, t)) ->                                  keep-alive / watchdog every period)
-                                     ThreadedRecorder (own thread, bounded backlog)
-    main thread: signal handlers, status line, safety-event lines, shutdown.
-
-Garbage collection (:mod:`.garbage`): automatic collection is off while the
-threads run; the writer thread runs the collections that are due right after
-it wrote a new command, so a collector's pause never lands inside a decode
-step or a hand write (timed as the ``gc`` stage).
 
 Queues (:mod:`.queues`): the frame queue is bounded (``frame_queue_events``; a
 full queue drops the frame, counts it and tells the decoder the samples are
 missing); the command queue is one slot holding only the newest command.
 Nothing blocks without a timeout, so every thread notices a stop within ~0.1 s.
+
+Garbage collection (:mod:`.garbage`): automatic collection is off while the
+threads run; the thread that wrote a new command runs the collections that
+are due right after it, so a collector's pause never lands inside a decode
+step or a hand write (timed as the ``gc`` stage).
 """
 import contextlib
 import signal
@@ -26,7 +42,7 @@ import traceback
 
 from neurohand.deploy.runtime.assemble import run_document, write_stats_json
 from neurohand.deploy.runtime.garbage import IdleCollector
-from neurohand.deploy.runtime.queues import BatchQueue, LatestSlot
+from neurohand.deploy.runtime.queues import BatchQueue, ChunkBatch, LatestSlot
 from neurohand.deploy.runtime.recorder import ThreadedRecorder
 from neurohand.deploy.runtime.signals import StopSignals
 from neurohand.deploy.runtime.stats import Distribution, format_status_line
@@ -72,11 +88,17 @@ class RealtimeRunner(object):
         self._warnings = warning_stream
         self._recording_warned = False
         self._stats_path = stats_path
-        self.frames = BatchQueue(parts.config.frame_queue_events)
+        self.decode_in = parts.config.decode_in
+        self.frames = ChunkBatch() if self.decode_in == "reader" else BatchQueue(parts.config.frame_queue_events)
         self.commands = LatestSlot()
         self.receiver = ChipReceiver(self.parser, self.frames, parts.stats, clock,
                                      sample_rate=parts.sample_rate)
         self.receiver.on_fault = self._on_chip_fault
+        if self.decode_in == "reader":
+            self.receiver.on_chunk = self._decode_chunk
+        self._write_lock = threading.Lock()
+        self._writes_closed = False         # set with the final safe posture: nothing may follow it
+        self._next_write_due = 0.0
         self._stop = threading.Event()
         self._writer_stop = threading.Event()
         self._shutdown_lock = threading.Lock()
@@ -101,7 +123,10 @@ class RealtimeRunner(object):
         recorder = self.parts.recorder
         if isinstance(recorder, ThreadedRecorder):
             recorder.start()
-        for name, body in (("writer", self._writer_loop), ("decoder", self._decode_loop)):
+        threads = [("writer", self._writer_loop)]
+        if self.decode_in == "thread":
+            threads.append(("decoder", self._decode_loop))
+        for name, body in threads:
             thread = threading.Thread(target=self._guard, args=(name, body),
                                       name="neurohand-{}".format(name), daemon=True)
             thread.start()
@@ -151,7 +176,7 @@ class RealtimeRunner(object):
             problems = []
             steps = (
                 ("writer thread", self._stop_writer),
-                ("safe posture", lambda: parts.writer.send_safe_posture(self._clock())),
+                ("safe posture", self._final_safe_posture),
                 ("chip link", self._close_link),
                 ("decoder thread", self._stop_decoder),
                 ("hand", parts.hand.close),
@@ -179,11 +204,50 @@ class RealtimeRunner(object):
         try:
             body()
         except BaseException as exc:  # a bug: record it, make the hand safe, stop the run
-            self.thread_errors.append((name, exc, traceback.format_exc()))
-            self.parts.supervisor.on_fault("decoder_error", self._clock(),
-                                           "{} thread crashed: {!r}".format(name, exc))
-            self.commands.nudge()
-            self.request_stop("{} thread crashed".format(name))
+            self._crashed(name, exc)
+
+    def _crashed(self, name, exc):
+        self.thread_errors.append((name, exc, traceback.format_exc()))
+        self.parts.supervisor.on_fault("decoder_error", self._clock(), "{} thread crashed: {!r}".format(name, exc))
+        self.commands.nudge()
+        self.request_stop("{} thread crashed".format(name))
+
+    def _decode_chunk(self):
+        # decode_in "reader": called by the receiver in the chip link's reader thread after each chunk.
+        items = self.frames.items
+        if not items:
+            return
+        try:
+            # Also while stopping: every frame received is decoded and recorded until the link closes;
+            # a command after the final safe posture is not written (_write_now).
+            self.parts.decode.process(items, self._write_now)
+            outlets = self.parts.outlets
+            if outlets is not None and outlets.signals:
+                # --lsl-outlet with the signals: published once the chunk's command is on its way.
+                timer = self.parts.stats.stages["publish_signals"]
+                start = self._clock()
+                outlets.publish_frames(items)
+                timer.add(self._clock() - start)
+        except BaseException as exc:  # a bug: the link's thread must live on to be closed; the run stops
+            if not self.thread_errors:
+                self._crashed("reader", exc)
+        finally:
+            del items[:]
+
+    def _write_now(self, command):
+        # decode_in "reader": the reader thread writes the command it decoded, then collects garbage if due.
+        with self._write_lock:
+            if self._writes_closed:
+                return
+            now = self._clock()
+            self.parts.writer.step(command, now)
+            self._next_write_due = now + self.parts.writer_period_s
+        self.collector.collect_if_due()
+
+    def _final_safe_posture(self):
+        with self._write_lock:
+            self._writes_closed = True
+            self.parts.writer.send_safe_posture(self._clock())
 
     def _decode_loop(self):
         items = []
@@ -219,6 +283,9 @@ class RealtimeRunner(object):
                 return
 
     def _writer_loop(self):
+        if self.decode_in == "reader":
+            self._keepalive_loop()
+            return
         clock = self._clock
         period = self.parts.writer_period_s
         step = self.parts.writer.step
@@ -237,6 +304,27 @@ class RealtimeRunner(object):
             next_due = now + period
             if command is not None:
                 collect_if_due()
+
+    def _keepalive_loop(self):
+        # decode_in "reader": new commands are written by the reader; this thread writes when none came
+        # for a period (keep-alive, watchdog) and at once when a fault nudges it (safe posture).
+        clock = self._clock
+        period = self.parts.writer_period_s
+        step = self.parts.writer.step
+        wait = self.commands.get
+        stopping = self._writer_stop.is_set
+        supervisor = self.parts.supervisor
+        self._next_write_due = clock()
+        while not stopping():
+            wait(self._next_write_due - clock())
+            if stopping():
+                return
+            with self._write_lock:
+                now = clock()
+                if self._writes_closed or (now < self._next_write_due and supervisor.is_ok):
+                    continue  # a command went out meanwhile, or woken early for nothing
+                step(None, now)
+                self._next_write_due = now + period
 
     def _stop_writer(self):
         self._writer_stop.set()
@@ -339,8 +427,8 @@ class RealtimeRunner(object):
         link = self._link if self._link is not None else self._closed_link
         chip_link = dict(self.receiver.counters)
         chip_link.update(getattr(link, "counters", None) or {})
-        extra = {"mode": "realtime", "stop_reason": self.stop_reason, "chip_link": chip_link,
-                 "shutdown_problems": list(problems),
+        extra = {"mode": "realtime", "decode_in": self.decode_in, "stop_reason": self.stop_reason,
+                 "chip_link": chip_link, "shutdown_problems": list(problems),
                  "thread_errors": ["{}: {!r}".format(name, exc) for name, exc, _ in self.thread_errors]}
         return run_document(parts, self.frames_summary(), writer_counters, extra,
                          None if self._started_s is None else self._clock() - self._started_s)

@@ -39,6 +39,10 @@ class ChipReceiver(object):
     the arrival clock (``stream_restarts``, ``restart_gap_samples``), so the
     DSP's time axis stays right.  ``on_fault(kind, reason)`` (set by the
     runner) reports a fault found on the link side (``chip_config``).
+
+    ``on_chunk`` (set by a runner that decodes in the reader thread) is called
+    after each chunk's events were handed to ``frames``, from the same thread:
+    one call per read, so a backlog read at once is decoded at once.
     """
 
     def __init__(self, parser, frames, stats, clock, on_reply=None, sample_rate=None):
@@ -50,6 +54,7 @@ class ChipReceiver(object):
         self.on_reply = on_reply
         self.on_reconnect = None
         self.on_fault = None
+        self.on_chunk = None
         self.sample_rate = None if sample_rate is None else float(sample_rate)
         self._lost_frames = 0
         self._lost_samples = 0
@@ -91,6 +96,8 @@ class ChipReceiver(object):
                 if self.on_reply is not None:
                     self.on_reply(event)
         self._read_timer.add(read_s if read_s is not None else self._clock() - parsed)
+        if self.on_chunk is not None:
+            self.on_chunk()
 
     feed = data_received
 

@@ -55,6 +55,9 @@ def cases():
     yield "smoothing", "euro"
     yield "smoothing", None
     yield "smoothing", 0
+    yield "decode_in", "decoder"
+    yield "decode_in", None
+    yield "decode_in", True
     yield "safe_posture", "closed"
     yield "safe_posture", None
     yield "safe_posture", 0
@@ -70,8 +73,8 @@ def case_id(case):
 
 
 def test_every_setting_is_covered_and_has_a_range():
-    assert set(NUMERIC) | {"calibration", "safe_posture", "smoothing"} == set(DEFAULTS)
-    assert set(RANGES) == set(DEFAULTS) - {"safe_posture", "smoothing"}
+    assert set(NUMERIC) | {"calibration", "safe_posture", "smoothing", "decode_in"} == set(DEFAULTS)
+    assert set(RANGES) == set(DEFAULTS) - {"safe_posture", "smoothing", "decode_in"}
     RuntimeConfig(**{name: DEFAULTS[name] for name in DEFAULTS})                    # the defaults fit
     for name in NUMERIC:
         low, high = RANGES[name]

@@ -99,18 +99,26 @@ class PacedChip(object):
 
     def _run(self):
         start = time.perf_counter()
-        for index in range(self.n_frames):
+        index = 0
+        while index < self.n_frames:
             due = start + (index + 1) * SPF / RATE
             if self.stop_after_s is not None and due - start > self.stop_after_s:
                 return
             if self._stop.wait(max(0.0, due - time.perf_counter())):
                 return
-            frame = cp.encode_data_frame(index, index * SPF * 1000, self.samples[index * SPF:(index + 1) * SPF],
-                                         cp.FLAG_STREAM_START if index == 0 else 0)
-            # Split each frame in two reads, as a UART delivers it.
-            self._receiver.data_received(frame[:20])
+            # Every frame due by now in one read, as a serial link's reader gets a backlog after a stall.
+            data = b""
+            now = time.perf_counter()
+            while index < self.n_frames and (not data or start + (index + 1) * SPF / RATE <= now):
+                if self.stop_after_s is not None and (index + 1) * SPF / RATE > self.stop_after_s:
+                    break
+                data += cp.encode_data_frame(index, index * SPF * 1000, self.samples[index * SPF:(index + 1) * SPF],
+                                             cp.FLAG_STREAM_START if index == 0 else 0)
+                index += 1
+            # Split in two reads, as a UART delivers it.
+            self._receiver.data_received(data[:20])
             self.sent_times.append(time.perf_counter())
-            self._receiver.data_received(frame[20:])
+            self._receiver.data_received(data[20:])
 
     def close(self):
         self._stop.set()
@@ -118,10 +126,11 @@ class PacedChip(object):
         self.closed = True
 
 
-def make_runner(backend=None, config=None, chip=None, stats_path=None, recorder=None):
+def make_runner(backend=None, config=None, chip=None, stats_path=None, recorder=None, decode_in="reader"):
     hand = RecordingHand()
     parts = build_runtime(FeaturePipeline.from_config(PIPELINE), backend or create_backend("numpy", MODEL), hand,
-                          config or RuntimeConfig(status_interval_s=0), [0.5, 0.5, 0.5], time.perf_counter,
+                          config or RuntimeConfig(status_interval_s=0, decode_in=decode_in), [0.5, 0.5, 0.5],
+                          time.perf_counter,
                           recorder=recorder)
     runner = RealtimeRunner(parts, chip or PacedChip(100), stats_path=stats_path)
     return runner, hand
@@ -207,10 +216,11 @@ def test_distribution_is_exact_until_full_then_samples_with_exact_max():
 # -- live runs
 
 
-def test_live_run_decodes_every_frame_and_writes_stats(tmp_path):
+@pytest.mark.parametrize("decode_in", ["reader", "thread"])
+def test_live_run_decodes_every_frame_and_writes_stats(tmp_path, decode_in):
     stats_path = str(tmp_path / "stats.json")
     chip = PacedChip(60)
-    runner, hand = make_runner(chip=chip, stats_path=stats_path)
+    runner, hand = make_runner(chip=chip, stats_path=stats_path, decode_in=decode_in)
     document = runner.run(duration_s=0.8)
     assert chip.closed and hand.closed
     with open(stats_path) as handle:
@@ -228,13 +238,15 @@ def test_live_run_decodes_every_frame_and_writes_stats(tmp_path):
     assert stats["safety_events"]["count"] >= 1      # data stopped after 0.6 s -> data_timeout
     assert "data_timeout" in [e["kind"] for e in stats["safety_events"]["events"]]
     assert stats["stop_reason"].startswith("duration")
+    assert stats["decode_in"] == decode_in
     # Data stopped at ~0.6 s: the hand is open again before the run ends.
     assert np.array_equal(hand.sent[-1][1], np.zeros(5))
 
 
-def test_slow_decoder_skips_to_the_newest_window_and_counts_it():
+@pytest.mark.parametrize("decode_in", ["reader", "thread"])
+def test_slow_decoder_skips_to_the_newest_window_and_counts_it(decode_in):
     chip = PacedChip(50)
-    runner, hand = make_runner(backend=SlowBackend(0.025), chip=chip)   # 25 ms per 10 ms stride
+    runner, hand = make_runner(backend=SlowBackend(0.025), chip=chip, decode_in=decode_in)   # 25 ms per 10 ms stride
     document = runner.run(duration_s=0.6)
     assert document["skips"] > 10
     assert document["windows"]["decoded"] + document["skips"] == 50 - 4
@@ -274,14 +286,15 @@ def test_sigterm_puts_the_hand_in_its_safe_posture_and_closes_files(tmp_path):
     assert document["recording"]["samples_dropped"] == 0
 
 
-def test_shutdown_twice_is_harmless_and_a_crashed_thread_is_reported():
-    runner, hand = make_runner()
+@pytest.mark.parametrize("decode_in,thread", [("reader", "reader"), ("thread", "decoder")])
+def test_shutdown_twice_is_harmless_and_a_crashed_thread_is_reported(decode_in, thread):
+    runner, hand = make_runner(decode_in=decode_in)
 
     def broken(items, emit):
-        raise ValueError("bug in the decoder thread")
+        raise ValueError("bug in the decoding")
 
     runner.parts.decode.process = broken
-    with pytest.raises(RuntimeError, match="decoder thread crashed"):
+    with pytest.raises(RuntimeError, match="{} thread crashed".format(thread)):
         runner.run(duration_s=5.0)
     assert np.array_equal(hand.sent[-1][1], np.zeros(5)) and hand.closed
     assert runner.shutdown() is runner.document
@@ -346,3 +359,16 @@ def test_a_full_disk_stops_the_recording_says_so_and_the_hand_is_still_driven(tm
     # The hand was driven to the end, long after the disk filled up.
     assert document["stop_reason"].startswith("duration")
     assert document["commands_sent"] > 40 and any(np.any(p > 0) for _, p in hand.sent[-20:-1])
+
+
+def test_nothing_the_reader_decodes_is_written_after_the_final_safe_posture():
+    from neurohand.deploy.runtime.decode import DecodedCommand
+
+    runner, hand = make_runner(decode_in="reader")
+    command = DecodedCommand(10, time.perf_counter(), time.perf_counter(), np.full(5, 0.7), np.full(5, 0.7), None)
+    runner._write_now(command)              # before: written (the supervisor decides what exactly)
+    assert len(hand.sent) == 1
+    runner._final_safe_posture()
+    assert len(hand.sent) == 2 and np.array_equal(hand.sent[-1][1], np.zeros(5))
+    runner._write_now(command)              # a window the reader finished during the shutdown
+    assert len(hand.sent) == 2
