@@ -154,7 +154,7 @@ class RNNDecoder(nn.Module):
             return (h, torch.zeros_like(h))
         return h
 
-    def forward(self, x, state=None, logits=False):
+    def forward(self, x, state=None, logits=False, members=1):
         """Run a batch of sequences.
 
         Parameters
@@ -163,12 +163,18 @@ class RNNDecoder(nn.Module):
         state : None (zeros), Tensor (GRU) or tuple (h, c) (LSTM)
         logits : return the output layer before the sigmoid (the class head's cross-entropy
             needs the logits; a keyword so that DistributedDataParallel passes it through)
+        members : with an ensemble of this many members (see :func:`ensemble_masks`), return each
+            member's logits, shape (batch, time, members, output_width); their mean is the output layer's.
+            ``x`` may then be (batch, time, members, n_features): each member reads its own sequences
+            (through its own slice of the input projection, which a model with one needs)
 
         Returns
         -------
         outputs : Tensor, shape (batch, time, output_width), in 0..1 (positions, then class scores)
         state : the state after the last time step, same form as ``state``
         """
+        if members > 1 and x.dim() == 4 and self.projection is not None and x.shape[2] == members:
+            return self._members_apart(x, state, members)
         if x.dim() != 3 or x.shape[-1] != self.config.n_features:
             raise UsageError("model input must have shape (batch, time, {}), but got {}".format(
                 self.config.n_features, tuple(x.shape)))
@@ -177,8 +183,20 @@ class RNNDecoder(nn.Module):
         if self.projection is not None:
             x = self.projection_dropout(torch.relu(self.projection(x)))
         hidden, state = self.rnn(x, state)
+        if members > 1:
+            return member_logits(self.head, hidden, members), state
         output = self.head(hidden)
         return (output if logits else torch.sigmoid(output)), state
+
+    def _members_apart(self, x, state, members):
+        """forward() of an ensemble whose members read different sequences, x (batch, time, members, F)."""
+        if state is None:
+            state = self.initial_state(x.shape[0])
+        weight = self.projection.weight.reshape(members, -1, x.shape[-1])
+        projected = torch.einsum("btkf,kpf->btkp", x, weight) + self.projection.bias.reshape(members, -1)
+        projected = self.projection_dropout(torch.relu(projected)).reshape(x.shape[:2] + (-1,))
+        hidden, state = self.rnn(projected, state)
+        return member_logits(self.head, hidden, members), state
 
     def step(self, features, state):
         """One decoder step.
@@ -204,6 +222,92 @@ class RNNDecoder(nn.Module):
             x = self.projection_dropout(torch.relu(self.projection(x)))
         hidden, state = self.rnn(x.unsqueeze(1), state)
         return torch.sigmoid(self.head(hidden[:, 0, :])), state
+
+
+def check_members(config, members):
+    """An ensemble's member count that divides the model's widths (UsageError otherwise)."""
+    members = check_int("ensemble", members, minimum=1)
+    for name in ("hidden_size", "input_projection"):
+        width = getattr(config, name)
+        if width is not None and width % members:
+            raise UsageError("ensemble {} needs {} to be a multiple of it, but got {}".format(members, name, width))
+    return members
+
+
+def ensemble_masks(model, members):
+    """Masks (parameter name -> 0/1 tensor) that make ``model`` an ensemble of ``members`` independent RNNs.
+
+    Member k owns the k-th slice of every layer's units (the projection's, and the hidden units of each of
+    the cell's gates): the recurrent layers' input and recurrent weights are block-diagonal, so the
+    members never see one another's units.  The projection and the output layer are left whole: each
+    projection unit already belongs to one member, and the output layer sums over all hidden units,
+    which :func:`member_logits` splits per member.  The masked model is an ordinary RNNDecoder: the ONNX
+    export and every backend run it unchanged, and its output is the sigmoid of the members' mean logit."""
+    config = model.config
+    members = check_members(config, members)
+    if members == 1:
+        return {}
+    hidden = config.hidden_size
+    masks = {}
+    for name, parameter in model.rnn.named_parameters():
+        if not name.startswith("weight_"):
+            continue
+        if name.startswith("weight_ih_l0") and config.input_projection is None:
+            continue            # raw features: every member reads all of them
+        rows, columns = parameter.shape
+        owner_row = (torch.arange(rows) % hidden) // (hidden // members)
+        owner_column = torch.arange(columns) // (columns // members)
+        masks["rnn." + name] = (owner_row[:, None] == owner_column[None, :]).to(parameter.dtype)
+    return masks
+
+
+def member_logits(head, hidden, members):
+    """Each member's output logits from the hidden units (..., members x h): member k's are
+    members x (its slice of the output weights) . (its hidden units) + the shared bias, so their mean over
+    the members is exactly ``head(hidden)``."""
+    split = hidden.reshape(hidden.shape[:-1] + (members, -1))
+    weight = head.weight.reshape(head.weight.shape[0], members, -1)
+    return members * torch.einsum("...kh,okh->...ko", split, weight) + head.bias
+
+
+def merge_members(models):
+    """One RNNDecoder whose output is the mean logit of ``models`` (same config each, with a projection):
+    their layers side by side, block-diagonal (see :func:`ensemble_masks`), the output layer's weights
+    divided by their number and its bias their mean."""
+    first = models[0].config
+    members = len(models)
+    if first.input_projection is None or any(m.config != first for m in models):
+        raise UsageError("models to merge must share one config with an input projection")
+    h, p = first.hidden_size, first.input_projection
+    wide = build_model(ModelConfig(first.n_features, first.n_outputs, first.cell, members * h, first.num_layers,
+                                   members * p, first.dropout, first.class_names))
+    n_gates = wide.rnn.weight_hh_l0.shape[0] // (members * h)
+    state = {name: torch.zeros_like(value) for name, value in wide.state_dict().items()}
+    for k, model in enumerate(models):
+        units = torch.cat([g * members * h + torch.arange(k * h, (k + 1) * h) for g in range(n_gates)])
+        for name, value in model.state_dict().items():
+            if name.startswith("projection."):
+                state[name][k * p:(k + 1) * p] = value
+            elif name.startswith("rnn.weight"):
+                width = p if name.startswith("rnn.weight_ih_l0") else h
+                state[name][units[:, None], torch.arange(k * width, (k + 1) * width)[None, :]] = value
+            elif name.startswith("rnn.bias"):
+                state[name][units] = value
+            elif name == "head.weight":
+                state[name][:, k * h:(k + 1) * h] = value / members
+            else:
+                state[name] += value / members
+    wide.load_state_dict(state)
+    return wide
+
+
+def init_ensemble(model, masks, members):
+    """Zero the weights between members and give each member's blocks the scale of a model of its own size
+    (torch scales a layer's initial weights by its full width, 1/sqrt(members) too small for a member)."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.startswith("rnn."):
+                parameter.mul_(masks[name] * members ** 0.5 if name in masks else members ** 0.5)
 
 
 def build_model(config):

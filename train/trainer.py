@@ -55,7 +55,7 @@ from neurohand.firmware_bridge.shared.digest import sha256_of
 from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 from neurohand.firmware_bridge.shared.outputs import check_output_path
 from neurohand.train import dataset, metrics, splits
-from neurohand.train.model import ModelConfig, build_model
+from neurohand.train.model import ModelConfig, build_model, check_members, ensemble_masks, init_ensemble
 
 RUN_FORMAT = "neurohand-run"
 RUN_VERSION = 1
@@ -88,9 +88,15 @@ TRAINING_DEFAULTS = {
     "class_weight": 0.02,      # weight of the class cross-entropy next to the position MSE (0.1 cost R², docs)
     "class_balance": True,     # weigh each class's steps by 1/frequency (rest is about half of NinaPro's steps)
     "max_minutes": None,       # training time budget (None = no limit)
+    "ema_decay": 0.0,          # exponential moving average of the weights per optimiser step (0 = off)
+    "time_warp": 0.0,          # pieces replayed at a speed drawn log-uniformly in [1/(1+w), 1+w] (0 = off)
+    "ensemble": 1,             # this many independent copies of the model, one loss each, exported as one (mean logit)
+    "lr_schedule": "plateau",  # "plateau": cut by lr_factor after lr_patience bad epochs; "cosine": to 0 at epochs
+    "joint_weights": False,    # weigh each output's squared error by 1 / its training variance (mean R²'s weights)
 }
 
 CLASS_HEAD_CHOICES = ("auto", True, False)
+LR_SCHEDULES = ("plateau", "cosine")
 # The class head's settings, left out of a run's settings digest while it has no head (so a run without
 # one keeps the digest, and can be resumed, as before the head existed).
 CLASS_SETTINGS = ("class_head", "class_weight", "class_balance")
@@ -237,6 +243,12 @@ def check_training(training):
                                                  minimum=0.0)
     t["target_lead_s"] = checks.check_number("training target_lead_s", t["target_lead_s"], minimum=0.0,
                                              maximum=1.0)
+    t["lr_schedule"] = checks.check_option("training lr_schedule", t["lr_schedule"], LR_SCHEDULES)
+    if not isinstance(t["joint_weights"], bool):
+        raise UsageError("training joint_weights must be true or false, but got {!r}".format(t["joint_weights"]))
+    t["ensemble"] = checks.check_int("training ensemble", t["ensemble"], minimum=1)
+    t["time_warp"] = checks.check_number("training time_warp", t["time_warp"], minimum=0.0, maximum=1.0)
+    t["ema_decay"] = checks.check_number("training ema_decay", t["ema_decay"], minimum=0.0, maximum=0.9999)
     if t["max_minutes"] is not None:
         t["max_minutes"] = checks.check_number("max_minutes", t["max_minutes"], minimum=0.0,
                                                exclusive_minimum=True)
@@ -320,6 +332,10 @@ def settings_digest(settings, recordings, seed, init=None, class_head=None):
     relevant = copy.deepcopy(settings)
     relevant["training"].pop("epochs", None)
     relevant["training"].pop("max_minutes", None)
+    for key, off in (("ema_decay", 0.0), ("time_warp", 0.0), ("ensemble", 1), ("joint_weights", False),
+                     ("lr_schedule", "plateau")):
+        if relevant["training"].get(key, off) == off:
+            relevant["training"].pop(key, None)     # a run without it keeps its digest from before
     if class_head is None:
         for key in CLASS_SETTINGS:
             relevant["training"].pop(key, None)
@@ -433,13 +449,14 @@ def cut_pieces(lengths, piece_steps, rng):
     return pieces
 
 
-def plan_epoch(lengths, settings, steps_per_s, seed, epoch, world_size):
-    """Batches of one epoch, the same list in every process.
+def plan_epoch(lengths, settings, steps_per_s, seed, epoch, world_size, stream=0):
+    """Batches of one epoch, the same list in every process (``stream`` k > 0: another draw, an
+    ensemble member's own).
 
     Returns list of batches, each a list of (sequence index, start, stop);
     the number of batches is a multiple of ``world_size`` (the last ones are
     filled with pieces drawn again) so every process runs the same number."""
-    rng = np.random.default_rng([seed, epoch])
+    rng = np.random.default_rng([seed, epoch] + ([stream] if stream else []))
     piece_steps = max(1, int(round(settings["sequence_s"] * steps_per_s)))
     pieces = cut_pieces(lengths, piece_steps, rng)
     order = rng.permutation(len(pieces))
@@ -451,10 +468,20 @@ def plan_epoch(lengths, settings, steps_per_s, seed, epoch, world_size):
     return batches
 
 
-def collate(sequences, batch, n_steps, targets, class_targets=None):
+def warp_positions(start, n, speed, length):
+    """Where a piece of ``n`` steps from ``start`` replayed at ``speed`` reads its sequence of ``length``
+    steps: (lower step, upper step, weight of the upper) per step, stopping at the sequence's last step."""
+    positions = start + np.arange(n) * speed
+    positions = positions[positions <= length - 1]
+    lower = np.floor(positions).astype(np.int64)
+    return lower, np.minimum(lower + 1, length - 1), positions - lower
+
+
+def collate(sequences, batch, n_steps, targets, class_targets=None, speeds=None):
     """Padded tensors for one batch: x (B, n_steps, F), y (B, n_steps, K), mask (B, n_steps);
     with ``class_targets`` (per sequence, head index per step) also c (B, n_steps) int64, NO_CLASS where
-    padded."""
+    padded.  ``speeds`` (one per piece, or None): time warping, features and targets interpolated
+    linearly at the piece's speed (a movement made faster or slower), class targets from the nearest step."""
     n_features = sequences[0].features.shape[1]
     n_outputs = sequences[0].labels.shape[1]
     x = np.zeros((len(batch), n_steps, n_features), dtype=np.float32)
@@ -463,18 +490,39 @@ def collate(sequences, batch, n_steps, targets, class_targets=None):
     c = np.full((len(batch), n_steps), dataset.NO_CLASS, dtype=np.int64)
     for row, (index, start, stop) in enumerate(batch):
         n = stop - start
-        x[row, :n] = sequences[index].features[start:stop]
-        y[row, :n] = targets[index][start:stop]
+        if speeds is None or speeds[row] == 1.0:
+            x[row, :n] = sequences[index].features[start:stop]
+            y[row, :n] = targets[index][start:stop]
+            mask[row, :n] = 1.0
+            if class_targets is not None:
+                c[row, :n] = class_targets[index][start:stop]
+            continue
+        lower, upper, weight = warp_positions(start, n, speeds[row], len(targets[index]))
+        n, weight = len(lower), weight[:, None]
+        features, target = sequences[index].features, targets[index]
+        x[row, :n] = features[lower] * (1.0 - weight) + features[upper] * weight
+        y[row, :n] = target[lower] * (1.0 - weight) + target[upper] * weight
         mask[row, :n] = 1.0
         if class_targets is not None:
-            c[row, :n] = class_targets[index][start:stop]
+            c[row, :n] = class_targets[index][np.where(weight[:, 0] < 0.5, lower, upper)]
     tensors = (torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(mask))
     return tensors + (torch.from_numpy(c),) if class_targets is not None else tensors
 
 
-def masked_mse(outputs, targets, mask):
-    """Mean squared error over the real (unpadded) steps; 0 (with a graph) where there are none."""
-    squared = ((outputs - targets) ** 2).mean(dim=2) * mask
+def _pad_rows(tensor, rows):
+    """``tensor`` with padding rows appended up to ``rows``: zeros (mask 0), NO_CLASS for class targets."""
+    fill = dataset.NO_CLASS if tensor.dtype == torch.int64 else 0
+    return torch.cat([tensor, torch.full((rows - len(tensor),) + tuple(tensor.shape[1:]), fill, dtype=tensor.dtype)])
+
+
+def masked_mse(outputs, targets, mask, weights=None):
+    """Mean squared error over the real (unpadded) steps; 0 (with a graph) where there are none.
+    ``weights`` (per output, mean 1, or None) weigh the outputs' errors."""
+    squared = (outputs - targets) ** 2
+    squared = (squared if weights is None else squared * weights).mean(dim=-1)
+    if squared.dim() > mask.dim():
+        squared = squared.mean(dim=2)       # an ensemble's members, all on the same steps
+    squared = squared * mask
     return squared.sum() / mask.sum().clamp(min=1.0)
 
 
@@ -531,15 +579,16 @@ def score_sequences(model, sequences, device, class_targets=None):
 
 
 def score_class_steps(truth, scores):
-    """Per-step accuracy and balanced accuracy of class ``scores`` (n_steps, n_classes) against head
-    indices ``truth`` (steps of unknown classes left out), as train/classes.py measures them."""
+    """Per-step accuracy, balanced accuracy and confusion (head order, rows true) of class ``scores``
+    (n_steps, n_classes) against head indices ``truth`` (steps of unknown classes left out), as
+    train/classes.py measures them."""
     from neurohand.train import classes
 
     known = truth != dataset.NO_CLASS
     n_classes = scores.shape[1]
     confusion = classes.confusion_matrix(truth[known], np.argmax(scores[known], axis=1), np.arange(n_classes))
     return {"accuracy": classes.accuracy(confusion), "balanced_accuracy": classes.balanced_accuracy(confusion),
-            "n_steps": int(known.sum())}
+            "n_steps": int(known.sum()), "confusion": confusion.tolist()}
 
 
 # --- checkpoint ---------------------------------------------------------------------
@@ -892,8 +941,14 @@ def _build(prepared, seed, context):
     n_features = prepared.pipeline.n_features
     n_outputs = prepared.sequences["train"][0].labels.shape[1]
     class_names = [] if prepared.class_head is None else prepared.class_head.names
-    model_config = ModelConfig(n_features=n_features, n_outputs=n_outputs, class_names=class_names,
-                               **prepared.settings["model"])
+    sizes = dict(prepared.settings["model"])
+    members = prepared.settings["training"]["ensemble"]
+    if members > 1:
+        # An ensemble of the configured model, trained and exported as one model that many times as wide.
+        for key in ("hidden_size", "input_projection"):
+            if isinstance(sizes.get(key), int) and not isinstance(sizes[key], bool):
+                sizes[key] *= members
+    model_config = ModelConfig(n_features=n_features, n_outputs=n_outputs, class_names=class_names, **sizes)
     torch.manual_seed(seed)
     model = build_model(model_config).to(context.device)
     return model_config, model
@@ -1016,6 +1071,8 @@ class TrainingState(object):
 
     def step_lr_schedule(self, settings):
         """After an epoch without improvement: cut the learning rate once lr_patience of them have passed."""
+        if settings.get("lr_schedule") == "cosine":
+            return
         self.lr_bad_epochs += 1
         if self.lr_bad_epochs >= settings["lr_patience"]:
             self.lr *= settings["lr_factor"]
@@ -1046,6 +1103,11 @@ class _Training(object):
         self.seed = seed
         self.context = context
         self.model_config, self.model = _build(prepared, seed, context)
+        self.members = check_members(self.model_config, self.settings["ensemble"])
+        self.masks = {name: mask.to(context.device) for name, mask in ensemble_masks(self.model, self.members).items()}
+        # Members read pieces of their own where each has its own input projection (see RNNDecoder.forward).
+        self.members_apart = self.members > 1 and self.model_config.input_projection is not None
+        init_ensemble(self.model, self.masks, self.members)
         self.anchor = None
         if prepared.init is not None:
             self.anchor = _load_init_weights(self.model, prepared.init, context.device)
@@ -1058,7 +1120,13 @@ class _Training(object):
             self.class_weights = torch.tensor(prepared.class_head.weights, dtype=torch.float32,
                                               device=context.device)
         self.best_model = _cpu_state(self.model.state_dict())
+        self.average = WeightAverage(self.model, self.settings["ema_decay"]) if self.settings["ema_decay"] else None
         self.lengths = [len(s.features) for s in prepared.sequences["train"]]
+        self.joint_weights = None
+        if self.settings["joint_weights"]:
+            # Mean R² divides each output's squared error by its variance; so does this loss.
+            inverse = 1.0 / np.maximum(np.concatenate(prepared.targets).var(axis=0), 1e-6)
+            self.joint_weights = torch.tensor(inverse / inverse.mean(), dtype=torch.float32, device=context.device)
         self.steps_per_s = dataset.steps_per_second(prepared.pipeline)
 
     def resume(self, checkpoint_path, digest, run_dir, document=None):
@@ -1087,6 +1155,8 @@ class _Training(object):
                     raise ConfigError("checkpoint {!r}: optimiser state {!r} does not fit its parameter".format(
                         checkpoint_path, name))
         self.best_model = document["best_model"]
+        if self.average is not None:
+            self.average.load_dict(document.get("average"), checkpoint_path)
         self.state.load_dict(document["state"], checkpoint_path)
         if self.state.stopped != "patience":
             # A time budget or epoch limit may be extended on resume; early stopping is final.
@@ -1102,7 +1172,7 @@ class _Training(object):
             "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "settings_digest": digest,
             "model_config": self.model_config.to_dict(), "model": _cpu_state(self.model.state_dict()),
             "optimizer": self.optimizer.state_dict(), "best_model": self.best_model,
-            "state": self.state.to_dict()})
+            "state": self.state.to_dict(), "average": None if self.average is None else self.average.to_dict()})
 
     def distribute(self):
         """Under torchrun, train through DistributedDataParallel (it averages the gradients)."""
@@ -1117,13 +1187,15 @@ class _Training(object):
         epoch = state.epoch + 1
         losses, n_batches, out_of_time = self.train_epoch(epoch, clock, progress)
         class_targets = (self.prepared.class_targets or {}).get("validation")
-        validation, _ = score_sequences(self.model, self.prepared.sequences["validation"], self.context.device,
+        # With weight averaging the averaged weights are the ones validated, kept and exported.
+        judged = self.model if self.average is None else self.average.model
+        validation, _ = score_sequences(judged, self.prepared.sequences["validation"], self.context.device,
                                         class_targets)
         state.epoch = epoch
         state.elapsed_s = clock.elapsed_s()
         state.record_epoch(losses, validation, n_batches)
         if state.judge(validation["mean_r2"], self.settings):
-            self.best_model = _cpu_state(self.model.state_dict())
+            self.best_model = _cpu_state(judged.state_dict())
         if out_of_time:
             state.stopped = "time budget"
         return validation
@@ -1134,17 +1206,30 @@ class _Training(object):
         Returns (chunk losses, number of batches in the share, whether the time budget ran out); a chunk's
         loss is (position MSE, class cross-entropy or None)."""
         context, settings = self.context, self.settings
+        if settings["lr_schedule"] == "cosine":
+            # A function of the epoch only, so a resumed run follows the same curve.
+            progress_made = (epoch - 1) / settings["epochs"]
+            self.state.lr = settings["learning_rate"] * 0.5 * (1.0 + math.cos(math.pi * progress_made))
         for group in self.optimizer.param_groups:
             group["lr"] = self.state.lr
         # Dropout and piece offsets depend on (seed, epoch) only: resuming repeats them exactly.
         torch.manual_seed(self.seed * 1000003 + epoch * 101 + context.rank)
         batches = plan_epoch(self.lengths, settings, self.steps_per_s, self.seed, epoch, context.world_size)
         mine = batches[context.rank::context.world_size]
+        group_steps = _group_steps(batches, context.world_size)
+        if self.members_apart:
+            # Each member its own draw of pieces, as if trained alone: the members differ by more than
+            # their initial weights (the diversity an ensemble lives on).
+            draws = [batches] + [plan_epoch(self.lengths, settings, self.steps_per_s, self.seed, epoch,
+                                            context.world_size, stream=k) for k in range(1, self.members)]
+            n = min(len(d) for d in draws)
+            mine = [list(group) for group in zip(*[d[:n][context.rank::context.world_size] for d in draws])]
+            group_steps = [max(steps) for steps in zip(*[_group_steps(d[:n], context.world_size) for d in draws])]
         bar = _progress_bar(len(mine), epoch, settings["epochs"], progress and context.is_main)
         losses = []
         out_of_time = False
         self.model.train()
-        for batch, n_steps in zip(mine, _group_steps(batches, context.world_size)):
+        for batch, n_steps in zip(mine, group_steps):
             losses.extend(self.train_batch(batch, n_steps))
             bar.update(1)
             if clock.out_of_time(context):
@@ -1162,8 +1247,20 @@ class _Training(object):
         cross-entropy(class logits, class targets)."""
         settings, device = self.settings, self.context.device
         class_targets = None if self.prepared.class_head is None else self.prepared.class_targets["train"]
-        tensors = [t.to(device) for t in collate(self.prepared.sequences["train"], batch, n_steps,
-                                                 self.prepared.targets, class_targets)]
+        parts = []
+        for pieces in (batch if self.members_apart else [batch]):
+            speeds = None
+            if settings["time_warp"] > 0:
+                # Drawn from the epoch-seeded torch generator, as the input noise: resuming repeats them.
+                speeds = np.exp((2.0 * torch.rand(len(pieces)).double().numpy() - 1.0)
+                                * math.log1p(settings["time_warp"]))
+            parts.append(collate(self.prepared.sequences["train"], pieces, n_steps, self.prepared.targets,
+                                 class_targets, speeds))
+        if self.members_apart:      # members along dim 2: x (B, T, members, F), y, mask, c likewise
+            rows = max(len(pieces) for pieces in batch)     # a draw's last batch may be short: padded
+            parts = [[_pad_rows(t, rows) for t in tensors] for tensors in parts]
+            parts = [[torch.stack(tensors, dim=2) for tensors in zip(*parts)]]
+        tensors = [t.to(device) for t in parts[0]]
         x, y, mask = tensors[:3]
         c = tensors[3] if class_targets is not None else None
         n_positions = self.model_config.n_outputs
@@ -1177,28 +1274,94 @@ class _Training(object):
             if self.state.epoch < settings.get("freeze_recurrent_epochs", 0) else []
         for start in range(0, n_steps, settings["tbptt_steps"]):
             stop = start + settings["tbptt_steps"]
-            if c is None:
+            if self.members > 1:
+                chunk_classes = None if c is None else c[:, start:stop]
+                loss, class_loss, hidden = self.ensemble_losses(x[:, start:stop], hidden, y[:, start:stop],
+                                                                mask[:, start:stop], chunk_classes)
+                objective = loss if c is None else loss + settings["class_weight"] * class_loss
+            elif c is None:
                 outputs, hidden = self.train_model(x[:, start:stop], hidden)
-                loss = masked_mse(outputs, y[:, start:stop], mask[:, start:stop])
+                loss = masked_mse(outputs, y[:, start:stop], mask[:, start:stop], self.joint_weights)
                 objective, class_loss = loss, None
             else:
                 logits, hidden = self.train_model(x[:, start:stop], hidden, logits=True)
-                loss = masked_mse(torch.sigmoid(logits[..., :n_positions]), y[:, start:stop], mask[:, start:stop])
+                loss = masked_mse(torch.sigmoid(logits[..., :n_positions]), y[:, start:stop], mask[:, start:stop],
+                                  self.joint_weights)
                 class_loss = masked_cross_entropy(logits[..., n_positions:], c[:, start:stop], self.class_weights)
                 objective = loss + settings["class_weight"] * class_loss
             if l2sp > 0:
                 objective = objective + l2sp * self.distance_to_anchor()
             self.optimizer.zero_grad(set_to_none=True)
             objective.backward()
+            for name, parameter in self.model.named_parameters():
+                if name in self.masks and parameter.grad is not None:
+                    parameter.grad.mul_(self.masks[name])     # the members stay apart
             for parameter in frozen:
                 parameter.grad = None       # the optimiser skips a parameter without a gradient
             if settings["grad_clip"] > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings["grad_clip"])
             self.optimizer.step()
+            if self.average is not None:
+                self.average.update(self.model)
             hidden = detach_state(hidden)
             if float(mask[:, start:stop].sum()) > 0:
                 losses.append((float(loss.detach()), None if class_loss is None else float(class_loss.detach())))
         return losses
+
+    def ensemble_losses(self, x, hidden, y, mask, c):
+        """An ensemble's losses, each the mean over the members of the member's own loss (each member
+        learns the task alone; only the exported output averages them).  Returns (position MSE, class
+        cross-entropy or None, state)."""
+        members, n_positions = self.members, self.model_config.n_outputs
+        logits, hidden = self.train_model(x, hidden, members=members)
+        if y.dim() == 3:            # the members read the same pieces
+            y, c = y.unsqueeze(2), None if c is None else c.unsqueeze(2).expand(-1, -1, members)
+        loss = masked_mse(torch.sigmoid(logits[..., :n_positions]), y, mask, self.joint_weights)
+        class_loss = None
+        if c is not None:
+            class_loss = masked_cross_entropy(logits[..., n_positions:], c, self.class_weights)
+        return loss, class_loss, hidden
+
+
+class WeightAverage(object):
+    """Exponential moving average of the weights, updated after every optimiser step (Polyak averaging;
+    the average of a noisy descent sits nearer the flat middle of the minimum than its last step).
+
+    The decay ramps up as min(decay, (1 + n) / (10 + n)) over the first steps n, so the random
+    initial weights do not linger in the average (as TensorFlow's ExponentialMovingAverage)."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.steps = 0
+        self.model = copy.deepcopy(model)
+        self.model.eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+
+    def update(self, model):
+        self.steps += 1
+        decay = min(self.decay, (1.0 + self.steps) / (10.0 + self.steps))
+        with torch.no_grad():
+            for average, current in zip(self.model.state_dict().values(), model.state_dict().values()):
+                if average.dtype.is_floating_point:
+                    average.mul_(decay).add_(current, alpha=1.0 - decay)
+                else:
+                    average.copy_(current)
+
+    def to_dict(self):
+        return {"steps": self.steps, "weights": _cpu_state(self.model.state_dict())}
+
+    def load_dict(self, document, source):
+        if (not isinstance(document, dict) or not isinstance(document.get("steps"), int)
+                or not isinstance(document.get("weights"), dict)):
+            raise ConfigError("checkpoint {!r} lacks the weight average (training ema_decay) it was trained "
+                              "with".format(source))
+        try:
+            self.model.load_state_dict(document["weights"])
+        except (RuntimeError, KeyError, TypeError) as exc:
+            raise ConfigError("checkpoint {!r}: its weight average does not fit this model ({})".format(
+                source, _first_line(exc))) from None
+        self.steps = document["steps"]
 
 
 def _load_init_weights(model, init, device):
@@ -1351,11 +1514,14 @@ def _write_outputs(prepared, run_dir, seed, context, result, light=False):
     if light:
         return metrics.json_ready(summary)
     test = prepared.sequences["test"]
+    test_classes = scores["test"].get("classes")
     report.write_report(os.path.join(run_dir, FILES["report"]),
                         truth=np.concatenate([s.labels for s in test]),
                         prediction=np.concatenate(predictions["test"]),
                         steps_per_s=dataset.steps_per_second(prepared.pipeline),
                         label_names=list(first.labels.names), r2=scores["test"]["r2"], history=history,
                         title="{} - test mean R2 {:.3f}".format(os.path.basename(first.path),
-                                                                 scores["test"]["mean_r2"]))
+                                                                 scores["test"]["mean_r2"]),
+                        classes=None if not test_classes else dict(test_classes,
+                                                                    class_names=list(model_config.class_names)))
     return metrics.json_ready(summary)
