@@ -188,43 +188,18 @@ def lda_baselines(recording, plan, sequences, pipeline_settings, steps_per_s, de
 def plot_confusion(path, confusion, names, title="", normalise=True):
     """Write the confusion matrix as a PNG (matplotlib, Agg): rows true, columns decided.
 
+    Drawn by train/report.py draw_confusion, as report.png's class panel is.
     normalise : colour and print each row as shares of its true class (recall
     on the diagonal), so rest's many steps do not wash out the movements; the
     row's step count is printed beside its name."""
     import matplotlib
     matplotlib.use("Agg", force=True)
     from matplotlib import pyplot as plt
+    from neurohand.train.report import draw_confusion
 
-    confusion = np.asarray(confusion, dtype=np.float64)
-    n = confusion.shape[0]
-    support = confusion.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        shown = confusion / np.where(support > 0, support, 1.0)[:, None] if normalise else confusion
-    size = max(4.5, 0.48 * n + 2.0)
+    size = max(4.5, 0.48 * len(names) + 2.0)
     figure, axis = plt.subplots(figsize=(size + 0.8, size))
-    image = axis.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0 if normalise else max(1.0, shown.max()))
-    for i in range(n):
-        for j in range(n):
-            value = shown[i, j]
-            if value == 0:
-                continue
-            text = ("{:.0f}".format(100 * value) if 100 * value >= 0.5 else "<1") if normalise \
-                else "{:.0f}".format(value)
-            dark = value > (0.6 if normalise else 0.6 * shown.max())
-            axis.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
-    axis.set_xticks(np.arange(n))
-    axis.set_yticks(np.arange(n))
-    axis.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
-    axis.set_yticklabels(["{} ({:d})".format(name, int(count)) for name, count in zip(names, support)], fontsize=8)
-    axis.set_xlabel("decided class")
-    axis.set_ylabel("true class (steps)")
-    colour_bar = figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
-    colour_bar.set_label("share of the true class's steps, %" if normalise else "steps")
-    if normalise:
-        colour_bar.set_ticks([0.0, 0.25, 0.5, 0.75, 1.0])
-        colour_bar.set_ticklabels(["0", "25", "50", "75", "100"])
-    if title:
-        axis.set_title(title, fontsize=9)
+    draw_confusion(axis, confusion, names, title=title, normalise=normalise)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

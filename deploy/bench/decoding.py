@@ -1,4 +1,4 @@
-"""``neurohand bench decoding``: test R² of our RNN against Wiener and Kalman filters, and training time.
+"""``neurohand bench decoding``: test R² of our RNN against a TCN, Wiener and Kalman filters, and training time.
 
 Each data set goes through the same commands a user runs, in a fresh
 interpreter each, in a temporary directory removed afterwards::
@@ -6,22 +6,26 @@ interpreter each, in a temporary directory removed afterwards::
     NinaPro DB1 S2 E1   neurohand import ninapro S2_A1_E1.mat --out rec
     simulator           neurohand simulate --out rec --seconds 150 --seed 1
     then                neurohand train rec --out run --seed 0 --quiet --json [--max-minutes M]
-                        neurohand evaluate run rec --json
+                        neurohand evaluate run rec --json [--tcn]
 
 with the trainer's defaults for the data's mode (train/trainer.py), so the
 RNN is scored on the test split (NinaPro: repetitions 2, 5, 7) after causal,
 streaming decoding with the numpy backend, and the Wiener and Kalman filters
-are fitted on the same split and features (train/baselines.py).
+are fitted on the same split and features (train/baselines.py).  The
+temporal convolutional network (train/tcn.py, Bai et al. 2018) trains with the
+run's recipe, budget and seed (``evaluate --tcn``); it costs about as much
+training time as the RNN again, so ``with_tcn=False`` leaves it out.
 
 ``quick`` shrinks everything to check the set-up (1 epoch, 40 s simulated):
 its R² figures mean nothing.
 
 Output::
 
-    {"quick": bool, "max_minutes": float | None,
+    {"quick": bool, "max_minutes": float | None, "tcn": bool,
      "datasets": {"ninapro_db1_s2_e1" | "simulator_150s_seed1": {
          "what": str, "test_steps": int, "test_seconds": float,
-         "scores": {"rnn" | "wiener" | "kalman" | "tcn": {"mean_r2", "mean_pearson_r", "mean_rmse", "r2": [...]}},
+         "scores": {"rnn" | "wiener" | "kalman" | "tcn": {"mean_r2", "mean_pearson_r", "mean_rmse", "r2": [...]}
+                    (the TCN's also "seed" and "training": {"epochs_run", "best_epoch", "stopped", "train_seconds"})},
          "classes": {"rnn" | "lda" | "lda_td": {"accuracy", "balanced_accuracy", "trial_accuracy", ...}}
                     (only where evaluate reports movement classes),
          "label_names": [...],
@@ -49,6 +53,8 @@ TRAIN_SEED = 0
 SCORE_KEYS = ("mean_r2", "mean_pearson_r", "mean_rmse", "r2")
 # Movement-class scores (train/classes.py), where the recording has movement events.
 CLASS_KEYS = ("accuracy", "balanced_accuracy", "trial_accuracy", "rest_trial_accuracy", "delay_s")
+# What a trained baseline (the TCN) reports of its training (train/tcn.py TCNDecoder.settings).
+BASELINE_TRAINING_KEYS = ("epochs_run", "best_epoch", "stopped", "train_seconds")
 
 
 def default_ninapro_file():
@@ -94,6 +100,8 @@ def summarise(train_summary, evaluation, wall_seconds, budget):
             scores[name] = {key: baseline[key] for key in SCORE_KEYS}
             if "seed" in baseline:
                 scores[name]["seed"] = baseline["seed"]
+            if "train_seconds" in baseline:
+                scores[name]["training"] = {key: baseline.get(key) for key in BASELINE_TRAINING_KEYS}
         elif "balanced_accuracy" in baseline:
             classes[name] = {key: baseline.get(key) for key in CLASS_KEYS}
     validation = train_summary["scores"].get("validation", {})
@@ -116,8 +124,8 @@ def summarise(train_summary, evaluation, wall_seconds, budget):
     return entry
 
 
-def train_and_evaluate(recording, run_dir, quick, max_minutes, label):
-    """Train with the defaults and evaluate; returns the data set's entry."""
+def train_and_evaluate(recording, run_dir, quick, max_minutes, label, with_tcn=True):
+    """Train with the defaults and evaluate (with the TCN where ``with_tcn``); returns the data set's entry."""
     arguments = ["train", recording, "--out", run_dir, "--seed", TRAIN_SEED, "--quiet", "--json"]
     if quick:
         arguments += ["--epochs", 1]
@@ -129,55 +137,59 @@ def train_and_evaluate(recording, run_dir, quick, max_minutes, label):
         budget = "none: the trainer's defaults (early stopping)"
     stdout, train_s = run_step(neurohand_command(*arguments), "training on {} ({})".format(label, budget))
     train_summary = json_output(stdout, "neurohand train")
-    stdout, evaluate_s = run_step(neurohand_command("evaluate", run_dir, recording, "--json"),
-                                  "evaluating on {}".format(label))
+    stdout, evaluate_s = run_step(neurohand_command("evaluate", run_dir, recording, "--json",
+                                                    *(["--tcn"] if with_tcn else [])),
+                                  "evaluating on {}{}".format(label, " (and training the TCN)" if with_tcn else ""))
     entry = summarise(train_summary, json_output(stdout, "neurohand evaluate"), train_s, budget)
     entry["seconds"] = {"train": round(train_s, 1), "evaluate": round(evaluate_s, 1)}
     return entry
 
 
-def ninapro(work, quick, max_minutes, mat_file):
+def ninapro(work, quick, max_minutes, mat_file, with_tcn=True):
     if not os.path.isfile(mat_file):
         return {"skipped": "{} not found (give the NinaPro DB1 S2 E1 file with --ninapro FILE)".format(mat_file)}
     recording = os.path.join(work, "ninapro.rec")
     _, prepare_s = run_step(neurohand_command("import", "ninapro", mat_file, "--out", recording),
                             "importing NinaPro")
-    entry = train_and_evaluate(recording, os.path.join(work, "ninapro-run"), quick, max_minutes, "NinaPro")
+    entry = train_and_evaluate(recording, os.path.join(work, "ninapro-run"), quick, max_minutes, "NinaPro", with_tcn)
     entry["what"] = "NinaPro DB1 subject 2 exercise 1 ({}): 10 EMG channels (100 Hz RMS) -> 22 glove angles".format(
         os.path.basename(mat_file))   # results are committed: no path of the measuring machine
     entry["seconds"]["prepare"] = round(prepare_s, 1)
     return entry
 
 
-def simulator(work, quick, max_minutes):
+def simulator(work, quick, max_minutes, with_tcn=True):
     seconds = QUICK_SIMULATOR_SECONDS if quick else SIMULATOR_SECONDS
     recording = os.path.join(work, "simulated.rec")
     _, prepare_s = run_step(neurohand_command("simulate", "--out", recording, "--seconds", seconds,
                                               "--seed", SIMULATOR_SEED, "--difficulty", SIMULATOR_DIFFICULTY, "--quiet"),
                            "simulating {:g} s".format(seconds))
-    entry = train_and_evaluate(recording, os.path.join(work, "simulator-run"), quick, max_minutes, "the simulator")
+    entry = train_and_evaluate(recording, os.path.join(work, "simulator-run"), quick, max_minutes, "the simulator",
+                               with_tcn)
     entry["what"] = ("neurohand simulate --seconds {:g} --seed {} --difficulty {}: 16 nerve channels at 10 kHz "
                      "-> 5 finger positions".format(seconds, SIMULATOR_SEED, SIMULATOR_DIFFICULTY))
     entry["seconds"]["prepare"] = round(prepare_s, 1)
     return entry
 
 
-def run(quick, ninapro_file=None, max_minutes=None):
+def run(quick, ninapro_file=None, max_minutes=None, with_tcn=True):
     """The ``decoding`` target.
 
     ninapro_file : path of S2_A1_E1.mat (default: :func:`default_ninapro_file`); skipped where absent.
     max_minutes : training budget per data set in minutes (None: the trainer's defaults), recorded.
+    with_tcn : also train and score the TCN on each data set (the RNN's budget again, at most).
     """
     mat_file = ninapro_file or default_ninapro_file()
     work = tempfile.mkdtemp(prefix="neurohand-bench-decoding-")
     try:
         datasets = {
-            "ninapro_db1_s2_e1": ninapro(work, quick, max_minutes, mat_file),
+            "ninapro_db1_s2_e1": ninapro(work, quick, max_minutes, mat_file, with_tcn),
             "simulator_{:g}s_seed{}".format(QUICK_SIMULATOR_SECONDS if quick else SIMULATOR_SECONDS,
-                                            SIMULATOR_SEED): simulator(work, quick, max_minutes),
+                                            SIMULATOR_SEED): simulator(work, quick, max_minutes, with_tcn),
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"quick": bool(quick), "max_minutes": max_minutes, "train_seed": TRAIN_SEED, "datasets": datasets,
+    return {"quick": bool(quick), "max_minutes": max_minutes, "train_seed": TRAIN_SEED, "tcn": bool(with_tcn),
+            "datasets": datasets,
             "notes": "R² on the test split after causal streaming decoding; baselines fitted on the same split "
                      "and features; labels scaled to 0..1 as in training (R² and r are unaffected)"}

@@ -478,9 +478,11 @@ def _decoding(result):
         lines.append("{}. Test split: {} steps, {:.0f} s.".format(entry.get("what", ""), entry.get("test_steps"),
                                                                   entry.get("test_seconds") or 0))
         lines.append("")
-        # Ours first, then the classic decoders (JSON objects come back with sorted keys).
-        order = sorted(entry["scores"], key=lambda decoder: (decoder != "rnn", decoder != "wiener", decoder))
-        rows = [(decoder, _num(entry["scores"][decoder].get("mean_r2"), 3),
+        # Ours first, then the network baseline, then the classic decoders (JSON keys come back sorted).
+        ranks = {"rnn": 0, "tcn": 1, "wiener": 2, "kalman": 3}
+        order = sorted(entry["scores"], key=lambda decoder: (ranks.get(decoder, len(ranks)), decoder))
+        described = {"tcn": "tcn (temporal convolutional network, Bai et al. 2018)"}
+        rows = [(described.get(decoder, decoder), _num(entry["scores"][decoder].get("mean_r2"), 3),
                  _num(entry["scores"][decoder].get("mean_pearson_r"), 3),
                  _num(entry["scores"][decoder].get("mean_rmse"), 3)) for decoder in order]
         lines += _table(["decoder", "mean R²", "mean r", "RMSE (0..1 labels)"], rows)
@@ -490,6 +492,13 @@ def _decoding(result):
                           training.get("epochs_run"), training.get("best_epoch"), training.get("stopped"),
                           training.get("train_seconds") or 0, training.get("wall_seconds") or 0,
                           training.get("budget", "—")), ""]
+        tcn = entry["scores"].get("tcn")
+        if tcn:
+            tcn_training = tcn.get("training") or {}
+            lines += ["The TCN (train/tcn.py) trained on the same features and split with the RNN's recipe, budget "
+                      "and seed ({}): {} epochs (best {}, stopped by {}), {:.0f} s.".format(
+                          tcn.get("seed"), tcn_training.get("epochs_run"), tcn_training.get("best_epoch"),
+                          tcn_training.get("stopped"), tcn_training.get("train_seconds") or 0), ""]
         classes = entry.get("classes") or {}
         if classes:
             # The RNN's class head first, then the LDA on Hudgins' set (lda_td) and on the RNN's features.
@@ -509,15 +518,17 @@ def _decoding(result):
                                  _num(classes["lda_td"].get("balanced_accuracy"), 3), "—"))
         scores = entry["scores"]
         rnn = scores.get("rnn", {}).get("mean_r2")
-        for baseline in ("wiener", "kalman"):
+        for baseline, what in (("tcn", "TCN"), ("wiener", "Wiener filter"), ("kalman", "Kalman filter")):
             if baseline in scores:
                 other = scores[baseline].get("mean_r2")
-                headline.append(("test mean R², {}: RNN vs {} filter".format(name, baseline.capitalize()),
+                headline.append(("test mean R², {}: RNN vs {}".format(name, what),
                                  _num(rnn, 3), _num(other, 3),
                                  "RNN − {} = {:+.3f}".format(baseline, rnn - other)
                                  if rnn is not None and other is not None else "—"))
         headline.append(("training time, {}".format(name), "{:.1f} s".format(training.get("train_seconds") or 0),
                          "—", "—"))
+    if result.get("tcn") is False:
+        lines += ["The TCN was left out (--no-tcn).", ""]
     if result.get("notes"):
         lines += ["Notes: {}".format(result["notes"])]
     return headline, lines

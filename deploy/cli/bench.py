@@ -59,7 +59,7 @@ def _libemg(quick, options):
 
 def _decoding(quick, options):
     from neurohand.deploy.bench import decoding as decoding_bench
-    return decoding_bench.run(quick, options.ninapro, options.train_minutes)
+    return decoding_bench.run(quick, options.ninapro, options.train_minutes, with_tcn=options.tcn)
 
 
 def _latency(quick, options):
@@ -122,12 +122,13 @@ class BenchOptions(object):
     """What targets may need besides ``quick`` (validated values)."""
 
     def __init__(self, libemg_python=None, ninapro=None, train_minutes=DEFAULT_TRAIN_MINUTES, replay_seconds=None,
-                 jobs=1):
+                 jobs=1, tcn=True):
         self.libemg_python = libemg_python
         self.ninapro = ninapro
         self.train_minutes = train_minutes
         self.replay_seconds = replay_seconds
         self.jobs = jobs
+        self.tcn = tcn
 
 
 def register(subparsers):
@@ -171,6 +172,9 @@ def register(subparsers):
                         help="training time budget per model in the decoding and latency targets, recorded with "
                              "the results (default {:g}; the trainer's early stopping usually ends sooner)".format(
                                  DEFAULT_TRAIN_MINUTES))
+    parser.add_argument("--no-tcn", action="store_true",
+                        help="decoding target: leave out the temporal convolutional network baseline (it trains "
+                             "on each data set with the RNN's recipe and budget, about as long as the RNN again)")
     parser.add_argument("--replay-seconds", type=float, default=None, metavar="S",
                         help="length of the real-time replay of the latency target (default 600, --quick 20)")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
@@ -260,7 +264,8 @@ def options_from(args):
     if args.replay_seconds is not None:
         replay_seconds = checks.check_number("--replay-seconds", args.replay_seconds, minimum=2.0)
     jobs = checks.check_int("--jobs", args.jobs, minimum=1, maximum=64)
-    return BenchOptions(libemg_python_from(args.libemg_python), args.ninapro, train_minutes, replay_seconds, jobs)
+    return BenchOptions(libemg_python_from(args.libemg_python), args.ninapro, train_minutes, replay_seconds, jobs,
+                        tcn=not args.no_tcn)
 
 
 def run_command(args):

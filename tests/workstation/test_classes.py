@@ -1,4 +1,5 @@
-"""Movement classes (train/classes.py) on hand-made cases with known answers, the LDA, and report.png's layout."""
+"""Movement classes (train/classes.py) on hand-made cases with known answers, the LDA, and report.png's layout
+(with and without a class head's confusion panel)."""
 import collections
 
 import numpy as np
@@ -186,20 +187,29 @@ def _layout_problems(figure):
     return problems, covered
 
 
-@pytest.mark.parametrize("n_outputs", [5, 22])
-def test_report_text_overlaps_no_panel_and_panels_fill_the_page(n_outputs):
+@pytest.mark.parametrize("n_outputs, n_classes", [(5, 0), (22, 0), (5, 9), (22, 13)])
+def test_report_text_overlaps_no_panel_and_panels_fill_the_page(n_outputs, n_classes):
     from matplotlib import pyplot as plt
     from neurohand.train import report
 
     rng = np.random.default_rng(0)
+    scores = None
+    if n_classes:
+        # NinaPro's 12 movements + rest, the simulator's 8 + rest: rest holds most of the steps.
+        confusion = rng.integers(0, 30, size=(n_classes, n_classes)) + np.diag(rng.integers(100, 400, n_classes))
+        confusion[0, 0] = 5000
+        scores = {"confusion": confusion.tolist(),
+                  "class_names": ["rest"] + ["movement_{}".format(k) for k in range(1, n_classes)]}
     truth = rng.uniform(size=(600, n_outputs))
     r2 = list(rng.uniform(0.2, 0.9, n_outputs))
     r2[1] = -40.0     # one output far below zero must not flatten the others
     history = {"epoch": [1, 2, 3], "train_loss": [0.1, 0.05, 0.04], "validation_loss": [0.09, 0.06, None],
                "validation_r2": [0.1, 0.4, None]}
     names = ["output_with_a_long_name_{}".format(k) for k in range(n_outputs)]
-    figure = report.draw_report(truth, truth + 0.1, 50.0, names, r2, history, title="a title - test mean R2 0.5")
+    figure = report.draw_report(truth, truth + 0.1, 50.0, names, r2, history, title="a title - test mean R2 0.5",
+                                classes=scores)
     try:
+        assert any(a.images for a in figure.get_axes()) == bool(n_classes)   # the confusion panel is there
         problems, covered = _layout_problems(figure)
     finally:
         plt.close(figure)
