@@ -146,7 +146,8 @@ def register(subparsers):
                "replay --fast), footprint, simulate, libemg, recalibration (decay over simulated days and "
                "recalibration with 30/60/120 s, docs/training.md). 'all' runs every target except libemg (already "
                "inside features) and recalibration (about 40 minutes on its own); the full run takes "
-               "about 16-21 minutes on 2 cores, 10 of them the real-time replay of the latency target.")
+               "about 30-40 minutes on 2 cores (estimated), 20 of them the latency target's two 10-minute "
+               "real-time replays.")
     parser.add_argument("targets", nargs="*", metavar="TARGET",
                         help="what to measure: all (default) or one or more of {}".format(", ".join(TARGETS)))
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON only")
