@@ -283,48 +283,28 @@ class RealtimeRunner(object):
                 return
 
     def _writer_loop(self):
-        if self.decode_in == "reader":
-            self._keepalive_loop()
-            return
+        # New commands: from the decode thread through the slot (decode_in "thread"), or written by the
+        # reader itself ("reader", where the slot only ever wakes this thread for a fault). Either way this
+        # thread writes when nothing was written for a period (keep-alive, watchdog) and at once on a fault.
         clock = self._clock
         period = self.parts.writer_period_s
         step = self.parts.writer.step
         get = self.commands.get
         stopping = self._writer_stop.is_set
-        collect_if_due = self.collector.collect_if_due
-        next_due = clock()
-        while not stopping():
-            command = get(next_due - clock())
-            if stopping():
-                return
-            now = clock()
-            if command is None and now < next_due and self.parts.supervisor.is_ok:
-                continue  # woken early for nothing new: wait for the rest of the period
-            step(command, now)
-            next_due = now + period
-            if command is not None:
-                collect_if_due()
-
-    def _keepalive_loop(self):
-        # decode_in "reader": new commands are written by the reader; this thread writes when none came
-        # for a period (keep-alive, watchdog) and at once when a fault nudges it (safe posture).
-        clock = self._clock
-        period = self.parts.writer_period_s
-        step = self.parts.writer.step
-        wait = self.commands.get
-        stopping = self._writer_stop.is_set
         supervisor = self.parts.supervisor
         self._next_write_due = clock()
         while not stopping():
-            wait(self._next_write_due - clock())
+            command = get(self._next_write_due - clock())
             if stopping():
                 return
             with self._write_lock:
                 now = clock()
-                if self._writes_closed or (now < self._next_write_due and supervisor.is_ok):
-                    continue  # a command went out meanwhile, or woken early for nothing
-                step(None, now)
+                if self._writes_closed or (command is None and now < self._next_write_due and supervisor.is_ok):
+                    continue  # woken early for nothing new (or the reader wrote meanwhile)
+                step(command, now)
                 self._next_write_due = now + period
+            if command is not None:
+                self.collector.collect_if_due()
 
     def _stop_writer(self):
         self._writer_stop.set()
