@@ -18,7 +18,8 @@ BACKENDS = {
 }
 # What "auto" tries, in order of preference.  numpy before ONNX Runtime: both step a batch-1 RNN in about
 # 20 us in a tight loop, but in the real-time loop, where a step follows 20 ms of other work, ONNX Runtime's
-# took 218-248 us at p50 against numpy's 73-77 us (15-20-s replays on the 2-core workstation, docs/latency.md).
+# took 218-264 us at p50 against numpy's 73-86 us (15-30-s replays on the 2-core workstation, loaded and
+# quiet alike: docs/latency.md).
 AUTO_ORDER = ("tensorrt", "numpy", "onnxruntime")
 BACKEND_CHOICES = ("auto",) + tuple(BACKENDS)
 

@@ -97,6 +97,9 @@ TRAINING_DEFAULTS = {
 
 CLASS_HEAD_CHOICES = ("auto", True, False)
 LR_SCHEDULES = ("plateau", "cosine")
+# Training settings added for issue 19's R² levers: left at their defaults (off), they stay out of a run's
+# settings digest, so a run from before they existed resumes.
+OPTIONAL_TRAINING_SETTINGS = ("ema_decay", "time_warp", "ensemble", "joint_weights", "lr_schedule")
 # The class head's settings, left out of a run's settings digest while it has no head (so a run without
 # one keeps the digest, and can be resumed, as before the head existed).
 CLASS_SETTINGS = ("class_head", "class_weight", "class_balance")
@@ -332,9 +335,8 @@ def settings_digest(settings, recordings, seed, init=None, class_head=None):
     relevant = copy.deepcopy(settings)
     relevant["training"].pop("epochs", None)
     relevant["training"].pop("max_minutes", None)
-    for key, off in (("ema_decay", 0.0), ("time_warp", 0.0), ("ensemble", 1), ("joint_weights", False),
-                     ("lr_schedule", "plateau")):
-        if relevant["training"].get(key, off) == off:
+    for key in OPTIONAL_TRAINING_SETTINGS:
+        if relevant["training"].get(key, TRAINING_DEFAULTS[key]) == TRAINING_DEFAULTS[key]:
             relevant["training"].pop(key, None)     # a run without it keeps its digest from before
     if class_head is None:
         for key in CLASS_SETTINGS:

@@ -15,8 +15,9 @@ So, for the real-time loop only (:class:`IdleCollector`):
   ``gc.freeze`` (3.7+; not the Jetson's 3.6), moved out of the collector's
   reach for good, so later collections only look at what the run allocates;
 * automatic collection is switched off for the run;
-* the writer thread, right after it has written a new command (the quiet
-  moment: the next window is a stride away), runs the collection that
+* the thread that has just written a new command (the reader with
+  ``decode_in`` "reader", else the writer; the quiet moment: the next window
+  is a stride away) runs the collection that
   Python's own thresholds say is due, with the same thresholds, so memory is
   reclaimed as often as before, only at another moment;
 * at the end the collector is switched back on as it was.

@@ -223,11 +223,7 @@ class RealtimeRunner(object):
             self.parts.decode.process(items, self._write_now)
             outlets = self.parts.outlets
             if outlets is not None and outlets.signals:
-                # --lsl-outlet with the signals: published once the chunk's command is on its way.
-                timer = self.parts.stats.stages["publish_signals"]
-                start = self._clock()
-                outlets.publish_frames(items)
-                timer.add(self._clock() - start)
+                self._publish_signals(items)    # --lsl-outlet: once the chunk's command is on its way
         except BaseException as exc:  # a bug: the link's thread must live on to be closed; the run stops
             if not self.thread_errors:
                 self._crashed("reader", exc)
@@ -269,18 +265,19 @@ class RealtimeRunner(object):
     def _decode_and_publish_loop(self, items, process, emit, take_all, publish):
         # --lsl-outlet with the signals: after each batch is decoded (its command is on its way
         # to the hand), its samples are published.  A loop of its own: the usual one stays as it was.
-        timer = self.parts.stats.stages["publish_signals"]
-        clock = self._clock
         while True:
             finished = take_all(items, WAKE_S)
             if items:
                 process(items, emit)
-                start = clock()
-                publish(items)
-                timer.add(clock() - start)
+                self._publish_signals(items)
                 del items[:]
             if finished:
                 return
+
+    def _publish_signals(self, items):
+        start = self._clock()
+        self.parts.outlets.publish_frames(items)
+        self.parts.stats.stages["publish_signals"].add(self._clock() - start)
 
     def _writer_loop(self):
         # New commands: from the decode thread through the slot (decode_in "thread"), or written by the
