@@ -56,6 +56,21 @@ WAKE_S = 0.1
 JOIN_TIMEOUT_S = 2.0
 
 
+def reader_write_grace_s(period_s, data_timeout_s):
+    """How much later than one writer period after a command the reader wrote the writer wakes next.
+
+    The reader writes one command per stride, and the stride is usually the
+    writer period: a writer due exactly one period after the reader's write
+    wakes in the middle of the reader's next decode and takes the interpreter
+    lock from it (docs/latency.md, "third pass").  Half a period later
+    it wakes between two decodes.  At most ``data_timeout_s - period_s``: the
+    writer still wakes at the latest one period after the data timeout expires
+    (from then on every period), and the hand still hears from it within 1.5
+    periods, at most 0.75 of its keep-alive limit (the period is at most half of it).
+    """
+    return max(0.0, min(0.5 * period_s, data_timeout_s - period_s))
+
+
 class RealtimeRunner(object):
     """Threads around the stages; see the module docstring.
 
@@ -99,6 +114,7 @@ class RealtimeRunner(object):
         self._write_lock = threading.Lock()
         self._writes_closed = False         # set with the final safe posture: nothing may follow it
         self._next_write_due = 0.0
+        self._reader_write_grace_s = reader_write_grace_s(parts.writer_period_s, parts.config.data_timeout_ms / 1000.0)
         self._stop = threading.Event()
         self._writer_stop = threading.Event()
         self._shutdown_lock = threading.Lock()
@@ -237,7 +253,7 @@ class RealtimeRunner(object):
                 return
             now = self._clock()
             self.parts.writer.step(command, now)
-            self._next_write_due = now + self.parts.writer_period_s
+            self._next_write_due = now + self.parts.writer_period_s + self._reader_write_grace_s
         self.collector.collect_if_due()
 
     def _final_safe_posture(self):

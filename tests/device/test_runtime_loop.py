@@ -233,6 +233,8 @@ def test_live_run_decodes_every_frame_and_writes_stats(tmp_path, decode_in):
     assert stats["frames"]["received"] == 60
     assert stats["frames"]["missing"] == 0 and stats["frames"]["corrupt"] == 0
     assert stats["windows"]["decoded"] + stats["skips"] == 60 - 4
+    # After each decoded window's command, the next step's recurrent half is computed (Backend.prepare).
+    assert stats["stage_us"]["prepare"]["count"] == stats["windows"]["decoded"]
     assert stats["latency_us"]["count"] > 0 and stats["latency_us"]["max"] > 0
     assert stats["commands_sent"] == len(hand.sent)
     assert stats["safety_events"]["count"] >= 1      # data stopped after 0.6 s -> data_timeout
@@ -372,3 +374,21 @@ def test_nothing_the_reader_decodes_is_written_after_the_final_safe_posture():
     assert len(hand.sent) == 2 and np.array_equal(hand.sent[-1][1], np.zeros(5))
     runner._write_now(command)              # a window the reader finished during the shutdown
     assert len(hand.sent) == 2
+
+
+def test_after_a_reader_write_the_writer_wakes_half_a_period_later_than_the_next_command():
+    from neurohand.deploy.runtime.decode import DecodedCommand
+    from neurohand.deploy.runtime.realtime import reader_write_grace_s
+
+    runner, hand = make_runner(decode_in="reader")
+    period = runner.parts.writer_period_s
+    command = DecodedCommand(10, time.perf_counter(), time.perf_counter(), np.full(5, 0.7), np.full(5, 0.7), None)
+    before = time.perf_counter()
+    runner._write_now(command)
+    after = time.perf_counter()
+    # Not one period after the write: that is when the reader's next decode runs.
+    assert before + 1.5 * period <= runner._next_write_due <= after + 1.5 * period
+    # The grace never lets the writer's first wake after a command fall later than the data timeout.
+    assert reader_write_grace_s(0.02, 0.1) == pytest.approx(0.01)
+    assert reader_write_grace_s(0.02, 0.025) == pytest.approx(0.005)
+    assert reader_write_grace_s(0.1, 0.1) == 0.0
