@@ -136,6 +136,26 @@ def open_serial_port(url, baudrate, read_timeout_s, write_timeout_s, exclusive=F
     return serial.serial_for_url(url, timeout=read_timeout_s, write_timeout=write_timeout_s, **options)
 
 
+def _write_at_once(port, data):
+    """Write what one ``os.write`` takes of ``data`` to a POSIX pyserial port; returns the bytes written.
+
+    pyserial's ``write`` follows every ``os.write`` with a ``select`` for the
+    port to be writable again, a second system call that also lets other
+    threads take the interpreter lock in between, in the middle of the hand
+    command's way out (docs/latency.md, "third pass").  Its port is
+    non-blocking, so ``os.write`` takes what fits at once, a whole command
+    frame in practice; whatever is left (a full buffer) goes through
+    pyserial's write with its timeout.  0 for other ports (test doubles,
+    ``loop://``), which pyserial writes.
+    """
+    if type(port).__module__ != "serial.serialposix" or not port.is_open:
+        return 0
+    try:
+        return os.write(port.fd, data)
+    except BlockingIOError:
+        return 0
+
+
 class SerialLink:
     """Own one serial port in a reader thread; see the module docstring.
 
@@ -228,7 +248,9 @@ class SerialLink:
             if port is None:
                 raise LinkError("cannot write to {}: not connected".format(self.url))
             try:
-                port.write(data)
+                written = _write_at_once(port, data)
+                if written < len(data):
+                    port.write(data[written:])
             except serial.SerialTimeoutException as exc:
                 self.counters["write_timeouts"] += 1
                 raise LinkError("write to {} timed out after {} s".format(self.url, self.write_timeout_s)) from exc

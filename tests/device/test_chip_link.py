@@ -314,6 +314,36 @@ def test_write_timeout_is_reported_not_hung():
         os.close(slave)
 
 
+def test_a_small_write_is_one_os_write_not_pyserials_write_and_select(monkeypatch):
+    import serial.serialposix
+    import tty
+
+    calls = []
+    pyserial_write = serial.serialposix.Serial.write
+    monkeypatch.setattr(serial.serialposix.Serial, "write",
+                        lambda self, data: calls.append(len(data)) or pyserial_write(self, data))
+    master, slave = os.openpty()
+    try:
+        tty.setraw(slave)
+        tty.setraw(master)
+        link = SerialLink(os.ttyname(slave), LinkProtocol()).open()
+        try:
+            frames = [bytes([index]) * 24 for index in range(50)]
+            for frame in frames:
+                link.write(frame)
+            received = b""
+            while len(received) < 24 * 50:
+                received += os.read(master, 4096)
+            assert received == b"".join(frames)
+            assert calls == []          # none went through pyserial's write (os.write, then select)
+            assert link.counters["bytes_written"] == 24 * 50
+        finally:
+            link.close()
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 def test_cli_stops_cleanly_on_sigterm_and_prints_counters(tmp_path):
     import json
     import signal
