@@ -68,6 +68,15 @@ class Backend(object):
         """One decoder step: (positions ndarray (n_outputs,) float32 in 0..1, new state)."""
         raise NotImplementedError
 
+    def prepare(self, state):
+        """Compute ahead the part of the next :meth:`step` from ``state`` that needs the state alone.
+
+        The runtime calls it once a window's command is on its way to the hand,
+        so that work is off the path from the next window's last sample to the
+        hand.  A step from another state ignores it.  Default: nothing (the step
+        does it all).
+        """
+
     def state_arrays(self, state):
         """Copy of ``state`` as a list of float32 arrays (num_layers, 1, hidden_size): [h] or [h, c]."""
         raise NotImplementedError

@@ -266,22 +266,28 @@ def time_decode_step(blocks_per_repeat=200, repeats=7, dtype="float64"):
     features, normalisation) then the numpy RNN step of the window's
     features (:mod:`neurohand.decoder.backends.numpy_backend`).  The stream
     and the RNN are timed apart too, on the same blocks, and the filter chain
-    alone (``filter``, the push's first part).  Keys: decode_step,
-    stream_push, rnn_step, filter: {p50_us, p99_us, p5_us, p50_us_spread,
-    p99_us_spread} (medians over repeats); blocks, repeats, dtype, n_features, model.
+    alone (``filter``, the push's first part).  ``prepare`` is the next step's
+    recurrent half, which the runtime computes after the command is written
+    (``Backend.prepare``), so the step does not include it; the work per
+    stride is the step plus it.  Keys: decode_step, stream_push, rnn_step,
+    prepare, filter: {p50_us, p99_us, p5_us, p50_us_spread, p99_us_spread}
+    (medians over repeats); blocks, repeats, dtype, n_features, model.
     """
     import time as _time
 
     from neurohand.decoder.dsp import FilterChain
 
     pipeline, backend, blocks = decode_step_parts(dtype, min(blocks_per_repeat + 10, 200))
-    parts = {"decode_step": [], "stream_push": [], "rnn_step": [], "filter": []}
+    parts = {"decode_step": [], "stream_push": [], "rnn_step": [], "prepare": [], "filter": []}
+    # The runtime computes the next step's recurrent half once a command is on its way
+    # (Backend.prepare): after the step, outside it.  A checkout from before has none.
+    prepare = getattr(backend, "prepare", None) or (lambda state: None)
     for _ in range(repeats):
         push = pipeline.stream().push
         state = backend.initial_state()
         for block in blocks[:10]:                    # fill the first window
             push(block)
-        times = np.empty((blocks_per_repeat, 3))
+        times = np.empty((blocks_per_repeat, 4))
         for index in range(blocks_per_repeat):
             block = blocks[10 + index % (len(blocks) - 10)]
             start = _time.perf_counter()
@@ -290,8 +296,10 @@ def time_decode_step(blocks_per_repeat=200, repeats=7, dtype="float64"):
             for row in features:
                 state = backend.step(row, state)[1]
             done = _time.perf_counter()
-            times[index] = (done - start, pushed - start, done - pushed)
-        for column, name in enumerate(("decode_step", "stream_push", "rnn_step")):
+            prepare(state)
+            prepared = _time.perf_counter()
+            times[index] = (done - start, pushed - start, done - pushed, prepared - done)
+        for column, name in enumerate(("decode_step", "stream_push", "rnn_step", "prepare")):
             parts[name].append(tuple(np.percentile(times[:, column], q) * 1e6 for q in (50, 99, 5)))
         # The filter chain alone, on the same blocks (its share of the push).
         process = FilterChain(pipeline.sos, pipeline.n_channels).process
@@ -641,7 +649,8 @@ def estimate_decode_step(timing, dtype="float64"):
     call_cost = per_call_cost_us()
     times = {"filter": timing["filter"]["p50_us"],
              "features": max(timing["stream_push"]["p50_us"] - timing["filter"]["p50_us"], 0.0),
-             "rnn": timing["rnn_step"]["p50_us"]}
+             # The whole RNN's work: the step and its recurrent half computed ahead (prepare).
+             "rnn": timing["rnn_step"]["p50_us"] + timing.get("prepare", {}).get("p50_us", 0.0)}
     calls = {"filter": filter_total, "features": round(push_total - filter_total, 1), "rnn": rnn_total}
     return {"operations": operations,
             "numpy_calls": {"filter": filter_total, "stream_push": push_total, "rnn_step": rnn_total,

@@ -28,6 +28,7 @@ import collections
 
 import numpy as np
 
+from neurohand.deploy.runtime.stats import Distribution
 from neurohand.firmware_bridge.chip.parser import SampleFrame, SampleGap
 
 CATCH_UP_MODES = ("newest", "all")
@@ -98,6 +99,10 @@ class DecodeStage(object):
         self._supervisor = supervisor
         self._dsp_timer = stats.stages["dsp_features"]
         self._inference_timer = stats.stages["inference"]
+        # The recurrent half of the next step, computed once a command is on its way (Backend.prepare).
+        self._prepare = getattr(backend, "prepare", None)
+        if self._prepare is not None:
+            self._prepare_timer = stats.stages.setdefault("prepare", Distribution())
         self._post_timer = stats.stages["postprocess"]
         self._scale = np.asarray(scale_uv, dtype=np.float64).reshape(-1)
         self.n_channels = self._scale.shape[0]
@@ -260,6 +265,14 @@ class DecodeStage(object):
                 self._recorder.on_event(end, "class", -1 if decided is None else decided)
                 self._recorded_class = decided
         emit(command)
+        if self._prepare is not None:
+            start = self._timer()
+            try:
+                self._prepare(self._state)
+            except Exception as exc:  # as a failed step: safe posture, clean state
+                self._fault("decoder_error", "inference failed: {!r}".format(exc))
+                return
+            self._prepare_timer.add(self._timer() - start)
 
     def _fault(self, kind, reason):
         if kind == "decoder_error":

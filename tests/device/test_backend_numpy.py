@@ -244,3 +244,31 @@ def test_earlier_outputs_and_states_are_never_overwritten(cell):
     copy = backend.state_arrays(state)
     copy[0][...] = 5.0
     assert not np.any(backend.state_arrays(state)[0] == 5.0)
+
+
+@pytest.mark.parametrize("cell,projection", [("gru", True), ("gru", False), ("lstm", True), ("lstm", False)])
+def test_a_prepared_step_is_identical_to_the_bit_and_only_for_the_state_it_was_prepared_for(cell, projection):
+    # The runtime prepares the recurrent half of the next step once a command is on its way (decode.py).
+    from neurohand.decoder.backends.numpy_backend import NumpyBackend
+    weights = _random_weights(cell, projection, 5, seed=3)
+    plain, ahead = NumpyBackend(weights), NumpyBackend(weights)
+    features = np.random.RandomState(2).standard_normal((30, weights.n_features)).astype(np.float32)
+    state_plain, state_ahead = plain.initial_state(), ahead.initial_state()
+    for row in features:
+        ahead.prepare(state_ahead)
+        expected, state_plain = plain.step(row, state_plain)
+        positions, state_ahead = ahead.step(row, state_ahead)
+        assert np.array_equal(positions, expected)
+        assert all(np.array_equal(a, b) for a, b in zip(ahead.state_arrays(state_ahead),
+                                                        plain.state_arrays(state_plain)))
+    # Prepared for one state, stepped from another: the other state's own products are used.
+    other = ahead.initial_state()
+    ahead.prepare(state_ahead)
+    positions, _ = ahead.step(features[0], other)
+    expected, _ = plain.step(features[0], plain.initial_state())
+    assert np.array_equal(positions, expected)
+    # A preparation is used once: a second step from the same state computes its own.
+    ahead.prepare(state_ahead)
+    first, _ = ahead.step(features[1], state_ahead)
+    second, _ = ahead.step(features[1], state_ahead)
+    assert np.array_equal(first, second)

@@ -111,7 +111,7 @@ def test_time_decode_step_reports_each_part():
     from neurohand.deploy.bench.dsp import time_decode_step
 
     result = time_decode_step(blocks_per_repeat=5, repeats=1)
-    for part in ("decode_step", "stream_push", "rnn_step", "filter"):
+    for part in ("decode_step", "stream_push", "rnn_step", "prepare", "filter"):
         assert {"p50_us", "p99_us", "p50_us_spread", "p99_us_spread"} <= set(result[part])
         assert result[part]["p50_us"] > 0
     assert result["decode_step"]["p50_us"] >= result["rnn_step"]["p50_us"]
