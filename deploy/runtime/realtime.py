@@ -52,6 +52,10 @@ from neurohand.firmware_bridge.shared.outputs import describe_os_error
 
 #: Longest a thread blocks before it looks at the stop flag again.
 WAKE_S = 0.1
+#: The main thread's longest sleep.  Every wake takes the interpreter lock, and one that lands in a
+#: window's decode delays its command (docs/latency.md, "third pass"): it sleeps until the next
+#: status line or the end of the run, but not longer than this (safety lines are printed by then).
+SUPERVISE_WAKE_S = 0.5
 #: How long shutdown waits for each thread.
 JOIN_TIMEOUT_S = 2.0
 
@@ -347,7 +351,16 @@ class RealtimeRunner(object):
         clock = self._clock
         interval = self.parts.config.status_interval_s
         next_status = self._started_s + interval
-        while not self._stop.wait(WAKE_S):
+        end = None if duration_s is None else self._started_s + duration_s
+        while True:
+            now = clock()
+            sleep = SUPERVISE_WAKE_S
+            if interval and self._status is not None:
+                sleep = min(sleep, next_status - now)
+            if end is not None:
+                sleep = min(sleep, end - now)
+            if self._stop.wait(max(sleep, 0.0)):
+                return
             now = clock()
             self._print_safety_events()
             self._warn_if_recording_stopped()

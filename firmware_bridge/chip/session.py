@@ -36,8 +36,11 @@ from neurohand.firmware_bridge.shared.backoff import Backoff
 from neurohand.firmware_bridge.shared.errors import ConfigError, LinkError, ProtocolError
 
 
+# Only a reconnect (link_reconnected) or stop() gives the restart thread work, and both wake it at once:
+# the timeout is a backstop.  Its wakes take the interpreter lock from the decoding at random
+# moments (docs/latency.md, "third pass"), so they are rare.
 #: Longest the restarter thread sleeps before it looks at its stop flag.
-RESTARTER_WAKE_S = 0.1
+RESTARTER_WAKE_S = 1.0
 #: Backoff of a re-start whose command got no reply: first wait, longest wait (s).
 RESTART_RETRY_INITIAL_S = 0.05
 RESTART_RETRY_MAX_S = 1.0

@@ -392,3 +392,17 @@ def test_after_a_reader_write_the_writer_wakes_half_a_period_later_than_the_next
     assert reader_write_grace_s(0.02, 0.1) == pytest.approx(0.01)
     assert reader_write_grace_s(0.02, 0.025) == pytest.approx(0.005)
     assert reader_write_grace_s(0.1, 0.1) == 0.0
+
+
+def test_the_main_thread_sleeps_until_it_has_something_to_do():
+    # Each of its wakes takes the interpreter lock, maybe in the middle of a window's decode.
+    runner, hand = make_runner(chip=PacedChip(200))
+    waits = []
+    wait = runner._stop.wait
+    runner._stop.wait = lambda timeout=None: waits.append(timeout) or wait(timeout)
+    started = time.perf_counter()
+    document = runner.run(duration_s=1.2)
+    assert document["stop_reason"].startswith("duration")
+    assert 1.2 <= time.perf_counter() - started < 3.0
+    assert len(waits) <= 4        # 0.5 s, 0.5 s, the 0.2 s left, and the return (was one per 0.1 s)
+    assert all(timeout <= 0.5 for timeout in waits)
