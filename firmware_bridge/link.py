@@ -296,7 +296,14 @@ class SerialLink:
                         self._stop.wait(self.backoff.next_wait())
                     continue
                 try:
-                    data = port.read(port.in_waiting or 1)
+                    waiting = port.in_waiting
+                    data = port.read(waiting or 1)
+                    if data and not waiting:
+                        # Woken by the first byte of a chunk: take the rest that came with it too, so the
+                        # protocol sees the chunk at once, not its first byte and then the rest.
+                        waiting = port.in_waiting
+                        if waiting:
+                            data += port.read(waiting)
                     if not data and self._is_path and time.monotonic() - last_path_check > PATH_CHECK_INTERVAL_S:
                         last_path_check = time.monotonic()
                         if not os.path.exists(self.url):

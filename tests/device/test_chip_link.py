@@ -373,3 +373,32 @@ def test_cli_stops_cleanly_on_sigterm_and_prints_counters(tmp_path):
     assert process.returncode == 0, stderr
     summary = json.loads(stderr.strip().splitlines()[-1])
     assert summary["chip"]["loops"] >= 1          # 0.2 s of recording, looped
+
+
+def test_a_chunk_that_wakes_the_reader_reaches_the_protocol_whole():
+    import tty
+
+    class Chunks(LinkProtocol):
+        def __init__(self):
+            self.sizes = []
+
+        def data_received(self, data):
+            self.sizes.append(len(data))
+
+    master, slave = os.openpty()
+    try:
+        tty.setraw(slave)
+        tty.setraw(master)
+        protocol = Chunks()
+        link = SerialLink(os.ttyname(slave), protocol).open()
+        try:
+            for index in range(10):
+                time.sleep(0.01)            # the reader is asleep waiting for the next byte
+                os.write(master, bytes([index]) * 100)
+            wait_until(lambda: sum(protocol.sizes) == 1000, 5.0)
+            assert protocol.sizes == [100] * 10       # not its first byte, then the other 99
+        finally:
+            link.close()
+    finally:
+        os.close(master)
+        os.close(slave)
