@@ -67,11 +67,13 @@ def neurohand_command(*arguments):
     return [sys.executable, "-m", "neurohand.deploy"] + [str(a) for a in arguments]
 
 
-def run_step(command, what, target="decoding"):
-    """Run one CLI step; returns (stdout, seconds).  A failure raises RuntimeError with its stderr tail."""
+def run_step(command, what, target="decoding", environment=None):
+    """Run one CLI step (in ``environment``, default this one); returns (stdout, seconds).  A failure
+    raises RuntimeError with its stderr tail."""
     print("  {}: {} ...".format(target, what), file=sys.stderr, flush=True)
     started = time.perf_counter()
-    process = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    process = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                             env=environment)
     seconds = time.perf_counter() - started
     if process.returncode != 0:
         tail = "\n".join(process.stderr.strip().splitlines()[-8:])

@@ -24,6 +24,16 @@ the default, and the figure the goal is judged on) and ``thread`` (threads of
 the decoding process, competing with it for the interpreter lock).  The
 measured quantity is the same in both; only the contention differs.
 
+``compare_with`` (``--compare-with DIR``): DIR is another checkout of the
+project (e.g. the code before a change, from ``git archive``).  Every replay
+then runs twice, once with this code and once with DIR's (its
+``decoder/``, ``firmware_bridge/``, ``train/`` and ``deploy/`` folders, put
+first on ``PYTHONPATH`` as the ``neurohand`` namespace), on the same bundle
+and recording, in alternating order: the old and the new code side by side in
+one run, under the same load.  The result gains ``compare_with`` and
+``reference_devices`` (as ``devices``), and ``ratio_p50``, ``ratio_p99`` per mode
+(this / DIR, medians over the repeats).
+
 S is 600 s (the issue's 10-minute replay; ``quick``: 20 s, with 1 training
 epoch), R is 1 (``repeats``).  One replay gives tens of thousands of commands,
 so p99 and max are order statistics of one long run; with R > 1 each mode
@@ -66,8 +76,8 @@ SESSION_SEED = 1
 DEVICE_MODES = ("process", "thread")
 
 
-def run_step(command, what):
-    return _run_step(command, what, target="latency")
+def run_step(command, what, environment=None):
+    return _run_step(command, what, target="latency", environment=environment)
 
 
 def simulate_session(train_path, held_out_path, train_seconds, held_out_seconds, target="latency"):
@@ -80,6 +90,39 @@ def simulate_session(train_path, held_out_path, train_seconds, held_out_seconds,
     total = train_seconds + held_out_seconds
     write_session_parts(SimulatorConfig(total, n_channels=16, rate=10000.0, seed=SESSION_SEED, difficulty="easy"),
                         [(train_path, 0.0, train_seconds), (held_out_path, train_seconds, total)])
+
+
+#: The folders that make up the ``neurohand`` namespace (setup.py's SOURCE_FOLDERS).
+SOURCE_FOLDERS = ("decoder", "firmware_bridge", "train", "deploy")
+
+
+def check_checkout(path):
+    """``path`` as an absolute checkout root with the project's source folders, else UsageError."""
+    from neurohand.firmware_bridge.shared.errors import UsageError
+
+    root = os.path.abspath(path)
+    missing = [folder for folder in SOURCE_FOLDERS if not os.path.isdir(os.path.join(root, folder))]
+    if missing:
+        raise UsageError("--compare-with {!r} is not a neurohand checkout: it has no {} folder".format(
+            path, "/, ".join(missing) + "/"))
+    return root
+
+
+def reference_environment(checkout, work):
+    """The environment that makes ``neurohand`` the code of ``checkout`` (for the replays of --compare-with).
+
+    A ``neurohand`` folder of links to the checkout's source folders, first on
+    PYTHONPATH: the namespace package is then found there before this
+    installation (an editable install's finder comes after the path).
+    """
+    package = os.path.join(work, "reference", "neurohand")
+    os.makedirs(package)
+    for folder in SOURCE_FOLDERS:
+        os.symlink(os.path.join(checkout, folder), os.path.join(package, folder))
+    environment = dict(os.environ)
+    paths = [os.path.dirname(package)] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
+    environment["PYTHONPATH"] = os.pathsep.join(paths)
+    return environment
 
 
 def replay_command(bundle, recording, seconds, devices):
@@ -127,14 +170,19 @@ def headline_latency(runs):
             "count": sum(r["latency_us"]["count"] for r in runs)}
 
 
-def run(quick, max_minutes=None, replay_seconds=None, repeats=None, devices=DEVICE_MODES):
+def run(quick, max_minutes=None, replay_seconds=None, repeats=None, devices=DEVICE_MODES, compare_with=None):
     """The ``latency`` target; ``replay_seconds`` overrides S, ``repeats`` R, ``devices`` the modes
-    compared (the first is judged against the goal); see the module docstring."""
+    compared (the first is judged against the goal), ``compare_with`` another checkout to replay
+    side by side; see the module docstring."""
     seconds = replay_seconds or (QUICK_REPLAY_SECONDS if quick else REPLAY_SECONDS)
     repeats = repeats or REPEATS
     devices = tuple(devices)
+    reference = None if compare_with is None else check_checkout(compare_with)
     work = tempfile.mkdtemp(prefix="neurohand-bench-latency-")
     try:
+        codes = [("this", None)]
+        if reference is not None:
+            codes.append(("reference", reference_environment(reference, work)))
         train_rec, held_out = os.path.join(work, "train.rec"), os.path.join(work, "held-out.rec")
         run_dir, bundle = os.path.join(work, "run"), os.path.join(work, "bundle")
         train_seconds = QUICK_TRAIN_SECONDS if quick else TRAIN_SECONDS
@@ -148,30 +196,47 @@ def run(quick, max_minutes=None, replay_seconds=None, repeats=None, devices=DEVI
         run_step(neurohand_command("bundle", run_dir, "--out", bundle), "bundling")
         selftest, _ = run_step(neurohand_command("selftest", bundle, "--json"), "self-testing the bundle")
         first_load = load_average()
-        runs = {mode: [] for mode in devices}
+        all_runs = {code: {mode: [] for mode in devices} for code, _ in codes}
         for repeat in range(repeats):
             for mode in devices:
-                before = load_average()
-                stdout, wall = run_step(replay_command(bundle, held_out, seconds, mode),
-                                        "replaying {:g} s in real time, devices in {}{} ({}/{})".format(
-                                            seconds, "their own processes" if mode == "process" else "threads",
-                                            "" if mode == "process" else " of the decoding process",
-                                            repeat + 1, repeats))
-                runs[mode].append(run_entry(replay_summary(stdout, mode), wall, before, load_average()))
+                # Alternating which code goes first, so a drift of the machine's load hits both alike.
+                for code, environment in (codes if repeat % 2 == 0 else codes[::-1]):
+                    before = load_average()
+                    stdout, wall = run_step(replay_command(bundle, held_out, seconds, mode),
+                                            "replaying {:g} s in real time, devices in {}{}{} ({}/{})".format(
+                                                seconds, "their own processes" if mode == "process" else "threads",
+                                                "" if mode == "process" else " of the decoding process",
+                                                "" if environment is None else ", the code of " + reference,
+                                                repeat + 1, repeats), environment)
+                    all_runs[code][mode].append(run_entry(replay_summary(stdout, mode), wall, before,
+                                                          load_average()))
         last_load = load_average()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    runs = all_runs["this"]
     by_devices = {mode: summarise_devices(runs[mode]) for mode in devices}
     default = devices[0]
     chosen = runs[default]
     latency = headline_latency(chosen)
     met = latency["p99"] <= GOAL_P99_MS * 1000.0 and latency["max"] <= GOAL_MAX_MS * 1000.0
+    compared = {}
+    if reference is not None:
+        reference_devices = {mode: summarise_devices(all_runs["reference"][mode]) for mode in devices}
+        compared = {"compare_with": reference, "reference_devices": reference_devices}
+        for figure in ("p50", "p99"):
+            compared["ratio_" + figure] = {mode: repeat_spread([
+                new["latency_us"][figure] / old["latency_us"][figure]
+                for new, old in zip(runs[mode], all_runs["reference"][mode])], digits=3)["median"]
+                for mode in devices}
     for mode in devices:
-        spread = by_devices[mode]["latency_us"]
-        print("  latency, devices {}: p50 {} us, p99 {} us (runs {}..{}), max {} us (largest), over {} x {:g} s".format(
-            mode, spread["p50"]["median"], spread["p99"]["median"], spread["p99"]["min"], spread["p99"]["max"],
-            spread["max"]["max"], repeats, seconds), file=sys.stderr)
-    return {
+        for label, spreads in (("", by_devices), (" (" + str(reference) + ")", compared.get("reference_devices"))):
+            if spreads is None:
+                continue
+            spread = spreads[mode]["latency_us"]
+            print("  latency, devices {}{}: p50 {} us, p99 {} us (runs {}..{}), max {} us (largest), over {} x {:g} s"
+                  .format(mode, label, spread["p50"]["median"], spread["p99"]["median"], spread["p99"]["min"],
+                          spread["p99"]["max"], spread["max"]["max"], repeats, seconds), file=sys.stderr)
+    result = {
         "available": True, "quick": bool(quick),
         "what": "chip bytes in -> hand command written, neurohand replay --realtime through a virtual chip and "
                 "a virtual hand on pseudo-terminals ({}), held-out continuation of the simulated training "
@@ -190,3 +255,5 @@ def run(quick, max_minutes=None, replay_seconds=None, repeats=None, devices=DEVI
         "goal": {"p99_ms": GOAL_P99_MS, "max_ms": GOAL_MAX_MS, "met": bool(met)},
         "load_average_before": first_load, "load_average_after": last_load,
     }
+    result.update(compared)
+    return result

@@ -565,6 +565,15 @@ def _latency(result):
             _num((figures.get("p50") or {}).get("median"), 0), _num((figures.get("p99") or {}).get("median"), 0),
             _num((figures.get("p99") or {}).get("min"), 0), _num((figures.get("p99") or {}).get("max"), 0),
             _num((figures.get("max") or {}).get("max"), 0))))
+    # --compare-with: the same replays with another checkout's code, alternating with this one's.
+    for mode, spread in sorted((result.get("reference_devices") or {}).items()):
+        figures = spread.get("latency_us") or {}
+        rows.append(("the code of {}, devices as {}: p50, p99, max; this / that at p50, p99".format(
+            result.get("compare_with"), "processes" if mode == "process" else "threads"),
+            "{} µs, {} µs, {} µs; {}, {}".format(
+                _num((figures.get("p50") or {}).get("median"), 0), _num((figures.get("p99") or {}).get("median"), 0),
+                _num((figures.get("max") or {}).get("max"), 0), _num((result.get("ratio_p50") or {}).get(mode), 2),
+                _num((result.get("ratio_p99") or {}).get(mode), 2))))
     goal = result.get("goal", {})
     rows.append(("goal", "p99 ≤ {} ms and max ≤ {} ms: {}".format(goal.get("p99_ms"), goal.get("max_ms"),
                                                                   "met" if goal.get("met") else "NOT met")))

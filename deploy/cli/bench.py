@@ -64,7 +64,7 @@ def _decoding(quick, options):
 
 def _latency(quick, options):
     from neurohand.deploy.bench import latency as latency_bench
-    return latency_bench.run(quick, options.train_minutes, options.replay_seconds)
+    return latency_bench.run(quick, options.train_minutes, options.replay_seconds, compare_with=options.compare_with)
 
 
 def _replay(quick, options):
@@ -122,7 +122,8 @@ class BenchOptions(object):
     """What targets may need besides ``quick`` (validated values)."""
 
     def __init__(self, libemg_python=None, ninapro=None, train_minutes=DEFAULT_TRAIN_MINUTES, replay_seconds=None,
-                 jobs=1, tcn=True):
+                 jobs=1, tcn=True, compare_with=None):
+        self.compare_with = compare_with
         self.libemg_python = libemg_python
         self.ninapro = ninapro
         self.train_minutes = train_minutes
@@ -178,6 +179,10 @@ def register(subparsers):
                              "on each data set with the RNN's recipe and budget, about as long as the RNN again)")
     parser.add_argument("--replay-seconds", type=float, default=None, metavar="S",
                         help="length of the real-time replay of the latency target (default 600, --quick 20)")
+    parser.add_argument("--compare-with", metavar="DIR",
+                        help="latency target: replay the same bundle with the code of another checkout DIR too (its "
+                             "decoder/, firmware_bridge/, train/ and deploy/ folders; e.g. the code before a change, "
+                             "from `git archive`), alternating with this one, and report both with their ratios")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="processes for the recalibration target (one patient each, one thread each; default 1: "
                              "its figures do not depend on it, its wall time does)")
@@ -265,8 +270,12 @@ def options_from(args):
     if args.replay_seconds is not None:
         replay_seconds = checks.check_number("--replay-seconds", args.replay_seconds, minimum=2.0)
     jobs = checks.check_int("--jobs", args.jobs, minimum=1, maximum=64)
+    compare_with = None
+    if args.compare_with is not None:
+        from neurohand.deploy.bench.latency import check_checkout
+        compare_with = check_checkout(args.compare_with)
     return BenchOptions(libemg_python_from(args.libemg_python), args.ninapro, train_minutes, replay_seconds, jobs,
-                        tcn=not args.no_tcn)
+                        tcn=not args.no_tcn, compare_with=compare_with)
 
 
 def run_command(args):

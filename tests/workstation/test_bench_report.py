@@ -198,6 +198,13 @@ def test_render_latency_shows_both_device_places(document):
     assert "| devices as processes: p50, p99 (median of runs, min..max), max (largest) | 900 µs, 1,500 µs " \
            "(1,400..1,700), 5,000 µs |" in latency
     assert "| devices as threads: p50, p99 (median of runs, min..max), max (largest) | 1,100 µs," in latency
+    # --compare-with: the other checkout's replays, with this / that.
+    document["targets"]["latency"]["result"].update(
+        compare_with="/tmp/old", reference_devices={"process": {"latency_us": dict(spread, p99={"median": 2000.0})}},
+        ratio_p50={"process": 0.9}, ratio_p99={"process": 0.75})
+    latency = section(bench_report.render_markdown(document), "latency")
+    assert "| the code of /tmp/old, devices as processes: p50, p99, max; this / that at p50, p99 | 900 µs, " \
+           "2,000 µs, 5,000 µs; 0.90, 0.75 |" in latency
 
 
 def test_render_libemg_absent_says_why(document):

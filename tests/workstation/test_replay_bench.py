@@ -65,3 +65,36 @@ def test_latency_bench_reports_each_mode_as_the_median_of_its_runs_with_the_spre
     assert mode["skips"] == {"median": 1, "min": 0, "max": 4} and mode["runs"] is runs
     headline = latency.headline_latency(runs)
     assert headline == {"p50": 1000, "p90": 1100, "p99": 2500, "max": 9000, "count": 3000}
+
+
+def test_compare_with_runs_the_other_checkouts_code_and_refuses_a_folder_that_is_not_one(tmp_path):
+    import os
+
+    import pytest
+
+    from neurohand.deploy.bench import latency
+    from neurohand.firmware_bridge.shared.errors import UsageError
+
+    checkout = tmp_path / "old"
+    for folder in latency.SOURCE_FOLDERS:
+        (checkout / folder).mkdir(parents=True)
+        (checkout / folder / "__init__.py").write_text("")
+    (checkout / "decoder" / "marker.py").write_text("WHERE = 'the old checkout'\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    environment = latency.reference_environment(latency.check_checkout(str(checkout)), str(work))
+    probe = subprocess.run([sys.executable, "-c", "import neurohand.decoder.marker as m; print(m.WHERE)"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, env=environment)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert probe.stdout.strip() == "the old checkout"
+    # This interpreter's own neurohand is untouched.
+    import neurohand.decoder.features
+    assert not neurohand.decoder.features.__file__.startswith(str(tmp_path))
+    (checkout / "deploy" / "__init__.py").unlink()
+    (checkout / "deploy").rmdir()
+    with pytest.raises(UsageError, match="not a neurohand checkout: it has no deploy/ folder"):
+        latency.check_checkout(str(checkout))
+    cli = subprocess.run([sys.executable, "-m", "neurohand.deploy", "bench", "latency", "--compare-with",
+                          str(checkout), "--quick"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, timeout=120)
+    assert cli.returncode != 0 and "not a neurohand checkout" in cli.stderr and "Traceback" not in cli.stderr
