@@ -67,6 +67,13 @@ def check_positions(positions, n_outputs):
     if array.shape != (n_outputs,):
         raise HandError("expected {} finger positions (shape ({},)), got shape {}".format(
             n_outputs, n_outputs, array.shape))
+    # A handful of floats on every command's way out: a Python loop is faster than numpy's calls
+    # (NaN fails the comparison too).  Only a refusal needs the checks below, for its message.
+    for value in array.tolist():
+        if not 0.0 <= value <= 1.0:
+            break
+    else:
+        return array
     finite = np.isfinite(array)
     if not finite.all():
         index = int(np.flatnonzero(~finite)[0])

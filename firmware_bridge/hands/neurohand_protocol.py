@@ -74,7 +74,10 @@ def frame_length(frame_type, count):
 
 def quantise(positions):
     """0..1 floats -> uint16 list: floor(p * 65535 + 0.5), halves rounded up."""
-    return [int(math.floor(float(p) * POSITION_FULL_SCALE + 0.5)) for p in positions]
+    if hasattr(positions, "tolist"):
+        positions = positions.tolist()      # Python floats at once, not one numpy scalar each
+    floor = math.floor
+    return [int(floor(float(p) * POSITION_FULL_SCALE + 0.5)) for p in positions]
 
 
 def _check_count(count):
@@ -86,12 +89,16 @@ def _finish(body):
     return body + _CRC.pack(crc16(body[len(SYNC):]))
 
 
+# The positions' struct for each finger count, made once (a command is encoded every stride).
+_POSITIONS = [struct.Struct("<{}H".format(count)) for count in range(MAX_FINGERS + 1)]
+
+
 def encode_command(seq, positions):
     """Command frame for ``positions`` (sequence of 1..16 floats 0..1) and ``seq`` (wrapped to 16 bits)."""
     _check_count(len(positions))
     raw = quantise(positions)
-    body = _HEADER.pack(SYNC, VERSION, TYPE_COMMAND, seq & 0xFFFF, len(raw))
-    return _finish(body + struct.pack("<{}H".format(len(raw)), *raw))
+    body = _HEADER.pack(SYNC, VERSION, TYPE_COMMAND, seq & 0xFFFF, len(raw)) + _POSITIONS[len(raw)].pack(*raw)
+    return _finish(body)
 
 
 def encode_telemetry(seq, positions, flags=0, temperature_c=None, current_a=None):
