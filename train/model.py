@@ -271,16 +271,16 @@ def member_logits(head, hidden, members):
 
 
 def merge_members(models):
-    """One RNNDecoder whose output is the mean logit of ``models`` (same config each, with a projection):
-    their layers side by side, block-diagonal (see :func:`ensemble_masks`), the output layer's weights
-    divided by their number and its bias their mean."""
+    """One RNNDecoder whose output is the mean logit of ``models`` (same config each): their layers side by
+    side, block-diagonal (see :func:`ensemble_masks`; without an input projection every member reads all the
+    features), the output layer's weights divided by their number and its bias their mean."""
     first = models[0].config
     members = len(models)
-    if first.input_projection is None or any(m.config != first for m in models):
-        raise UsageError("models to merge must share one config with an input projection")
+    if any(m.config != first for m in models):
+        raise UsageError("models to merge must share one config")
     h, p = first.hidden_size, first.input_projection
     wide = build_model(ModelConfig(first.n_features, first.n_outputs, first.cell, members * h, first.num_layers,
-                                   members * p, first.dropout, first.class_names))
+                                   None if p is None else members * p, first.dropout, first.class_names))
     n_gates = wide.rnn.weight_hh_l0.shape[0] // (members * h)
     state = {name: torch.zeros_like(value) for name, value in wide.state_dict().items()}
     for k, model in enumerate(models):
@@ -288,6 +288,8 @@ def merge_members(models):
         for name, value in model.state_dict().items():
             if name.startswith("projection."):
                 state[name][k * p:(k + 1) * p] = value
+            elif name.startswith("rnn.weight_ih_l0") and p is None:
+                state[name][units] = value
             elif name.startswith("rnn.weight"):
                 width = p if name.startswith("rnn.weight_ih_l0") else h
                 state[name][units[:, None], torch.arange(k * width, (k + 1) * width)[None, :]] = value

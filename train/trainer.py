@@ -55,7 +55,8 @@ from neurohand.firmware_bridge.shared.digest import sha256_of
 from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
 from neurohand.firmware_bridge.shared.outputs import check_output_path
 from neurohand.train import dataset, metrics, splits
-from neurohand.train.model import ModelConfig, build_model, check_members, ensemble_masks, init_ensemble
+from neurohand.train.model import (ModelConfig, build_model, check_members, ensemble_masks, init_ensemble,
+                                   merge_members)
 
 RUN_FORMAT = "neurohand-run"
 RUN_VERSION = 1
@@ -91,15 +92,18 @@ TRAINING_DEFAULTS = {
     "ema_decay": 0.0,          # exponential moving average of the weights per optimiser step (0 = off)
     "time_warp": 0.0,          # pieces replayed at a speed drawn log-uniformly in [1/(1+w), 1+w] (0 = off)
     "ensemble": 1,             # this many independent copies of the model, one loss each, exported as one (mean logit)
+    "ensemble_training": "joint",  # "joint": the members side by side in one model; "separate": one run each, merged
     "lr_schedule": "plateau",  # "plateau": cut by lr_factor after lr_patience bad epochs; "cosine": to 0 at epochs
     "joint_weights": False,    # weigh each output's squared error by 1 / its training variance (mean R²'s weights)
 }
 
 CLASS_HEAD_CHOICES = ("auto", True, False)
 LR_SCHEDULES = ("plateau", "cosine")
+ENSEMBLE_TRAINING = ("joint", "separate")
 # Training settings added for issue 19's R² levers: left at their defaults (off), they stay out of a run's
 # settings digest, so a run from before they existed resumes.
-OPTIONAL_TRAINING_SETTINGS = ("ema_decay", "time_warp", "ensemble", "joint_weights", "lr_schedule")
+OPTIONAL_TRAINING_SETTINGS = ("ema_decay", "time_warp", "ensemble", "joint_weights", "lr_schedule",
+                              "ensemble_training")
 # The class head's settings, left out of a run's settings digest while it has no head (so a run without
 # one keeps the digest, and can be resumed, as before the head existed).
 CLASS_SETTINGS = ("class_head", "class_weight", "class_balance")
@@ -250,6 +254,8 @@ def check_training(training):
     if not isinstance(t["joint_weights"], bool):
         raise UsageError("training joint_weights must be true or false, but got {!r}".format(t["joint_weights"]))
     t["ensemble"] = checks.check_int("training ensemble", t["ensemble"], minimum=1)
+    t["ensemble_training"] = checks.check_option("training ensemble_training", t["ensemble_training"],
+                                                 ENSEMBLE_TRAINING)
     t["time_warp"] = checks.check_number("training time_warp", t["time_warp"], minimum=0.0, maximum=1.0)
     t["ema_decay"] = checks.check_number("training ema_decay", t["ema_decay"], minimum=0.0, maximum=0.9999)
     if t["max_minutes"] is not None:
@@ -693,6 +699,10 @@ class InitFrom(object):
                   "labels": copy.deepcopy(old["labels"]), "baselines": copy.deepcopy(old.get("baselines", {}))}
         training = {k: v for k, v in old["training"].items() if k in TRAINING_DEFAULTS or k in FINETUNE_SETTINGS}
         training.update(FINETUNE_DEFAULTS)
+        if training.get("ensemble_training") == "separate":
+            # The earlier run's members were merged into one block-diagonal model: the form a joint ensemble
+            # trains, so they are fine-tuned together (each on its own pieces).
+            training["ensemble_training"] = "joint"
         training.update(user.get("training", {}))
         merged["training"] = training
         split = copy.deepcopy(old.get("split", {}))
@@ -960,24 +970,108 @@ def _train(prepared, run_dir, seed, context, checkpoint, digest, progress):
     """Train until the epoch limit, early stopping or the time budget; the best model and how it went.
 
     checkpoint : the loaded checkpoint to resume from, or None for a new run
-    Returns {"model": model holding the best weights, "model_config", "state": TrainingState}."""
+    Returns {"model": model holding the best weights, "model_config", "state": TrainingState}; a separately
+    trained ensemble also "members" (see :func:`_train_separately`)."""
+    settings = prepared.settings["training"]
+    if settings["ensemble"] > 1 and settings["ensemble_training"] == "separate":
+        return _train_separately(prepared, run_dir, seed, context, checkpoint, digest, progress)
     training = _Training(prepared, seed, context)
     checkpoint_path = os.path.join(run_dir, FILES["checkpoint"])
     if checkpoint is not None:
         training.resume(checkpoint_path, digest, run_dir, checkpoint)
     training.distribute()
+    clock = _Clock(training.state.elapsed_s, training.settings["max_minutes"])
+    _run_epochs(training, clock, context, progress, lambda: training.save_checkpoint(checkpoint_path, digest))
+    return {"model": training.model, "model_config": training.model_config, "state": training.state}
+
+
+def _run_epochs(training, clock, context, progress, save=None):
+    """Epochs until the epoch limit, early stopping or the clock's budget; leaves the best weights loaded.
+    ``save``: called (rank 0) after every epoch."""
     state = training.state
-    clock = _Clock(state.elapsed_s, training.settings["max_minutes"])
     while state.epoch < training.settings["epochs"] and not state.stopped:
         validation = training.run_epoch(clock, progress)
         if context.is_main:
             if progress:
                 _print_epoch(state, validation)
-            training.save_checkpoint(checkpoint_path, digest)
+            if save is not None:
+                save()
     if not state.stopped:
         state.stopped = "epochs"
     training.model.load_state_dict(training.best_model)
-    return {"model": training.model, "model_config": training.model_config, "state": state}
+
+
+def member_seed(seed, members, k):
+    """Seed of member k of a separately trained ensemble: the members of --seed s are the ordinary runs with
+    seeds s x members .. s x members + members - 1, so ensembles of different seeds share no member."""
+    return seed * members + k
+
+
+def _train_separately(prepared, run_dir, seed, context, checkpoint, digest, progress):
+    """ensemble_training "separate": the ensemble's members trained one after another, each an ordinary run
+    (its own seed, :func:`member_seed`; its own early stopping; an equal share of the time budget left),
+    then merged into one model whose output is their mean logit (train/model.py ``merge_members``): the
+    model a joint ensemble exports.  Returns _train's dict with "members": [{"seed", "model", "state"}]."""
+    members = prepared.settings["training"]["ensemble"]
+    if checkpoint is not None:
+        raise UsageError("--resume: a run with training ensemble_training \"separate\" cannot be resumed; start it "
+                         "over with --force")
+    if prepared.init is not None:
+        raise UsageError("training ensemble_training \"separate\" does not fine-tune (--init-from): the earlier "
+                         "run's members are fine-tuned together; leave the setting out")
+    one = copy.copy(prepared)
+    one.settings = dict(prepared.settings, training=dict(prepared.settings["training"], ensemble=1))
+    max_minutes = one.settings["training"]["max_minutes"]
+    budget_s = None if max_minutes is None else max_minutes * 60.0
+    started = time.monotonic()
+    done = []
+    for k in range(members):
+        share_s = None if budget_s is None else max(0.0, budget_s - (time.monotonic() - started)) / (members - k)
+        training = _Training(one, member_seed(seed, members, k), context)
+        training.distribute()
+        if context.is_main and progress:
+            print("ensemble member {} of {} (seed {}){}".format(
+                k + 1, members, training.seed, "" if share_s is None else ", {:.0f} s of the budget".format(share_s)),
+                file=sys.stderr)
+        # The run's clock (the history's seconds run on across members), this member's budget ending at its share.
+        offset_s = time.monotonic() - started
+        _run_epochs(training, _Clock(offset_s, None if share_s is None else (offset_s + share_s) / 60.0), context,
+                    progress)
+        done.append({"seed": training.seed, "model": training.model, "state": training.state,
+                     "seconds": training.state.elapsed_s - offset_s})
+        if context.is_main and progress:
+            print("ensemble member {} of {}: validation R2 {:.3f} at epoch {} of {} ({}), {:.0f} s".format(
+                k + 1, members, training.state.best_score, training.state.best_epoch, training.state.epoch,
+                training.state.stopped, done[-1]["seconds"]), file=sys.stderr)
+    model = merge_members([m["model"].cpu() for m in done]).to(context.device)
+    state = _merged_state(done, prepared.settings["training"]["learning_rate"], prepared.class_head is not None)
+    if context.is_main:
+        # The merged model in the checkpoint's usual places, as a joint ensemble's (nothing there resumes).
+        save_checkpoint(os.path.join(run_dir, FILES["checkpoint"]), {
+            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "settings_digest": digest,
+            "model_config": model.config.to_dict(), "model": _cpu_state(model.state_dict()),
+            "optimizer": torch.optim.AdamW(model.parameters()).state_dict(),
+            "best_model": _cpu_state(model.state_dict()), "state": state.to_dict(), "average": None})
+    return {"model": model, "model_config": model.config, "state": state, "members": done}
+
+
+def _merged_state(done, learning_rate, classes):
+    """One TrainingState for the members trained one after another: their histories in a row (epochs
+    numbered on), the epochs summed, best_epoch the last member's in that numbering, stopped "time budget"
+    where any member ran out of its share."""
+    state = TrainingState(learning_rate, classes)
+    for member in done:
+        for name in state.history:
+            values = member["state"].history[name]
+            state.history[name].extend([state.epoch + v for v in values] if name == "epoch" else values)
+        state.best_epoch = state.epoch + member["state"].best_epoch
+        state.epoch += member["state"].epoch
+    stops = [m["state"].stopped for m in done]
+    state.stopped = "time budget" if "time budget" in stops else stops[-1]
+    state.best_score = max(m["state"].best_score for m in done)
+    state.lr = done[-1]["state"].lr
+    state.elapsed_s = done[-1]["state"].elapsed_s
+    return state
 
 
 class TrainingState(object):
@@ -1512,6 +1606,13 @@ def _write_outputs(prepared, run_dir, seed, context, result, light=False):
         "features": dict(prepared.windows, mode=prepared.settings["mode"], summary=describe_windows(prepared.windows)),
         "init_from": None if prepared.init is None else prepared.init.record,
     }
+    if result.get("members"):
+        summary["ensemble_members"] = [
+            {"seed": m["seed"], "epochs_run": m["state"].epoch, "best_epoch": m["state"].best_epoch,
+             "stopped": m["state"].stopped, "train_seconds": m["seconds"],
+             "mean_r2": {name: score_sequences(m["model"].cpu(), prepared.sequences[name], torch.device("cpu"))[0][
+                 "mean_r2"] for name in ("validation", "test")}}
+            for m in result["members"]]
     write_json_atomic(os.path.join(run_dir, FILES["metrics"]), summary)
     if light:
         return metrics.json_ready(summary)
