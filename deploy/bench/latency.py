@@ -64,6 +64,7 @@ import tempfile
 
 from neurohand.deploy.bench.report import load_average, repeat_spread
 from neurohand.deploy.bench.decoding import json_output, neurohand_command, run_step as _run_step
+from neurohand.deploy.flash import PACKAGE_FOLDERS
 
 REPLAY_SECONDS, QUICK_REPLAY_SECONDS = 600.0, 20.0
 REPEATS = 1
@@ -92,8 +93,8 @@ def simulate_session(train_path, held_out_path, train_seconds, held_out_seconds,
                         [(train_path, 0.0, train_seconds), (held_out_path, train_seconds, total)])
 
 
-#: The folders that make up the ``neurohand`` namespace (setup.py's SOURCE_FOLDERS).
-SOURCE_FOLDERS = ("decoder", "firmware_bridge", "train", "deploy")
+#: The folders that make up the ``neurohand`` namespace: the ones ``neurohand flash`` copies.
+SOURCE_FOLDERS = PACKAGE_FOLDERS
 
 
 def check_checkout(path):
