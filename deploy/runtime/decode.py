@@ -28,7 +28,6 @@ import collections
 
 import numpy as np
 
-from neurohand.deploy.runtime.stats import Distribution
 from neurohand.firmware_bridge.chip.parser import SampleFrame, SampleGap
 
 CATCH_UP_MODES = ("newest", "all")
@@ -99,10 +98,10 @@ class DecodeStage(object):
         self._supervisor = supervisor
         self._dsp_timer = stats.stages["dsp_features"]
         self._inference_timer = stats.stages["inference"]
-        # The recurrent half of the next step, computed once a command is on its way (Backend.prepare).
+        # The recurrent half of the next step, computed once a command is on its way (Backend.prepare;
+        # a test double without one does it all in its step).
         self._prepare = getattr(backend, "prepare", None)
-        if self._prepare is not None:
-            self._prepare_timer = stats.stages.setdefault("prepare", Distribution())
+        self._prepare_timer = stats.stages["prepare"]
         self._post_timer = stats.stages["postprocess"]
         self._scale = np.asarray(scale_uv, dtype=np.float64).reshape(-1)
         self.n_channels = self._scale.shape[0]

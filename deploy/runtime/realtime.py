@@ -27,7 +27,9 @@ lock keeps the reader's writes and the writer thread's apart.
 Queues (:mod:`.queues`): the frame queue is bounded (``frame_queue_events``; a
 full queue drops the frame, counts it and tells the decoder the samples are
 missing); the command queue is one slot holding only the newest command.
-Nothing blocks without a timeout, so every thread notices a stop within ~0.1 s.
+Nothing blocks without a timeout, and a stop wakes every thread that waits for
+one (the main thread and the chip's restart thread sleep longer, up to 0.5
+and 1 s, because nothing but a stop or a reconnect gives them work).
 
 Garbage collection (:mod:`.garbage`): automatic collection is off while the
 threads run; the thread that wrote a new command runs the collections that

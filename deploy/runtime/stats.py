@@ -21,7 +21,8 @@ DEFAULT_CAPACITY = 65536
 #: Values behind the status line's "recent" percentiles.
 RECENT_CAPACITY = 512
 #: Stages timed, in the order data flows through them.
-STAGES = ("read", "parse", "dsp_features", "inference", "postprocess", "write")
+# prepare: the next RNN step's recurrent half, computed once a command is on its way (Backend.prepare).
+STAGES = ("read", "parse", "dsp_features", "inference", "postprocess", "write", "prepare")
 
 
 class Distribution(object):
