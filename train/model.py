@@ -17,7 +17,7 @@ per call to ONNX.  The device never imports this module: it runs the exported
 ONNX file through ``neurohand.decoder.backends``.
 """
 import torch
-from torch import nn
+from torch import _VF, nn
 
 from neurohand.firmware_bridge.shared.checks import check_int, check_number, check_option
 from neurohand.firmware_bridge.shared.errors import ConfigError, UsageError
@@ -144,6 +144,11 @@ class RNNDecoder(nn.Module):
                              batch_first=True,
                              dropout=config.dropout if config.num_layers > 1 else 0.0)
         self.head = nn.Linear(config.hidden_size, config.output_width)
+        # Set by the trainer while this model is an ensemble of that many block-diagonal members (see
+        # ensemble_masks): the recurrent layers then run member by member, the same arithmetic without
+        # the blocks of zeros, which cost members-squared time.  Not part of the config: the exported
+        # model is the wide one.
+        self.block_members = 1
 
     def initial_state(self, batch_size=1):
         """Zero state for ``batch_size`` sequences, on the model's device."""
@@ -182,7 +187,7 @@ class RNNDecoder(nn.Module):
             state = self.initial_state(x.shape[0])
         if self.projection is not None:
             x = self.projection_dropout(torch.relu(self.projection(x)))
-        hidden, state = self.rnn(x, state)
+        hidden, state = self._recurrent(x, state)
         if members > 1:
             return member_logits(self.head, hidden, members), state
         output = self.head(hidden)
@@ -195,8 +200,13 @@ class RNNDecoder(nn.Module):
         weight = self.projection.weight.reshape(members, -1, x.shape[-1])
         projected = torch.einsum("btkf,kpf->btkp", x, weight) + self.projection.bias.reshape(members, -1)
         projected = self.projection_dropout(torch.relu(projected)).reshape(x.shape[:2] + (-1,))
-        hidden, state = self.rnn(projected, state)
+        hidden, state = self._recurrent(projected, state)
         return member_logits(self.head, hidden, members), state
+
+    def _recurrent(self, x, state):
+        if self.block_members == 1:
+            return self.rnn(x, state)
+        return members_apart_rnn(self.rnn, x, state, self.block_members, self.projection is not None)
 
     def step(self, features, state):
         """One decoder step.
@@ -259,6 +269,149 @@ def ensemble_masks(model, members):
         owner_column = torch.arange(columns) // (columns // members)
         masks["rnn." + name] = (owner_row[:, None] == owner_column[None, :]).to(parameter.dtype)
     return masks
+
+
+def member_units(rnn, members, k, has_projection):
+    """Index tensors of member k's part of each weight of ``rnn`` (block-diagonal, see ensemble_masks), in
+    torch's flat-weight order: per layer (rows, columns) of the input and recurrent weights and the rows of
+    the two biases; columns None where the member reads all the inputs."""
+    hidden = rnn.hidden_size // members
+    n_gates = rnn.weight_hh_l0.shape[0] // rnn.hidden_size
+    rows = torch.cat([g * rnn.hidden_size + torch.arange(k * hidden, (k + 1) * hidden) for g in range(n_gates)])
+    own = torch.arange(k * hidden, (k + 1) * hidden)
+    first = rnn.input_size // members
+    indices = []
+    for layer in range(rnn.num_layers):
+        inputs = own if layer else (torch.arange(k * first, (k + 1) * first) if has_projection else None)
+        indices += [(rows, inputs), (rows, own)] + ([(rows, None), (rows, None)] if rnn.bias else [])
+    return indices
+
+
+def _cached_member_units(rnn, members, has_projection):
+    cached = getattr(rnn, "_member_units", None)
+    if cached is None or cached[0] != (members, has_projection):
+        cached = ((members, has_projection), [member_units(rnn, members, k, has_projection)
+                                              for k in range(members)])
+        rnn._member_units = cached
+    return cached[1]
+
+
+def member_weights(rnn, indices):
+    """Member's own weights (copies that pass their gradients back to ``rnn``'s), flat-weight order."""
+    return [w[r] if c is None else w[r][:, c] for w, (r, c) in zip(rnn._flat_weights, indices)]
+
+
+def member_dropout_masks(model, members, batch, steps):
+    """Per member, the dropout masks of one training forward of :func:`member_forward` (after the projection,
+    then after each recurrent layer but the last), scaled as nn.Dropout scales them; None where the model
+    has no dropout or is evaluating.  Drawn in member order from torch's generator, so they do not depend
+    on the order in which the members then run."""
+    config, p = model.config, model.config.dropout
+    if not model.training or p == 0:
+        return [None] * members
+    widths = ([config.input_projection // members] if config.input_projection is not None else []) \
+        + [config.hidden_size // members] * (config.num_layers - 1)
+    if config.input_projection is None:
+        widths = [None] + widths
+    return [[None if w is None else torch.empty(batch, steps, w).bernoulli_(1.0 - p).div_(1.0 - p)
+             for w in widths] for _ in range(members)]
+
+
+def member_slots(model, members, k):
+    """Member k's own part of the wide model's weights, as (parameter, index) pairs: ``parameter[index]``
+    is the member's weight (its projection rows and bias, its recurrent layers' blocks in torch's
+    flat-weight order, its columns of the output layer), in the order :func:`member_forward` takes them.
+    The output layer's bias is shared by the members and not among them."""
+    slots = []
+    if model.projection is not None:
+        p = model.config.input_projection // members
+        rows = slice(k * p, (k + 1) * p)
+        slots += [(model.projection.weight, (rows,)), (model.projection.bias, (rows,))]
+    rnn = model.rnn
+    for weight, (r, c) in zip(rnn._flat_weights,
+                              _cached_member_units(rnn, members, model.projection is not None)[k]):
+        slots.append((weight, (r,) if c is None else (r[:, None], c[None, :])))
+    width = model.config.hidden_size // members
+    slots.append((model.head.weight, (slice(None), slice(k * width, (k + 1) * width))))
+    return slots
+
+
+def member_forward(model, members, k, x, state, dropout=None, weights=None):
+    """Member k of a block-diagonal ensemble (see ensemble_masks) run on its own: its logits (batch, time,
+    output_width), as :func:`member_logits` gives them for member k, and its state (its slice of the wide
+    state's units).  x: (batch, time, n_features), the member's pieces; state: the member's state or None;
+    dropout: its masks from :func:`member_dropout_masks`; weights: the member's weights in
+    :func:`member_slots` order (default: taken from the wide model, so gradients reach it).
+
+    Members share no computation but the output layer's bias, so each can run (forward and backward) on
+    a thread of its own."""
+    config, rnn = model.config, model.rnn
+    if weights is None:
+        weights = [parameter[index] for parameter, index in member_slots(model, members, k)]
+    width = config.hidden_size // members
+    dropout = dropout or [None] * config.num_layers
+    if model.projection is not None:
+        x = torch.relu(torch.nn.functional.linear(x, weights[0], weights[1]))
+        weights = weights[2:]
+    if dropout[0] is not None:
+        x = x * dropout[0]
+    if state is None:
+        shape = (config.num_layers, x.shape[0], width)
+        state = (x.new_zeros(shape), x.new_zeros(shape)) if config.cell == "lstm" else x.new_zeros(shape)
+    per_layer = (len(weights) - 1) // config.num_layers
+    states = []
+    for layer in range(config.num_layers):
+        own = weights[layer * per_layer:(layer + 1) * per_layer]
+        if config.cell == "lstm":
+            result = _VF.lstm(x, (state[0][layer:layer + 1], state[1][layer:layer + 1]), own, rnn.bias, 1, 0.0,
+                              model.training, False, True)
+            x, states = result[0], states + [result[1:]]
+        else:
+            x, last = _VF.gru(x, state[layer:layer + 1], own, rnn.bias, 1, 0.0, model.training, False, True)
+            states.append(last)
+        if layer + 1 < config.num_layers and dropout[layer + 1] is not None:
+            x = x * dropout[layer + 1]
+    if config.cell == "lstm":
+        state = (torch.cat([s[0] for s in states]), torch.cat([s[1] for s in states]))
+    else:
+        state = torch.cat(states)
+    return members * torch.nn.functional.linear(x, weights[-1]) + model.head.bias, state
+
+
+def members_apart_rnn(rnn, x, state, members, has_projection):
+    """``rnn(x, state)`` for a block-diagonal ensemble (see ensemble_masks), computed as ``members`` RNNs of
+    one member's width: each reads its own slice of ``x`` (all of it without an input projection) and of
+    the state, and the outputs and states are joined in the wide model's unit order.  The gradients reach
+    the wide weights' own blocks only."""
+    lstm = isinstance(rnn, nn.LSTM)
+    width = rnn.hidden_size // members
+    outputs, states = [], []
+    for k, indices in enumerate(_cached_member_units(rnn, members, has_projection)):
+        weights = member_weights(rnn, indices)
+        units = slice(k * width, (k + 1) * width)
+        inputs = x[..., indices[0][1]] if indices[0][1] is not None else x
+        if lstm:
+            own_state = (state[0][..., units].contiguous(), state[1][..., units].contiguous())
+            result = _VF.lstm(inputs, own_state, weights, rnn.bias, rnn.num_layers, rnn.dropout,
+                              rnn.training, False, rnn.batch_first)
+            outputs.append(result[0])
+            states.append(result[1:])
+        else:
+            result = _VF.gru(inputs, state[..., units].contiguous(), weights, rnn.bias, rnn.num_layers,
+                             rnn.dropout, rnn.training, False, rnn.batch_first)
+            outputs.append(result[0])
+            states.append(result[1])
+    output = torch.cat(outputs, dim=-1)
+    if lstm:
+        return output, (torch.cat([s[0] for s in states], dim=-1), torch.cat([s[1] for s in states], dim=-1))
+    return output, torch.cat(states, dim=-1)
+
+
+def is_block_diagonal(model, masks):
+    """Whether every masked weight of ``model`` is zero outside its members' blocks."""
+    with torch.no_grad():
+        return all(not bool((parameter * (1 - masks[name])).any())
+                   for name, parameter in model.named_parameters() if name in masks)
 
 
 def member_logits(head, hidden, members):

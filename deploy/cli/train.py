@@ -132,7 +132,9 @@ def _register_train(subparsers):
                              "training starts from its best weights with a lower learning rate and a pull toward "
                              "them (docs/training.md, 'Recalibration with --init-from')")
     parser.add_argument("--threads", type=int, default=1, metavar="N",
-                        help="torch threads per process (default: 1, fastest for this small RNN on a busy CPU)")
+                        help="torch threads per process (default: 1, fastest for this small RNN on a busy CPU); "
+                             "with a jointly trained ensemble, N members train side by side instead "
+                             "(the same weights on any N)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
     parser.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
     parser.set_defaults(func=_run_train)

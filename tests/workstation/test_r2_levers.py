@@ -14,7 +14,7 @@ from neurohand.decoder.backends import create_backend  # noqa: E402
 from neurohand.firmware_bridge.shared.errors import UsageError  # noqa: E402
 from neurohand.train import trainer  # noqa: E402
 from neurohand.train.model import (ModelConfig, build_model, ensemble_masks, init_ensemble,  # noqa: E402
-                                   merge_members)
+                                   is_block_diagonal, member_forward, merge_members)
 from test_train_data import TINY_CONFIG, make_recording  # noqa: E402
 
 ENSEMBLE_MODEL = {"hidden_size": 8, "num_layers": 2, "input_projection": 6, "dropout": 0.0}
@@ -113,6 +113,74 @@ def test_members_reading_their_own_sequences_each_run_as_alone():
         for k in range(members):
             alone, _ = member_model(model, k, members)(x[:, :, k], logits=True)
             np.testing.assert_allclose(apart[:, :, k].numpy(), alone.numpy(), atol=1e-5)
+
+
+def _gradients(model, masks, loss):
+    model.zero_grad()
+    loss.backward()
+    return {name: p.grad * masks.get(name, 1) for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("cell,projection", [("gru", 6), ("gru", None), ("lstm", 6), ("lstm", None)])
+def test_members_run_one_by_one_compute_the_wide_model(cell, projection):
+    """The trainer's two ways of running a block-diagonal ensemble without its blocks of zeros (the
+    recurrent layers member by member, and each member a graph of its own) give the wide model's outputs,
+    states and in-block gradients, and no gradient between the members."""
+    members = 3
+    torch.manual_seed(5)
+    model = build_model(ModelConfig(5, 3, cell, 4 * members, 2, projection, class_names=["rest", "a"]))
+    masks = ensemble_masks(model, members)
+    init_ensemble(model, masks, members)
+    assert is_block_diagonal(model, masks)
+    x = torch.randn(2, 15, 5)
+    wide, wide_state = model(x, members=members)
+    wide_gradients = _gradients(model, masks, (wide ** 2).mean())
+    model.block_members = members
+    apart, apart_state = model(x, members=members)
+    apart_gradients = _gradients(model, masks, (apart ** 2).mean())
+    runs = [member_forward(model, members, k, x, None) for k in range(members)]
+    alone = torch.stack([logits for logits, _ in runs], dim=2)
+    alone_gradients = _gradients(model, masks, (alone ** 2).mean())
+    h = 4
+    for k, (_, state) in enumerate(runs):
+        units = slice(k * h, (k + 1) * h)
+        for got, expected in zip(state if cell == "lstm" else [state],
+                                 wide_state if cell == "lstm" else [wide_state]):
+            np.testing.assert_allclose(got.detach().numpy(), expected[..., units].detach().numpy(), atol=1e-6)
+    for got in (apart, alone):
+        np.testing.assert_allclose(got.detach().numpy(), wide.detach().numpy(), atol=1e-6)
+    for got in (apart_gradients, alone_gradients):
+        for name in wide_gradients:
+            np.testing.assert_allclose(got[name].numpy(), wide_gradients[name].numpy(), atol=1e-6, err_msg=name)
+    for name, mask in masks.items():
+        raw = dict(model.named_parameters())[name].grad
+        assert float((raw * (1 - mask)).abs().max()) == 0.0, name
+    # A wide model that is not block-diagonal (e.g. fine-tuned from a plain run) is not taken for one.
+    with torch.no_grad():
+        model.rnn.weight_hh_l0[0, -1] = 0.5
+    assert not is_block_diagonal(model, masks)
+
+
+def test_ensemble_training_is_the_same_on_one_or_two_threads_and_as_the_wide_model(recording, tmp_path,
+                                                                                  monkeypatch):
+    config = tiny(ensemble=2, epochs=1)
+    config["model"] = dict(ENSEMBLE_MODEL, dropout=0.2)
+    runs = {}
+    for threads in (1, 2):
+        runs[threads] = trainer.train_run([recording], str(tmp_path / str(threads)), config, seed=3, progress=False,
+                                          threads=threads, light=True)
+    assert runs[1]["history"] == dict(runs[2]["history"], seconds=runs[1]["history"]["seconds"])
+    one = trainer.load_checkpoint(str(tmp_path / "1" / "checkpoint.pt"))["model"]
+    two = trainer.load_checkpoint(str(tmp_path / "2" / "checkpoint.pt"))["model"]
+    assert all(torch.equal(one[name], two[name]) for name in one)
+    # Without dropout (whose masks are drawn in another order) the wide model's one graph takes the same
+    # descent; it is what runs when the members cannot be run one by one.
+    config["model"]["dropout"] = 0.0
+    fast = trainer.train_run([recording], str(tmp_path / "fast"), config, seed=3, progress=False, light=True)
+    monkeypatch.setattr(trainer, "is_block_diagonal", lambda model, masks: False)
+    wide = trainer.train_run([recording], str(tmp_path / "wide"), config, seed=3, progress=False, light=True)
+    np.testing.assert_allclose(fast["history"]["train_loss"], wide["history"]["train_loss"], rtol=1e-4)
+    np.testing.assert_allclose(fast["history"]["validation_r2"], wide["history"]["validation_r2"], rtol=1e-3)
 
 
 def test_members_draw_their_own_pieces():
