@@ -249,7 +249,9 @@ def test_live_run_decodes_every_frame_and_writes_stats(tmp_path, decode_in):
 def test_slow_decoder_skips_to_the_newest_window_and_counts_it(decode_in):
     chip = PacedChip(50)
     runner, hand = make_runner(backend=SlowBackend(0.025), chip=chip, decode_in=decode_in)   # 25 ms per 10 ms stride
-    document = runner.run(duration_s=0.6)
+    # The frames end at 0.5 s; the 0.3 s after them let the last window be decoded or skipped even when the
+    # machine stalls (0.1 s was too little once in a full suite run).
+    document = runner.run(duration_s=0.8)
     assert document["skips"] > 10
     assert document["windows"]["decoded"] + document["skips"] == 50 - 4
     # Jumping ahead keeps latency near one inference, far below the backlog it would build.
@@ -267,7 +269,9 @@ def test_sigterm_puts_the_hand_in_its_safe_posture_and_closes_files(tmp_path):
     runner, hand = make_runner(config=RuntimeConfig(status_interval_s=0, safe_posture="open",
                                                     max_slew_per_s=None),
                                chip=chip, stats_path=stats_path, recorder=recorder)
-    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    # 0.7 s of 1 kHz data before the signal, for the 400 samples asked below (0.5 s fell short once, 390,
+    # when a full suite run stalled).
+    timer = threading.Timer(0.7, os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
     try:
         with installed_signal_handlers(runner):
