@@ -309,10 +309,8 @@ def member_dropout_masks(model, members, batch, steps):
     config, p = model.config, model.config.dropout
     if not model.training or p == 0:
         return [None] * members
-    widths = ([config.input_projection // members] if config.input_projection is not None else []) \
-        + [config.hidden_size // members] * (config.num_layers - 1)
-    if config.input_projection is None:
-        widths = [None] + widths
+    first = None if config.input_projection is None else config.input_projection // members
+    widths = [first] + [config.hidden_size // members] * (config.num_layers - 1)
     return [[None if w is None else torch.empty(batch, steps, w).bernoulli_(1.0 - p).div_(1.0 - p)
              for w in widths] for _ in range(members)]
 

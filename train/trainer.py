@@ -1224,8 +1224,7 @@ class _Training(object):
         # them once per step instead of once per operation (3 times faster at 6 members).
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.settings["learning_rate"],
                                            weight_decay=self.settings["weight_decay"],
-                                           fused=True if self.member_threads and context.device.type == "cpu"
-                                           else None)
+                                           fused=True if self.member_threads else None)
         self.state = TrainingState(self.settings["learning_rate"], classes=prepared.class_head is not None)
         self.class_weights = None
         if prepared.class_head is not None and prepared.class_head.weights is not None:
@@ -1484,7 +1483,6 @@ class _Training(object):
             anchor = torch.autograd.grad(l2sp * self.distance_to_anchor(), list(model.parameters()))
             for parameter, gradient in zip(model.parameters(), anchor):
                 parameter.grad += gradient
-        results = results[:members]
         loss = sum(r[0] for r in results)
         class_loss = None if c is None else sum(r[1] for r in results)
         states = [r[2] for r in results]
