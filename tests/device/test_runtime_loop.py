@@ -245,6 +245,22 @@ def test_live_run_decodes_every_frame_and_writes_stats(tmp_path, decode_in):
     assert np.array_equal(hand.sent[-1][1], np.zeros(5))
 
 
+def test_the_runs_duration_starts_after_the_start_up_collection():
+    """A slow start-up garbage collection (0.1 s in a process holding a test suite's objects) does not eat
+    into the run's duration: all 0.4 s of frames arrive within a 0.5-s run."""
+    chip = PacedChip(40)
+    runner, _ = make_runner(chip=chip)
+    collect = runner.collector.start
+
+    def slow_start():
+        time.sleep(0.3)
+        collect()
+
+    runner.collector.start = slow_start
+    document = runner.run(duration_s=0.5)
+    assert document["frames"]["received"] == 40
+
+
 @pytest.mark.parametrize("decode_in", ["reader", "thread"])
 def test_slow_decoder_skips_to_the_newest_window_and_counts_it(decode_in):
     chip = PacedChip(50)
