@@ -50,6 +50,26 @@ def test_a_device_clock_that_drifts_is_followed():
     assert abs(clock.count_at(clock.time_of(1234.5)) - 1234.5) < 1e-6
 
 
+def test_two_low_neighbours_in_the_middle_do_not_tilt_the_period():
+    """The demo's collect stage once placed glove samples 6-9 ms off for a tenth of a second: the lowest
+    arrivals of the window's two halves were neighbours across its middle, one frame apart, and 10 us of
+    jitter between them tilted the period by 0.1 %.  The period comes from points half a window apart."""
+    rate, n = 2000.0, 400                      # 20-sample frames at 2 kHz: 4 s of chip frames
+    counts = np.arange(1, n + 1) * 20.0
+    true = 50.0 + counts / rate
+    rng = np.random.RandomState(3)
+    delay = 0.0003 + rng.uniform(0.00003, 0.0001, size=n)
+    delay[n // 2 - 1] = 0.00031                # the first half's lowest arrival, at its end
+    delay[n // 2] = 0.0003                     # the second half's, right after it: 10 us lower
+    clock = ArrivalClock(rate)
+    for count, arrival in zip(counts, true + delay):
+        clock.add(count, arrival)
+    clock.update()
+    now = true[-1]
+    assert abs(clock.count_at(now) - counts[-1]) / rate < 0.0003       # tilted: 3.6 ms off
+    assert abs(clock.period - 1.0 / rate) / (1.0 / rate) < 1e-4
+
+
 def test_sequence_numbers_wrap_skip_and_restart():
     unwrap = SequenceUnwrapper()
     out = [unwrap.feed(s) for s in (254, 255, 0, 1, 4, 5)]
