@@ -184,6 +184,8 @@ def run_features(quick):
     decode = time_decode_step(*((40, 2) if quick else (200, 7)))
     decode["estimate"] = estimate_decode_step(decode)
     result["decode_step"] = decode
+    # The same step as the real-time loop meets it: frames on the chip's 2-ms schedule against back to back.
+    result["decode_step_in_rhythm"] = time_decode_step_in_rhythm(*((10, 1) if quick else (100, 3)))
     return result
 
 
@@ -328,6 +330,81 @@ def time_decode_step(blocks_per_repeat=200, repeats=7, dtype="float64"):
     return result
 
 
+def time_decode_step_in_rhythm(blocks_per_repeat=100, repeats=3, frame_samples=20, dtype="float64"):
+    """The decode step as the real-time loop meets it, against the same work back to back, in µs.
+
+    The runtime pushes each chip frame (``frame_samples`` samples, 2 ms at the
+    default 20) as it arrives and decodes when a frame completes a window, once
+    every 20 ms; between those frames the decoding's code and data go unused.
+    Here the frames of the same blocks are pushed either on the chip's schedule
+    (each one at its due time, sleeping in between: ``in_rhythm``) or one after
+    another with no pause (``back_to_back``), alternating per repeat, and the
+    window frames are timed: ``window_push`` (its stream push), ``rnn_step``
+    and ``decode_step`` (both).  On a machine whose caches other work empties
+    within milliseconds (a shared virtual machine: docs/latency.md) the
+    in-rhythm figures are several times the back-to-back ones; their ratio
+    (``ratio_p50``, ``ratio_p99``: in rhythm / back to back) says how much of
+    a step's cost the pause adds.  Keys per mode: {part: {p50_us, p99_us,
+    p50_us_spread}}, windows (timed per repeat); frame_period_ms, frame_samples,
+    blocks, repeats.
+    """
+    import time as _time
+
+    if BLOCK_SAMPLES % frame_samples:
+        raise ValueError("frame_samples must divide the {}-sample block".format(BLOCK_SAMPLES))
+    pipeline, backend, blocks = decode_step_parts(dtype, min(blocks_per_repeat + 10, 200))
+    period_s = frame_samples / SIGNAL_RATE
+    frames = [block[i:i + frame_samples] for block in blocks[10:] for i in range(0, BLOCK_SAMPLES, frame_samples)]
+    frames = [frames[index % len(frames)] for index in range(blocks_per_repeat * BLOCK_SAMPLES // frame_samples)]
+    prepare = getattr(backend, "prepare", None) or (lambda state: None)
+    parts = ("window_push", "rnn_step", "decode_step")
+    figures = {mode: {part: [] for part in parts} for mode in ("in_rhythm", "back_to_back")}
+    windows = {}
+    for index in range(2 * repeats):
+        mode = ("in_rhythm", "back_to_back")[index % 2]
+        push = pipeline.stream().push
+        state = backend.initial_state()
+        for block in blocks[:10]:               # fill the first window
+            push(block)
+        times = []
+        due = _time.perf_counter()
+        for frame in frames:
+            if mode == "in_rhythm":
+                due += period_s
+                pause = due - _time.perf_counter()
+                if pause > 0:
+                    _time.sleep(pause)
+            start = _time.perf_counter()
+            features, _ = push(frame)
+            pushed = _time.perf_counter()
+            if len(features):
+                for row in features:
+                    state = backend.step(row, state)[1]
+                done = _time.perf_counter()
+                times.append((pushed - start, done - pushed, done - start))
+                prepare(state)
+        windows[mode] = len(times)
+        times = np.array(times)
+        for column, part in enumerate(parts):
+            figures[mode][part].append((np.percentile(times[:, column], 50) * 1e6,
+                                        np.percentile(times[:, column], 99) * 1e6))
+    result = {}
+    for mode, by_part in figures.items():
+        result[mode] = {part: {"p50_us": round(float(np.median([p50 for p50, _ in runs])), 1),
+                               "p99_us": round(float(np.median([p99 for _, p99 in runs])), 1),
+                               "p50_us_spread": [round(min(p50 for p50, _ in runs), 1),
+                                                 round(max(p50 for p50, _ in runs), 1)]}
+                        for part, runs in by_part.items()}
+        result[mode]["windows"] = windows[mode]
+    for figure in ("p50", "p99"):
+        result["ratio_" + figure] = {
+            part: round(result["in_rhythm"][part][figure + "_us"] / result["back_to_back"][part][figure + "_us"], 2)
+            for part in parts}
+    result.update(frame_period_ms=round(period_s * 1e3, 3), frame_samples=frame_samples, blocks=blocks_per_repeat,
+                  repeats=repeats, dtype=dtype)
+    return result
+
+
 def compare_decode_steps(reference, rounds=3, blocks=200, repeats=5):
     """The decode step of this checkout and of ``reference`` (another checkout's root), side by side.
 
@@ -375,8 +452,8 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(prog="python -m neurohand.deploy.bench.dsp")
     parser.add_argument("what", choices=["decode-step"])
-    parser.add_argument("--blocks", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--blocks", type=int, help="20 ms blocks per repeat (default 200; --rhythm 100)")
+    parser.add_argument("--repeats", type=int, help="repeats (default 7; --rhythm 3 of each mode)")
     parser.add_argument("--decoder-from", metavar="DIR",
                         help="time the decoder/ package of another checkout DIR (e.g. the code before a change, "
                              "from `git archive`) with this benchmark; it must be imported before anything else")
@@ -385,9 +462,18 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--estimate", action="store_true",
                         help="add operation counts, numpy call counts and the Jetson Nano estimate")
+    parser.add_argument("--rhythm", action="store_true",
+                        help="time the window frames' decode step with the chip's 2-ms frames pushed on their "
+                             "schedule and back to back, alternating (the cost of the pause between them); "
+                             "see docs/latency.md")
     options = parser.parse_args(argv)
+    for name in ("blocks", "repeats", "rounds"):
+        if getattr(options, name) is not None and getattr(options, name) < 1:
+            parser.error("--{} must be at least 1".format(name))
+    if options.rhythm and (options.compare_with or options.estimate):
+        parser.error("--rhythm times one checkout; leave out --compare-with and --estimate")
     if options.compare_with:
-        result = compare_decode_steps(options.compare_with, options.rounds, options.blocks, options.repeats)
+        result = compare_decode_steps(options.compare_with, options.rounds, options.blocks or 200, options.repeats or 5)
         result["load_average_after"] = list(os.getloadavg())
         print(json.dumps(result))
         return
@@ -395,7 +481,10 @@ def main(argv=None):
         import neurohand.decoder
         # Every neurohand.decoder.* module is imported from there from now on (none is imported yet).
         neurohand.decoder.__path__ = [os.path.join(os.path.abspath(options.decoder_from), "decoder")]
-    result = time_decode_step(options.blocks, options.repeats)
+    if options.rhythm:
+        result = time_decode_step_in_rhythm(options.blocks or 100, options.repeats or 3)
+    else:
+        result = time_decode_step(options.blocks or 200, options.repeats or 7)
     if options.estimate:
         result["estimate"] = estimate_decode_step(result)
     import neurohand.decoder.features

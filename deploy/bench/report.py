@@ -425,6 +425,20 @@ def _features(result):
     if "raw_float64_numpy" in result:
         headline.append(("feature step per 20 ms block, 16 ch, {} features (p50)".format(result.get("n_features_raw")),
                          _block(result["raw_float64_numpy"]), "—", "—"))
+    rhythm = result.get("decode_step_in_rhythm")
+    if rhythm:
+        lines += ["", "The window frame's decode step (stream push and numpy RNN step) with the chip's frames pushed on "
+                      "their {} ms schedule, against the same frames back to back (p50 / p99, µs; the pause between "
+                      "frames leaves the caches to other work, docs/latency.md):".format(
+                          _num(rhythm["frame_period_ms"])), ""]
+        lines += _table(["frames", "window push", "RNN step", "decode step"],
+                        [(mode.replace("_", " "),) + tuple("{} / {}".format(_num(rhythm[mode][part]["p50_us"]),
+                                                                            _num(rhythm[mode][part]["p99_us"]))
+                                                           for part in ("window_push", "rnn_step", "decode_step"))
+                         for mode in ("in_rhythm", "back_to_back")])
+        lines += ["", "In rhythm / back to back, decode step: {} at p50, {} at p99.".format(
+            _ratio(rhythm["in_rhythm"]["decode_step"]["p50_us"], rhythm["back_to_back"]["decode_step"]["p50_us"]),
+            _ratio(rhythm["in_rhythm"]["decode_step"]["p99_us"], rhythm["back_to_back"]["decode_step"]["p99_us"]))]
     libemg = result.get("libemg")
     if libemg is not None:
         libemg_headline, libemg_lines = _libemg_lines(libemg)

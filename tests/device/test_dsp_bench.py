@@ -118,6 +118,48 @@ def test_time_decode_step_reports_each_part():
     assert result["n_features"] == 144
 
 
+def test_decode_step_in_rhythm_paces_the_frames_and_times_every_window(monkeypatch):
+    import time as real_time
+
+    from neurohand.deploy.bench import dsp
+
+    sleeps = []
+    sleep = real_time.sleep
+
+    def recorded(seconds):
+        sleeps.append(seconds)
+        sleep(seconds)
+
+    monkeypatch.setattr(real_time, "sleep", recorded)
+    started = real_time.perf_counter()
+    result = dsp.time_decode_step_in_rhythm(blocks_per_repeat=4, repeats=2)
+    # Two in-rhythm repeats of 40 frames, each frame at its due time 2 ms after the last.
+    assert real_time.perf_counter() - started >= 2 * 40 * 0.002
+    # One window per 20 ms block in each mode, the first window filled before timing.
+    assert result["in_rhythm"]["windows"] == result["back_to_back"]["windows"] == 4
+    # In rhythm only: a pause before frames that are not yet due, none beyond one frame period
+    # (2 ms at 20 samples); back to back never sleeps.
+    assert 0 < len(sleeps) <= 2 * 4 * 10 and all(0 < pause <= 0.002 + 1e-9 for pause in sleeps)
+    for mode in ("in_rhythm", "back_to_back"):
+        for part in ("window_push", "rnn_step", "decode_step"):
+            assert result[mode][part]["p50_us"] > 0
+        assert result[mode]["decode_step"]["p50_us"] >= result[mode]["window_push"]["p50_us"]
+    assert result["ratio_p50"]["decode_step"] == round(
+        result["in_rhythm"]["decode_step"]["p50_us"] / result["back_to_back"]["decode_step"]["p50_us"], 2)
+    assert result["frame_period_ms"] == 2.0
+
+
+def test_decode_step_in_rhythm_from_the_command_line():
+    output = subprocess.run([sys.executable, "-m", "neurohand.deploy.bench.dsp", "decode-step", "--rhythm",
+                             "--blocks", "2", "--repeats", "1"],
+                            stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout
+    result = json.loads(output)
+    assert result["blocks"] == 2 and result["repeats"] == 1 and result["in_rhythm"]["windows"] == 2
+    refused = subprocess.run([sys.executable, "-m", "neurohand.deploy.bench.dsp", "decode-step", "--rhythm",
+                              "--estimate"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    assert refused.returncode == 2 and "--rhythm times one checkout" in refused.stderr
+
+
 def test_compare_decode_steps_times_both_checkouts_alternately():
     import os
     from neurohand.deploy.bench.dsp import compare_decode_steps

@@ -352,3 +352,21 @@ def test_cli_update_remeasures_only_the_named_targets(tmp_path, capsys):
 def test_cli_update_without_earlier_results_is_a_one_line_error(tmp_path, capsys):
     assert main(["bench", "parser", "--quick", "--update", "--results-dir", str(tmp_path / "none")]) == 2
     assert "--update needs earlier results" in capsys.readouterr().err
+
+
+def test_render_decode_step_in_rhythm_against_back_to_back(document):
+    def parts(p50s):
+        return {part: {"p50_us": p50, "p99_us": 2 * p50, "p50_us_spread": [p50, p50]}
+                for part, p50 in zip(("window_push", "rnn_step", "decode_step"), p50s)}
+
+    document["targets"]["features"]["result"]["decode_step_in_rhythm"] = {
+        "in_rhythm": dict(parts((450.0, 50.0, 500.0)), windows=300),
+        "back_to_back": dict(parts((140.0, 30.0, 170.0)), windows=300),
+        "frame_period_ms": 2.0, "frame_samples": 20, "blocks": 100, "repeats": 3}
+    markdown = bench_report.render_markdown(document)
+    # Not a comparison with an alternative, so not in the side-by-side table.
+    assert "decode step of a window frame" not in section(markdown, "Side by side")
+    features = section(markdown, "features")
+    assert "| in rhythm | 450.0 / 900.0 | 50.0 / 100.0 | 500.0 / 1,000.0 |" in features
+    assert "| back to back | 140.0 / 280.0 | 30.0 / 60.0 | 170.0 / 340.0 |" in features
+    assert "In rhythm / back to back, decode step: 2.94× at p50, 2.94× at p99." in features
