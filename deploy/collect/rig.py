@@ -13,6 +13,10 @@ import numpy as np
 
 RATE, SPF, LABEL_RATE = 10000.0, 20, 100.0
 START_DELAY_S = 4.0        # the devices start this long after they are launched: collect opens both first
+# The session is started this long before the devices: collect opens both and sends START, then waits
+# session.FIRST_DATA_TIMEOUT_S (3 s) for the first samples.  Started at once instead, a launch of both
+# devices in under a second (a warm machine) left START more than 3 s before the first sample.
+SESSION_LEAD_S = 1.0
 
 
 def neurohand_command(*arguments):
@@ -61,6 +65,10 @@ def collect_simulated(work, simulated, protocol, samples_per_frame=SPF, label_ra
                                 "virtual-glove")
     out = os.path.join(work, "collected.nh")
     try:
+        # Not before SESSION_LEAD_S ahead of the devices' start (where launching took longer, at once).
+        wait_s = start - SESSION_LEAD_S - time.monotonic()
+        if wait_s > 0:
+            time.sleep(wait_s)
         settings = Settings(chip_path, "virtual:{}:serial".format(glove_path), out, protocol,
                             label_rate=label_rate, calibration=virtual_calibration("serial").to_config())
         session = CollectSession(settings)
