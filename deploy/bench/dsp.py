@@ -473,7 +473,8 @@ def main(argv=None):
     if options.rhythm and (options.compare_with or options.estimate):
         parser.error("--rhythm times one checkout; leave out --compare-with and --estimate")
     if options.compare_with:
-        result = compare_decode_steps(options.compare_with, options.rounds, options.blocks or 200, options.repeats or 5)
+        result = compare_decode_steps(options.compare_with, options.rounds, options.blocks or 200,
+                                      options.repeats or 5)
         result["load_average_after"] = list(os.getloadavg())
         print(json.dumps(result))
         return

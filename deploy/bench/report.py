@@ -427,9 +427,9 @@ def _features(result):
                          _block(result["raw_float64_numpy"]), "—", "—"))
     rhythm = result.get("decode_step_in_rhythm")
     if rhythm:
-        lines += ["", "The window frame's decode step (stream push and numpy RNN step) with the chip's frames pushed on "
-                      "their {} ms schedule, against the same frames back to back (p50 / p99, µs; the pause between "
-                      "frames leaves the caches to other work, docs/latency.md):".format(
+        lines += ["", "The window frame's decode step (stream push and numpy RNN step) with the chip's frames "
+                      "pushed on their {} ms schedule, against the same frames back to back (p50 / p99, µs; the "
+                      "pause between frames leaves the caches to other work, docs/latency.md):".format(
                           _num(rhythm["frame_period_ms"])), ""]
         lines += _table(["frames", "window push", "RNN step", "decode step"],
                         [(mode.replace("_", " "),) + tuple("{} / {}".format(_num(rhythm[mode][part]["p50_us"]),

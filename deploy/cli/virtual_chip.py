@@ -43,8 +43,8 @@ def register(subparsers):
                              "machine) at which the first sample (at --start) is due, as 'virtual-glove --start-at', "
                              "so that a chip and a glove given the same time play one recording together; samples "
                              "due before the stream starts (before START) are skipped. Default: when the stream "
-                             "starts. Must not be in the past. 'neurohand collect' gives the chip a few seconds after its "
-                             "START to send the first sample: start it shortly before this time")
+                             "starts. Must not be in the past. 'neurohand collect' gives the chip a few seconds "
+                             "after its START to send the first sample: start it shortly before this time")
     parser.add_argument("--samples-per-frame", type=int, default=20, metavar="N",
                         help="samples per channel in each frame, 1..255 (default 20; a host can change it "
                              "with CONFIGURE)")

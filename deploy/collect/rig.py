@@ -14,8 +14,8 @@ import numpy as np
 RATE, SPF, LABEL_RATE = 10000.0, 20, 100.0
 START_DELAY_S = 4.0        # the devices start this long after they are launched: collect opens both first
 # The session is started this long before the devices: collect opens both and sends START, then waits
-# session.FIRST_DATA_TIMEOUT_S (3 s) for the first samples.  Started at once instead, a launch of both
-# devices in under a second (a warm machine) left START more than 3 s before the first sample.
+# session.FIRST_DATA_TIMEOUT_S (3 s) for the first samples.  Started at once instead, devices that printed
+# their terminals within a second left START more than 3 s before the first sample (docs/collect.md).
 SESSION_LEAD_S = 1.0
 
 
