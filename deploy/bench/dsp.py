@@ -260,6 +260,18 @@ def decode_step_parts(dtype="float64", n_blocks=200):
     return pipeline, NumpyBackend(random_rnn_weights(pipeline.n_features)), blocks
 
 
+def _over_repeats(figures, names):
+    """Per-repeat percentiles (one tuple per repeat, in the order of ``names``) as the bench reports them:
+    {name_us: median over repeats} plus [min, max] spreads of p50 and p99, in µs to 0.1."""
+    result = {}
+    for column, name in enumerate(names):
+        values = [repeat[column] for repeat in figures]
+        result[name + "_us"] = round(float(np.median(values)), 1)
+        if name in ("p50", "p99"):
+            result[name + "_us_spread"] = [round(min(values), 1), round(max(values), 1)]
+    return result
+
+
 def time_decode_step(blocks_per_repeat=200, repeats=7, dtype="float64"):
     """The whole decode step per 20 ms block, and its parts, in µs (p50, p99; median over repeats, spread).
 
@@ -312,15 +324,8 @@ def time_decode_step(blocks_per_repeat=200, repeats=7, dtype="float64"):
             process(block)
             filter_times[index] = _time.perf_counter() - start
         parts["filter"].append(tuple(np.percentile(filter_times, q) * 1e6 for q in (50, 99, 5)))
-    result = {}
-    for name, figures in parts.items():
-        p50s = [p50 for p50, _, _ in figures]
-        p99s = [p99 for _, p99, _ in figures]
-        # p5: the step with (almost) nothing else running on its core, the floor of a loaded machine.
-        result[name] = {"p50_us": round(float(np.median(p50s)), 1), "p99_us": round(float(np.median(p99s)), 1),
-                        "p5_us": round(float(np.median([p5 for _, _, p5 in figures])), 1),
-                        "p50_us_spread": [round(min(p50s), 1), round(max(p50s), 1)],
-                        "p99_us_spread": [round(min(p99s), 1), round(max(p99s), 1)]}
+    # p5: the step with (almost) nothing else running on its core, the floor of a loaded machine.
+    result = {name: _over_repeats(figures, ("p50", "p99", "p5")) for name, figures in parts.items()}
     result["blocks"] = blocks_per_repeat
     result["repeats"] = repeats
     result["dtype"] = dtype
@@ -345,8 +350,8 @@ def time_decode_step_in_rhythm(blocks_per_repeat=100, repeats=3, frame_samples=2
     in-rhythm figures are several times the back-to-back ones; their ratio
     (``ratio_p50``, ``ratio_p99``: in rhythm / back to back) says how much of
     a step's cost the pause adds.  Keys per mode: {part: {p50_us, p99_us,
-    p50_us_spread}}, windows (timed per repeat); frame_period_ms, frame_samples,
-    blocks, repeats.
+    p50_us_spread, p99_us_spread}}, windows (timed per repeat); frame_period_ms,
+    frame_samples, blocks, repeats.
     """
     import time as _time
 
@@ -390,11 +395,7 @@ def time_decode_step_in_rhythm(blocks_per_repeat=100, repeats=3, frame_samples=2
                                         np.percentile(times[:, column], 99) * 1e6))
     result = {}
     for mode, by_part in figures.items():
-        result[mode] = {part: {"p50_us": round(float(np.median([p50 for p50, _ in runs])), 1),
-                               "p99_us": round(float(np.median([p99 for _, p99 in runs])), 1),
-                               "p50_us_spread": [round(min(p50 for p50, _ in runs), 1),
-                                                 round(max(p50 for p50, _ in runs), 1)]}
-                        for part, runs in by_part.items()}
+        result[mode] = {part: _over_repeats(runs, ("p50", "p99")) for part, runs in by_part.items()}
         result[mode]["windows"] = windows[mode]
     for figure in ("p50", "p99"):
         result["ratio_" + figure] = {

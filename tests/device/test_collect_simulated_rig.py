@@ -15,7 +15,7 @@ class FakeProcess(object):
         return "", ""
 
 
-def start_times(monkeypatch, launch_s):
+def start_times(monkeypatch, tmp_path, launch_s):
     """Run collect_simulated with devices that take ``launch_s`` to print their terminal; returns the
     devices' --start-at and the clock when the session ran."""
     seen = {}
@@ -40,19 +40,19 @@ def start_times(monkeypatch, launch_s):
     monkeypatch.setattr(collect_session, "CollectSession", Session)
     monkeypatch.setattr(rig, "START_DELAY_S", 1.5)          # the same arithmetic, a shorter test
     monkeypatch.setattr(rig, "SESSION_LEAD_S", 0.5)
-    rig.collect_simulated("/tmp", "unused.nhr", protocol=None)
+    rig.collect_simulated(str(tmp_path), "unused.nhr", protocol=None)
     return seen["start_at"], seen["run_at"]
 
 
-def test_fast_launches_do_not_start_the_session_long_before_the_devices(monkeypatch):
+def test_fast_launches_do_not_start_the_session_long_before_the_devices(monkeypatch, tmp_path):
     # Devices that start at once: the session waits until SESSION_LEAD_S before their start, so its
     # START comes within the first-data timeout of their first sample (it came START_DELAY_S before).
-    start_at, run_at = start_times(monkeypatch, 0.0)
+    start_at, run_at = start_times(monkeypatch, tmp_path, 0.0)
     assert 0.5 - 0.05 <= start_at - run_at <= 0.5 + 0.05
     assert rig.SESSION_LEAD_S < collect_session.FIRST_DATA_TIMEOUT_S
 
 
-def test_slow_launches_start_the_session_at_once(monkeypatch):
+def test_slow_launches_start_the_session_at_once(monkeypatch, tmp_path):
     before = time.monotonic()
-    start_at, run_at = start_times(monkeypatch, 0.6)      # both launched 1.2 s after: 0.3 s to the start
+    start_at, run_at = start_times(monkeypatch, tmp_path, 0.6)      # both launched 1.2 s after: 0.3 s to the start
     assert run_at - before < 1.2 + 0.1 and start_at - run_at < 0.5
