@@ -107,3 +107,16 @@ def zero_state(weights):
     """A fresh zero state tuple for ``weights`` (GRU: (h,), LSTM: (h, c))."""
     count = 2 if weights.cell == "lstm" else 1
     return tuple(np.zeros(weights.state_shape, dtype=np.float32) for _ in range(count))
+
+
+def parity_error(got, want):
+    """How far ``got`` is from the reference ``want``: the largest ``|got - want| / max(1, |want|)``.
+
+    Absolute where values lie within +-1 (positions, GRU and LSTM hidden states), relative beyond (class
+    scores, an LSTM's cell state): an LSTM's cell state is not squashed and reaches tens on real data, where
+    one float32 rounding step alone is several 1e-6, so an absolute tolerance would fail correct graphs there.
+    NaN anywhere counts as infinitely far."""
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    error = float(np.max(np.abs(got - want) / np.maximum(1.0, np.abs(want))))
+    return error if error == error else float("inf")

@@ -272,3 +272,15 @@ def test_a_prepared_step_is_identical_to_the_bit_and_only_for_the_state_it_was_p
     first, _ = ahead.step(features[1], state_ahead)
     second, _ = ahead.step(features[1], state_ahead)
     assert np.array_equal(first, second)
+
+
+def test_parity_error_is_absolute_within_one_and_relative_beyond():
+    from neurohand.decoder.backends.base import parity_error
+    assert parity_error([0.5, -0.2], [0.5, -0.2]) == 0.0
+    assert parity_error([0.5003], [0.5]) == pytest.approx(3e-4)
+    # A cell state of 100 off by 3e-4 is a few float32 rounding steps: 3e-6 of its size.
+    assert parity_error([100.0003], [100.0]) == pytest.approx(3e-6)
+    # Relative beyond 1 still catches a real difference there.
+    assert parity_error([110.0, 0.1], [100.0, 0.1]) == pytest.approx(0.1)
+    assert parity_error([-2.0], [-1.0]) == pytest.approx(1.0)
+    assert parity_error([float("nan"), 0.0], [0.0, 0.0]) == float("inf")
