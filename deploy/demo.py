@@ -383,7 +383,7 @@ def _selftest_stage(progress, paths, settings):
     if not selftest["passed"]:
         raise UsageError("the self-test of the {} backend FAILED (max error {:.3g} > {:g})".format(
             selftest["backend"], selftest["max_abs_error"], selftest["tolerance"]))
-    progress.done("PASSED on {}: max abs error {:.2g}, step p50 {:.0f} us".format(
+    progress.done("PASSED on {}: max error {:.2g}, step p50 {:.0f} us".format(
         selftest["backend"], selftest["max_abs_error"], selftest["step_us"]["p50"]))
     return selftest
 

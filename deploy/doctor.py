@@ -248,7 +248,7 @@ def summarise(report):
                                        " ({})".format(step["reason"]) if step.get("reason") else ""))
     for backend, step in sorted((steps.get("selftest") or {}).items()):
         detail = step.get("report") or {}
-        lines.append("selftest {}: {} (max abs error {}, step p99 {} us)".format(
+        lines.append("selftest {}: {} (max error {}, step p99 {} us)".format(
             backend, step.get("status"), _figure(detail.get("max_abs_error")),
             _figure((detail.get("step_us") or {}).get("p99"))))
     replay = steps.get("replay", {})

@@ -131,7 +131,7 @@ def _selftest(args):
         print(json.dumps(report, sort_keys=True, allow_nan=False))
     else:
         error = report["max_abs_error"]
-        print("self-test {}: backend {}, {} steps, max abs error {} (tolerance {:g}), "
+        print("self-test {}: backend {}, {} steps, max error {} (tolerance {:g}), "
               "step latency p50 {:.0f} us, p99 {:.0f} us".format(
                   "PASSED" if report["passed"] else "FAILED", report["backend"], report["steps"],
                   "not finite (NaN outputs)" if error is None else "{:.3g}".format(error), report["tolerance"],
