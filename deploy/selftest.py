@@ -82,7 +82,8 @@ def on_own_thread(function, name):
 
 
 def _worse(worst, got, expected):
-    """The larger of ``worst`` and ``parity_error(got, expected)`` (absolute within +-1, relative beyond; NaN: inf)."""
+    """The larger of ``worst`` and ``parity_error(got, expected)`` (absolute within +-1, relative beyond;
+    NaN: inf)."""
     return max(worst, parity_error(got, expected))
 
 

@@ -43,8 +43,8 @@ def register(subparsers):
         description="Run the bundle's golden feature sequences through a backend, compare with the "
                     "reference outputs, finger positions and any class scores alike (error at most 1e-4 "
                     "in FP32, 1e-2 in FP16; absolute within +-1, relative beyond, as an LSTM's cell state "
-                    "grows large), print per-step latency, and record the result for this device. 'neurohand run' refuses a bundle "
-                    "that has not passed here. Exit status 1 on failure.")
+                    "grows large), print per-step latency, and record the result for this device. "
+                    "'neurohand run' refuses a bundle that has not passed here. Exit status 1 on failure.")
     parser.add_argument("bundle", metavar="BUNDLE", help="bundle directory")
     parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                         help="inference backend (default auto: TensorRT, then numpy, then ONNX Runtime)")
